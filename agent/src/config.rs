@@ -1,0 +1,792 @@
+//! The agent's configuration: the TOML file, its defaults, and its validation.
+//!
+//! Owns: parsing `agent.toml` (unknown keys are errors that name the key), turning it into a
+//! validated [`Config`] (durations parsed, paths checked, numbers sane), and the defaults
+//! used when no file exists (a per-user directory, so a newcomer can run a workflow at once).
+//!
+//! Must not touch: AWS clients, the network, or any job. `check-config` runs exactly this
+//! code and nothing else, so systemd's `ExecStartPre` can call it.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::lock::OnInterrupted;
+
+/// Where the daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/rsql-agent/agent.toml";
+
+/// The longest `default_timeout` / job timeout we accept. Step Functions itself closes a task
+/// after at most a year; a week of RSQL is already a runaway job.
+pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Why a config could not be loaded or validated. Every variant names the file and, where
+/// there is one, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("config file {path}: key `{key}`: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+/// The file as written, before validation. Field names are the contract in DESIGN.md.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    jobs: RawJobs,
+    #[serde(default)]
+    intake: RawIntake,
+    #[serde(default)]
+    lock: RawLock,
+    #[serde(default)]
+    logs: RawLogs,
+    #[serde(default)]
+    report: RawReport,
+    database: Option<RawDatabase>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    state_dir: Option<PathBuf>,
+    max_concurrent_jobs: Option<i64>,
+    instance_id: Option<String>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    script_dir: Option<PathBuf>,
+    log_dir: Option<PathBuf>,
+    default_timeout: Option<String>,
+    kill_grace: Option<String>,
+    interpreter: Option<PathBuf>,
+    heartbeat_interval: Option<String>,
+    on_interrupted: Option<OnInterrupted>,
+    log_retention: Option<String>,
+    log_max_total_mb: Option<i64>,
+    pipe_drain: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntake {
+    sqs: Option<RawSqs>,
+    socket: Option<RawSocket>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSqs {
+    queue_url: String,
+    wait_time: Option<String>,
+    visibility_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSocket {
+    path: Option<PathBuf>,
+    #[serde(default)]
+    allowed_uids: Vec<u32>,
+    #[serde(default)]
+    allowed_groups: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLock {
+    dir: Option<PathBuf>,
+    retention: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    cloudwatch: Option<RawCloudWatch>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCloudWatch {
+    log_group: String,
+    #[serde(default)]
+    create_group: bool,
+    flush_interval: Option<String>,
+    final_flush_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReport {
+    audit: Option<RawAudit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    job_table: Option<String>,
+    workflow_table: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDatabase {
+    host: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    dbname: Option<String>,
+    password: Option<String>,
+    secret_id: Option<String>,
+    secret_ttl: Option<String>,
+}
+
+/// A validated configuration. Everything here has been checked; code that holds a `Config`
+/// never re-validates.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, or `None` for the built-in defaults.
+    pub source: Option<PathBuf>,
+    pub agent: AgentSettings,
+    pub jobs: JobSettings,
+    pub sqs: Option<SqsSettings>,
+    pub socket: Option<SocketSettings>,
+    pub lock: LockSettings,
+    pub cloudwatch: Option<CloudWatchSettings>,
+    pub audit: AuditSettings,
+    pub database: DatabaseSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub state_dir: PathBuf,
+    pub max_concurrent_jobs: usize,
+    /// Overrides the instance id that would otherwise come from IMDS.
+    pub instance_id: Option<String>,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct JobSettings {
+    pub script_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub default_timeout: Duration,
+    pub kill_grace: Duration,
+    pub interpreter: PathBuf,
+    pub heartbeat_interval: Duration,
+    pub on_interrupted: OnInterrupted,
+    pub log_retention: Duration,
+    pub log_max_total_bytes: u64,
+    pub pipe_drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SqsSettings {
+    pub queue_url: String,
+    pub wait_time: Duration,
+    pub visibility_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SocketSettings {
+    pub path: PathBuf,
+    pub allowed_uids: Vec<u32>,
+    pub allowed_groups: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LockSettings {
+    pub dir: PathBuf,
+    pub retention: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct CloudWatchSettings {
+    pub log_group: String,
+    pub create_group: bool,
+    pub flush_interval: Duration,
+    pub final_flush_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct AuditSettings {
+    pub job_table: Option<String>,
+    pub workflow_table: Option<String>,
+}
+
+/// Connection settings handed to every job as `RSQL_HOST`, `RSQL_PORT`, `RSQL_USER`,
+/// `RSQL_DB` and `RSPASSWORD`.
+#[derive(Clone, Default)]
+pub struct DatabaseSettings {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub dbname: Option<String>,
+    pub password: Option<String>,
+    pub secret_id: Option<String>,
+    pub secret_ttl: Duration,
+}
+
+// Hand-written so that a `{:?}` of the config can never print the password.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("secret_id", &self.secret_id)
+            .field("secret_ttl", &self.secret_ttl)
+            .finish()
+    }
+}
+
+impl DatabaseSettings {
+    /// The job environment these settings produce (secrets resolved elsewhere are merged in
+    /// by the caller).
+    pub fn job_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(host) = &self.host {
+            env.push(("RSQL_HOST".to_string(), host.clone()));
+        }
+        if let Some(port) = self.port {
+            env.push(("RSQL_PORT".to_string(), port.to_string()));
+        }
+        if let Some(user) = &self.user {
+            env.push(("RSQL_USER".to_string(), user.clone()));
+        }
+        if let Some(db) = &self.dbname {
+            env.push(("RSQL_DB".to_string(), db.clone()));
+        }
+        if let Some(password) = &self.password {
+            env.push(("RSPASSWORD".to_string(), password.clone()));
+        }
+        env
+    }
+
+    /// Settings taken from the agent's own `RSQL_*`/`RSPASSWORD` environment; used when the
+    /// config has no `[database]` table, so a workflow can run with no config file at all.
+    fn from_process_env() -> DatabaseSettings {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        DatabaseSettings {
+            host: var("RSQL_HOST"),
+            port: var("RSQL_PORT").and_then(|p| p.parse().ok()),
+            user: var("RSQL_USER"),
+            dbname: var("RSQL_DB"),
+            password: var("RSPASSWORD"),
+            secret_id: None,
+            secret_ttl: DEFAULT_SECRET_TTL,
+        }
+    }
+}
+
+const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(300);
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Config::parse(&text, path)?;
+        config.check_secret_file_mode(path)?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text; `path` is only used in messages and for relative
+    /// paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        let config = Config::from_raw(raw, Some(path), None)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Built-in defaults for running with no config file: state under a per-user directory
+    /// and scripts from `script_dir`.
+    pub fn defaults_for_user(script_dir: &Path) -> Result<Config, ConfigError> {
+        let config = Config::from_raw(RawConfig::default(), None, Some(script_dir))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn from_raw(
+        raw: RawConfig,
+        path: Option<&Path>,
+        script_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let file = path.map(Path::to_path_buf).unwrap_or_default();
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: file.clone(),
+            key,
+            reason,
+        };
+        let duration = |key: &'static str, value: Option<String>, default: Duration| match value {
+            None => Ok(default),
+            Some(text) => parse_duration(&text).map_err(|reason| invalid(key, reason)),
+        };
+        let positive = |key: &'static str, value: Option<i64>, default: u64| match value {
+            None => Ok(default),
+            Some(n) if n > 0 => Ok(n as u64),
+            Some(n) => Err(invalid(
+                key,
+                format!("must be a positive whole number, got {n}"),
+            )),
+        };
+
+        let per_user = path.is_none();
+        let state_dir = match raw.agent.state_dir {
+            Some(dir) => dir,
+            None if per_user => per_user_state_dir(),
+            None => PathBuf::from("/var/lib/rsql-agent"),
+        };
+        let agent = AgentSettings {
+            max_concurrent_jobs: positive(
+                "agent.max_concurrent_jobs",
+                raw.agent.max_concurrent_jobs,
+                4,
+            )? as usize,
+            instance_id: raw.agent.instance_id,
+            shutdown_grace: duration(
+                "agent.shutdown_grace",
+                raw.agent.shutdown_grace,
+                Duration::from_secs(300),
+            )?,
+            state_dir: state_dir.clone(),
+        };
+
+        let script_dir = match (raw.jobs.script_dir, script_dir) {
+            (Some(dir), _) => dir,
+            (None, Some(dir)) => dir.to_path_buf(),
+            (None, None) => PathBuf::from("/opt/rsql/rsql_scripts"),
+        };
+        let log_dir = match raw.jobs.log_dir {
+            Some(dir) => dir,
+            None if per_user => state_dir.join("jobs"),
+            None => PathBuf::from("/var/log/rsql-agent/jobs"),
+        };
+        let jobs = JobSettings {
+            script_dir,
+            log_dir,
+            default_timeout: duration(
+                "jobs.default_timeout",
+                raw.jobs.default_timeout,
+                Duration::from_secs(6 * 3600),
+            )?,
+            kill_grace: duration(
+                "jobs.kill_grace",
+                raw.jobs.kill_grace,
+                Duration::from_secs(30),
+            )?,
+            interpreter: raw
+                .jobs
+                .interpreter
+                .unwrap_or_else(|| PathBuf::from("/bin/bash")),
+            heartbeat_interval: duration(
+                "jobs.heartbeat_interval",
+                raw.jobs.heartbeat_interval,
+                Duration::from_secs(20),
+            )?,
+            on_interrupted: raw.jobs.on_interrupted.unwrap_or_default(),
+            log_retention: duration(
+                "jobs.log_retention",
+                raw.jobs.log_retention,
+                Duration::from_secs(14 * 24 * 3600),
+            )?,
+            log_max_total_bytes: positive(
+                "jobs.log_max_total_mb",
+                raw.jobs.log_max_total_mb,
+                10 * 1024,
+            )? * 1024
+                * 1024,
+            pipe_drain: duration(
+                "jobs.pipe_drain",
+                raw.jobs.pipe_drain,
+                Duration::from_secs(2),
+            )?,
+        };
+
+        let sqs = match raw.intake.sqs {
+            None => None,
+            Some(sqs) => Some(SqsSettings {
+                queue_url: sqs.queue_url,
+                wait_time: duration(
+                    "intake.sqs.wait_time",
+                    sqs.wait_time,
+                    Duration::from_secs(20),
+                )?,
+                visibility_timeout: duration(
+                    "intake.sqs.visibility_timeout",
+                    sqs.visibility_timeout,
+                    Duration::from_secs(120),
+                )?,
+            }),
+        };
+        let socket = raw.intake.socket.map(|s| SocketSettings {
+            path: s
+                .path
+                .unwrap_or_else(|| PathBuf::from("/run/rsql-agent/agent.sock")),
+            allowed_uids: s.allowed_uids,
+            allowed_groups: s.allowed_groups,
+        });
+        let lock = LockSettings {
+            dir: raw.lock.dir.unwrap_or_else(|| state_dir.join("locks")),
+            retention: duration(
+                "lock.retention",
+                raw.lock.retention,
+                Duration::from_secs(30 * 24 * 3600),
+            )?,
+        };
+        let cloudwatch = match raw.logs.cloudwatch {
+            None => None,
+            Some(cw) => Some(CloudWatchSettings {
+                log_group: cw.log_group,
+                create_group: cw.create_group,
+                flush_interval: duration(
+                    "logs.cloudwatch.flush_interval",
+                    cw.flush_interval,
+                    Duration::from_secs(1),
+                )?,
+                final_flush_timeout: duration(
+                    "logs.cloudwatch.final_flush_timeout",
+                    cw.final_flush_timeout,
+                    Duration::from_secs(10),
+                )?,
+            }),
+        };
+        let audit = match raw.report.audit {
+            None => AuditSettings::default(),
+            Some(a) => AuditSettings {
+                job_table: a.job_table,
+                workflow_table: a.workflow_table,
+            },
+        };
+        let database = match raw.database {
+            None => DatabaseSettings::from_process_env(),
+            Some(db) => DatabaseSettings {
+                host: db.host,
+                port: db.port,
+                user: db.user,
+                dbname: db.dbname,
+                password: db.password,
+                secret_id: db.secret_id,
+                secret_ttl: duration("database.secret_ttl", db.secret_ttl, DEFAULT_SECRET_TTL)?,
+            },
+        };
+        Ok(Config {
+            source: path.map(Path::to_path_buf),
+            agent,
+            jobs,
+            sqs,
+            socket,
+            lock,
+            cloudwatch,
+            audit,
+            database,
+        })
+    }
+
+    /// Checks what the types cannot: the script directory exists and is safe, and the
+    /// numbers are sane.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: self.source.clone().unwrap_or_default(),
+            key,
+            reason,
+        };
+        let script_dir = &self.jobs.script_dir;
+        let meta = std::fs::metadata(script_dir).map_err(|e| {
+            invalid(
+                "jobs.script_dir",
+                format!("{} cannot be used: {e}", script_dir.display()),
+            )
+        })?;
+        if !meta.is_dir() {
+            return Err(invalid(
+                "jobs.script_dir",
+                format!("{} is not a directory", script_dir.display()),
+            ));
+        }
+        // Anyone who can write the script directory can run code as the agent's user.
+        if meta.permissions().mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+            return Err(invalid(
+                "jobs.script_dir",
+                format!(
+                    "{} is world-writable (mode {:o}); anyone could plant a job there",
+                    script_dir.display(),
+                    meta.permissions().mode() & 0o7777
+                ),
+            ));
+        }
+        if self.agent.max_concurrent_jobs > 256 {
+            return Err(invalid(
+                "agent.max_concurrent_jobs",
+                format!("{} is more than 256", self.agent.max_concurrent_jobs),
+            ));
+        }
+        if self.jobs.default_timeout.is_zero() || self.jobs.default_timeout > MAX_JOB_TIMEOUT {
+            return Err(invalid(
+                "jobs.default_timeout",
+                format!(
+                    "must be between 1s and {}, got {}",
+                    humantime::format_duration(MAX_JOB_TIMEOUT),
+                    humantime::format_duration(self.jobs.default_timeout)
+                ),
+            ));
+        }
+        if self.jobs.kill_grace > Duration::from_secs(3600) {
+            return Err(invalid("jobs.kill_grace", "must be at most 1h".to_string()));
+        }
+        if self.jobs.heartbeat_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "jobs.heartbeat_interval",
+                "must be at least 1s".to_string(),
+            ));
+        }
+        if !self.jobs.interpreter.is_absolute() {
+            return Err(invalid(
+                "jobs.interpreter",
+                format!(
+                    "{} must be an absolute path",
+                    self.jobs.interpreter.display()
+                ),
+            ));
+        }
+        if let Some(sqs) = &self.sqs {
+            if !(sqs.queue_url.starts_with("https://") || sqs.queue_url.starts_with("http://")) {
+                return Err(invalid(
+                    "intake.sqs.queue_url",
+                    format!("{:?} is not a queue URL", sqs.queue_url),
+                ));
+            }
+            if sqs.wait_time > Duration::from_secs(20) {
+                return Err(invalid(
+                    "intake.sqs.wait_time",
+                    "SQS long polls for at most 20s".to_string(),
+                ));
+            }
+            if sqs.visibility_timeout < Duration::from_secs(10)
+                || sqs.visibility_timeout > Duration::from_secs(12 * 3600)
+            {
+                return Err(invalid(
+                    "intake.sqs.visibility_timeout",
+                    "must be between 10s and 12h".to_string(),
+                ));
+            }
+        }
+        if let Some(cw) = &self.cloudwatch {
+            if cw.log_group.is_empty() || cw.log_group.len() > 512 {
+                return Err(invalid(
+                    "logs.cloudwatch.log_group",
+                    "must be 1 to 512 characters".to_string(),
+                ));
+            }
+            if cw.flush_interval.is_zero() {
+                return Err(invalid(
+                    "logs.cloudwatch.flush_interval",
+                    "must be more than 0s".to_string(),
+                ));
+            }
+        }
+        if self.database.password.is_some() && self.database.secret_id.is_some() {
+            return Err(invalid(
+                "database.password",
+                "give either password or secret_id, not both".to_string(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A file that holds a password must not be readable by other users.
+    fn check_secret_file_mode(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.database.password.is_none() {
+            return Ok(());
+        }
+        let mode = std::fs::metadata(path)
+            .map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o004 != 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "database.password",
+                reason: format!(
+                    "the file holds a password but is world-readable (mode {:o}); chmod o-r it",
+                    mode & 0o777
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// `$XDG_STATE_HOME/rsql-agent`, else `~/.local/state/rsql-agent`, else a temp dir.
+fn per_user_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("rsql-agent");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/state/rsql-agent");
+    }
+    std::env::temp_dir().join("rsql-agent")
+}
+
+/// Parses human-readable durations such as `30s`, `6h` or `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{text:?} is not a duration like \"30s\" or \"6h\": {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scripts() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn full_contract_keys_parse() {
+        let dir = scripts();
+        let text = format!(
+            r#"
+[agent]
+state_dir = "/var/lib/rsql-agent"
+max_concurrent_jobs = 4
+[jobs]
+script_dir = "{}"
+log_dir = "/var/log/rsql-agent/jobs"
+default_timeout = "6h"
+kill_grace = "30s"
+[intake.sqs]
+queue_url = "https://sqs.us-east-1.amazonaws.com/123456789012/rsql-jobs"
+[lock]
+dir = "/mnt/efs/rsql-agent/locks"
+[logs.cloudwatch]
+log_group = "/ops/rsql-logs/"
+[report.audit]
+job_table = "rsql-job-audit"
+workflow_table = "rsql-workflow-audit"
+[database]
+host = "cluster.example"
+secret_id = "redshift/etl"
+"#,
+            dir.path().display()
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.jobs.default_timeout, Duration::from_secs(6 * 3600));
+        assert_eq!(config.jobs.kill_grace, Duration::from_secs(30));
+        assert_eq!(config.agent.max_concurrent_jobs, 4);
+        assert_eq!(config.lock.dir, PathBuf::from("/mnt/efs/rsql-agent/locks"));
+        assert_eq!(config.audit.job_table.as_deref(), Some("rsql-job-audit"));
+        assert_eq!(config.cloudwatch.unwrap().log_group, "/ops/rsql-logs/");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = scripts();
+        let text = format!(
+            "[jobs]\nscript_dir = \"{}\"\nkill_grase = \"3s\"\n",
+            dir.path().display()
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("kill_grase"), "{err}");
+        assert!(err.contains("agent.toml"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_key() {
+        let dir = scripts();
+        let text = format!(
+            "[jobs]\nscript_dir = \"{}\"\ndefault_timeout = \"forever\"\n",
+            dir.path().display()
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("jobs.default_timeout"), "{err}");
+        assert!(err.contains("forever"), "{err}");
+    }
+
+    #[test]
+    fn world_writable_script_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let text = format!("[jobs]\nscript_dir = \"{}\"\n", dir.path().display());
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("world-writable"), "{err}");
+    }
+
+    #[test]
+    fn missing_script_dir_is_refused() {
+        let err = parse("[jobs]\nscript_dir = \"/nonexistent/rsql\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("jobs.script_dir"), "{err}");
+    }
+
+    #[test]
+    fn zero_concurrency_is_refused() {
+        let dir = scripts();
+        let text = format!(
+            "[agent]\nmax_concurrent_jobs = 0\n[jobs]\nscript_dir = \"{}\"\n",
+            dir.path().display()
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("agent.max_concurrent_jobs"), "{err}");
+    }
+
+    #[test]
+    fn password_in_world_readable_file_is_refused() {
+        let dir = scripts();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[jobs]\nscript_dir = \"{}\"\n[database]\nhost = \"h\"\npassword = \"hunter2\"\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Config::load(&file).unwrap_err().to_string();
+        assert!(err.contains("world-readable"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = Config::load(&file).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,46 @@
+//! # rsql-agent
+//!
+//! A resident host agent that runs Amazon Redshift RSQL jobs handed to it by AWS Step
+//! Functions, supervises them, keeps their logs, and reports every result back.
+//!
+//! ## Data path
+//!
+//! ```text
+//!  SQS message ──┐
+//!  socket submit ├─▶ job::JobSpec::parse ──bad──▶ Rsql.InvalidJob (failure callback when a token exists)
+//!  local workflow┘          │
+//!                           ▼
+//!                   lock::LockDir::acquire  ──duplicate──▶ replay the recorded outcome
+//!                           │
+//!                           ▼
+//!                   audit: running   (conditional write)
+//!                           │
+//!                           ▼
+//!                   supervisor::Supervisor::start  (own process group, timeout, kill_grace)
+//!                      │  stdout/stderr ─▶ joblog file (timestamped, durable)
+//!                      │                        └─▶ CloudWatch shipper (tails the file)
+//!                      │  every tick: SendTaskHeartbeat + ChangeMessageVisibility + lock lease
+//!                      ▼
+//!                   outcome ─▶ outbox (fsync) ─▶ SendTaskSuccess/Failure + audit: final
+//!                           │
+//!                           ▼
+//!                   delete the SQS message, release the lock
+//! ```
+//!
+//! Each stage has its own module; the supervisor and the job log know nothing about where a
+//! job came from, so the daemon, the socket intake and the local workflow runner share them.
+
+pub mod attempt;
+pub mod aws;
+pub mod config;
+pub mod daemon;
+pub mod identity;
+pub mod intake;
+pub mod job;
+pub mod joblog;
+pub mod lock;
+pub mod outcome;
+pub mod report;
+pub mod secrets;
+pub mod supervisor;
+pub mod workflow;

@@ -1,0 +1,476 @@
+//! What a job attempt amounted to, in the words of the contract: the error names, the
+//! success output and the failure cause sent to Step Functions.
+//!
+//! Owns: classifying a supervisor [`Ending`] plus the SQL error found in the job log into an
+//! [`Outcome`], and fitting outputs and causes inside the Step Functions size limits by
+//! truncating, never by failing.
+//!
+//! Must not touch: processes, files or AWS. This is pure data, shared by every reporter.
+
+use serde::{Deserialize, Serialize};
+
+use crate::joblog::SqlError;
+use crate::supervisor::{Ending, StopReason};
+
+/// `SendTaskFailure.error` is at most this many characters.
+pub const MAX_ERROR_CHARS: usize = 256;
+/// `SendTaskFailure.cause` is at most this many characters.
+pub const MAX_CAUSE_CHARS: usize = 32_768;
+/// `SendTaskSuccess.output` is at most this many bytes.
+pub const MAX_OUTPUT_BYTES: usize = 262_144;
+
+/// The error names of the contract. Workflows `Retry` and `Catch` on these strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorName {
+    #[serde(rename = "Rsql.ScriptFailed")]
+    ScriptFailed,
+    #[serde(rename = "Rsql.ConnectionFailed")]
+    ConnectionFailed,
+    #[serde(rename = "Rsql.Timeout")]
+    Timeout,
+    #[serde(rename = "Rsql.Killed")]
+    Killed,
+    #[serde(rename = "Rsql.Interrupted")]
+    Interrupted,
+    #[serde(rename = "Rsql.InvalidJob")]
+    InvalidJob,
+}
+
+impl ErrorName {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorName::ScriptFailed => "Rsql.ScriptFailed",
+            ErrorName::ConnectionFailed => "Rsql.ConnectionFailed",
+            ErrorName::Timeout => "Rsql.Timeout",
+            ErrorName::Killed => "Rsql.Killed",
+            ErrorName::Interrupted => "Rsql.Interrupted",
+            ErrorName::InvalidJob => "Rsql.InvalidJob",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a job's log can be found; shared by the output and the cause.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLocation {
+    pub log_group: Option<String>,
+    pub log_stream: Option<String>,
+    /// The local file, always present on the instance that ran the job.
+    pub log_file: Option<String>,
+}
+
+/// `SendTaskSuccess` output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuccessOutput {
+    pub job_name: String,
+    pub workflow_execution_id: String,
+    pub status: String,
+    pub exit_code: i32,
+    pub duration_ms: u64,
+    pub instance_id: String,
+    pub log_group: Option<String>,
+    pub log_stream: Option<String>,
+    pub log_file: Option<String>,
+}
+
+/// `SendTaskFailure` cause, serialized as JSON.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureCause {
+    pub exit_code: Option<i32>,
+    pub signal: Option<String>,
+    pub sql_state: Option<String>,
+    pub message: String,
+    pub stderr_tail: String,
+    pub log_group: Option<String>,
+    pub log_stream: Option<String>,
+    pub log_file: Option<String>,
+}
+
+/// A failure as reported to Step Functions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failure {
+    pub error: ErrorName,
+    pub cause: FailureCause,
+}
+
+/// How a job attempt ended, as the reporters see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Outcome {
+    Completed(SuccessOutput),
+    Failed(Failure),
+    /// The task was closed upstream (execution stopped or timed out); nothing is sent back.
+    Cancelled {
+        message: String,
+    },
+}
+
+impl Outcome {
+    /// The audit's `execution_status` for this outcome.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Completed(_) => "completed",
+            Outcome::Failed(_) => "failed",
+            Outcome::Cancelled { .. } => "cancelled",
+        }
+    }
+
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Outcome::Completed(out) => Some(out.exit_code),
+            Outcome::Failed(f) => f.cause.exit_code,
+            Outcome::Cancelled { .. } => None,
+        }
+    }
+
+    /// A one-line description for audit `error_message` and progress output.
+    pub fn error_message(&self) -> Option<String> {
+        match self {
+            Outcome::Completed(_) => None,
+            Outcome::Failed(f) => Some(match &f.cause.sql_state {
+                Some(state) => format!("{}: [{}] {}", f.error, state, f.cause.message),
+                None => format!("{}: {}", f.error, f.cause.message),
+            }),
+            Outcome::Cancelled { message } => Some(message.clone()),
+        }
+    }
+}
+
+/// Everything known about a finished attempt that classification needs.
+#[derive(Debug, Clone)]
+pub struct Finished<'a> {
+    pub job_name: &'a str,
+    pub workflow_execution_id: &'a str,
+    pub instance_id: &'a str,
+    pub ending: &'a Ending,
+    pub duration_ms: u64,
+    pub timeout_secs: u64,
+    pub sql_error: Option<SqlError>,
+    pub stderr_tail: String,
+    pub log: LogLocation,
+}
+
+/// SQLSTATE class 08 is "connection exception".
+fn is_connection_state(state: &str) -> bool {
+    state.starts_with("08")
+}
+
+/// Clients that fail before a server answers have no SQLSTATE; these phrases are what
+/// libpq-style clients (psql, the rsql stand-in, ODBC drivers) print then.
+fn is_connection_message(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    [
+        "could not connect",
+        "connection refused",
+        "could not translate host name",
+        "connection timed out",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
+}
+
+fn signal_name(signal: i32) -> String {
+    nix::sys::signal::Signal::try_from(signal)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {signal}"))
+}
+
+/// Classifies a finished attempt.
+pub fn classify(done: Finished<'_>) -> Outcome {
+    let (sql_state, sql_message) = match &done.sql_error {
+        Some(e) => (e.sql_state.clone(), Some(e.message.clone())),
+        None => (None, None),
+    };
+    let cause = |exit_code: Option<i32>, signal: Option<i32>, message: String| FailureCause {
+        exit_code,
+        signal: signal.map(signal_name),
+        sql_state: sql_state.clone(),
+        message,
+        stderr_tail: done.stderr_tail.clone(),
+        log_group: done.log.log_group.clone(),
+        log_stream: done.log.log_stream.clone(),
+        log_file: done.log.log_file.clone(),
+    };
+    match *done.ending {
+        Ending::Exited { code: 0 } => Outcome::Completed(SuccessOutput {
+            job_name: done.job_name.to_string(),
+            workflow_execution_id: done.workflow_execution_id.to_string(),
+            status: "completed".to_string(),
+            exit_code: 0,
+            duration_ms: done.duration_ms,
+            instance_id: done.instance_id.to_string(),
+            log_group: done.log.log_group.clone(),
+            log_stream: done.log.log_stream.clone(),
+            log_file: done.log.log_file.clone(),
+        }),
+        Ending::Exited { code } => {
+            let connection = sql_state.as_deref().is_some_and(is_connection_state)
+                || sql_message.as_deref().is_some_and(is_connection_message);
+            let message = sql_message
+                .clone()
+                .unwrap_or_else(|| format!("script exited with code {code}"));
+            Outcome::Failed(Failure {
+                error: if connection {
+                    ErrorName::ConnectionFailed
+                } else {
+                    ErrorName::ScriptFailed
+                },
+                cause: cause(Some(code), None, message),
+            })
+        }
+        Ending::TimedOut { signal } => Outcome::Failed(Failure {
+            error: ErrorName::Timeout,
+            cause: cause(
+                None,
+                Some(signal),
+                format!(
+                    "killed after the {}s timeout (last signal {})",
+                    done.timeout_secs,
+                    signal_name(signal)
+                ),
+            ),
+        }),
+        Ending::Signaled { signal } => Outcome::Failed(Failure {
+            error: ErrorName::Killed,
+            cause: cause(
+                None,
+                Some(signal),
+                format!(
+                    "ended by {} which the agent did not send (OOM killer or an operator?)",
+                    signal_name(signal)
+                ),
+            ),
+        }),
+        Ending::Stopped {
+            reason: StopReason::Shutdown,
+            signal,
+        } => Outcome::Failed(Failure {
+            error: ErrorName::Interrupted,
+            cause: cause(
+                None,
+                signal,
+                "the agent shut down while the job ran".to_string(),
+            ),
+        }),
+        Ending::Stopped {
+            reason: StopReason::Cancelled,
+            ..
+        } => Outcome::Cancelled {
+            message: "the task was closed upstream; the job was stopped".to_string(),
+        },
+    }
+}
+
+/// Truncates `text` to at most `max` characters, on a character boundary, marking the cut.
+pub fn truncate_chars(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    const MARK: &str = "…[truncated]";
+    let keep = max.saturating_sub(MARK.chars().count());
+    let mut out: String = text.chars().take(keep).collect();
+    out.push_str(MARK);
+    out
+}
+
+/// Keeps the end of `text` (the most recent output), at most `max` characters.
+fn keep_tail(text: &str, max: usize) -> String {
+    let count = text.chars().count();
+    if count <= max {
+        return text.to_string();
+    }
+    const MARK: &str = "[truncated]…";
+    let keep = max.saturating_sub(MARK.chars().count());
+    let mut out = MARK.to_string();
+    out.extend(text.chars().skip(count - keep));
+    out
+}
+
+impl Failure {
+    /// The `error` field, within the limit.
+    pub fn error_field(&self) -> String {
+        truncate_chars(self.error.as_str(), MAX_ERROR_CHARS)
+    }
+
+    /// The `cause` JSON, always valid JSON and within [`MAX_CAUSE_CHARS`]: the stderr tail
+    /// shrinks first, then the message.
+    pub fn cause_json(&self) -> String {
+        let mut cause = self.cause.clone();
+        let fits = |c: &FailureCause| {
+            let json = serde_json::to_string(c).unwrap_or_default();
+            (json.chars().count() <= MAX_CAUSE_CHARS).then_some(json)
+        };
+        if let Some(json) = fits(&cause) {
+            return json;
+        }
+        let mut budget = cause.stderr_tail.chars().count();
+        while budget > 0 {
+            budget /= 2;
+            cause.stderr_tail = keep_tail(&self.cause.stderr_tail, budget);
+            if let Some(json) = fits(&cause) {
+                return json;
+            }
+        }
+        cause.stderr_tail.clear();
+        let mut budget = cause.message.chars().count();
+        loop {
+            budget /= 2;
+            cause.message = truncate_chars(&self.cause.message, budget);
+            if let Some(json) = fits(&cause) {
+                return json;
+            }
+            if budget == 0 {
+                // Only the small fixed fields are left; they always fit.
+                return serde_json::to_string(&cause).unwrap_or_else(|_| "{}".to_string());
+            }
+        }
+    }
+}
+
+impl SuccessOutput {
+    /// The output JSON, within [`MAX_OUTPUT_BYTES`]. The contract fields are short, so this
+    /// only bites on absurd ids; it never fails.
+    pub fn output_json(&self) -> String {
+        let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string());
+        if json.len() <= MAX_OUTPUT_BYTES {
+            return json;
+        }
+        let mut out = self.clone();
+        out.job_name = truncate_chars(&out.job_name, 1024);
+        out.workflow_execution_id = truncate_chars(&out.workflow_execution_id, 1024);
+        out.log_stream = out.log_stream.map(|s| truncate_chars(&s, 1024));
+        out.log_file = out.log_file.map(|s| truncate_chars(&s, 1024));
+        serde_json::to_string(&out).unwrap_or_else(|_| "{}".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(ending: &Ending, sql_error: Option<SqlError>) -> Outcome {
+        classify(Finished {
+            job_name: "j.sh",
+            workflow_execution_id: "ex",
+            instance_id: "i-1",
+            ending,
+            duration_ms: 5,
+            timeout_secs: 10,
+            sql_error,
+            stderr_tail: "tail".to_string(),
+            log: LogLocation::default(),
+        })
+    }
+
+    #[test]
+    fn endings_map_to_contract_errors() {
+        let err = |o: Outcome| match o {
+            Outcome::Failed(f) => f.error,
+            other => panic!("expected failure, got {other:?}"),
+        };
+        assert!(matches!(
+            finished(&Ending::Exited { code: 0 }, None),
+            Outcome::Completed(_)
+        ));
+        assert_eq!(
+            err(finished(&Ending::Exited { code: 3 }, None)),
+            ErrorName::ScriptFailed
+        );
+        assert_eq!(
+            err(finished(
+                &Ending::Exited { code: 3 },
+                Some(SqlError {
+                    sql_state: Some("08006".into()),
+                    message: "connection failure".into()
+                })
+            )),
+            ErrorName::ConnectionFailed
+        );
+        assert_eq!(
+            err(finished(&Ending::TimedOut { signal: 15 }, None)),
+            ErrorName::Timeout
+        );
+        assert_eq!(
+            err(finished(&Ending::Signaled { signal: 9 }, None)),
+            ErrorName::Killed
+        );
+        assert_eq!(
+            err(finished(
+                &Ending::Stopped {
+                    reason: StopReason::Shutdown,
+                    signal: Some(15)
+                },
+                None
+            )),
+            ErrorName::Interrupted
+        );
+        assert!(matches!(
+            finished(
+                &Ending::Stopped {
+                    reason: StopReason::Cancelled,
+                    signal: Some(15)
+                },
+                None
+            ),
+            Outcome::Cancelled { .. }
+        ));
+    }
+
+    #[test]
+    fn sql_error_reaches_cause() {
+        let o = finished(
+            &Ending::Exited { code: 4 },
+            Some(SqlError {
+                sql_state: Some("42P01".into()),
+                message: "relation \"x\" does not exist".into(),
+            }),
+        );
+        let Outcome::Failed(f) = o else { panic!() };
+        let cause: serde_json::Value = serde_json::from_str(&f.cause_json()).unwrap();
+        assert_eq!(cause["sql_state"], "42P01");
+        assert_eq!(cause["exit_code"], 4);
+        assert_eq!(cause["message"], "relation \"x\" does not exist");
+    }
+
+    #[test]
+    fn huge_cause_is_truncated_to_valid_json() {
+        let f = Failure {
+            error: ErrorName::ScriptFailed,
+            cause: FailureCause {
+                message: "m".repeat(100_000),
+                stderr_tail: "é\"\\".repeat(50_000),
+                ..FailureCause::default()
+            },
+        };
+        let json = f.cause_json();
+        assert!(json.chars().count() <= MAX_CAUSE_CHARS);
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(v["message"].as_str().unwrap().starts_with("mmm"));
+    }
+
+    #[test]
+    fn success_output_has_contract_fields() {
+        let Outcome::Completed(out) = finished(&Ending::Exited { code: 0 }, None) else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&out.output_json()).unwrap();
+        for key in [
+            "job_name",
+            "workflow_execution_id",
+            "status",
+            "exit_code",
+            "duration_ms",
+            "instance_id",
+            "log_group",
+            "log_stream",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["status"], "completed");
+    }
+}
