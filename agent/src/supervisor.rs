@@ -1,0 +1,1052 @@
+//! Runs one job as a supervised child process and says how it ended.
+//!
+//! Owns: spawning (argv, never a shell; stdin `/dev/null`; a mostly clean environment), the
+//! child's process group, the timeout and stop sequence (SIGTERM to the group, `kill_grace`,
+//! SIGKILL), draining stdout and stderr into the [`JobLog`] while all that happens, killing
+//! whatever is left of the job once its leader exits (escaped descendants included), reaping
+//! the orphans that come to the agent as a child subreaper, and classifying the ending.
+//!
+//! Must not touch: where a job came from or where its result goes (SQS, Step Functions,
+//! workflows, locks, audit). Callers build a [`Launch`] and read a [`RunOutcome`].
+//!
+//! # How a job runs
+//!
+//! - The child is forked by one long-lived thread (see `spawner`) so `PR_SET_PDEATHSIG`
+//!   (SIGKILL) means "the agent died", not "some tokio thread retired". It runs in its own
+//!   process group (`setpgid(0, 0)`), and its environment carries
+//!   `RSQL_AGENT_JOB_ID=<job id>` so descendants that leave the group can still be found.
+//! - One task per job runs a single `select!` loop over: the child's exit, reads from both
+//!   pipes, stop requests, the timeout / kill deadline, and hand-off of read chunks to the
+//!   log writer. Signalling therefore never stops the draining: a chatty child cannot block
+//!   on a full pipe while it is being killed.
+//! - The log writer runs on a blocking thread behind a small bounded queue, so a slow disk
+//!   can only slow the child down (its pipe fills) and can never stall the timers.
+//! - When the leader exits, the whole group gets SIGKILL, /proc is swept for processes
+//!   carrying the job's marker (those are killed and counted as strays), and the pipes are
+//!   read for at most `pipe_drain` more; a grandchild that still holds them open after that
+//!   cannot hold the job (`pipes_forced_closed`).
+//! - The agent is a child subreaper, so killed descendants become its zombies. It reaps only
+//!   pids it knows belong to a job (group members and marker carriers, remembered with their
+//!   start times), never with `waitpid(-1)`, and never a leader tokio is still waiting for.
+//! - `PR_SET_PDEATHSIG` takes only the leader with a SIGKILLed agent. Every job also carries
+//!   its agent's identity ([`SUPERVISOR_ENV`]), and [`Supervisor::new`] kills processes whose
+//!   agent is gone, so a restarted agent finishes what the dead one could not.
+//! - The job's environment is [`INHERITED_ENV`] from the agent, then [`Launch::env`], then
+//!   the two markers. Values are never logged.
+//!
+//! Dropping the [`JobHandle`] (or its `wait` future) before the outcome is delivered stops
+//! the job as [`StopReason::Shutdown`]: a job nobody is waiting for must not run on.
+
+mod procs;
+mod spawner;
+
+pub use spawner::SpawnerError;
+
+use std::collections::HashMap;
+use std::io::{self, Read as _};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use nix::errno::Errno;
+use nix::sys::signal::{killpg, SigHandler, Signal};
+use nix::unistd::{AccessFlags, Pid};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::joblog::{JobLog, JobLogError, Stream};
+
+/// The environment variable that marks every process of a job.
+pub const JOB_ID_ENV: &str = "RSQL_AGENT_JOB_ID";
+
+/// The environment variable naming the agent process (`<pid>:<start time>`) that started a
+/// job, so that a later agent can kill what is left of jobs whose agent died.
+pub const SUPERVISOR_ENV: &str = "RSQL_AGENT_SUPERVISOR";
+
+/// Variables copied from the agent's own environment into every job's; everything else is
+/// dropped (the agent's AWS credentials, for one), and [`Launch::env`] adds the rest.
+pub const INHERITED_ENV: &[&str] = &[
+    "PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "USER", "LOGNAME", "TMPDIR",
+];
+
+/// `PATH` for jobs when the agent has none (systemd gives services one, but be safe).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Default for [`Launch::pipe_drain`].
+pub const DEFAULT_PIPE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Size of one read from a pipe, and so of one chunk handed to the log writer.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Chunks queued for the log writer. With [`READ_CHUNK`] this bounds the queue at 512 KiB a
+/// job; past that the pipes are not read and the child waits, as the log is the buffer.
+const LOG_QUEUE: usize = 8;
+
+/// How often /proc is searched for the job's marker while it runs, so descendants that leave
+/// the group and later exit can still be reaped.
+const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long the end-of-job sweep waits for killed processes to die and be reaped before it
+/// leaves the rest to a later sweep.
+const REAP_WAIT: Duration = Duration::from_secs(1);
+
+/// After the drain bound, how long the last queued chunks, the sweep and the final fsync may
+/// still take before the outcome is delivered regardless (a wedged disk must not wedge the
+/// agent's reporting).
+const FINISH_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("cannot make this process a child subreaper")]
+    Subreaper(#[source] Errno),
+    #[error("the job spawner thread failed")]
+    Spawner(#[source] SpawnerError),
+    #[error("Supervisor::start must be called from within a tokio runtime")]
+    NoRuntime(#[source] tokio::runtime::TryCurrentError),
+    #[error("invalid environment variable name {name:?}")]
+    InvalidEnvName { name: String },
+    #[error("the job id must be non-empty and free of NUL bytes")]
+    InvalidJobId,
+    #[error("cannot start {program} (log {log_path})")]
+    Spawn {
+        program: PathBuf,
+        log_path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot learn the exit status of job {job_id} (pid {pid})")]
+    Wait {
+        job_id: String,
+        pid: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the task supervising job {job_id} ended without a result")]
+    SupervisionLost { job_id: String },
+}
+
+/// Why the agent stopped a job on request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StopReason {
+    /// The task was closed upstream (heartbeat says so, or an operator cancelled it).
+    Cancelled,
+    /// The agent is shutting down.
+    Shutdown,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The leader exited on its own with this code.
+    Exited { code: i32 },
+    /// Killed by a signal the agent did not send (`kill -9` from outside, the OOM killer,
+    /// a crash, or the script signalling itself).
+    Signaled { signal: i32 },
+    /// The agent killed it after `timeout`; `signal` is the signal that ended it (or, if it
+    /// exited on its own after SIGTERM, the last one the agent sent).
+    TimedOut { signal: i32 },
+    /// The agent stopped it on request; `signal` as for `TimedOut`.
+    Stopped {
+        reason: StopReason,
+        signal: Option<i32>,
+    },
+}
+
+impl Ending {
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Ending::Exited { code } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            Ending::Exited { .. } => None,
+            Ending::Signaled { signal } | Ending::TimedOut { signal } => Some(*signal),
+            Ending::Stopped { signal, .. } => *signal,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        matches!(self, Ending::Exited { code: 0 })
+    }
+}
+
+/// What happened to a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    pub ending: Ending,
+    pub pid: u32,
+    pub started_at: SystemTime,
+    /// When the leader exited (draining and sweeping after that are not the job's time).
+    pub ended_at: SystemTime,
+    pub duration: Duration,
+    pub log_path: PathBuf,
+    /// Processes that had left the job's process group (setsid and the like) and were
+    /// killed after the leader exited.
+    pub stray_processes_killed: usize,
+    /// Something still held stdout or stderr open `pipe_drain` after the leader exited and
+    /// everything findable was killed; the agent stopped reading.
+    pub pipes_forced_closed: bool,
+}
+
+/// Everything needed to start one job.
+///
+/// Its `Debug` output names the environment variables but never shows their values (the
+/// database password is one of them).
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    /// Added after [`INHERITED_ENV`]; later entries win. Values are never logged.
+    pub env: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub kill_grace: Duration,
+    /// How long to keep reading the pipes after the leader exits ([`DEFAULT_PIPE_DRAIN`]).
+    pub pipe_drain: Duration,
+    pub log: JobLog,
+    /// Unique per attempt; becomes the [`JOB_ID_ENV`] marker.
+    pub job_id: String,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env_names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("Launch")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("cwd", &self.cwd)
+            .field("env_names", &env_names)
+            .field("timeout", &self.timeout)
+            .field("kill_grace", &self.kill_grace)
+            .field("pipe_drain", &self.pipe_drain)
+            .field("log", &self.log)
+            .field("job_id", &self.job_id)
+            .finish()
+    }
+}
+
+/// The program and leading arguments that run `script`: the script itself when it is an
+/// executable file that the kernel can run (a `#!` line or an ELF binary), so its shebang
+/// picks the interpreter; otherwise `interpreter script`. Job arguments go after these.
+pub fn command_for_script(script: &Path, interpreter: &Path) -> (PathBuf, Vec<String>) {
+    if runs_directly(script) {
+        (script.to_path_buf(), Vec::new())
+    } else {
+        (
+            interpreter.to_path_buf(),
+            vec![script.to_string_lossy().into_owned()],
+        )
+    }
+}
+
+fn runs_directly(script: &Path) -> bool {
+    let Ok(meta) = std::fs::metadata(script) else {
+        return false;
+    };
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return false;
+    }
+    if nix::unistd::access(script, AccessFlags::X_OK).is_err() {
+        return false;
+    }
+    // An executable text file without `#!` makes execve fail with ENOEXEC (only shells
+    // fall back to running it themselves), so such a file goes through the interpreter.
+    let mut head = [0u8; 4];
+    let Ok(mut file) = std::fs::File::open(script) else {
+        return false;
+    };
+    let mut filled = 0;
+    while filled < head.len() {
+        match file.read(&mut head[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    head[..filled].starts_with(b"#!") || head[..filled].starts_with(b"\x7fELF")
+}
+
+/// Runs jobs. One per process: it makes the process a child subreaper.
+#[derive(Debug)]
+pub struct Supervisor {
+    _private: (),
+}
+
+impl Supervisor {
+    /// Makes this process a child subreaper (orphaned job descendants are re-parented to
+    /// it rather than to init, so they can be found and reaped) and starts the spawner
+    /// thread. Also kills what is left of jobs whose agent died (see
+    /// [`Supervisor::kill_orphaned_jobs`]), so that after an agent is SIGKILLed and
+    /// restarted none of its jobs' processes live on.
+    pub fn new() -> Result<Arc<Supervisor>, SupervisorError> {
+        nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
+        spawner::ensure_started().map_err(SupervisorError::Spawner)?;
+        let supervisor = Arc::new(Supervisor { _private: () });
+        supervisor.kill_orphaned_jobs();
+        Ok(supervisor)
+    }
+
+    /// Kills the processes of jobs started by an agent process that no longer exists (each
+    /// job carries [`SUPERVISOR_ENV`]). `PR_SET_PDEATHSIG` takes a job's leader with a
+    /// SIGKILLed agent, but not the leader's children. Jobs of live agents are left alone.
+    /// Returns how many processes were killed.
+    pub fn kill_orphaned_jobs(&self) -> usize {
+        let killed = procs::kill_orphaned_jobs();
+        if killed > 0 {
+            tracing::warn!(
+                killed,
+                "killed processes left by jobs of an agent that died"
+            );
+        }
+        killed
+    }
+
+    /// Starts a job and returns at once (after the fork and exec). Must be called from
+    /// within a tokio runtime, which then runs the job's supervising task.
+    ///
+    /// On error the job never started; the log file exists but holds nothing.
+    pub fn start(self: &Arc<Self>, launch: Launch) -> Result<JobHandle, SupervisorError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(SupervisorError::NoRuntime)?;
+        if launch.job_id.is_empty() || launch.job_id.contains('\0') {
+            return Err(SupervisorError::InvalidJobId);
+        }
+        for (name, _) in &launch.env {
+            if name.is_empty() || name.contains(['=', '\0']) {
+                return Err(SupervisorError::InvalidEnvName { name: name.clone() });
+            }
+        }
+        let command = build_command(&launch);
+        let log_path = launch.log.path().to_path_buf();
+        // Taken before the fork: on a busy host the spawner's reply can come after a quick
+        // job has already ended, and its duration must not come out as zero.
+        let started = Instant::now();
+        let started_at = SystemTime::now();
+        let child = spawner::spawn(command, runtime.clone()).map_err(|e| match e {
+            spawner::SpawnerError::Spawn(source) => SupervisorError::Spawn {
+                program: launch.program.clone(),
+                log_path: log_path.clone(),
+                source,
+            },
+            other => SupervisorError::Spawner(other),
+        })?;
+        let Some(pid) = child.id() else {
+            // tokio gives no pid only once it has reaped the child, which cannot have
+            // happened yet; treat it as a failed spawn rather than guess.
+            return Err(SupervisorError::Spawn {
+                program: launch.program.clone(),
+                log_path,
+                source: io::Error::other("the child has no pid"),
+            });
+        };
+        tracing::info!(
+            job_id = %launch.job_id,
+            pid,
+            pgid = pid,
+            program = %launch.program.display(),
+            args = launch.args.len(),
+            timeout = ?launch.timeout,
+            "job started"
+        );
+        let (stop_tx, stop_rx) = watch::channel(StopState::default());
+        let (result_tx, result_rx) = oneshot::channel();
+        let job = Job {
+            job_id: launch.job_id,
+            pid,
+            started,
+            started_at,
+            timeout: launch.timeout,
+            kill_grace: launch.kill_grace,
+            pipe_drain: launch.pipe_drain,
+            log_path: log_path.clone(),
+        };
+        let job_id = job.job_id.clone();
+        runtime.spawn(supervise(job, child, launch.log, stop_rx, result_tx));
+        Ok(JobHandle {
+            pid,
+            job_id,
+            log_path,
+            stopper: Stopper {
+                tx: Arc::new(stop_tx),
+            },
+            outcome: result_rx,
+        })
+    }
+
+    /// Reaps orphans of earlier jobs that were still dying when their job ended. Every job
+    /// end does this too; a daemon may also call it now and then. Returns how many are
+    /// still not reaped.
+    pub fn reap_orphans(&self) -> usize {
+        procs::reap_pending()
+    }
+}
+
+fn build_command(launch: &Launch) -> std::process::Command {
+    let mut command = std::process::Command::new(&launch.program);
+    command
+        .args(&launch.args)
+        .current_dir(&launch.cwd)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    for name in INHERITED_ENV {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    if std::env::var_os("PATH").is_none() {
+        command.env("PATH", DEFAULT_PATH);
+    }
+    for (name, value) in &launch.env {
+        command.env(name, value);
+    }
+    // Last, so a job's own env cannot override the markers the sweeps rely on.
+    command.env(JOB_ID_ENV, &launch.job_id);
+    command.env(SUPERVISOR_ENV, procs::supervisor_identity());
+
+    let agent_pid = std::process::id() as i32;
+    let child_setup = move || -> io::Result<()> {
+        // Runs in the forked child before exec: only async-signal-safe calls (prctl,
+        // getppid, sigaction) and no allocation.
+        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+        // If the agent died between fork and prctl the signal will never come; give up.
+        if nix::unistd::getppid().as_raw() != agent_pid {
+            return Err(io::Error::from(Errno::ESRCH));
+        }
+        // Ignored signals survive exec. An agent started under nohup (as the legacy trigger
+        // was) or by a shell that ignored SIGINT must not hand that on to its jobs, or
+        // SIGTERM would not work as the first stop step.
+        for signal in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+            Signal::SIGQUIT,
+        ] {
+            // SAFETY: setting the default disposition installs no handler, and sigaction is
+            // async-signal-safe, so this is sound between fork and exec.
+            unsafe { nix::sys::signal::signal(signal, SigHandler::SigDfl) }
+                .map_err(io::Error::from)?;
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid,
+    // sigaction) and does not allocate or take locks, which is what pre_exec requires of
+    // code running between fork and exec in a multi-threaded process.
+    unsafe {
+        command.pre_exec(child_setup);
+    }
+    command
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct StopState {
+    requests: u32,
+    reason: Option<StopReason>,
+}
+
+/// Stops a job while another task awaits [`JobHandle::wait`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Stopper {
+    tx: Arc<watch::Sender<StopState>>,
+}
+
+impl Stopper {
+    /// First call: SIGTERM to the job's process group, then SIGKILL after `kill_grace`.
+    /// Any later call: SIGKILL now. Does nothing once the job has ended. The first reason
+    /// given is the one reported.
+    pub fn stop(&self, reason: StopReason) {
+        self.tx.send_modify(|state| {
+            state.requests = state.requests.saturating_add(1);
+            state.reason.get_or_insert(reason);
+        });
+    }
+}
+
+/// A running job.
+#[derive(Debug)]
+pub struct JobHandle {
+    pid: u32,
+    job_id: String,
+    log_path: PathBuf,
+    stopper: Stopper,
+    outcome: oneshot::Receiver<Result<RunOutcome, SupervisorError>>,
+}
+
+impl JobHandle {
+    /// The leader's pid, which is also the job's process group id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// See [`Stopper::stop`].
+    pub fn stop(&self, reason: StopReason) {
+        self.stopper.stop(reason);
+    }
+
+    /// A handle that can stop the job while `wait` is being awaited.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Waits until the job has ended and everything of it is gone. The future may be
+    /// polled from `select!` by `&mut`; dropping it before it completes stops the job.
+    pub async fn wait(self) -> Result<RunOutcome, SupervisorError> {
+        match self.outcome.await {
+            Ok(result) => result,
+            Err(_) => Err(SupervisorError::SupervisionLost {
+                job_id: self.job_id,
+            }),
+        }
+    }
+}
+
+/// What the supervising task needs to know about its job.
+#[derive(Debug)]
+struct Job {
+    job_id: String,
+    pid: u32,
+    started: Instant,
+    started_at: SystemTime,
+    timeout: Duration,
+    kill_grace: Duration,
+    pipe_drain: Duration,
+    log_path: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    TimedOut,
+    Stopped(StopReason),
+}
+
+/// The agent has begun ending the job.
+#[derive(Debug, Clone, Copy)]
+struct Termination {
+    cause: Cause,
+    last_signal: Signal,
+    /// When SIGKILL follows, unless it has been sent.
+    kill_at: Option<Instant>,
+}
+
+/// Kills the job's process group if the supervising task is dropped before it finished
+/// (runtime shutdown, panic): nothing of a job may outlive its supervision.
+struct GroupGuard {
+    pgid: i32,
+    armed: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+        }
+    }
+}
+
+struct Chunk {
+    stream: Stream,
+    at: SystemTime,
+    data: Vec<u8>,
+}
+
+/// One of the child's output pipes and the chunk read from it that still waits for room in
+/// the log queue.
+struct Pipe<R> {
+    reader: Option<R>,
+    stream: Stream,
+    buf: Vec<u8>,
+    pending: Option<Chunk>,
+}
+
+impl<R: AsyncRead + Unpin> Pipe<R> {
+    fn new(reader: Option<R>, stream: Stream) -> Pipe<R> {
+        Pipe {
+            reader,
+            stream,
+            buf: vec![0; READ_CHUNK],
+            pending: None,
+        }
+    }
+
+    fn can_read(&self) -> bool {
+        self.reader.is_some() && self.pending.is_none()
+    }
+
+    fn is_open(&self) -> bool {
+        self.reader.is_some()
+    }
+
+    /// Cancel-safe: a read that loses the race in `select!` has consumed nothing.
+    async fn read(&mut self) -> io::Result<usize> {
+        match self.reader.as_mut() {
+            Some(reader) => reader.read(&mut self.buf).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    fn took(&mut self, result: io::Result<usize>, job_id: &str) {
+        match result {
+            Ok(0) => self.reader = None,
+            Ok(n) => {
+                self.pending = Some(Chunk {
+                    stream: self.stream,
+                    at: SystemTime::now(),
+                    data: self.buf[..n].to_vec(),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(job_id, stream = ?self.stream, error = %e, "reading the job's output failed; closing the pipe");
+                self.reader = None;
+            }
+        }
+    }
+}
+
+/// Moves one waiting chunk into the log queue; alternates between streams so neither starves.
+fn hand_over<A, B>(
+    permit: Result<mpsc::Permit<'_, Chunk>, mpsc::error::SendError<()>>,
+    out: &mut Pipe<A>,
+    err: &mut Pipe<B>,
+    prefer_err: &mut bool,
+) {
+    let chunk = if *prefer_err {
+        err.pending.take().or_else(|| out.pending.take())
+    } else {
+        out.pending.take().or_else(|| err.pending.take())
+    };
+    *prefer_err = !*prefer_err;
+    if let (Ok(permit), Some(chunk)) = (permit, chunk) {
+        permit.send(chunk);
+    }
+    // Without a writer the chunk is dropped: the pipes must keep draining regardless.
+}
+
+fn signal_group(job_id: &str, pgid: i32, signal: Signal) {
+    match killpg(Pid::from_raw(pgid), signal) {
+        Ok(()) => {
+            tracing::debug!(job_id, pgid, signal = %signal, "signalled the job's process group")
+        }
+        Err(Errno::ESRCH) => {}
+        Err(e) => {
+            tracing::warn!(job_id, pgid, signal = %signal, error = %e, "cannot signal the job's process group")
+        }
+    }
+}
+
+/// Appends everything from the queue to the log; flushes whenever the queue runs dry so a
+/// tailing reader sees output as soon as the child goes quiet; fsyncs at the end.
+fn write_log(mut log: JobLog, mut queue: mpsc::Receiver<Chunk>) -> Result<(), JobLogError> {
+    let mut failed: Option<JobLogError> = None;
+    while let Some(chunk) = queue.blocking_recv() {
+        if failed.is_some() {
+            // Keep consuming so the supervisor never blocks on a dead writer.
+            continue;
+        }
+        let mut step = log.append(chunk.stream, chunk.at, &chunk.data);
+        if step.is_ok() && queue.is_empty() {
+            step = log.flush();
+        }
+        if let Err(e) = step {
+            failed = Some(e);
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    log.finish()?;
+    log.sync()
+}
+
+/// Awaits a background task if there is one; never completes otherwise.
+async fn join_running<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task.as_mut() {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The supervising task of one job.
+async fn supervise(
+    job: Job,
+    mut child: tokio::process::Child,
+    log: JobLog,
+    mut stop_rx: watch::Receiver<StopState>,
+    mut result_tx: oneshot::Sender<Result<RunOutcome, SupervisorError>>,
+) {
+    let pgid = job.pid as i32;
+    let job_id = job.job_id.as_str();
+    let mut guard = GroupGuard { pgid, armed: true };
+    let marker = format!("{JOB_ID_ENV}={}", job.job_id).into_bytes();
+    let mut out = Pipe::new(child.stdout.take(), Stream::Stdout);
+    let mut err = Pipe::new(child.stderr.take(), Stream::Stderr);
+    let mut prefer_err = false;
+    let (log_tx, log_rx) = mpsc::channel::<Chunk>(LOG_QUEUE);
+    let mut writer = tokio::task::spawn_blocking(move || write_log(log, log_rx));
+
+    // Phase 1: until the leader exits.
+    let timeout_at = job.started.checked_add(job.timeout);
+    let mut termination: Option<Termination> = None;
+    let mut stop_open = true;
+    let mut abandoned = false;
+    let mut known: HashMap<i32, u64> = HashMap::new();
+    let mut census: Option<JoinHandle<HashMap<i32, u64>>> = None;
+    let mut census_tick =
+        tokio::time::interval_at((Instant::now() + CENSUS_INTERVAL).into(), CENSUS_INTERVAL);
+    census_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
+    let sleep = tokio::time::sleep_until(far_future.into());
+    tokio::pin!(sleep);
+    let mut armed_for: Option<Instant> = None;
+
+    let waited: io::Result<ExitStatus> = loop {
+        let deadline = match &termination {
+            Some(t) => t.kill_at,
+            None => timeout_at,
+        };
+        if deadline != armed_for {
+            sleep.as_mut().reset(deadline.unwrap_or(far_future).into());
+            armed_for = deadline;
+        }
+        let mut stop_request: Option<StopState> = None;
+        tokio::select! {
+            biased;
+            status = child.wait() => break status,
+            changed = stop_rx.changed(), if stop_open => match changed {
+                Ok(()) => stop_request = Some(*stop_rx.borrow_and_update()),
+                Err(_) => stop_open = false,
+            },
+            _ = result_tx.closed(), if !abandoned => {
+                abandoned = true;
+                tracing::warn!(job_id, pid = job.pid, "nobody waits for this job any more; stopping it");
+                stop_request = Some(StopState { requests: 1, reason: Some(StopReason::Shutdown) });
+            }
+            _ = &mut sleep, if deadline.is_some() => match termination.as_mut() {
+                None => {
+                    tracing::info!(job_id, pid = job.pid, pgid, timeout = ?job.timeout, "job timed out; sending SIGTERM");
+                    signal_group(job_id, pgid, Signal::SIGTERM);
+                    termination = Some(Termination {
+                        cause: Cause::TimedOut,
+                        last_signal: Signal::SIGTERM,
+                        kill_at: Instant::now().checked_add(job.kill_grace),
+                    });
+                }
+                Some(t) => {
+                    tracing::info!(job_id, pid = job.pid, pgid, grace = ?job.kill_grace, "job outlived its kill grace; sending SIGKILL");
+                    signal_group(job_id, pgid, Signal::SIGKILL);
+                    t.last_signal = Signal::SIGKILL;
+                    t.kill_at = None;
+                }
+            },
+            permit = log_tx.reserve(), if out.pending.is_some() || err.pending.is_some() => {
+                hand_over(permit, &mut out, &mut err, &mut prefer_err);
+            }
+            read = out.read(), if out.can_read() => out.took(read, job_id),
+            read = err.read(), if err.can_read() => err.took(read, job_id),
+            _ = census_tick.tick(), if census.is_none() => {
+                let marker = marker.clone();
+                census = Some(tokio::task::spawn_blocking(move || procs::census(&marker)));
+            }
+            found = join_running(&mut census), if census.is_some() => {
+                census = None;
+                if let Ok(found) = found {
+                    known.extend(found);
+                }
+            }
+        }
+        if let Some(state) = stop_request {
+            let reason = state.reason.unwrap_or(StopReason::Shutdown);
+            if termination.is_none() && state.requests >= 1 {
+                tracing::info!(
+                    job_id,
+                    pid = job.pid,
+                    pgid,
+                    ?reason,
+                    "stopping the job; sending SIGTERM"
+                );
+                signal_group(job_id, pgid, Signal::SIGTERM);
+                termination = Some(Termination {
+                    cause: Cause::Stopped(reason),
+                    last_signal: Signal::SIGTERM,
+                    kill_at: Instant::now().checked_add(job.kill_grace),
+                });
+            }
+            if state.requests >= 2 {
+                if let Some(t) = termination.as_mut() {
+                    if t.last_signal != Signal::SIGKILL {
+                        tracing::info!(
+                            job_id,
+                            pid = job.pid,
+                            pgid,
+                            "second stop request; sending SIGKILL"
+                        );
+                        signal_group(job_id, pgid, Signal::SIGKILL);
+                        t.last_signal = Signal::SIGKILL;
+                        t.kill_at = None;
+                    }
+                }
+            }
+        }
+    };
+    let exited = Instant::now();
+    let ended_at = SystemTime::now();
+    if waited.is_ok() {
+        spawner::forget_child(pgid);
+    }
+
+    // Phase 2: the leader is gone; nothing of the job may survive it.
+    signal_group(job_id, pgid, Signal::SIGKILL);
+    if let Some(running) = census.take() {
+        if let Ok(found) = running.await {
+            known.extend(found);
+        }
+    }
+    let sweep_marker = marker.clone();
+    let mut sweeper = tokio::task::spawn_blocking(move || {
+        procs::sweep(&sweep_marker, pgid, pgid, known, REAP_WAIT)
+    });
+    let mut swept: Option<procs::Sweep> = None;
+    // checked: a caller may pass Duration::MAX to mean "no bound", which must not panic.
+    let drain_until = exited.checked_add(job.pipe_drain).unwrap_or(far_future);
+    let give_up_at = drain_until
+        .checked_add(FINISH_TIMEOUT)
+        .unwrap_or(drain_until);
+    let mut forced = false;
+    loop {
+        let reading = out.is_open() || err.is_open();
+        let queued = out.pending.is_some() || err.pending.is_some();
+        if !reading && !queued && swept.is_some() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            result = &mut sweeper, if swept.is_none() => {
+                swept = Some(result.unwrap_or_else(|e| {
+                    tracing::error!(job_id, error = %e, "the sweep of the job's processes failed");
+                    procs::Sweep::default()
+                }));
+            }
+            permit = log_tx.reserve(), if queued => {
+                hand_over(permit, &mut out, &mut err, &mut prefer_err);
+            }
+            read = out.read(), if out.can_read() => out.took(read, job_id),
+            read = err.read(), if err.can_read() => err.took(read, job_id),
+            _ = tokio::time::sleep_until(drain_until.into()), if reading => {
+                forced = true;
+                tracing::warn!(job_id, pid = job.pid, drain = ?job.pipe_drain,
+                    "the job's output pipes are still held open after its end; closing them");
+                out.reader = None;
+                err.reader = None;
+            }
+            _ = tokio::time::sleep_until(give_up_at.into()) => {
+                tracing::error!(job_id, pid = job.pid, "the job's log or process sweep is wedged; reporting without waiting further");
+                out.pending = None;
+                err.pending = None;
+                if swept.is_none() {
+                    swept = Some(procs::Sweep::default());
+                }
+            }
+        }
+    }
+    drop(log_tx);
+    let swept = swept.unwrap_or_default();
+    if swept.left_dying > 0 {
+        tracing::warn!(
+            job_id,
+            count = swept.left_dying,
+            "some job processes were still dying; they will be reaped later"
+        );
+    }
+    match tokio::time::timeout_at(give_up_at.into(), &mut writer).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => {
+            tracing::error!(job_id, path = %job.log_path.display(), error = %e, "the job log is incomplete");
+        }
+        Ok(Err(e)) => tracing::error!(job_id, error = %e, "the job log writer failed"),
+        Err(_) => tracing::error!(job_id, "the job log writer did not finish in time"),
+    }
+    // The group has been killed and swept; the guard's job is done.
+    guard.armed = false;
+
+    let result = match waited {
+        Ok(status) => {
+            let ending = classify(status, termination);
+            tracing::info!(
+                job_id,
+                pid = job.pid,
+                ?ending,
+                strays = swept.strays_killed,
+                pipes_forced_closed = forced,
+                "job ended"
+            );
+            Ok(RunOutcome {
+                ending,
+                pid: job.pid,
+                started_at: job.started_at,
+                ended_at,
+                duration: exited.duration_since(job.started),
+                log_path: job.log_path.clone(),
+                stray_processes_killed: swept.strays_killed,
+                pipes_forced_closed: forced,
+            })
+        }
+        Err(source) => Err(SupervisorError::Wait {
+            job_id: job.job_id.clone(),
+            pid: job.pid,
+            source,
+        }),
+    };
+    // The receiver may be gone (abandoned job); the outcome then only lives in the log.
+    let _ = result_tx.send(result);
+}
+
+fn classify(status: ExitStatus, termination: Option<Termination>) -> Ending {
+    match termination {
+        None => match (status.code(), status.signal()) {
+            (Some(code), _) => Ending::Exited { code },
+            (None, Some(signal)) => Ending::Signaled { signal },
+            // wait() reports only exits and deaths, so this is unreachable in practice.
+            (None, None) => Ending::Exited { code: -1 },
+        },
+        Some(t) => {
+            let signal = status.signal().unwrap_or(t.last_signal as i32);
+            match t.cause {
+                Cause::TimedOut => Ending::TimedOut { signal },
+                Cause::Stopped(reason) => Ending::Stopped {
+                    reason,
+                    signal: Some(signal),
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_code(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    fn status_signal(signal: i32) -> ExitStatus {
+        ExitStatus::from_raw(signal)
+    }
+
+    #[test]
+    fn classification() {
+        assert_eq!(classify(status_code(3), None), Ending::Exited { code: 3 });
+        assert_eq!(
+            classify(status_signal(11), None),
+            Ending::Signaled { signal: 11 }
+        );
+        let timed_out = Termination {
+            cause: Cause::TimedOut,
+            last_signal: Signal::SIGTERM,
+            kill_at: None,
+        };
+        assert_eq!(
+            classify(status_signal(9), Some(timed_out)),
+            Ending::TimedOut { signal: 9 }
+        );
+        // It trapped SIGTERM and exited: still our timeout, reported with our signal.
+        assert_eq!(
+            classify(status_code(0), Some(timed_out)),
+            Ending::TimedOut { signal: 15 }
+        );
+        let stopped = Termination {
+            cause: Cause::Stopped(StopReason::Cancelled),
+            ..timed_out
+        };
+        assert_eq!(
+            classify(status_signal(15), Some(stopped)),
+            Ending::Stopped {
+                reason: StopReason::Cancelled,
+                signal: Some(15)
+            }
+        );
+    }
+
+    #[test]
+    fn scripts_run_directly_only_when_the_kernel_can_run_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bash = Path::new("/bin/bash");
+        let write = |name: &str, body: &[u8], mode: u32| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, body).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            path
+        };
+        let shebang = write("a.sh", b"#!/bin/sh\necho hi\n", 0o755);
+        let plain = write("b.sh", b"#!/bin/sh\necho hi\n", 0o644);
+        let no_shebang = write("c.sh", b"echo hi\n", 0o755);
+        assert_eq!(
+            command_for_script(&shebang, bash),
+            (shebang.clone(), vec![])
+        );
+        assert_eq!(
+            command_for_script(&plain, bash),
+            (bash.to_path_buf(), vec![plain.display().to_string()])
+        );
+        assert_eq!(
+            command_for_script(&no_shebang, bash),
+            (bash.to_path_buf(), vec![no_shebang.display().to_string()])
+        );
+        let missing = dir.path().join("missing.sh");
+        assert_eq!(
+            command_for_script(&missing, bash),
+            (bash.to_path_buf(), vec![missing.display().to_string()])
+        );
+    }
+
+    #[test]
+    fn debug_output_hides_env_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = JobLog::create(
+            dir.path(),
+            &crate::joblog::LogName {
+                workflow_execution_id: "w".into(),
+                job_name: "j".into(),
+                started_at: SystemTime::now(),
+                attempt_id: "1".into(),
+            },
+        )
+        .expect("log");
+        let launch = Launch {
+            program: "/bin/true".into(),
+            args: vec![],
+            cwd: "/".into(),
+            env: vec![("RSPASSWORD".into(), "hunter2-secret".into())],
+            timeout: Duration::from_secs(1),
+            kill_grace: Duration::from_secs(1),
+            pipe_drain: DEFAULT_PIPE_DRAIN,
+            log,
+            job_id: "x".into(),
+        };
+        let shown = format!("{launch:?}");
+        assert!(shown.contains("RSPASSWORD"));
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn stop_requests_accumulate() {
+        let (tx, rx) = watch::channel(StopState::default());
+        let stopper = Stopper { tx: Arc::new(tx) };
+        stopper.stop(StopReason::Cancelled);
+        stopper.clone().stop(StopReason::Shutdown);
+        let state = *rx.borrow();
+        assert_eq!(state.requests, 2);
+        assert_eq!(state.reason, Some(StopReason::Cancelled));
+    }
+}
