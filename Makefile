@@ -1,0 +1,45 @@
+# rsql-agent: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+VENV_STAMP := $(VENV)/.installed
+
+.PHONY: demo test deps build release venv fmt-check clippy nextest bench bench-smoke clean
+
+## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
+demo: deps build
+	$(CARGO) run --quiet -p rsql-agent-tests --bin rsql-demo
+
+## deps: system packages the demo and the tests need (PostgreSQL), installed when missing
+deps:
+	@bash .ci/install-deps
+
+build:
+	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --workspace --release --bins
+
+## venv: the project-local virtualenv with the pinned AWS emulator (moto) and linters
+venv: $(VENV_STAMP)
+$(VENV_STAMP): tests/moto/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/moto/requirements.txt
+	touch $@
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+clippy:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+nextest: deps venv build
+	$(CARGO) nextest run --workspace --no-fail-fast
+
+## test: everything CI runs: formatting, lints, unit tests and system tests
+test: fmt-check clippy nextest
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)

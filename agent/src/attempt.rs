@@ -1,0 +1,415 @@
+//! One job attempt, end to end: lock, audit `running`, supervised run with lease touches,
+//! classification, final state and audit, unlock.
+//!
+//! Owns: the order of those steps, which is the same for every source of jobs. The local
+//! workflow runner calls [`AttemptContext::run_local`].
+//!
+//! Must not touch: where the job came from or where its result goes beyond the lock state
+//! and the local audit; callbacks belong to the reporters.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::job::JobSpec;
+use crate::joblog::{self, JobLog, LogName};
+use crate::lock::{self, Acquire, Decision, JobLock, LockDir, LockState, RunState};
+use crate::outcome::{self, Finished, LogLocation, Outcome};
+use crate::report::audit::{AuditError, JobAuditRecord, LocalAudit};
+use crate::supervisor::{self, Launch, StopReason, Supervisor};
+
+/// How much of stderr goes into a failure cause.
+const STDERR_TAIL_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttemptError {
+    #[error("job {job_name} (lock key {lock_key:?}) is already running: {holder}")]
+    Busy {
+        job_name: String,
+        lock_key: String,
+        holder: String,
+    },
+    #[error("lock for job {job_name}: {source}")]
+    Lock {
+        job_name: String,
+        #[source]
+        source: lock::LockError,
+    },
+    #[error("job log for {job_name}: {source}")]
+    Log {
+        job_name: String,
+        #[source]
+        source: joblog::JobLogError,
+    },
+    #[error("cannot run job {job_name}: {source}")]
+    Supervisor {
+        job_name: String,
+        #[source]
+        source: supervisor::SupervisorError,
+    },
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error("a job task panicked: {0}")]
+    Panicked(String),
+}
+
+/// A job to run, with what the audit should say about where it came from.
+#[derive(Clone)]
+pub struct AttemptRequest {
+    pub spec: JobSpec,
+    /// The stage description, for local workflow runs.
+    pub stage: Option<String>,
+    /// The database environment; `None` means `[database]` as configured.
+    pub env: Option<Vec<(String, String)>>,
+    /// Where the job's log is shipped, when CloudWatch is configured.
+    pub log_group: Option<String>,
+    pub log_stream: Option<String>,
+}
+
+impl AttemptRequest {
+    pub fn new(spec: JobSpec) -> AttemptRequest {
+        AttemptRequest {
+            spec,
+            stage: None,
+            env: None,
+            log_group: None,
+            log_stream: None,
+        }
+    }
+}
+
+// Hand-written: `env` carries the database password.
+impl std::fmt::Debug for AttemptRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttemptRequest")
+            .field("spec", &self.spec)
+            .field("stage", &self.stage)
+            .field("log_group", &self.log_group)
+            .field("log_stream", &self.log_stream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The lock, held, and what the earlier state says to do.
+#[derive(Debug)]
+pub struct Acquired {
+    pub held: JobLock,
+    pub decision: Decision,
+}
+
+/// What one attempt amounted to.
+#[derive(Debug, Clone)]
+pub struct AttemptResult {
+    pub job_name: String,
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub log_file: PathBuf,
+    pub attempt: u32,
+    /// The final audit record, for the reporters.
+    pub audit: JobAuditRecord,
+}
+
+/// Everything an attempt needs that outlives it; built once per process.
+#[derive(Debug)]
+pub struct AttemptContext {
+    pub config: Arc<Config>,
+    pub supervisor: Arc<Supervisor>,
+    pub locks: LockDir,
+    pub audit: LocalAudit,
+    pub instance_id: String,
+    /// Distinguishes this process's local runs from every earlier one in lock state, so a
+    /// rerun of a failed job is a new attempt, never a replay.
+    pub run_nonce: String,
+}
+
+impl AttemptContext {
+    pub fn new(
+        config: Arc<Config>,
+        supervisor: Arc<Supervisor>,
+        instance_id: String,
+    ) -> Result<AttemptContext, AttemptError> {
+        let locks = LockDir::open(&config.lock.dir).map_err(|source| AttemptError::Lock {
+            job_name: String::new(),
+            source,
+        })?;
+        let audit = LocalAudit::open(&config.agent.state_dir)?;
+        let run_nonce = format!(
+            "{}-{}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        Ok(AttemptContext {
+            config,
+            supervisor,
+            locks,
+            audit,
+            instance_id,
+            run_nonce,
+        })
+    }
+
+    /// Takes the job's fleet-wide lock and decides, from the state left by earlier holders,
+    /// whether this delivery runs, replays a recorded outcome, or reports an interruption.
+    pub fn acquire(&self, spec: &JobSpec, token_hash: &str) -> Result<Acquired, AttemptError> {
+        let held =
+            match self
+                .locks
+                .try_acquire(&spec.lock_key)
+                .map_err(|source| AttemptError::Lock {
+                    job_name: spec.job_name.clone(),
+                    source,
+                })? {
+                Acquire::Acquired(held) => held,
+                Acquire::Busy { holder } => {
+                    return Err(AttemptError::Busy {
+                        job_name: spec.job_name.clone(),
+                        lock_key: spec.lock_key.clone(),
+                        holder: holder
+                            .map(|h| {
+                                format!("host {} pid {} since {}", h.host, h.pid, h.started_at)
+                            })
+                            .unwrap_or_else(|| "holder unknown".to_string()),
+                    })
+                }
+            };
+        let decision = lock::decide(held.previous(), token_hash, self.config.jobs.on_interrupted);
+        Ok(Acquired { held, decision })
+    }
+
+    /// Runs a job with no task token (the local workflow runner). `shutdown` turning true
+    /// stops the job as `Rsql.Interrupted`. `on_start` is told the log file once the job
+    /// has started.
+    pub async fn run_local(
+        &self,
+        request: AttemptRequest,
+        mut shutdown: watch::Receiver<bool>,
+        on_start: impl FnOnce(&Path) + Send,
+    ) -> Result<AttemptResult, AttemptError> {
+        // Every local run is a new attempt: a rerun after a failure must run, never replay.
+        let token_hash = lock::token_hash(&format!(
+            "local:{}:{}",
+            self.run_nonce, request.spec.lock_key
+        ));
+        let Acquired { held, .. } = self.acquire(&request.spec, &token_hash)?;
+        let attempt = held.previous().map(|p| p.attempt + 1).unwrap_or(1);
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let forward = async move {
+            if shutdown.wait_for(|s| *s).await.is_ok() {
+                let _ = stop_tx.send(Some(StopReason::Shutdown));
+            }
+            // Keep the sender alive until the attempt is done.
+            std::future::pending::<()>().await
+        };
+        let run = self.execute(held, &request, &token_hash, attempt, stop_rx, |record| {
+            on_start(Path::new(record.log_file.as_deref().unwrap_or_default()))
+        });
+        let (held, result) = tokio::select! {
+            out = run => out?,
+            _ = forward => unreachable!("the forwarder never finishes"),
+        };
+        held.release().map_err(|source| AttemptError::Lock {
+            job_name: result.job_name.clone(),
+            source,
+        })?;
+        Ok(result)
+    }
+
+    /// Runs one attempt under a lock already held: state `running`, local audit, supervised
+    /// run with lease touches, classification, final state with the outcome to replay, local
+    /// audit. The lock is handed back so the caller releases it only once the outcome is
+    /// durable wherever it must go. `stop` carrying a reason stops the job.
+    pub async fn execute(
+        &self,
+        mut held: JobLock,
+        request: &AttemptRequest,
+        token_hash: &str,
+        attempt: u32,
+        mut stop: watch::Receiver<Option<StopReason>>,
+        on_start: impl FnOnce(&JobAuditRecord) + Send,
+    ) -> Result<(JobLock, AttemptResult), AttemptError> {
+        let spec = &request.spec;
+        let job_name = spec.job_name.clone();
+        let lock_err = |source| AttemptError::Lock {
+            job_name: job_name.clone(),
+            source,
+        };
+        let mut state =
+            LockState::new_running(&spec.lock_key, &self.instance_id, token_hash, attempt);
+        held.write_state(&state).map_err(lock_err)?;
+
+        let started_at = SystemTime::now();
+        let attempt_id = format!("{}{attempt}", &token_hash[..8.min(token_hash.len())]);
+        let log = JobLog::create(
+            &self.config.jobs.log_dir,
+            &LogName {
+                workflow_execution_id: spec.workflow_execution_id.clone(),
+                job_name: spec.job_name.clone(),
+                started_at,
+                attempt_id: attempt_id.clone(),
+            },
+        )
+        .map_err(|source| AttemptError::Log {
+            job_name: job_name.clone(),
+            source,
+        })?;
+        let log_file = log.path().to_path_buf();
+        let mut record = JobAuditRecord {
+            job_name: spec.job_name.clone(),
+            workflow_execution_id: spec.workflow_execution_id.clone(),
+            workflow_id: spec.workflow_id.clone(),
+            execution_status: "running".to_string(),
+            execution_start_ts: humantime::format_rfc3339_millis(started_at).to_string(),
+            execution_end_ts: None,
+            instance_id: self.instance_id.clone(),
+            exit_code: None,
+            error_message: None,
+            sql_state: None,
+            log_group: None,
+            log_stream: None,
+            log_file: Some(log_file.display().to_string()),
+            attempt,
+            duration_ms: None,
+            ssm_command_id: spec.ssm_command_id.clone(),
+            stage: request.stage.clone(),
+        };
+        self.audit.record_job(&record)?;
+
+        let env = match &request.env {
+            Some(env) => env.clone(),
+            None => self.config.database.job_env(),
+        };
+        let handle = self
+            .supervisor
+            .start(self.launch(spec, env, log, &attempt_id))
+            .map_err(|source| AttemptError::Supervisor {
+                job_name: job_name.clone(),
+                source,
+            })?;
+        on_start(&record);
+        let stopper = handle.stopper();
+        let wait = handle.wait();
+        tokio::pin!(wait);
+        let mut lease = tokio::time::interval(self.config.jobs.heartbeat_interval);
+        lease.tick().await;
+        let mut stop_open = true;
+        let run = loop {
+            tokio::select! {
+                run = &mut wait => break run,
+                _ = lease.tick() => {
+                    // A failed lease touch is logged, not fatal: the OFD lock itself still
+                    // excludes other runners; the lease is for people and crash forensics.
+                    if let Err(e) = held.touch() {
+                        tracing::warn!(job_name = %job_name, error = %e, "cannot touch the lock lease");
+                    }
+                }
+                changed = stop.changed(), if stop_open => {
+                    match changed {
+                        Ok(()) => {
+                            let reason = *stop.borrow_and_update();
+                            if let Some(reason) = reason {
+                                stopper.stop(reason);
+                            }
+                        }
+                        Err(_) => stop_open = false,
+                    }
+                }
+            }
+        };
+        let run = run.map_err(|source| AttemptError::Supervisor {
+            job_name: job_name.clone(),
+            source,
+        })?;
+
+        let sql_error = joblog::extract_sql_error(&log_file);
+        let stderr_tail = joblog::stderr_tail(&log_file, STDERR_TAIL_BYTES);
+        let duration_ms = run.duration.as_millis() as u64;
+        let outcome = outcome::classify(Finished {
+            job_name: &spec.job_name,
+            workflow_execution_id: &spec.workflow_execution_id,
+            instance_id: &self.instance_id,
+            ending: &run.ending,
+            duration_ms,
+            timeout_secs: spec.timeout.as_secs(),
+            sql_error,
+            stderr_tail,
+            log: LogLocation {
+                log_group: request.log_group.clone(),
+                log_stream: request.log_stream.clone(),
+                log_file: Some(log_file.display().to_string()),
+            },
+        });
+
+        state.state = match &outcome {
+            Outcome::Completed(_) => RunState::Completed,
+            Outcome::Failed(f) if f.error == outcome::ErrorName::Interrupted => {
+                RunState::Interrupted
+            }
+            Outcome::Failed(_) => RunState::Failed,
+            Outcome::Cancelled { .. } => RunState::Cancelled,
+        };
+        state.exit_code = outcome.exit_code();
+        state.outcome = serde_json::to_value(&outcome).ok();
+        state.updated_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        held.write_state(&state).map_err(lock_err)?;
+
+        record.execution_status = outcome.status().to_string();
+        record.execution_end_ts = Some(humantime::format_rfc3339_millis(run.ended_at).to_string());
+        record.exit_code = outcome.exit_code();
+        record.error_message = outcome.error_message();
+        record.sql_state = match &outcome {
+            Outcome::Failed(f) => f.cause.sql_state.clone(),
+            _ => None,
+        };
+        record.log_group = request.log_group.clone();
+        record.log_stream = request.log_stream.clone();
+        record.duration_ms = Some(duration_ms);
+        self.audit.record_job(&record)?;
+
+        Ok((
+            held,
+            AttemptResult {
+                job_name,
+                outcome,
+                duration: run.duration,
+                log_file,
+                attempt,
+                audit: record,
+            },
+        ))
+    }
+
+    fn launch(
+        &self,
+        spec: &JobSpec,
+        mut env: Vec<(String, String)>,
+        log: JobLog,
+        attempt_id: &str,
+    ) -> Launch {
+        let jobs = &self.config.jobs;
+        let (program, mut args) = supervisor::command_for_script(&spec.script, &jobs.interpreter);
+        args.extend(spec.args.iter().cloned());
+        env.push(("RSQL_WORKFLOW_ID".into(), spec.workflow_id.clone()));
+        env.push((
+            "RSQL_WORKFLOW_EXECUTION_ID".into(),
+            spec.workflow_execution_id.clone(),
+        ));
+        env.push(("RSQL_JOB_NAME".into(), spec.job_name.clone()));
+        Launch {
+            program,
+            args,
+            cwd: jobs.script_dir.clone(),
+            env,
+            timeout: spec.timeout,
+            kill_grace: jobs.kill_grace,
+            pipe_drain: jobs.pipe_drain,
+            log,
+            job_id: format!("{}-{attempt_id}", lock::token_hash(&spec.lock_key)),
+        }
+    }
+}

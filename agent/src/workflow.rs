@@ -1,0 +1,657 @@
+//! The local workflow runner: the embedded default, `rsql-agent workflow run FILE`.
+//!
+//! Owns: the legacy workflow config format (`workflow_stages[]` with `execution_flag`,
+//! `execution_type`, `scripts`, `stage_description`), stage ordering, stop-at-first-failure,
+//! `--resume`, progress events and the summary table.
+//!
+//! Must not touch: AWS. It runs every job through the same [`crate::attempt`] path as the
+//! daemon (lock, supervisor, job log, outcome, audit), with no task token.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Semaphore};
+
+use crate::attempt::{AttemptContext, AttemptError, AttemptRequest, AttemptResult};
+use crate::config::Config;
+use crate::job::{JobRules, JobSpec};
+use crate::outcome::Outcome;
+use crate::report::audit::{AuditError, LocalAudit, WorkflowAuditRecord};
+
+/// The legacy workflow config item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowConfig {
+    pub workflow_id: String,
+    #[serde(default)]
+    pub workflow_description: Option<String>,
+    pub workflow_stages: Vec<Stage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stage {
+    pub execution_flag: String,
+    pub execution_type: ExecutionType,
+    #[serde(default)]
+    pub stage_description: String,
+    pub scripts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionType {
+    Sequential,
+    Parallel,
+}
+
+impl Stage {
+    /// The legacy flag is `y` to run; anything else (`n`) skips the stage.
+    pub fn enabled(&self) -> bool {
+        self.execution_flag.trim().eq_ignore_ascii_case("y")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    #[error("cannot read workflow file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workflow file {path} is not a valid workflow config: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("workflow file {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error("workflow {workflow_id}, stage {stage} ({description:?}): {source}")]
+    Job {
+        workflow_id: String,
+        stage: usize,
+        description: String,
+        #[source]
+        source: Box<crate::job::InvalidJob>,
+    },
+    #[error("--resume {execution_id}: no run of workflow {workflow_id} with that execution id in the audit at {audit}")]
+    NothingToResume {
+        execution_id: String,
+        workflow_id: String,
+        audit: PathBuf,
+    },
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    #[error(transparent)]
+    Attempt(#[from] AttemptError),
+}
+
+impl WorkflowConfig {
+    pub fn load(path: &Path) -> Result<WorkflowConfig, WorkflowError> {
+        let text = std::fs::read(path).map_err(|source| WorkflowError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: WorkflowConfig =
+            serde_json::from_slice(&text).map_err(|source| WorkflowError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), WorkflowError> {
+        let invalid = |reason: String| WorkflowError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.workflow_id.trim().is_empty() {
+            return Err(invalid("workflow_id is empty".to_string()));
+        }
+        if self.workflow_stages.is_empty() {
+            return Err(invalid("workflow_stages is empty".to_string()));
+        }
+        let mut seen = HashMap::new();
+        for (i, stage) in self.workflow_stages.iter().enumerate() {
+            let flag = stage.execution_flag.trim().to_ascii_lowercase();
+            if flag != "y" && flag != "n" {
+                return Err(invalid(format!(
+                    "stage {}: execution_flag must be \"y\" or \"n\", got {:?}",
+                    i + 1,
+                    stage.execution_flag
+                )));
+            }
+            if stage.scripts.is_empty() {
+                return Err(invalid(format!("stage {}: scripts is empty", i + 1)));
+            }
+            for script in &stage.scripts {
+                if let Some(first) = seen.insert(script.clone(), i + 1) {
+                    return Err(invalid(format!(
+                        "script {script:?} appears in stage {first} and stage {}; a job runs once per execution",
+                        i + 1
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What happened to one job of the workflow, for progress and the summary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Completed,
+    Failed,
+    /// Completed in an earlier run of the same execution (`--resume`).
+    CompletedEarlier,
+    /// Its stage has `execution_flag` `n`.
+    Disabled,
+    /// Not started because an earlier job failed or the run was interrupted.
+    NotRun,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "FAILED",
+            JobStatus::CompletedEarlier => "completed earlier",
+            JobStatus::Disabled => "disabled",
+            JobStatus::NotRun => "not run",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub stage: usize,
+    pub stage_description: String,
+    pub job_name: String,
+    pub status: JobStatus,
+    pub exit_code: Option<i32>,
+    pub duration: Option<Duration>,
+    pub log_file: Option<PathBuf>,
+    pub error_message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkflowReport {
+    pub workflow_id: String,
+    pub workflow_execution_id: String,
+    pub jobs: Vec<JobReport>,
+    pub interrupted: bool,
+}
+
+impl WorkflowReport {
+    pub fn succeeded(&self) -> bool {
+        !self.interrupted
+            && self
+                .jobs
+                .iter()
+                .all(|j| !matches!(j.status, JobStatus::Failed | JobStatus::NotRun))
+    }
+
+    /// The summary table printed at the end of a run.
+    pub fn table(&self) -> String {
+        let headers = ["stage", "job", "status", "exit", "duration", "log file"];
+        let rows: Vec<[String; 6]> = self
+            .jobs
+            .iter()
+            .map(|j| {
+                [
+                    j.stage.to_string(),
+                    j.job_name.clone(),
+                    j.status.as_str().to_string(),
+                    j.exit_code
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    j.duration
+                        .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                        .unwrap_or_else(|| "-".into()),
+                    j.log_file
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let mut widths = headers.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut out = String::new();
+            for (i, cell) in cells.iter().enumerate() {
+                if i > 0 {
+                    out.push_str("  ");
+                }
+                if i + 1 == cells.len() {
+                    out.push_str(cell);
+                } else {
+                    out.push_str(&format!("{cell:<width$}", width = widths[i]));
+                }
+            }
+            out.push('\n');
+            out
+        };
+        let mut out = line(&headers.map(String::from));
+        out.push_str(&line(&widths.map(|w| "-".repeat(w))));
+        for row in &rows {
+            out.push_str(&line(row));
+        }
+        out
+    }
+}
+
+/// Progress as the run goes, for the CLI to print.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    Started {
+        workflow_id: String,
+        workflow_execution_id: String,
+        resumed: bool,
+    },
+    Stage {
+        stage: usize,
+        of: usize,
+        description: String,
+        execution_type: ExecutionType,
+        enabled: bool,
+    },
+    JobStarted {
+        stage: usize,
+        job_name: String,
+        log_file: PathBuf,
+    },
+    JobFinished(JobReport),
+    JobSkipped(JobReport),
+}
+
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// How to run: a fresh execution (optionally with a given id) or a resumed one.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub execution_id: Option<String>,
+    pub resume: Option<String>,
+}
+
+/// Runs workflows on this host.
+pub struct Runner {
+    config: Arc<Config>,
+    attempts: Arc<AttemptContext>,
+    audit: LocalAudit,
+    progress: ProgressFn,
+}
+
+impl std::fmt::Debug for Runner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runner")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Runner {
+    pub fn new(
+        config: Arc<Config>,
+        attempts: Arc<AttemptContext>,
+        progress: ProgressFn,
+    ) -> Result<Runner, WorkflowError> {
+        let audit = LocalAudit::open(&config.agent.state_dir)?;
+        Ok(Runner {
+            config,
+            attempts,
+            audit,
+            progress,
+        })
+    }
+
+    /// Runs the workflow. `shutdown` turning true stops the running jobs (reported
+    /// `Rsql.Interrupted`) and starts nothing more.
+    pub async fn run(
+        &self,
+        workflow: &WorkflowConfig,
+        options: &RunOptions,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<WorkflowReport, WorkflowError> {
+        let rules = JobRules {
+            script_dir: &self.config.jobs.script_dir,
+            default_timeout: self.config.jobs.default_timeout,
+            require_token: false,
+        };
+        let (execution_id, earlier) = match &options.resume {
+            Some(id) => {
+                let earlier = self.audit.jobs_of(id)?;
+                if earlier.is_empty() && self.audit.workflow(id)?.is_none() {
+                    return Err(WorkflowError::NothingToResume {
+                        execution_id: id.clone(),
+                        workflow_id: workflow.workflow_id.clone(),
+                        audit: self.audit.jobs_path(),
+                    });
+                }
+                (id.clone(), earlier)
+            }
+            None => (
+                options
+                    .execution_id
+                    .clone()
+                    .unwrap_or_else(|| new_execution_id(&workflow.workflow_id)),
+                HashMap::new(),
+            ),
+        };
+
+        // Validate every enabled job before anything runs: a typo in stage 3 must not be
+        // found after stages 1 and 2 have changed the database.
+        let mut specs: Vec<Vec<Option<JobSpec>>> = Vec::new();
+        for (i, stage) in workflow.workflow_stages.iter().enumerate() {
+            let mut stage_specs = Vec::new();
+            for script in &stage.scripts {
+                if !stage.enabled() {
+                    stage_specs.push(None);
+                    continue;
+                }
+                let spec = JobSpec::local(&workflow.workflow_id, &execution_id, script, &rules)
+                    .map_err(|source| WorkflowError::Job {
+                        workflow_id: workflow.workflow_id.clone(),
+                        stage: i + 1,
+                        description: stage.stage_description.clone(),
+                        source: Box::new(source),
+                    })?;
+                stage_specs.push(Some(spec));
+            }
+            specs.push(stage_specs);
+        }
+
+        let started = now_ts();
+        let all_jobs: Vec<String> = workflow
+            .workflow_stages
+            .iter()
+            .flat_map(|s| s.scripts.iter().cloned())
+            .collect();
+        let workflow_record =
+            |status: &str, end: Option<String>, error: Option<String>| WorkflowAuditRecord {
+                workflow_execution_id: execution_id.clone(),
+                workflow_id: workflow.workflow_id.clone(),
+                execution_status: status.to_string(),
+                execution_start_ts: started.clone(),
+                execution_end_ts: end,
+                rsql_jobs: all_jobs.clone(),
+                error_message: error,
+            };
+        self.audit
+            .record_workflow(&workflow_record("running", None, None))?;
+        (self.progress)(Progress::Started {
+            workflow_id: workflow.workflow_id.clone(),
+            workflow_execution_id: execution_id.clone(),
+            resumed: options.resume.is_some(),
+        });
+
+        let mut reports = Vec::new();
+        let failed = Arc::new(AtomicBool::new(false));
+        let stages = workflow.workflow_stages.len();
+        for (i, (stage, stage_specs)) in workflow.workflow_stages.iter().zip(specs).enumerate() {
+            let stage_no = i + 1;
+            let stop_now = failed.load(Ordering::SeqCst) || *shutdown.borrow();
+            if !stop_now {
+                (self.progress)(Progress::Stage {
+                    stage: stage_no,
+                    of: stages,
+                    description: stage.stage_description.clone(),
+                    execution_type: stage.execution_type,
+                    enabled: stage.enabled(),
+                });
+            }
+            let concurrency = match stage.execution_type {
+                ExecutionType::Sequential => 1,
+                ExecutionType::Parallel => self.config.agent.max_concurrent_jobs,
+            };
+            let permits = Arc::new(Semaphore::new(concurrency));
+            let mut running = tokio::task::JoinSet::new();
+            for (script, spec) in stage.scripts.iter().zip(stage_specs) {
+                let skipped =
+                    |status: JobStatus, earlier: Option<&crate::report::audit::JobAuditRecord>| {
+                        JobReport {
+                            stage: stage_no,
+                            stage_description: stage.stage_description.clone(),
+                            job_name: script.clone(),
+                            status,
+                            exit_code: earlier.and_then(|r| r.exit_code),
+                            duration: earlier
+                                .and_then(|r| r.duration_ms)
+                                .map(Duration::from_millis),
+                            log_file: earlier.and_then(|r| r.log_file.clone()).map(PathBuf::from),
+                            error_message: None,
+                        }
+                    };
+                let Some(spec) = spec else {
+                    let report = skipped(JobStatus::Disabled, None);
+                    (self.progress)(Progress::JobSkipped(report.clone()));
+                    reports.push((stage_no, script.clone(), report));
+                    continue;
+                };
+                if let Some(record) = earlier.get(script) {
+                    if record.execution_status == "completed" {
+                        let report = skipped(JobStatus::CompletedEarlier, Some(record));
+                        (self.progress)(Progress::JobSkipped(report.clone()));
+                        reports.push((stage_no, script.clone(), report));
+                        continue;
+                    }
+                }
+                if stop_now {
+                    reports.push((stage_no, script.clone(), skipped(JobStatus::NotRun, None)));
+                    continue;
+                }
+                let attempts = self.attempts.clone();
+                let progress = self.progress.clone();
+                let failed = failed.clone();
+                let permits = permits.clone();
+                let mut shutdown = shutdown.clone();
+                let description = stage.stage_description.clone();
+                let not_run = skipped(JobStatus::NotRun, None);
+                running.spawn(async move {
+                    // A job waiting for a slot does not start once a sibling has failed or
+                    // the run is being interrupted.
+                    let permit = tokio::select! {
+                        permit = permits.acquire_owned() => permit,
+                        _ = shutdown.wait_for(|stop| *stop) => return Ok(not_run),
+                    };
+                    let Ok(_permit) = permit else {
+                        return Ok(not_run);
+                    };
+                    if failed.load(Ordering::SeqCst) || *shutdown.borrow() {
+                        return Ok(not_run);
+                    }
+                    let mut request = AttemptRequest::new(spec);
+                    request.stage = Some(description.clone());
+                    let progress_started = progress.clone();
+                    let result: AttemptResult = attempts
+                        .run_local(request, shutdown, move |log_file: &Path| {
+                            progress_started(Progress::JobStarted {
+                                stage: stage_no,
+                                job_name: not_run.job_name.clone(),
+                                log_file: log_file.to_path_buf(),
+                            })
+                        })
+                        .await?;
+                    let ok = matches!(result.outcome, Outcome::Completed(_));
+                    if !ok {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    let report = JobReport {
+                        stage: stage_no,
+                        stage_description: description,
+                        job_name: result.job_name.clone(),
+                        status: if ok {
+                            JobStatus::Completed
+                        } else {
+                            JobStatus::Failed
+                        },
+                        exit_code: result.outcome.exit_code(),
+                        duration: Some(result.duration),
+                        log_file: Some(result.log_file.clone()),
+                        error_message: result.outcome.error_message(),
+                    };
+                    progress(Progress::JobFinished(report.clone()));
+                    Ok::<JobReport, AttemptError>(report)
+                });
+                // A sequential stage runs its scripts in the order given: each one ends
+                // before the next is even spawned.
+                if stage.execution_type == ExecutionType::Sequential {
+                    collect(&mut running, &mut reports).await?;
+                }
+            }
+            collect(&mut running, &mut reports).await?;
+        }
+
+        // Present jobs in config order, whatever order they finished in.
+        let order: HashMap<(usize, String), usize> = workflow
+            .workflow_stages
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.scripts.iter().map(move |j| (i + 1, j.clone())))
+            .enumerate()
+            .map(|(n, key)| (key, n))
+            .collect();
+        reports.sort_by_key(|(stage, job, _)| order.get(&(*stage, job.clone())).copied());
+        let report = WorkflowReport {
+            workflow_id: workflow.workflow_id.clone(),
+            workflow_execution_id: execution_id.clone(),
+            jobs: reports.into_iter().map(|(_, _, r)| r).collect(),
+            interrupted: *shutdown.borrow(),
+        };
+        let first_error = report
+            .jobs
+            .iter()
+            .find(|j| j.status == JobStatus::Failed)
+            .map(|j| {
+                format!(
+                    "{}: {}",
+                    j.job_name,
+                    j.error_message.clone().unwrap_or_default()
+                )
+            });
+        let status = if report.succeeded() {
+            "completed"
+        } else {
+            "failed"
+        };
+        self.audit
+            .record_workflow(&workflow_record(status, Some(now_ts()), first_error))?;
+        Ok(report)
+    }
+}
+
+/// Waits for every spawned job and adds its report.
+async fn collect(
+    running: &mut tokio::task::JoinSet<Result<JobReport, AttemptError>>,
+    reports: &mut Vec<(usize, String, JobReport)>,
+) -> Result<(), WorkflowError> {
+    while let Some(joined) = running.join_next().await {
+        match joined {
+            Ok(Ok(report)) => reports.push((report.stage, report.job_name.clone(), report)),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(join) => {
+                return Err(WorkflowError::Attempt(AttemptError::Panicked(
+                    join.to_string(),
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// An execution id a person can read and sort: `<workflow_id>-<UTC timestamp>-<suffix>`.
+pub fn new_execution_id(workflow_id: &str) -> String {
+    let now = SystemTime::now();
+    let stamp: String = humantime::format_rfc3339_seconds(now)
+        .to_string()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let nanos = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let suffix = (nanos ^ std::process::id().rotate_left(16)) & 0xffff;
+    format!("{workflow_id}-{stamp}-{suffix:04x}")
+}
+
+pub(crate) fn now_ts() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_sample_parses() {
+        let text = r#"{"workflow_id": "blog_test_workflow", "workflow_description": "Test workflow",
+ "workflow_stages": [
+   {"execution_flag": "y", "execution_type": "sequential", "stage_description": "Schema & table creation",
+    "scripts": ["rsql_blog_script_1.sh", "rsql_blog_script_2.sh"]},
+   {"execution_flag": "n", "execution_type": "parallel", "stage_description": "Data insertion 1",
+    "scripts": ["rsql_blog_script_3.sh", "rsql_blog_script_4.sh"]}]}"#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wf.json");
+        std::fs::write(&path, text).unwrap();
+        let wf = WorkflowConfig::load(&path).unwrap();
+        assert_eq!(wf.workflow_stages.len(), 2);
+        assert!(wf.workflow_stages[0].enabled());
+        assert!(!wf.workflow_stages[1].enabled());
+        assert_eq!(
+            wf.workflow_stages[1].execution_type,
+            ExecutionType::Parallel
+        );
+    }
+
+    #[test]
+    fn bad_workflows_say_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wf.json");
+        for (text, needle) in [
+            (
+                r#"{"workflow_id":"w","workflow_stages":[]}"#,
+                "workflow_stages is empty",
+            ),
+            (
+                r#"{"workflow_id":"w","workflow_stages":[{"execution_flag":"maybe","execution_type":"parallel","scripts":["a"]}]}"#,
+                "execution_flag",
+            ),
+            (
+                r#"{"workflow_id":"w","workflow_stages":[{"execution_flag":"y","execution_type":"sideways","scripts":["a"]}]}"#,
+                "sideways",
+            ),
+            (
+                r#"{"workflow_id":"w","workflow_stages":[{"execution_flag":"y","execution_type":"parallel","scripts":["a","a"]}]}"#,
+                "appears in stage 1 and stage 1",
+            ),
+            (
+                r#"{"workflow_id":"w","workflow_stagez":[]}"#,
+                "workflow_stagez",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = WorkflowConfig::load(&path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn execution_ids_are_readable_and_distinct() {
+        let a = new_execution_id("wf");
+        assert!(a.starts_with("wf-20"), "{a}");
+        assert!(!a.contains(':'));
+    }
+}

@@ -1,0 +1,25 @@
+#!/bin/bash
+# rsql_blog_script_1.sh: creates the schema rsql_blog
+#
+# Written for rsql-agent's samples, in the shape of converted BTEQ jobs: every statement is
+# followed by a check of :ERROR, and a failure prints the "Error Code -" marker, the
+# SQLSTATE and the message, then exits with this script's own code (11), so the agent
+# can report sql_state and message to Step Functions.
+#
+# Connection settings come only from the environment the agent provides:
+# RSQL_HOST, RSQL_PORT, RSQL_USER, RSQL_DB and RSPASSWORD.
+set -u
+
+rsql -h "$RSQL_HOST" -p "$RSQL_PORT" -U "$RSQL_USER" -d "$RSQL_DB" <<'RSQL'
+\remark rsql_blog_script_1.sh: creates the schema rsql_blog
+SET query_group TO 'rsql_blog';
+CREATE SCHEMA IF NOT EXISTS rsql_blog;
+\if :ERROR <> 0
+  \echo Error Code -
+  \echo :ERRORCODE
+  \echo :LAST_ERROR_MESSAGE
+  \exit 11
+\endif
+\remark rsql_blog_script_1.sh: done
+\exit 0
+RSQL
