@@ -1,0 +1,469 @@
+//! `rsql-agent`: the resident daemon and its command-line tools.
+//!
+//! Exit codes (also in the README):
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0  | success: the config is valid, or every job of the workflow completed |
+//! | 1  | a job of the workflow failed (the summary says which) |
+//! | 2  | bad command-line usage |
+//! | 65 | the workflow file is not a valid workflow config, or names a job that cannot run |
+//! | 66 | an input file (workflow, config) does not exist or cannot be read |
+//! | 70 | internal error (a bug: please report it with the log) |
+//! | 74 | the agent cannot write its state, audit or log directories |
+//! | 75 | a job is already running elsewhere (its lock is held); try again later |
+//! | 78 | the config file is invalid (the message names the key) |
+//! | 130 | interrupted by SIGINT or SIGTERM; running jobs were stopped and reported |
+//!
+//! Only this file maps errors to exit codes; the library returns typed errors.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use rsql_agent::attempt::{AttemptContext, AttemptError};
+use rsql_agent::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use rsql_agent::supervisor::Supervisor;
+use rsql_agent::workflow::{self, Progress, RunOptions, Runner, WorkflowConfig, WorkflowError};
+
+mod exit {
+    pub const OK: u8 = 0;
+    pub const JOB_FAILED: u8 = 1;
+    pub const DATA: u8 = 65;
+    pub const NO_INPUT: u8 = 66;
+    pub const SOFTWARE: u8 = 70;
+    pub const IO: u8 = 74;
+    pub const TEMP_FAIL: u8 = 75;
+    pub const CONFIG: u8 = 78;
+    pub const INTERRUPTED: u8 = 130;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rsql-agent",
+    version,
+    about = "Runs Amazon Redshift RSQL jobs for AWS Step Functions"
+)]
+struct Cli {
+    /// Log format on stderr: text or json.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the resident agent: take jobs from SQS, run them, report the results.
+    Run {
+        /// The config file.
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a config file without starting anything.
+    CheckConfig {
+        /// The config file.
+        #[arg(default_value = DEFAULT_CONFIG_PATH)]
+        path: PathBuf,
+    },
+    /// Workflows on this host, with no AWS at all.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkflowCommand {
+    /// Run a legacy workflow config (workflow_stages[]) locally and print a summary.
+    Run {
+        /// The workflow config (JSON).
+        file: PathBuf,
+        /// Agent config; without it, defaults under ~/.local/state/rsql-agent and scripts
+        /// next to the workflow file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Use this execution id instead of a generated one.
+        #[arg(long, conflicts_with = "resume")]
+        execution_id: Option<String>,
+        /// Resume this execution: run only the jobs that did not complete.
+        #[arg(long, value_name = "EXECUTION_ID")]
+        resume: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
+    init_tracing(&cli.log_format, default_level);
+    let code = match cli.command {
+        Command::Run { config } => daemon_run(&config),
+        Command::CheckConfig { path } => check_config(&path),
+        Command::Workflow(WorkflowCommand::Run {
+            file,
+            config,
+            execution_id,
+            resume,
+        }) => workflow_run(
+            &file,
+            config.as_deref(),
+            RunOptions {
+                execution_id,
+                resume,
+            },
+        ),
+    };
+    ExitCode::from(code)
+}
+
+fn init_tracing(format: &str, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RSQL_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn config_exit(e: &ConfigError) -> u8 {
+    match e {
+        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            exit::NO_INPUT
+        }
+        ConfigError::Read { .. } => exit::NO_INPUT,
+        ConfigError::Parse { .. } | ConfigError::Invalid { .. } => exit::CONFIG,
+    }
+}
+
+fn check_config(path: &Path) -> u8 {
+    match Config::load(path) {
+        Ok(config) => {
+            println!("{}: OK", path.display());
+            println!("  script_dir: {}", config.jobs.script_dir.display());
+            println!("  state_dir:  {}", config.agent.state_dir.display());
+            println!("  lock dir:   {}", config.lock.dir.display());
+            println!(
+                "  intake:     {}",
+                config
+                    .sqs
+                    .as_ref()
+                    .map(|s| format!("SQS {}", s.queue_url))
+                    .unwrap_or_else(|| "no SQS".into())
+            );
+            exit::OK
+        }
+        Err(e) => {
+            eprintln!("rsql-agent: {}", error_chain(&e));
+            config_exit(&e)
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("rsql-agent: cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn daemon_run(path: &Path) -> u8 {
+    let config = match Config::load(path) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("rsql-agent: {}", error_chain(&e));
+            return config_exit(&e);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return exit::SOFTWARE;
+    };
+    runtime.block_on(async move {
+        let sdk = rsql_agent::aws::load_config().await;
+        let clients = rsql_agent::aws::AwsClients::new(&sdk);
+        let (instance_id, source) =
+            rsql_agent::identity::instance_id(config.agent.instance_id.as_deref()).await;
+        let supervisor = match Supervisor::new() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot start the supervisor");
+                return exit::SOFTWARE;
+            }
+        };
+        let attempts = match AttemptContext::new(config.clone(), supervisor, instance_id.clone()) {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot open the state directories");
+                return exit::IO;
+            }
+        };
+        let daemon = match rsql_agent::daemon::Daemon::new(config.clone(), attempts, &clients) {
+            Ok(d) => d,
+            Err(rsql_agent::daemon::DaemonError::NoIntake) => {
+                tracing::error!("no intake is configured: set [intake.sqs] queue_url");
+                return exit::CONFIG;
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                return exit::IO;
+            }
+        };
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            instance_id = %instance_id,
+            instance_id_source = ?source,
+            config = %path.display(),
+            "rsql-agent started"
+        );
+        match daemon.run(termination()).await {
+            Ok(()) => {
+                tracing::info!("rsql-agent stopped");
+                exit::OK
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "rsql-agent failed");
+                exit::IO
+            }
+        }
+    })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) -> u8 {
+    let workflow = match WorkflowConfig::load(file) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("rsql-agent: {}", error_chain(&e));
+            return match e {
+                WorkflowError::Read { .. } => exit::NO_INPUT,
+                _ => exit::DATA,
+            };
+        }
+    };
+    let config = match config_path {
+        Some(path) => Config::load(path),
+        None => {
+            let dir = file
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            Config::defaults_for_user(dir)
+        }
+    };
+    let config = match config {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("rsql-agent: {}", error_chain(&e));
+            return config_exit(&e);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return exit::SOFTWARE;
+    };
+    runtime.block_on(async move {
+        let supervisor = match Supervisor::new() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("rsql-agent: {}", error_chain(&e));
+                return exit::SOFTWARE;
+            }
+        };
+        let instance_id = config
+            .agent
+            .instance_id
+            .clone()
+            .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
+            .unwrap_or_else(|| "localhost".to_string());
+        let attempts = match AttemptContext::new(config.clone(), supervisor, instance_id) {
+            Ok(a) => Arc::new(a),
+            Err(e) => {
+                eprintln!("rsql-agent: {}", error_chain(&e));
+                return exit::IO;
+            }
+        };
+        let runner = match Runner::new(config.clone(), attempts, Arc::new(print_progress)) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("rsql-agent: {}", error_chain(&e));
+                return exit::IO;
+            }
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("rsql-agent: interrupted; stopping running jobs (they are reported Rsql.Interrupted)");
+            let _ = stop_tx.send(true);
+        });
+        match runner.run(&workflow, &options, stop_rx).await {
+            Ok(report) => {
+                println!();
+                print!("{}", report.table());
+                println!();
+                let code = if report.interrupted {
+                    exit::INTERRUPTED
+                } else if report.succeeded() {
+                    exit::OK
+                } else {
+                    exit::JOB_FAILED
+                };
+                let done = report
+                    .jobs
+                    .iter()
+                    .filter(|j| {
+                        matches!(
+                            j.status,
+                            workflow::JobStatus::Completed | workflow::JobStatus::CompletedEarlier
+                        )
+                    })
+                    .count();
+                println!(
+                    "workflow {} execution {}: {} ({done}/{} jobs completed)",
+                    report.workflow_id,
+                    report.workflow_execution_id,
+                    if code == exit::OK { "completed" } else { "FAILED" },
+                    report.jobs.len()
+                );
+                if code != exit::OK {
+                    println!(
+                        "resume with: rsql-agent workflow run {} --resume {}",
+                        file.display(),
+                        report.workflow_execution_id
+                    );
+                }
+                code
+            }
+            Err(e) => {
+                eprintln!("rsql-agent: {}", error_chain(&e));
+                match e {
+                    WorkflowError::Job { .. }
+                    | WorkflowError::Invalid { .. }
+                    | WorkflowError::Parse { .. }
+                    | WorkflowError::NothingToResume { .. } => exit::DATA,
+                    WorkflowError::Read { .. } => exit::NO_INPUT,
+                    WorkflowError::Audit(_) => exit::IO,
+                    WorkflowError::Attempt(AttemptError::Busy { .. }) => exit::TEMP_FAIL,
+                    WorkflowError::Attempt(AttemptError::Panicked(_)) => exit::SOFTWARE,
+                    WorkflowError::Attempt(_) => exit::IO,
+                }
+            }
+        }
+    })
+}
+
+fn clock() -> String {
+    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    // 2026-11-25T19:42:19.123Z -> 19:42:19.123
+    now.get(11..23).unwrap_or(&now).to_string()
+}
+
+fn print_progress(event: Progress) {
+    match event {
+        Progress::Started {
+            workflow_id,
+            workflow_execution_id,
+            resumed,
+        } => println!(
+            "{} workflow {workflow_id}, execution {workflow_execution_id}",
+            if resumed { "resuming" } else { "running" }
+        ),
+        Progress::Stage {
+            stage,
+            of,
+            description,
+            execution_type,
+            enabled,
+        } => println!(
+            "\nstage {stage}/{of}: {description} ({}){}",
+            match execution_type {
+                workflow::ExecutionType::Sequential => "sequential",
+                workflow::ExecutionType::Parallel => "parallel",
+            },
+            if enabled {
+                ""
+            } else {
+                " — disabled, execution_flag is not \"y\""
+            }
+        ),
+        Progress::JobStarted {
+            job_name, log_file, ..
+        } => println!(
+            "  {}  start      {job_name}  (log {})",
+            clock(),
+            log_file.display()
+        ),
+        Progress::JobFinished(report) => {
+            let duration = report
+                .duration
+                .map(|d| format!("{:.1}s", d.as_secs_f64()))
+                .unwrap_or_default();
+            let exit = report
+                .exit_code
+                .map(|c| format!("exit {c}"))
+                .unwrap_or_else(|| "no exit code".into());
+            println!(
+                "  {}  {:<9}  {}  {exit}, {duration}{}",
+                clock(),
+                report.status.as_str(),
+                report.job_name,
+                report
+                    .error_message
+                    .map(|m| format!("\n      {m}"))
+                    .unwrap_or_default()
+            );
+        }
+        Progress::JobSkipped(report) => println!(
+            "  {}  skipped    {}  ({})",
+            clock(),
+            report.job_name,
+            report.status.as_str()
+        ),
+    }
+}

@@ -1,0 +1,249 @@
+//! The audit trail: one record per job attempt state change and per workflow run.
+//!
+//! Owns: the audit record shapes (the legacy DynamoDB attribute names of DESIGN.md) and the
+//! local audit, JSON lines under `state_dir/audit/`, which the local workflow runner writes
+//! and `--resume` reads. Later records for the same key supersede earlier ones; the file is
+//! append-only so a crash never loses an earlier record.
+//!
+//! Must not touch: processes or AWS clients; the DynamoDB job table is [`dynamodb`]'s.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub mod dynamodb;
+
+/// One job attempt, as the legacy job audit table keys it: `job_name` + `workflow_execution_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobAuditRecord {
+    pub job_name: String,
+    pub workflow_execution_id: String,
+    pub workflow_id: String,
+    /// `running`, `completed`, `failed` or `cancelled`.
+    pub execution_status: String,
+    pub execution_start_ts: String,
+    #[serde(default)]
+    pub execution_end_ts: Option<String>,
+    pub instance_id: String,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+    #[serde(default)]
+    pub sql_state: Option<String>,
+    #[serde(default)]
+    pub log_group: Option<String>,
+    #[serde(default)]
+    pub log_stream: Option<String>,
+    #[serde(default)]
+    pub log_file: Option<String>,
+    pub attempt: u32,
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    #[serde(default)]
+    pub ssm_command_id: Option<String>,
+    /// The stage description, for local workflow runs.
+    #[serde(default)]
+    pub stage: Option<String>,
+}
+
+/// One workflow run, keyed by `workflow_execution_id` + `workflow_id`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowAuditRecord {
+    pub workflow_execution_id: String,
+    pub workflow_id: String,
+    pub execution_status: String,
+    pub execution_start_ts: String,
+    #[serde(default)]
+    pub execution_end_ts: Option<String>,
+    pub rsql_jobs: Vec<String>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot write the audit file {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the audit file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("audit file {path} line {line} is not an audit record: {source}")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The local audit under `state_dir/audit/`.
+#[derive(Debug, Clone)]
+pub struct LocalAudit {
+    dir: PathBuf,
+}
+
+const JOBS_FILE: &str = "job_audit.jsonl";
+const WORKFLOWS_FILE: &str = "workflow_audit.jsonl";
+
+impl LocalAudit {
+    pub fn open(state_dir: &Path) -> Result<LocalAudit, AuditError> {
+        let dir = state_dir.join("audit");
+        std::fs::create_dir_all(&dir).map_err(|source| AuditError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(LocalAudit { dir })
+    }
+
+    pub fn jobs_path(&self) -> PathBuf {
+        self.dir.join(JOBS_FILE)
+    }
+
+    pub fn workflows_path(&self) -> PathBuf {
+        self.dir.join(WORKFLOWS_FILE)
+    }
+
+    pub fn record_job(&self, record: &JobAuditRecord) -> Result<(), AuditError> {
+        append(&self.jobs_path(), record)
+    }
+
+    pub fn record_workflow(&self, record: &WorkflowAuditRecord) -> Result<(), AuditError> {
+        append(&self.workflows_path(), record)
+    }
+
+    /// The latest record of every job of one workflow execution, by job name.
+    pub fn jobs_of(
+        &self,
+        workflow_execution_id: &str,
+    ) -> Result<HashMap<String, JobAuditRecord>, AuditError> {
+        let mut latest = HashMap::new();
+        for record in read_all::<JobAuditRecord>(&self.jobs_path())? {
+            if record.workflow_execution_id == workflow_execution_id {
+                latest.insert(record.job_name.clone(), record);
+            }
+        }
+        Ok(latest)
+    }
+
+    /// The latest record of one workflow execution.
+    pub fn workflow(
+        &self,
+        workflow_execution_id: &str,
+    ) -> Result<Option<WorkflowAuditRecord>, AuditError> {
+        Ok(read_all::<WorkflowAuditRecord>(&self.workflows_path())?
+            .into_iter()
+            .rfind(|r| r.workflow_execution_id == workflow_execution_id))
+    }
+}
+
+fn append<T: Serialize>(path: &Path, record: &T) -> Result<(), AuditError> {
+    let err = |source| AuditError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut line = serde_json::to_vec(record).map_err(|e| err(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(err)?;
+    // One write of a whole line on an O_APPEND file: concurrent jobs never interleave.
+    file.write_all(&line).map_err(err)?;
+    file.sync_data().map_err(err)
+}
+
+fn read_all<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, AuditError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(AuditError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let mut out = Vec::new();
+    let lines: Vec<_> = BufReader::new(file).lines().collect();
+    let last = lines.len();
+    for (i, line) in lines.into_iter().enumerate() {
+        let line = line.map_err(|source| AuditError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str(&line) {
+            Ok(record) => out.push(record),
+            // A torn final line is what a crash mid-append leaves; everything before it is
+            // intact, so it is skipped rather than failing the whole audit.
+            Err(_) if i + 1 == last => {}
+            Err(source) => {
+                return Err(AuditError::Corrupt {
+                    path: path.to_path_buf(),
+                    line: i + 1,
+                    source,
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(job: &str, status: &str) -> JobAuditRecord {
+        JobAuditRecord {
+            job_name: job.into(),
+            workflow_execution_id: "ex".into(),
+            workflow_id: "wf".into(),
+            execution_status: status.into(),
+            execution_start_ts: "2026-01-01T00:00:00.000Z".into(),
+            execution_end_ts: None,
+            instance_id: "i".into(),
+            exit_code: None,
+            error_message: None,
+            sql_state: None,
+            log_group: None,
+            log_stream: None,
+            log_file: None,
+            attempt: 1,
+            duration_ms: None,
+            ssm_command_id: None,
+            stage: None,
+        }
+    }
+
+    #[test]
+    fn latest_record_wins_and_torn_tail_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let audit = LocalAudit::open(dir.path()).unwrap();
+        audit.record_job(&record("a", "running")).unwrap();
+        audit.record_job(&record("a", "completed")).unwrap();
+        audit.record_job(&record("b", "failed")).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(audit.jobs_path())
+            .unwrap();
+        f.write_all(b"{\"job_name\":\"c\",\"workf").unwrap();
+        let jobs = audit.jobs_of("ex").unwrap();
+        assert_eq!(jobs["a"].execution_status, "completed");
+        assert_eq!(jobs["b"].execution_status, "failed");
+        assert!(!jobs.contains_key("c"));
+    }
+}

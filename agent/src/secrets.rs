@@ -1,0 +1,132 @@
+//! Database credentials from AWS Secrets Manager, cached with a TTL.
+//!
+//! Owns: reading `[database] secret_id` in the usual Redshift secret shape (`username`,
+//! `password`, `host`, `port`, `dbname`), caching it, and producing the job environment
+//! (`RSQL_*` and `RSPASSWORD`). The password lives only in memory and in the job's
+//! environment: no `Debug`, log line, audit item or callback ever carries it.
+//!
+//! Must not touch: jobs or reporting.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use crate::config::DatabaseSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("cannot read secret {secret_id}: {message}")]
+    Fetch { secret_id: String, message: String },
+    #[error("secret {secret_id} has no SecretString")]
+    NoString { secret_id: String },
+    // The serde error is left out on purpose: it can quote the secret's text.
+    #[error("secret {secret_id} is not the Redshift JSON shape (username, password, host, port, dbname)")]
+    Shape { secret_id: String },
+}
+
+#[derive(Deserialize)]
+struct RedshiftSecret {
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default, deserialize_with = "port_from_number_or_string")]
+    port: Option<u16>,
+    #[serde(default)]
+    dbname: Option<String>,
+}
+
+fn port_from_number_or_string<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u16>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Port {
+        N(u16),
+        S(String),
+    }
+    Ok(match Option::<Port>::deserialize(d)? {
+        None => None,
+        Some(Port::N(n)) => Some(n),
+        Some(Port::S(s)) => s.trim().parse().ok(),
+    })
+}
+
+/// When the secret was fetched, and the environment made from it.
+type CachedEnv = (Instant, Vec<(String, String)>);
+
+/// The job environment for database access, from `[database]` and, when configured, the
+/// secret. Explicit config values win over the secret's, except the password, which only the
+/// secret holds in that case.
+pub struct DatabaseEnv {
+    settings: DatabaseSettings,
+    client: Option<aws_sdk_secretsmanager::Client>,
+    cache: Mutex<Option<CachedEnv>>,
+}
+
+impl std::fmt::Debug for DatabaseEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseEnv")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatabaseEnv {
+    pub fn new(settings: DatabaseSettings, client: Option<aws_sdk_secretsmanager::Client>) -> Self {
+        DatabaseEnv {
+            settings,
+            client,
+            cache: Mutex::new(None),
+        }
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.settings.secret_ttl
+    }
+
+    /// The variables for a job. With a secret, it is fetched at most once per TTL.
+    pub async fn job_env(&self) -> Result<Vec<(String, String)>, SecretError> {
+        let (Some(secret_id), Some(client)) = (&self.settings.secret_id, &self.client) else {
+            return Ok(self.settings.job_env());
+        };
+        let mut cache = self.cache.lock().await;
+        if let Some((at, env)) = cache.as_ref() {
+            if at.elapsed() < self.settings.secret_ttl {
+                return Ok(env.clone());
+            }
+        }
+        let out = client
+            .get_secret_value()
+            .secret_id(secret_id)
+            .send()
+            .await
+            .map_err(|e| SecretError::Fetch {
+                secret_id: secret_id.clone(),
+                message: aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string(),
+            })?;
+        let text = out.secret_string().ok_or_else(|| SecretError::NoString {
+            secret_id: secret_id.clone(),
+        })?;
+        let secret: RedshiftSecret =
+            serde_json::from_str(text).map_err(|_| SecretError::Shape {
+                secret_id: secret_id.clone(),
+            })?;
+        let merged = DatabaseSettings {
+            host: self.settings.host.clone().or(secret.host),
+            port: self.settings.port.or(secret.port),
+            user: self.settings.user.clone().or(secret.username),
+            dbname: self.settings.dbname.clone().or(secret.dbname),
+            password: secret.password,
+            secret_id: None,
+            secret_ttl: self.settings.secret_ttl,
+        };
+        let env = merged.job_env();
+        tracing::debug!(secret_id = %secret_id, "database secret fetched");
+        *cache = Some((Instant::now(), env.clone()));
+        Ok(env)
+    }
+}

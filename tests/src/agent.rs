@@ -1,0 +1,320 @@
+//! The real `rsql-agent run` daemon as a child process of a test.
+//!
+//! A test describes the config it wants with [`AgentConfig`]; [`Agent::start`] writes it,
+//! starts the binary with the AWS environment pointing at an endpoint (moto, or a proxy in
+//! front of it) and the `rsql` stand-in first on `PATH`, and captures its log to a file.
+//! Dropping an [`Agent`] SIGKILLs it; [`Agent::kill`] and [`Agent::terminate`] do so on
+//! purpose, for fault tests.
+
+use std::fs::File;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::bins;
+use crate::moto;
+
+/// What goes into the agent's `agent.toml`. Paths default to a fresh temp directory.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub queue_url: String,
+    pub script_dir: PathBuf,
+    pub state_dir: Option<PathBuf>,
+    pub lock_dir: Option<PathBuf>,
+    pub instance_id: String,
+    pub max_concurrent_jobs: usize,
+    pub kill_grace: String,
+    pub heartbeat_interval: String,
+    pub shutdown_grace: String,
+    pub visibility_timeout: String,
+    pub wait_time: String,
+    pub job_table: Option<String>,
+    pub log_group: Option<String>,
+    /// Extra TOML appended verbatim (e.g. a `[database]` table).
+    pub extra: String,
+}
+
+impl AgentConfig {
+    pub fn new(queue_url: &str, script_dir: &Path) -> AgentConfig {
+        AgentConfig {
+            queue_url: queue_url.to_string(),
+            script_dir: script_dir.to_path_buf(),
+            state_dir: None,
+            lock_dir: None,
+            instance_id: "i-0test".to_string(),
+            max_concurrent_jobs: 4,
+            kill_grace: "2s".to_string(),
+            heartbeat_interval: "2s".to_string(),
+            shutdown_grace: "30s".to_string(),
+            visibility_timeout: "30s".to_string(),
+            wait_time: "1s".to_string(),
+            job_table: None,
+            log_group: None,
+            extra: String::new(),
+        }
+    }
+
+    /// `[database]` pointing at a test PostgreSQL.
+    pub fn database(mut self, pg: &crate::pg::TestPg) -> AgentConfig {
+        self.extra.push_str(&format!(
+            "[database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndbname = \"{}\"\npassword = \"{}\"\n",
+            pg.host(),
+            pg.port(),
+            pg.user(),
+            pg.database(),
+            pg.password()
+        ));
+        self
+    }
+
+    fn render(&self, state_dir: &Path, lock_dir: &Path) -> String {
+        let mut text = format!(
+            "[agent]\nstate_dir = \"{state}\"\nmax_concurrent_jobs = {max}\ninstance_id = \"{id}\"\nshutdown_grace = \"{sg}\"\n\
+             [jobs]\nscript_dir = \"{scripts}\"\nlog_dir = \"{state}/jobs\"\ndefault_timeout = \"10m\"\n\
+             kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n\
+             [intake.sqs]\nqueue_url = \"{queue}\"\nwait_time = \"{wait}\"\nvisibility_timeout = \"{vis}\"\n\
+             [lock]\ndir = \"{locks}\"\n",
+            state = state_dir.display(),
+            max = self.max_concurrent_jobs,
+            id = self.instance_id,
+            sg = self.shutdown_grace,
+            scripts = self.script_dir.display(),
+            kg = self.kill_grace,
+            hb = self.heartbeat_interval,
+            queue = self.queue_url,
+            wait = self.wait_time,
+            vis = self.visibility_timeout,
+            locks = lock_dir.display(),
+        );
+        if let Some(table) = &self.job_table {
+            text.push_str(&format!("[report.audit]\njob_table = \"{table}\"\n"));
+        }
+        if let Some(group) = &self.log_group {
+            text.push_str(&format!(
+                "[logs.cloudwatch]\nlog_group = \"{group}\"\ncreate_group = true\n"
+            ));
+        }
+        text.push_str(&self.extra);
+        text
+    }
+}
+
+/// A running `rsql-agent run`.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    endpoint: String,
+    pub config: AgentConfig,
+    pub config_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub lock_dir: PathBuf,
+    pub log_path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// Starts the agent against `endpoint` (moto's, or a proxy's URL).
+    pub fn start(config: AgentConfig, endpoint: &str) -> Agent {
+        let dir = tempfile::tempdir().expect("agent temp dir");
+        let state_dir = config
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("state"));
+        let lock_dir = config
+            .lock_dir
+            .clone()
+            .unwrap_or_else(|| dir.path().join("locks"));
+        let config_path = dir.path().join("agent.toml");
+        std::fs::write(&config_path, config.render(&state_dir, &lock_dir)).expect("write config");
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
+        let log_path = dir.path().join("agent.log");
+        let mut agent = Agent {
+            child: None,
+            endpoint: endpoint.to_string(),
+            config,
+            config_path,
+            state_dir,
+            lock_dir,
+            log_path,
+            _dir: Some(dir),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("agent log file");
+        let path = format!(
+            "{}:{}",
+            bins::rsql_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new(bins::agent())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config_path)
+            .envs(moto::aws_env(&self.endpoint))
+            .env("PATH", path)
+            .env("RSQL_AGENT_LOG", "info,rsql_agent=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("start rsql-agent");
+        self.child = Some(child);
+    }
+
+    /// Starts the agent again on the same config and state (after [`Self::kill`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent still running");
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
+    /// SIGKILL, for real, and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM; returns how it exited, or panics after `timeout`.
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(timeout)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.pid();
+        kill(Pid::from_raw(pid as i32), signal).expect("signal agent");
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("agent running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "agent did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// Everything the agent has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Polls the agent's log until it contains `needle`; panics with the log after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log().contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "agent log has no {needle:?} after {timeout:?}:\n{}",
+            self.log()
+        );
+    }
+
+    /// The local job audit records, oldest first.
+    pub fn local_audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.state_dir.join("audit/job_audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Files waiting in the outbox.
+    pub fn outbox_len(&self) -> usize {
+        std::fs::read_dir(self.state_dir.join("outbox"))
+            .map(|dir| {
+                dir.filter_map(Result::ok)
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes an executable bash job into `dir`.
+pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).expect("write script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod script");
+    path
+}
+
+/// A script directory (mode 0755, as the agent requires) in a new temp dir.
+pub fn script_dir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let scripts = dir.path().join("scripts");
+    std::fs::create_dir(&scripts).expect("mkdir scripts");
+    std::fs::set_permissions(&scripts, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    (dir, scripts)
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state is the field after the parenthesised command name.
+            let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+            !matches!(
+                state.and_then(|s| s.chars().next()),
+                Some('Z') | Some('X') | None
+            )
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls until `cond` holds; panics with `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}

@@ -1,0 +1,11 @@
+//! Shared harness for the system tests: a throwaway PostgreSQL, the AWS emulator, a cuttable
+//! TCP proxy, and the paths of the binaries under test.
+//!
+//! Every part either starts for real or panics with a message that says how to install it:
+//! a system test never skips silently.
+
+pub mod agent;
+pub mod bins;
+pub mod moto;
+pub mod pg;
+pub mod proxy;

@@ -1,0 +1,489 @@
+//! The AWS emulator: a real `moto` server (pinned in `tests/moto/requirements.txt`, installed
+//! by `make venv`) on a free loopback port, started through `tests/moto/launch_moto.py`, which
+//! patches the moto bugs the tests would otherwise trip over (the dropped `SendTaskFailure`
+//! cause, task tokens that never close, one token for every Retry attempt).
+//!
+//! State machines really run (`execute_state_machine` is switched on at start), so a
+//! `…sqs:sendMessage.waitForTaskToken` task puts its message on a moto queue and waits for
+//! `SendTaskSuccess`/`SendTaskFailure`/`SendTaskHeartbeat`, heartbeat timeouts included.
+//! Use JSONPath state machines: moto's JSONata support is broken.
+//!
+//! Things moto does differently from AWS that tests must allow for (moto 5.2.5 as patched):
+//! - a closed token (its task ended, timed out or its attempt was retried) answers
+//!   `TaskDoesNotExist` while the execution runs, and `SendTaskHeartbeat`/`SendTaskSuccess`
+//!   answer `InvalidToken` once the execution has ended (AWS mostly says `TaskTimedOut`);
+//! - a Task with `HeartbeatSeconds` but no `TimeoutSeconds` times out after 60 s (AWS:
+//!   99999999 s), so always give `TimeoutSeconds` with `HeartbeatSeconds`;
+//! - all state lives in the server process: [`Moto::restart`] comes back empty.
+//! - PutLogEvents accepts what AWS rejects: events over 256 KiB, batches over 1 MiB or
+//!   10,000 events, empty messages, empty batches (it does reject out-of-order batches and
+//!   flags events older than 14 days); SQS takes bodies up to 1 MiB and honours stale receipt
+//!   handles. Check such limits on the wire with a recording [`crate::proxy::Proxy`].
+//! - the server closes every HTTP connection after one response (werkzeug's dev server), so
+//!   clients never reuse a pooled connection against it.
+//!
+//! The helpers at the bottom are thin, generic wrappers over the SDK that panic with the
+//! service error, for test code's own calls; the agent under test makes its own calls.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_sfn::error::DisplayErrorContext;
+use aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput;
+use aws_sdk_sfn::types::{ExecutionStatus, HistoryEvent};
+use aws_sdk_sqs::types::Message;
+
+/// The region every test uses.
+pub const REGION: &str = "us-east-1";
+/// The account moto puts every resource in.
+pub const ACCOUNT_ID: &str = "123456789012";
+/// The role ARN given to state machines (moto does not check it).
+pub const DUMMY_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/rsql-agent-test";
+
+/// How long the server may take to answer after it was spawned (python imports are slow on a
+/// loaded two-core box).
+const START_DEADLINE: Duration = Duration::from_secs(60);
+
+/// A running moto server. Dropping it kills the server and waits for it.
+#[derive(Debug)]
+pub struct Moto {
+    port: u16,
+    child: Option<Child>,
+    python: PathBuf,
+    launcher: PathBuf,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Moto {
+    /// Starts moto on a free loopback port and switches on state machine execution.
+    /// Blocks until the server answers (a few seconds; at most a minute).
+    ///
+    /// Panics, naming the fix, when the virtualenv is missing, and with the tail of the
+    /// server's log when it does not come up.
+    pub fn start() -> Moto {
+        let python = venv_dir().join("bin").join("python");
+        assert!(
+            python.exists(),
+            "the AWS emulator is not installed: run `make venv` (no {})",
+            python.display()
+        );
+        let launcher = crate::bins::workspace_root().join("tests/moto/launch_moto.py");
+        assert!(launcher.exists(), "{} is missing", launcher.display());
+        let dir = tempfile::Builder::new()
+            .prefix("rsql-moto-")
+            .tempdir()
+            .expect("create a tempdir for the moto log");
+        let log_path = dir.path().join("moto.log");
+        let mut moto = Moto {
+            port: 0,
+            child: None,
+            python,
+            launcher,
+            log_path,
+            _dir: dir,
+        };
+        // A free port can be taken by someone else between our probe and moto's bind; try a
+        // few ports before giving up.
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            moto.port = free_port();
+            match moto.spawn() {
+                Ok(()) => return moto,
+                Err(e) => {
+                    moto.kill();
+                    if !e.contains("Address already in use") {
+                        moto.fail(&e);
+                    }
+                    last_error = e;
+                }
+            }
+        }
+        moto.fail(&last_error)
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's address, e.g. for [`crate::proxy::Proxy::start`].
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
+    }
+
+    /// Everything a child process (the agent, the wrapper) needs to talk to this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        aws_env(&self.endpoint())
+    }
+
+    /// An SDK config for test code's own clients, pointed at this server.
+    pub async fn sdk_config(&self) -> SdkConfig {
+        sdk_config_for(&self.endpoint()).await
+    }
+
+    /// The server's log (stdout and stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log_path, lines)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it: requests now fail with "connection
+    /// refused". Idempotent.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    /// Starts the server again on the same port. moto keeps everything in memory, so the new
+    /// server has no queues, tables or state machines.
+    pub fn restart(&mut self) {
+        self.kill();
+        // The old listener may linger for a moment; werkzeug binds with SO_REUSEADDR, so only
+        // a port stolen meanwhile can make this fail.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if e.contains("Address already in use") && Instant::now() < deadline => {
+                    self.kill();
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    self.kill();
+                    self.fail(&format!("restart on port {}: {e}", self.port));
+                }
+            }
+        }
+    }
+
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(|e| format!("open {}: {e}", self.log_path.display()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("dup the moto log: {e}"))?;
+        let port = self.port.to_string();
+        let child = Command::new(&self.python)
+            .arg(&self.launcher)
+            .args(["-H", "127.0.0.1", "-p", &port])
+            .env("MOTO_PORT", &port)
+            .env("RSQL_MOTO_PARENT_PID", std::process::id().to_string())
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .stdin(Stdio::null())
+            .stdout(log2)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", self.python.display()))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    /// Polls until the server answers the config call, which switches on execution.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + START_DEADLINE;
+        let config = r#"{"stepfunctions":{"execute_state_machine":true}}"#;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(format!(
+                    "moto exited with {status} before it answered\n{}",
+                    self.log_tail(30)
+                ));
+            }
+            match http_call(self.addr(), "POST", "/moto-api/config", config) {
+                // moto stores the stepfunctions key but does not echo it back.
+                Ok((201 | 200, _)) => return Ok(()),
+                Ok((status, body)) => {
+                    return Err(format!("POST /moto-api/config answered {status}: {body}"))
+                }
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "moto did not answer on port {} within {START_DEADLINE:?}: {e}",
+                        self.port
+                    ))
+                }
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn fail(&self, message: &str) -> ! {
+        panic!(
+            "the AWS emulator (moto) did not start: {message}\n--- {} (tail) ---\n{}",
+            self.log_path.display(),
+            self.log_tail(40)
+        )
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The virtualenv holding moto: `$RSQL_TEST_VENV`, else `<workspace>/.venv`.
+pub fn venv_dir() -> PathBuf {
+    match std::env::var_os("RSQL_TEST_VENV") {
+        Some(dir) => PathBuf::from(dir),
+        None => crate::bins::workspace_root().join(".venv"),
+    }
+}
+
+/// The AWS environment for a child process whose clients should use `endpoint` (moto, or a
+/// [`crate::proxy::Proxy`] in front of it). Shared config files are pointed at `/dev/null` so
+/// the host's `~/.aws` cannot leak in.
+pub fn aws_env(endpoint: &str) -> Vec<(String, String)> {
+    [
+        ("AWS_ENDPOINT_URL", endpoint),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_REGION", REGION),
+        ("AWS_DEFAULT_REGION", REGION),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/dev/null"),
+        ("AWS_SHARED_CREDENTIALS_FILE", "/dev/null"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// An SDK config for test code whose clients should use `endpoint`, with static test
+/// credentials and the SDK's default retries and timeouts.
+pub async fn sdk_config_for(endpoint: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new(REGION))
+        .credentials_provider(aws_sdk_sfn::config::Credentials::new(
+            "testing", "testing", None, None, "moto",
+        ))
+        .load()
+        .await
+}
+
+/// A name unique within this test process, for queues, state machines and executions.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Creates a standard SQS queue and returns its URL.
+pub async fn create_queue(config: &SdkConfig, name: &str) -> String {
+    let sqs = aws_sdk_sqs::Client::new(config);
+    let out = sqs
+        .create_queue()
+        .queue_name(name)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateQueue {name}: {}", DisplayErrorContext(&e)));
+    out.queue_url()
+        .expect("CreateQueue returns a URL")
+        .to_string()
+}
+
+/// Receives one message from `queue_url`, long-polling until `timeout`; panics if none came.
+/// The message is not deleted.
+pub async fn receive_one(config: &SdkConfig, queue_url: &str, timeout: Duration) -> Message {
+    let sqs = aws_sdk_sqs::Client::new(config);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let out = sqs
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(1)
+            .wait_time_seconds(left.as_secs().clamp(0, 20) as i32)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("ReceiveMessage {queue_url}: {}", DisplayErrorContext(&e)));
+        if let Some(message) = out.messages.and_then(|m| m.into_iter().next()) {
+            return message;
+        }
+        if Instant::now() >= deadline {
+            panic!("no message on {queue_url} within {timeout:?}");
+        }
+    }
+}
+
+/// Creates a STANDARD state machine from ASL JSON (JSONPath) and returns its ARN.
+pub async fn create_state_machine(config: &SdkConfig, name: &str, definition: &str) -> String {
+    let sfn = aws_sdk_sfn::Client::new(config);
+    let out = sfn
+        .create_state_machine()
+        .name(name)
+        .definition(definition)
+        .role_arn(DUMMY_ROLE_ARN)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateStateMachine {name}: {}", DisplayErrorContext(&e)));
+    out.state_machine_arn().to_string()
+}
+
+/// Starts an execution with a unique name and the given JSON input; returns its ARN.
+pub async fn start_execution(config: &SdkConfig, state_machine_arn: &str, input: &str) -> String {
+    let sfn = aws_sdk_sfn::Client::new(config);
+    let out = sfn
+        .start_execution()
+        .state_machine_arn(state_machine_arn)
+        .name(unique_name("exec"))
+        .input(input)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "StartExecution {state_machine_arn}: {}",
+                DisplayErrorContext(&e)
+            )
+        });
+    out.execution_arn().to_string()
+}
+
+/// Polls until the execution is no longer RUNNING and returns its description. Panics after
+/// `timeout`, showing the history so far.
+pub async fn wait_execution(
+    config: &SdkConfig,
+    execution_arn: &str,
+    timeout: Duration,
+) -> DescribeExecutionOutput {
+    let sfn = aws_sdk_sfn::Client::new(config);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let out = sfn
+            .describe_execution()
+            .execution_arn(execution_arn)
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "DescribeExecution {execution_arn}: {}",
+                    DisplayErrorContext(&e)
+                )
+            });
+        if *out.status() != ExecutionStatus::Running {
+            return out;
+        }
+        if Instant::now() >= deadline {
+            let history = execution_history(config, execution_arn).await;
+            panic!(
+                "execution {execution_arn} still RUNNING after {timeout:?}; history:\n{}",
+                format_history(&history)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The execution's whole event history, oldest first.
+pub async fn execution_history(config: &SdkConfig, execution_arn: &str) -> Vec<HistoryEvent> {
+    let sfn = aws_sdk_sfn::Client::new(config);
+    let mut events = Vec::new();
+    let mut next_token = None;
+    loop {
+        let out = sfn
+            .get_execution_history()
+            .execution_arn(execution_arn)
+            .set_next_token(next_token)
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "GetExecutionHistory {execution_arn}: {}",
+                    DisplayErrorContext(&e)
+                )
+            });
+        events.extend(out.events);
+        next_token = out.next_token;
+        if next_token.is_none() {
+            return events;
+        }
+    }
+}
+
+/// One line per event (type and details), for assertion messages.
+pub fn format_history(events: &[HistoryEvent]) -> String {
+    events
+        .iter()
+        .map(|e| format!("{:?}\n", e))
+        .collect::<String>()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind a free loopback port")
+        .port()
+}
+
+/// A one-shot HTTP/1.1 call with `Connection: close`; returns the status and body.
+fn http_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,662 @@
+//! The daemon's AWS path end to end: the real `rsql-agent run` binary against the moto
+//! emulator with executing state machines, real PostgreSQL and the `rsql` stand-in.
+//!
+//! Each test drives one `sqs:sendMessage.waitForTaskToken` task and checks what an operator
+//! would see: the execution's status, output or caught error, the audit item, the queue.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType,
+};
+use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
+use rsql_agent_tests::agent::{process_alive, script_dir, write_script, Agent, AgentConfig};
+use rsql_agent_tests::bins;
+use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::pg::TestPg;
+use rsql_agent_tests::proxy::Proxy;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// One task that hands the job to the agent's queue; errors are caught into `$.error`, so
+/// a test can read the error and cause from the output.
+fn definition(queue_url: &str, heartbeat: u64) -> String {
+    json!({
+        "Comment": "one rsql-agent job",
+        "StartAt": "Job",
+        "States": {
+            "Job": {
+                "Type": "Task",
+                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
+                "Parameters": {
+                    "QueueUrl": queue_url,
+                    "MessageBody": {
+                        "task_token.$": "$$.Task.Token",
+                        "workflow_id": "daemon_test",
+                        "workflow_execution_id.$": "$.execution_id",
+                        "job_name.$": "$.job_name",
+                        "args.$": "$.args",
+                        "timeout_seconds.$": "$.timeout_seconds",
+                        "heartbeat_seconds": heartbeat
+                    }
+                },
+                "HeartbeatSeconds": heartbeat,
+                "TimeoutSeconds": 900,
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
+                "End": true
+            },
+            "Caught": {"Type": "Pass", "End": true}
+        }
+    })
+    .to_string()
+}
+
+struct World {
+    moto: Moto,
+    sdk: SdkConfig,
+    queue_url: String,
+    table: String,
+    _scripts_dir: tempfile::TempDir,
+    scripts: std::path::PathBuf,
+}
+
+impl World {
+    async fn new() -> World {
+        let moto = Moto::start();
+        let sdk = moto.sdk_config().await;
+        let queue_url = moto::create_queue(&sdk, &moto::unique_name("jobs")).await;
+        let table = moto::unique_name("rsql-job-audit");
+        create_job_table(&sdk, &table).await;
+        let (dir, scripts) = script_dir();
+        for entry in std::fs::read_dir(bins::workspace_root().join("rsql_scripts")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), scripts.join(entry.file_name())).unwrap();
+        }
+        World {
+            moto,
+            sdk,
+            queue_url,
+            table,
+            _scripts_dir: dir,
+            scripts,
+        }
+    }
+
+    fn config(&self) -> AgentConfig {
+        let mut config = AgentConfig::new(&self.queue_url, &self.scripts);
+        config.job_table = Some(self.table.clone());
+        config
+    }
+
+    async fn state_machine(&self, heartbeat: u64) -> String {
+        moto::create_state_machine(
+            &self.sdk,
+            &moto::unique_name("job"),
+            &definition(&self.queue_url, heartbeat),
+        )
+        .await
+    }
+
+    async fn start(&self, sm: &str, execution_id: &str, job: &str, timeout: u64) -> String {
+        let input = json!({
+            "execution_id": execution_id, "job_name": job, "args": [], "timeout_seconds": timeout
+        });
+        moto::start_execution(&self.sdk, sm, &input.to_string()).await
+    }
+
+    async fn audit_item(
+        &self,
+        job: &str,
+        execution_id: &str,
+    ) -> Option<HashMap<String, AttributeValue>> {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .get_item()
+            .table_name(&self.table)
+            .key("job_name", AttributeValue::S(job.into()))
+            .key(
+                "workflow_execution_id",
+                AttributeValue::S(execution_id.into()),
+            )
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+    }
+
+    /// Polls the audit item until its status is `status`.
+    async fn wait_audit(
+        &self,
+        job: &str,
+        execution_id: &str,
+        status: &str,
+    ) -> HashMap<String, AttributeValue> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let item = self.audit_item(job, execution_id).await;
+            if let Some(item) = &item {
+                if item
+                    .get("execution_status")
+                    .and_then(|v| v.as_s().ok())
+                    .map(String::as_str)
+                    == Some(status)
+                {
+                    return item.clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "audit for {job}/{execution_id} never became {status}: {item:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn queue_depth(&self) -> (i64, i64) {
+        let out = aws_sdk_sqs::Client::new(&self.sdk)
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(
+                aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
+            )
+            .send()
+            .await
+            .unwrap();
+        let attrs = out.attributes.unwrap_or_default();
+        let get = |name| attrs.get(&name).and_then(|v| v.parse().ok()).unwrap_or(-1);
+        (
+            get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages),
+            get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+
+    async fn wait_queue_empty(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let depth = self.queue_depth().await;
+            if depth == (0, 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "queue never emptied: {depth:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Counts callbacks of one kind in the execution's history.
+    async fn count_events(&self, execution: &str, kind: HistoryEventType) -> usize {
+        moto::execution_history(&self.sdk, execution)
+            .await
+            .iter()
+            .filter(|e| *e.r#type() == kind)
+            .count()
+    }
+}
+
+async fn create_job_table(sdk: &SdkConfig, name: &str) {
+    let key = |n: &str, t| {
+        KeySchemaElement::builder()
+            .attribute_name(n)
+            .key_type(t)
+            .build()
+            .unwrap()
+    };
+    let attr = |n: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(n)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    aws_sdk_dynamodb::Client::new(sdk)
+        .create_table()
+        .table_name(name)
+        .key_schema(key("job_name", KeyType::Hash))
+        .key_schema(key("workflow_execution_id", KeyType::Range))
+        .attribute_definitions(attr("job_name"))
+        .attribute_definitions(attr("workflow_execution_id"))
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .unwrap();
+}
+
+fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {
+    item.get(key)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_else(|| panic!("audit item has no string {key}: {item:?}"))
+}
+
+fn output_of(out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput) -> Value {
+    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
+}
+
+/// The error caught into `$.error`, with its cause parsed.
+fn caught(
+    out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput,
+) -> (String, Value) {
+    let output = output_of(out);
+    let error = output["error"]["Error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let cause = output["error"]["Cause"]
+        .as_str()
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or(Value::Null);
+    (error, cause)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sample_script_succeeds_with_contract_output_and_audit() {
+    // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let world = World::new().await;
+    let agent = Agent::start(world.config().database(&pg), &world.moto.endpoint());
+    let sm = world.state_machine(30).await;
+    let exec = world.start(&sm, "ok_1", "rsql_blog_script_1.sh", 120).await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    let output = output_of(&out);
+    for key in [
+        "job_name",
+        "workflow_execution_id",
+        "status",
+        "exit_code",
+        "duration_ms",
+        "instance_id",
+        "log_group",
+        "log_stream",
+    ] {
+        assert!(output.get(key).is_some(), "output lacks {key}: {output}");
+    }
+    assert_eq!(output["status"], "completed");
+    assert_eq!(output["job_name"], "rsql_blog_script_1.sh");
+    assert_eq!(output["workflow_execution_id"], "ok_1");
+    assert_eq!(output["exit_code"], 0);
+    assert_eq!(output["instance_id"], "i-0test");
+
+    let item = world
+        .wait_audit("rsql_blog_script_1.sh", "ok_1", "completed")
+        .await;
+    assert_eq!(s(&item, "workflow_id"), "daemon_test");
+    assert!(s(&item, "execution_start_ts") <= s(&item, "execution_end_ts"));
+    assert_eq!(s(&item, "instance_id"), "i-0test");
+    world.wait_queue_empty().await;
+    assert_eq!(
+        tokio::task::block_in_place(|| pg.query_i64(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'rsql_blog'"
+        )),
+        1
+    );
+    // One callback, not two.
+    assert_eq!(
+        world
+            .count_events(&exec, HistoryEventType::TaskSucceeded)
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sql_error_is_caught_as_script_failed_with_sql_state() {
+    // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let world = World::new().await;
+    let agent = Agent::start(world.config().database(&pg), &world.moto.endpoint());
+    let sm = world.state_machine(30).await;
+    let exec = world
+        .start(&sm, "fail_1", "rsql_blog_script_fail.sh", 120)
+        .await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let (error, cause) = caught(&out);
+    assert_eq!(error, "Rsql.ScriptFailed", "{}", agent.log());
+    assert_eq!(cause["sql_state"], "42P01", "{cause}");
+    assert!(
+        cause["message"].as_str().unwrap().contains("no_such_table"),
+        "{cause}"
+    );
+    assert_eq!(cause["exit_code"], 31, "{cause}");
+    let item = world
+        .wait_audit("rsql_blog_script_fail.sh", "fail_1", "failed")
+        .await;
+    assert!(s(&item, "error_message").contains("42P01"), "{item:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_over_its_timeout_ends_as_rsql_timeout_with_nothing_left() {
+    let world = World::new().await;
+    let pids = world.scripts.join("pids");
+    write_script(
+        &world.scripts,
+        "slow.sh",
+        &format!("sleep 300 &\necho \"$$ $!\" > {}\nwait", pids.display()),
+    );
+    let agent = Agent::start(world.config(), &world.moto.endpoint());
+    let sm = world.state_machine(30).await;
+    let exec = world.start(&sm, "to_1", "slow.sh", 2).await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let (error, cause) = caught(&out);
+    assert_eq!(error, "Rsql.Timeout", "{}", agent.log());
+    assert!(cause["message"].as_str().unwrap().contains("2s"), "{cause}");
+    let text = std::fs::read_to_string(&pids).unwrap();
+    for pid in text.split_whitespace() {
+        let pid: i32 = pid.parse().unwrap();
+        assert!(!process_alive(pid), "process {pid} of the job survived");
+    }
+    world.wait_audit("slow.sh", "to_1", "failed").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn heartbeats_keep_a_long_job_alive() {
+    let world = World::new().await;
+    // 4 x HeartbeatSeconds: without heartbeats the task would time out.
+    write_script(&world.scripts, "long.sh", "sleep 8\necho done");
+    let agent = Agent::start(world.config(), &world.moto.endpoint());
+    let sm = world.state_machine(2).await;
+    let exec = world.start(&sm, "hb_1", "long.sh", 60).await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(
+        *out.status(),
+        ExecutionStatus::Succeeded,
+        "{:?} {}",
+        out.output(),
+        agent.log()
+    );
+    assert!(output_of(&out).get("error").is_none(), "{:?}", out.output());
+    assert!(output_of(&out)["duration_ms"].as_u64().unwrap() >= 8000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_execution_kills_the_job_and_audits_cancelled() {
+    let world = World::new().await;
+    let pids = world.scripts.join("pids");
+    write_script(
+        &world.scripts,
+        "forever.sh",
+        &format!(
+            "trap '' TERM\nsleep 300 &\necho \"$$ $!\" > {}\nwait",
+            pids.display()
+        ),
+    );
+    let mut config = world.config();
+    config.kill_grace = "2s".into();
+    let agent = Agent::start(config, &world.moto.endpoint());
+    let sm = world.state_machine(3).await;
+    let exec = world.start(&sm, "stop_1", "forever.sh", 600).await;
+    rsql_agent_tests::agent::wait_until("the job to start", WAIT, || {
+        pids.exists()
+            && std::fs::read_to_string(&pids)
+                .map(|t| t.split_whitespace().count() == 2)
+                .unwrap_or(false)
+    });
+    aws_sdk_sfn::Client::new(&world.sdk)
+        .stop_execution()
+        .execution_arn(&exec)
+        .send()
+        .await
+        .unwrap();
+    let stopped = Instant::now();
+    let text = std::fs::read_to_string(&pids).unwrap();
+    let pids: Vec<i32> = text
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
+    // One heartbeat interval (1s for HeartbeatSeconds 3) plus kill_grace (2s), and slack
+    // for a loaded machine.
+    rsql_agent_tests::agent::wait_until(
+        "the job's processes to be gone",
+        Duration::from_secs(10),
+        || pids.iter().all(|p| !process_alive(*p)),
+    );
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    world.wait_audit("forever.sh", "stop_1", "cancelled").await;
+    world.wait_queue_empty().await;
+    assert!(agent.log().contains("closed upstream"), "{}", agent.log());
+}
+
+/// Builds a broken message body around a task token.
+type BodyFor = Box<dyn Fn(&str) -> String>;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_messages_with_a_token_fail_as_invalid_job_and_the_agent_keeps_running() {
+    let world = World::new().await;
+    // The state machine sends its messages to a queue of the test's own; the test takes the
+    // token from there and sends the agent a broken message carrying it.
+    let capture = moto::create_queue(&world.sdk, &moto::unique_name("capture")).await;
+    let sm = moto::create_state_machine(
+        &world.sdk,
+        &moto::unique_name("bad"),
+        &definition(&capture, 60),
+    )
+    .await;
+    let mut agent = Agent::start(world.config(), &world.moto.endpoint());
+    let sqs = aws_sdk_sqs::Client::new(&world.sdk);
+    let cases: Vec<(&str, BodyFor, &str)> = vec![
+        (
+            "bad JSON",
+            Box::new(|t: &str| {
+                format!(r#"{{"task_token": "{t}", "job_name": "rsql_blog_script_1.sh", oops"#)
+            }),
+            "not valid JSON",
+        ),
+        (
+            "missing job_name",
+            Box::new(|t: &str| {
+                json!({"task_token": t, "workflow_id": "w", "workflow_execution_id": "e"})
+                    .to_string()
+            }),
+            "job_name",
+        ),
+        (
+            "path escape",
+            Box::new(|t: &str| {
+                json!({"task_token": t, "workflow_id": "w", "workflow_execution_id": "e", "job_name": "../../etc/passwd"}).to_string()
+            }),
+            "outside the script directory",
+        ),
+        (
+            "unknown script",
+            Box::new(|t: &str| {
+                json!({"task_token": t, "workflow_id": "w", "workflow_execution_id": "e", "job_name": "nope.sh"}).to_string()
+            }),
+            "no such script",
+        ),
+        (
+            "wrong type",
+            Box::new(|t: &str| {
+                json!({"task_token": t, "workflow_id": "w", "workflow_execution_id": "e", "job_name": "rsql_blog_script_1.sh", "timeout_seconds": "soon"}).to_string()
+            }),
+            "timeout_seconds",
+        ),
+    ];
+    for (i, (what, body, needle)) in cases.iter().enumerate() {
+        let exec = world
+            .start(&sm, &format!("bad_{i}"), "rsql_blog_script_1.sh", 60)
+            .await;
+        let message = moto::receive_one(&world.sdk, &capture, WAIT).await;
+        let sent: Value = serde_json::from_str(message.body().unwrap()).unwrap();
+        let token = sent["task_token"].as_str().unwrap();
+        sqs.send_message()
+            .queue_url(&world.queue_url)
+            .message_body(body(token))
+            .send()
+            .await
+            .unwrap();
+        let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+        let (error, cause) = caught(&out);
+        assert_eq!(error, "Rsql.InvalidJob", "{what}: {}", agent.log());
+        // The log names the task by a short hash, never by the token itself.
+        let log = agent.log();
+        assert!(
+            !log.contains(token),
+            "{what}: the full task token is in the agent's log"
+        );
+        assert!(
+            log.contains(&rsql_agent::lock::token_hash(token)),
+            "{what}: no token hash in the log"
+        );
+        let message = cause["message"].as_str().unwrap_or_default();
+        assert!(message.contains(needle), "{what}: cause {cause}");
+        assert!(
+            agent.is_running(),
+            "{what}: the agent died:\n{}",
+            agent.log()
+        );
+    }
+    // A message with no token at all is logged and dropped, and the agent goes on.
+    sqs.send_message()
+        .queue_url(&world.queue_url)
+        .message_body("not even json")
+        .send()
+        .await
+        .unwrap();
+    agent.wait_for_log("no usable task token", WAIT);
+    world.wait_queue_empty().await;
+    assert!(agent.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outage_during_a_job_loses_nothing_and_reports_once() {
+    let world = World::new().await;
+    write_script(&world.scripts, "short.sh", "echo start\nsleep 3\necho end");
+    let proxy = Proxy::start(world.moto.addr());
+    let mut config = world.config();
+    config.visibility_timeout = "20s".into();
+    let agent = Agent::start(config, &proxy.url());
+    let sm = world.state_machine(120).await;
+    let exec = world.start(&sm, "out_1", "short.sh", 120).await;
+    agent.wait_for_log("job started", WAIT);
+    proxy.cut();
+    // The job ends during the outage; keep the outage for 20 s past its end.
+    agent.wait_for_log("job finished", WAIT);
+    let cut_until = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < cut_until {
+        assert_ne!(
+            *aws_sdk_sfn::Client::new(&world.sdk)
+                .describe_execution()
+                .execution_arn(&exec)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            ExecutionStatus::Succeeded,
+            "a callback got through a cut proxy"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        agent.outbox_len() >= 1,
+        "the outcome must wait in the outbox"
+    );
+    proxy.restore();
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    world.wait_audit("short.sh", "out_1", "completed").await;
+    world.wait_queue_empty().await;
+    rsql_agent_tests::agent::wait_until("the outbox to empty", WAIT, || agent.outbox_len() == 0);
+    assert_eq!(
+        world
+            .count_events(&exec, HistoryEventType::TaskSucceeded)
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outcome_survives_an_agent_killed_before_its_callback() {
+    let world = World::new().await;
+    // Long enough for the test to cut the network before the job ends.
+    write_script(&world.scripts, "quick.sh", "sleep 2\necho quick");
+    let proxy = Proxy::start(world.moto.addr());
+    let mut agent = Agent::start(world.config(), &proxy.url());
+    let sm = world.state_machine(120).await;
+    let exec = world.start(&sm, "kill_1", "quick.sh", 60).await;
+    agent.wait_for_log("job started", WAIT);
+    proxy.cut();
+    agent.wait_for_log("job finished", WAIT);
+    rsql_agent_tests::agent::wait_until("the outcome in the outbox", WAIT, || {
+        agent.outbox_len() == 1
+    });
+    agent.kill();
+    // Nothing got out before the kill: the task is still waiting for its callback.
+    let status = aws_sdk_sfn::Client::new(&world.sdk)
+        .describe_execution()
+        .execution_arn(&exec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(*status.status(), ExecutionStatus::Running);
+    proxy.restore();
+    agent.restart();
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    assert_eq!(output_of(&out)["job_name"], "quick.sh");
+    world.wait_audit("quick.sh", "kill_1", "completed").await;
+    assert_eq!(
+        world
+            .count_events(&exec, HistoryEventType::TaskSucceeded)
+            .await,
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secret_feeds_the_connection_and_never_reaches_a_log() {
+    // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let world = World::new().await;
+    let secret_id = moto::unique_name("redshift-etl");
+    aws_sdk_secretsmanager::Client::new(&world.sdk)
+        .create_secret()
+        .name(&secret_id)
+        .secret_string(
+            json!({
+                "username": pg.user(), "password": pg.password(), "host": pg.host(),
+                "port": pg.port(), "dbname": pg.database(), "engine": "redshift"
+            })
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut config = world.config();
+    config.extra = format!("[database]\nsecret_id = \"{secret_id}\"\n");
+    let agent = Agent::start(config, &world.moto.endpoint());
+    let sm = world.state_machine(30).await;
+    let exec = world
+        .start(&sm, "sec_1", "rsql_blog_script_1.sh", 120)
+        .await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    assert_eq!(
+        tokio::task::block_in_place(|| pg.query_i64(
+            "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'rsql_blog'"
+        )),
+        1
+    );
+    let item = world
+        .wait_audit("rsql_blog_script_1.sh", "sec_1", "completed")
+        .await;
+
+    let password = pg.password();
+    let log = agent.log();
+    assert!(log.contains("job finished"), "{log}");
+    assert!(
+        !log.contains(password),
+        "the password is in the agent's log"
+    );
+    assert!(
+        !format!("{item:?}").contains(password),
+        "the password is in the audit"
+    );
+    assert!(!out.output().unwrap_or_default().contains(password));
+    for record in agent.local_audit() {
+        assert!(!record.to_string().contains(password));
+    }
+}
