@@ -154,6 +154,21 @@ impl AttemptContext {
         })
     }
 
+    /// Removes old job logs (by age, then by total size) and old finished lock entries.
+    /// Blocking file work: call it from a blocking thread. Failures are logged, not fatal:
+    /// a full log directory must not stop jobs from running.
+    pub fn housekeeping(&self) {
+        let jobs = &self.config.jobs;
+        match joblog::cleanup(&jobs.log_dir, jobs.log_retention, jobs.log_max_total_bytes) {
+            Ok(report) => tracing::debug!(?report, "old job logs removed"),
+            Err(e) => tracing::warn!(error = %e, "cannot clean up old job logs"),
+        }
+        match self.locks.cleanup(self.config.lock.retention) {
+            Ok(removed) => tracing::debug!(removed, "old lock entries removed"),
+            Err(e) => tracing::warn!(error = %e, "cannot clean up old lock entries"),
+        }
+    }
+
     /// Takes the job's fleet-wide lock and decides, from the state left by earlier holders,
     /// whether this delivery runs, replays a recorded outcome, or reports an interruption.
     pub fn acquire(&self, spec: &JobSpec, token_hash: &str) -> Result<Acquired, AttemptError> {

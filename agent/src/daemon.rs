@@ -33,6 +33,8 @@ use crate::supervisor::StopReason;
 /// Heartbeats go out at a third of the task's `HeartbeatSeconds`, within these bounds.
 const MIN_TICK: Duration = Duration::from_secs(1);
 const MAX_TICK: Duration = Duration::from_secs(300);
+/// How often old job logs and finished lock entries are cleaned up.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
 /// After a shutdown, how long the outbox may keep trying before the process exits; what is
 /// left goes out after the next start.
 const OUTBOX_DRAIN_ON_EXIT: Duration = Duration::from_secs(10);
@@ -145,6 +147,18 @@ impl Daemon {
             },
         ));
 
+        let housekeeping = {
+            let attempts = shared.attempts.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+                loop {
+                    every.tick().await;
+                    let attempts = attempts.clone();
+                    let _ = tokio::task::spawn_blocking(move || attempts.housekeeping()).await;
+                }
+            })
+        };
+
         let (jobs_stop_tx, jobs_stop_rx) = watch::channel(false);
         let slots = Arc::new(Semaphore::new(shared.config.agent.max_concurrent_jobs));
         let mut jobs = JoinSet::new();
@@ -229,6 +243,7 @@ impl Daemon {
         while shared.outbox.len().unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        housekeeping.abort();
         let _ = outbox_stop_tx.send(true);
         if let Ok(exit) = worker.await {
             if exit.pending > 0 {
@@ -337,7 +352,7 @@ async fn run_delivery(
         Decision::Replay(state) => {
             tracing::info!(state = ?state.state, "redelivered after the job finished: replaying its recorded outcome");
             let outcome = recorded_outcome(&state);
-            finish(&shared, &delivery, held, Some(&token), &outcome, None).await;
+            finish(&shared, &delivery, Some(held), Some(&token), &outcome, None).await;
             return;
         }
         Decision::Interrupted(previous) => {
@@ -362,7 +377,7 @@ async fn run_delivery(
             finish(
                 &shared,
                 &delivery,
-                held,
+                Some(held),
                 Some(&token),
                 &outcome,
                 Some(record),
@@ -377,7 +392,7 @@ async fn run_delivery(
         Err(e) => {
             let outcome = failure(ErrorName::ConnectionFailed, e.to_string());
             tracing::error!(error = %e, "cannot get the database credentials");
-            finish(&shared, &delivery, held, Some(&token), &outcome, None).await;
+            finish(&shared, &delivery, Some(held), Some(&token), &outcome, None).await;
             return;
         }
     };
@@ -429,9 +444,14 @@ async fn run_delivery(
     let (held, result) = match result {
         Ok(r) => r,
         Err(e) => {
-            // The lock was dropped with the error; the task's heartbeat stops and the
-            // workflow's Retry decides. Leave the message to come back.
+            // The job could not be started or its files written (a script that cannot be
+            // executed, a full disk). Say so now rather than let the task time out.
             tracing::error!(error = %e, "the job could not be run");
+            let outcome = failure(
+                ErrorName::ScriptFailed,
+                format!("the agent could not run the job: {e}"),
+            );
+            finish(&shared, &delivery, None, Some(&token), &outcome, None).await;
             return;
         }
     };
@@ -449,7 +469,7 @@ async fn run_delivery(
     finish(
         &shared,
         &delivery,
-        held,
+        Some(held),
         token,
         &result.outcome,
         Some(result.audit),
@@ -494,7 +514,7 @@ async fn heartbeat_loop(
 async fn finish(
     shared: &Shared,
     delivery: &Delivery,
-    held: JobLock,
+    held: Option<JobLock>,
     token: Option<&str>,
     outcome: &Outcome,
     audit: Option<JobAuditRecord>,
@@ -510,8 +530,10 @@ async fn finish(
         }
     }
     delete(shared, delivery).await;
-    if let Err(e) = held.release() {
-        tracing::warn!(error = %e, "cannot release the job's lock cleanly");
+    if let Some(held) = held {
+        if let Err(e) = held.release() {
+            tracing::warn!(error = %e, "cannot release the job's lock cleanly");
+        }
     }
 }
 

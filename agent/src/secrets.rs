@@ -99,15 +99,22 @@ impl DatabaseEnv {
                 return Ok(env.clone());
             }
         }
-        let out = client
-            .get_secret_value()
-            .secret_id(secret_id)
-            .send()
-            .await
-            .map_err(|e| SecretError::Fetch {
-                secret_id: secret_id.clone(),
-                message: aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string(),
-            })?;
+        let out = match client.get_secret_value().secret_id(secret_id).send().await {
+            Ok(out) => out,
+            Err(e) => {
+                let error = SecretError::Fetch {
+                    secret_id: secret_id.clone(),
+                    message: aws_sdk_secretsmanager::error::DisplayErrorContext(&e).to_string(),
+                };
+                // A stale credential beats a failed nightly run: Secrets Manager being
+                // unreachable for a moment must not fail every job that starts meanwhile.
+                if let Some((_, env)) = cache.as_ref() {
+                    tracing::warn!(error = %error, "cannot refresh the database secret; using the cached one");
+                    return Ok(env.clone());
+                }
+                return Err(error);
+            }
+        };
         let text = out.secret_string().ok_or_else(|| SecretError::NoString {
             secret_id: secret_id.clone(),
         })?;

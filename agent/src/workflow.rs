@@ -373,6 +373,10 @@ impl Runner {
             specs.push(stage_specs);
         }
 
+        {
+            let attempts = self.attempts.clone();
+            let _ = tokio::task::spawn_blocking(move || attempts.housekeeping()).await;
+        }
         let started = now_ts();
         let all_jobs: Vec<String> = workflow
             .workflow_stages
