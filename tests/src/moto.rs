@@ -487,3 +487,44 @@ fn tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Creates a pay-per-request DynamoDB table with string keys: `hash`, and `range` when given
+/// (the legacy audit tables are keyed that way).
+pub async fn create_table(config: &SdkConfig, name: &str, hash: &str, range: Option<&str>) {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    let mut request = aws_sdk_dynamodb::Client::new(config)
+        .create_table()
+        .table_name(name)
+        .billing_mode(BillingMode::PayPerRequest);
+    for (attr, kind) in [(Some(hash), KeyType::Hash), (range, KeyType::Range)] {
+        let Some(attr) = attr else { continue };
+        request = request
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(attr)
+                    .key_type(kind)
+                    .build()
+                    .expect("key schema"),
+            )
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(attr)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attribute definition"),
+            );
+    }
+    request.send().await.unwrap_or_else(|e| {
+        panic!(
+            "CreateTable {name}: {}",
+            aws_sdk_dynamodb::error::DisplayErrorContext(&e)
+        )
+    });
+}
+
+/// Creates a job audit table with the legacy key: `job_name` + `workflow_execution_id`.
+pub async fn create_job_audit_table(config: &SdkConfig, name: &str) {
+    create_table(config, name, "job_name", Some("workflow_execution_id")).await
+}

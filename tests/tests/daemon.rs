@@ -8,10 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use rsql_agent_tests::agent::{process_alive, script_dir, write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
@@ -70,7 +67,7 @@ impl World {
         let sdk = moto.sdk_config().await;
         let queue_url = moto::create_queue(&sdk, &moto::unique_name("jobs")).await;
         let table = moto::unique_name("rsql-job-audit");
-        create_job_table(&sdk, &table).await;
+        moto::create_job_audit_table(&sdk, &table).await;
         let (dir, scripts) = script_dir();
         for entry in std::fs::read_dir(bins::workspace_root().join("rsql_scripts")).unwrap() {
             let entry = entry.unwrap();
@@ -195,34 +192,6 @@ impl World {
             .filter(|e| *e.r#type() == kind)
             .count()
     }
-}
-
-async fn create_job_table(sdk: &SdkConfig, name: &str) {
-    let key = |n: &str, t| {
-        KeySchemaElement::builder()
-            .attribute_name(n)
-            .key_type(t)
-            .build()
-            .unwrap()
-    };
-    let attr = |n: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(n)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .unwrap()
-    };
-    aws_sdk_dynamodb::Client::new(sdk)
-        .create_table()
-        .table_name(name)
-        .key_schema(key("job_name", KeyType::Hash))
-        .key_schema(key("workflow_execution_id", KeyType::Range))
-        .attribute_definitions(attr("job_name"))
-        .attribute_definitions(attr("workflow_execution_id"))
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .unwrap();
 }
 
 fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {

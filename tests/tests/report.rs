@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use rsql_agent::aws::{self, AwsClients};
 use rsql_agent::outcome::{ErrorName, Failure, FailureCause};
@@ -332,34 +329,8 @@ async fn callbacks_on_a_stopped_execution_say_task_closed() {
 
 async fn create_audit_table(config: &SdkConfig) -> String {
     let name = moto::unique_name("rsql-job-audit");
-    aws_sdk_dynamodb::Client::new(config)
-        .create_table()
-        .table_name(&name)
-        .key_schema(key("job_name", KeyType::Hash))
-        .key_schema(key("workflow_execution_id", KeyType::Range))
-        .attribute_definitions(string_attribute("job_name"))
-        .attribute_definitions(string_attribute("workflow_execution_id"))
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .expect("CreateTable");
+    moto::create_job_audit_table(config, &name).await;
     name
-}
-
-fn key(name: &str, kind: KeyType) -> KeySchemaElement {
-    KeySchemaElement::builder()
-        .attribute_name(name)
-        .key_type(kind)
-        .build()
-        .expect("key schema")
-}
-
-fn string_attribute(name: &str) -> AttributeDefinition {
-    AttributeDefinition::builder()
-        .attribute_name(name)
-        .attribute_type(ScalarAttributeType::S)
-        .build()
-        .expect("attribute definition")
 }
 
 fn audit_record(execution: &str, status: &str, attempt: u32) -> JobAuditRecord {
