@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps build release venv fmt-check clippy nextest bench bench-smoke clean
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn nextest bench bench-smoke clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 demo: deps build
@@ -31,6 +31,10 @@ $(VENV_STAMP): tests/moto/requirements.txt
 fmt-check:
 	$(CARGO) fmt --all -- --check
 
+## lint-cfn: cfn-lint (pinned in tests/moto/requirements.txt) on the CloudFormation stack
+lint-cfn: venv
+	$(VENV)/bin/cfn-lint packaging/aws/stack.yaml
+
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -38,7 +42,7 @@ nextest: deps venv build
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 ## test: everything CI runs: formatting, lints, unit tests and system tests
-test: fmt-check clippy nextest
+test: fmt-check clippy lint-cfn nextest
 
 clean:
 	$(CARGO) clean

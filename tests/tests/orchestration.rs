@@ -1,0 +1,766 @@
+//! The generic state machine end to end: `packaging/aws/workflow.asl.json` as it is (after
+//! the CloudFormation-style substitutions) on moto's executing state machines, the blog
+//! workflow loaded with `rsql-agent workflow put-config`, started with `workflow start`,
+//! two real `rsql-agent run` daemons sharing one lock directory, real PostgreSQL with the
+//! `rsql` stand-in, and `workflow status` for what an operator sees.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
+    ScalarAttributeType,
+};
+use aws_sdk_sfn::types::ExecutionStatus;
+use rsql_agent_tests::agent::{script_dir, write_script, Agent, AgentConfig};
+use rsql_agent_tests::bins;
+use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::pg::TestPg;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(120);
+/// HeartbeatSeconds of every job task: short, so a dead agent's task times out quickly.
+const HEARTBEAT_SECONDS: u64 = 3;
+
+type Item = HashMap<String, AttributeValue>;
+
+struct World {
+    moto: Moto,
+    sdk: SdkConfig,
+    queue_url: String,
+    config_table: String,
+    job_table: String,
+    workflow_table: String,
+    state_machine: String,
+    _scripts_dir: tempfile::TempDir,
+    scripts: PathBuf,
+    locks: tempfile::TempDir,
+}
+
+impl World {
+    async fn new() -> World {
+        let moto = Moto::start();
+        let sdk = moto.sdk_config().await;
+        let queue_url = moto::create_queue(&sdk, &moto::unique_name("rsql-jobs")).await;
+        let config_table = moto::unique_name("rsql-workflow-config");
+        let job_table = moto::unique_name("rsql-job-audit");
+        let workflow_table = moto::unique_name("rsql-workflow-audit");
+        create_table(&sdk, &config_table, "workflow_id", None).await;
+        create_table(&sdk, &job_table, "job_name", Some("workflow_execution_id")).await;
+        create_table(
+            &sdk,
+            &workflow_table,
+            "workflow_execution_id",
+            Some("workflow_id"),
+        )
+        .await;
+        let definition = definition(&[
+            ("JobQueueUrl", queue_url.as_str()),
+            ("ConfigTable", config_table.as_str()),
+            ("WorkflowAuditTable", workflow_table.as_str()),
+            ("HeartbeatSeconds", &HEARTBEAT_SECONDS.to_string()),
+            ("JobTimeoutSeconds", "120"),
+            ("TaskTimeoutSlackSeconds", "60"),
+        ]);
+        let state_machine =
+            moto::create_state_machine(&sdk, &moto::unique_name("rsql-workflow"), &definition)
+                .await;
+        let (dir, scripts) = script_dir();
+        for entry in std::fs::read_dir(bins::workspace_root().join("rsql_scripts")).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), scripts.join(entry.file_name())).unwrap();
+        }
+        World {
+            moto,
+            sdk,
+            queue_url,
+            config_table,
+            job_table,
+            workflow_table,
+            state_machine,
+            _scripts_dir: dir,
+            scripts,
+            locks: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// One agent of the fleet: one job at a time, so a parallel stage spreads over both.
+    fn agent(&self, pg: &TestPg, instance_id: &str) -> Agent {
+        let mut config = AgentConfig::new(&self.queue_url, &self.scripts).database(pg);
+        config.instance_id = instance_id.to_string();
+        config.job_table = Some(self.job_table.clone());
+        config.max_concurrent_jobs = 1;
+        config.heartbeat_interval = "1s".to_string();
+        // The fleet shares one lock directory, as on EFS.
+        config.lock_dir = Some(self.locks.path().to_path_buf());
+        Agent::start(config, &self.moto.endpoint())
+    }
+
+    /// Runs `rsql-agent ARGS` against moto (blocking; call inside `block_in_place`).
+    fn cli(&self, args: &[&str]) -> Output {
+        std::process::Command::new(bins::agent())
+            .args(args)
+            .envs(self.moto.env())
+            .output()
+            .expect("run rsql-agent")
+    }
+
+    fn put_config(&self, file: &Path) {
+        let out = tokio::task::block_in_place(|| {
+            self.cli(&[
+                "workflow",
+                "put-config",
+                file.to_str().unwrap(),
+                "--table",
+                &self.config_table,
+            ])
+        });
+        assert!(out.status.success(), "put-config: {}", show(&out));
+    }
+
+    /// `workflow start`; returns the execution ARN it prints.
+    fn start(&self, workflow_id: &str, execution_id: &str) -> String {
+        let out = tokio::task::block_in_place(|| {
+            self.cli(&[
+                "workflow",
+                "start",
+                workflow_id,
+                "--execution-id",
+                execution_id,
+                "--state-machine",
+                &self.state_machine,
+            ])
+        });
+        assert!(out.status.success(), "workflow start: {}", show(&out));
+        let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            arn.starts_with("arn:aws:states:") && arn.ends_with(&format!(":{execution_id}")),
+            "workflow start printed {arn:?}"
+        );
+        arn
+    }
+
+    fn status(&self, execution_id: &str) -> String {
+        let out = tokio::task::block_in_place(|| {
+            self.cli(&[
+                "workflow",
+                "status",
+                execution_id,
+                "--state-machine",
+                &self.state_machine,
+                "--job-table",
+                &self.job_table,
+            ])
+        });
+        assert!(out.status.success(), "workflow status: {}", show(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    async fn job(&self, job: &str, execution_id: &str) -> Option<Item> {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .get_item()
+            .table_name(&self.job_table)
+            .key("job_name", AttributeValue::S(job.into()))
+            .key(
+                "workflow_execution_id",
+                AttributeValue::S(execution_id.into()),
+            )
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+    }
+
+    async fn workflow_audit(&self, execution_id: &str, workflow_id: &str) -> Item {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .get_item()
+            .table_name(&self.workflow_table)
+            .key(
+                "workflow_execution_id",
+                AttributeValue::S(execution_id.into()),
+            )
+            .key("workflow_id", AttributeValue::S(workflow_id.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap_or_else(|| panic!("no workflow audit item for {execution_id}"))
+    }
+
+    async fn wait(
+        &self,
+        arn: &str,
+        agents: &[&Agent],
+    ) -> aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput {
+        let out = moto::wait_execution(&self.sdk, arn, WAIT).await;
+        if *out.status() == ExecutionStatus::Running {
+            panic!("still running; agents:\n{}", logs(agents));
+        }
+        out
+    }
+}
+
+/// The ASL file with `${Name}` replaced, as CloudFormation's DefinitionSubstitutions do.
+fn definition(substitutions: &[(&str, &str)]) -> String {
+    let path = bins::workspace_root().join("packaging/aws/workflow.asl.json");
+    let mut text = std::fs::read_to_string(&path).expect("read workflow.asl.json");
+    for (name, value) in substitutions {
+        text = text.replace(&format!("${{{name}}}"), value);
+    }
+    assert!(
+        !text.contains("${"),
+        "a substitution is missing: {}",
+        text.lines()
+            .filter(|l| l.contains("${"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    serde_json::from_str::<Value>(&text).expect("the substituted ASL is JSON");
+    text
+}
+
+async fn create_table(sdk: &SdkConfig, name: &str, hash: &str, range: Option<&str>) {
+    let key = |n: &str, t| {
+        KeySchemaElement::builder()
+            .attribute_name(n)
+            .key_type(t)
+            .build()
+            .unwrap()
+    };
+    let attr = |n: &str| {
+        AttributeDefinition::builder()
+            .attribute_name(n)
+            .attribute_type(ScalarAttributeType::S)
+            .build()
+            .unwrap()
+    };
+    let mut create = aws_sdk_dynamodb::Client::new(sdk)
+        .create_table()
+        .table_name(name)
+        .key_schema(key(hash, KeyType::Hash))
+        .attribute_definitions(attr(hash))
+        .billing_mode(BillingMode::PayPerRequest);
+    if let Some(range) = range {
+        create = create
+            .key_schema(key(range, KeyType::Range))
+            .attribute_definitions(attr(range));
+    }
+    create.send().await.unwrap();
+}
+
+fn show(out: &Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn logs(agents: &[&Agent]) -> String {
+    agents
+        .iter()
+        .map(|a| format!("--- {} ---\n{}", a.config.instance_id, a.log()))
+        .collect()
+}
+
+fn s(item: &Item, key: &str) -> String {
+    item.get(key)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_else(|| panic!("item has no string {key}: {item:?}"))
+}
+
+/// A copy of the blog workflow config with a new id, changed by `edit`, in `dir`.
+fn config_copy(dir: &Path, workflow_id: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let text = std::fs::read_to_string(
+        bins::workspace_root().join("rsql_scripts/blog_test_workflow.json"),
+    )
+    .unwrap();
+    let mut config: Value = serde_json::from_str(&text).unwrap();
+    config["workflow_id"] = json!(workflow_id);
+    edit(&mut config);
+    let path = dir.join(format!("{workflow_id}.json"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+fn rows(pg: &TestPg) -> i64 {
+    tokio::task::block_in_place(|| pg.query_i64("SELECT count(*) FROM rsql_blog.blog_table"))
+}
+
+const STAGES: [&[&str]; 3] = [
+    &["rsql_blog_script_1.sh", "rsql_blog_script_2.sh"],
+    &["rsql_blog_script_3.sh", "rsql_blog_script_4.sh"],
+    &["rsql_blog_script_5.sh", "rsql_blog_script_6.sh"],
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blog_workflow_runs_in_stage_order_across_two_agents() {
+    // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let world = World::new().await;
+    let a = world.agent(&pg, "i-0agent-a");
+    let b = world.agent(&pg, "i-0agent-b");
+    world.put_config(&bins::workspace_root().join("rsql_scripts/blog_test_workflow.json"));
+    let arn = world.start("blog_test_workflow", "blog_e2e_1");
+    let out = world.wait(&arn, &[&a, &b]).await;
+    assert_eq!(
+        *out.status(),
+        ExecutionStatus::Succeeded,
+        "{:?} {:?}\n{}",
+        out.error(),
+        out.cause(),
+        logs(&[&a, &b])
+    );
+    assert_eq!(rows(&pg), 4);
+
+    // Six job audit items, all completed; both agents ran jobs.
+    let mut items: Vec<Vec<Item>> = Vec::new();
+    let mut instances = BTreeSet::new();
+    for stage in STAGES {
+        let mut stage_items = Vec::new();
+        for job in stage {
+            let item = world
+                .job(job, "blog_e2e_1")
+                .await
+                .unwrap_or_else(|| panic!("no job audit for {job}"));
+            assert_eq!(s(&item, "execution_status"), "completed", "{item:?}");
+            assert_eq!(s(&item, "workflow_id"), "blog_test_workflow");
+            instances.insert(s(&item, "instance_id"));
+            stage_items.push(item);
+        }
+        items.push(stage_items);
+    }
+    assert_eq!(
+        instances,
+        BTreeSet::from(["i-0agent-a".to_string(), "i-0agent-b".to_string()]),
+        "both agents should have run jobs"
+    );
+
+    // Stage order: every job of a stage started after the last job of the stage before ended,
+    // and the sequential stage ran its jobs one after the other.
+    for pair in items.windows(2) {
+        let last_end = pair[0]
+            .iter()
+            .map(|i| s(i, "execution_end_ts"))
+            .max()
+            .unwrap();
+        for item in &pair[1] {
+            assert!(
+                s(item, "execution_start_ts") >= last_end,
+                "{} started at {} before the previous stage ended at {last_end}",
+                s(item, "job_name"),
+                s(item, "execution_start_ts")
+            );
+        }
+    }
+    assert!(s(&items[0][1], "execution_start_ts") >= s(&items[0][0], "execution_end_ts"));
+
+    // The workflow audit: completed, with the list of jobs and both times.
+    let audit = world
+        .workflow_audit("blog_e2e_1", "blog_test_workflow")
+        .await;
+    assert_eq!(s(&audit, "execution_status"), "completed", "{audit:?}");
+    assert!(!s(&audit, "execution_start_ts").is_empty());
+    assert!(!s(&audit, "execution_end_ts").is_empty());
+    let jobs: Vec<String> = audit["rsql_jobs"]
+        .as_l()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_s().unwrap().clone())
+        .collect();
+    assert_eq!(jobs, STAGES.concat());
+
+    // What an operator sees.
+    let status = world.status("blog_e2e_1");
+    println!("{status}");
+    assert!(status.contains("SUCCEEDED"), "{status}");
+    assert!(status.contains("6/6 jobs completed"), "{status}");
+    assert!(status.contains("workflow audit: completed"), "{status}");
+    for (n, stage) in STAGES.iter().enumerate() {
+        for job in *stage {
+            let line = status
+                .lines()
+                .find(|l| l.contains(job))
+                .unwrap_or_else(|| panic!("{job} is not in the status:\n{status}"));
+            assert!(line.starts_with(&(n + 1).to_string()), "{line}");
+            assert!(line.contains("completed"), "{line}");
+            assert!(line.contains("i-0agent-"), "{line}");
+        }
+    }
+    // Log streams: not checked here until the CloudWatch shipper lands (see the report).
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_stage_two_job_fails_the_workflow_with_its_sql_state() {
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let world = World::new().await;
+    let a = world.agent(&pg, "i-0agent-a");
+    let b = world.agent(&pg, "i-0agent-b");
+    // The sample failure config: the blog workflow with a stage-2 job that inserts into a
+    // missing table.
+    world.put_config(&bins::workspace_root().join("rsql_scripts/blog_failure_workflow.json"));
+    let arn = world.start("blog_failure_workflow", "blog_fail_1");
+    let out = world.wait(&arn, &[&a, &b]).await;
+    assert_eq!(
+        *out.status(),
+        ExecutionStatus::Failed,
+        "{}",
+        logs(&[&a, &b])
+    );
+    assert_eq!(out.error(), Some("Rsql.ScriptFailed"));
+    assert!(
+        out.cause().unwrap_or_default().contains("42P01"),
+        "{:?}",
+        out.cause()
+    );
+
+    let audit = world
+        .workflow_audit("blog_fail_1", "blog_failure_workflow")
+        .await;
+    assert_eq!(s(&audit, "execution_status"), "failed", "{audit:?}");
+    assert_eq!(s(&audit, "error_message"), "Rsql.ScriptFailed");
+    let cause: Value = serde_json::from_str(&s(&audit, "error_cause")).expect("cause is JSON");
+    assert_eq!(cause["sql_state"], "42P01", "{cause}");
+    assert!(!s(&audit, "execution_end_ts").is_empty());
+
+    let failed = world
+        .job("rsql_blog_script_fail.sh", "blog_fail_1")
+        .await
+        .expect("audit of the failing job");
+    assert_eq!(s(&failed, "execution_status"), "failed");
+    // Stage 3 never ran.
+    for job in STAGES[2] {
+        assert!(
+            world.job(job, "blog_fail_1").await.is_none(),
+            "{job} of stage 3 ran after a failed stage"
+        );
+    }
+    let status = world.status("blog_fail_1");
+    assert!(status.contains("FAILED"), "{status}");
+    assert!(status.contains("workflow audit: failed"), "{status}");
+    assert!(status.contains("42P01"), "{status}");
+    let stage3 = status
+        .lines()
+        .find(|l| l.contains("rsql_blog_script_5.sh"))
+        .unwrap();
+    assert_eq!(stage3.split_whitespace().nth(2), Some("-"), "{stage3}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn disabled_stage_runs_nothing_and_the_workflow_succeeds() {
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let world = World::new().await;
+    let a = world.agent(&pg, "i-0agent-a");
+    let b = world.agent(&pg, "i-0agent-b");
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_copy(dir.path(), "blog_disabled_workflow", |c| {
+        c["workflow_stages"][1]["execution_flag"] = json!("n");
+    });
+    world.put_config(&file);
+    let arn = world.start("blog_disabled_workflow", "blog_disabled_1");
+    let out = world.wait(&arn, &[&a, &b]).await;
+    assert_eq!(
+        *out.status(),
+        ExecutionStatus::Succeeded,
+        "{}",
+        logs(&[&a, &b])
+    );
+    // Stages 1 and 3 ran: scripts 5 and 6 inserted their rows, 3 and 4 did not.
+    assert_eq!(rows(&pg), 2);
+    for job in STAGES[1] {
+        assert!(
+            world.job(job, "blog_disabled_1").await.is_none(),
+            "{job} ran"
+        );
+    }
+    for job in STAGES[0].iter().chain(STAGES[2]) {
+        let item = world.job(job, "blog_disabled_1").await.unwrap();
+        assert_eq!(s(&item, "execution_status"), "completed");
+    }
+    let audit = world
+        .workflow_audit("blog_disabled_1", "blog_disabled_workflow")
+        .await;
+    assert_eq!(s(&audit, "execution_status"), "completed");
+    let status = world.status("blog_disabled_1");
+    assert!(status.contains("SUCCEEDED"), "{status}");
+    let line = status
+        .lines()
+        .find(|l| l.contains("rsql_blog_script_3.sh"))
+        .unwrap();
+    assert!(line.contains("disabled"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let world = World::new().await;
+    // A slow stage-2 job that inserts script 4's row only at its end.
+    write_script(
+        &world.scripts,
+        "rsql_blog_slow_4.sh",
+        "echo slow job starting\nsleep 6\nexec \"$(dirname \"$0\")/rsql_blog_script_4.sh\"",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_copy(dir.path(), "blog_retry_workflow", |c| {
+        c["workflow_stages"][1]["scripts"] =
+            json!(["rsql_blog_script_3.sh", "rsql_blog_slow_4.sh"]);
+    });
+    let mut agents = HashMap::from([
+        ("i-0agent-a", world.agent(&pg, "i-0agent-a")),
+        ("i-0agent-b", world.agent(&pg, "i-0agent-b")),
+    ]);
+    world.put_config(&file);
+    let arn = world.start("blog_retry_workflow", "blog_retry_1");
+
+    // Find the agent running the slow job and SIGKILL it mid-job.
+    let deadline = Instant::now() + WAIT;
+    let victim = loop {
+        if let Some(item) = world.job("rsql_blog_slow_4.sh", "blog_retry_1").await {
+            if s(&item, "execution_status") == "running" {
+                break s(&item, "instance_id");
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slow job never started:\n{}",
+            logs(&agents.values().collect::<Vec<_>>())
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let survivor = if victim == "i-0agent-a" {
+        "i-0agent-b"
+    } else {
+        "i-0agent-a"
+    };
+    agents
+        .get_mut(victim.as_str())
+        .expect("the victim is one of ours")
+        .kill();
+
+    let out = world.wait(&arn, &agents.values().collect::<Vec<_>>()).await;
+    assert_eq!(
+        *out.status(),
+        ExecutionStatus::Succeeded,
+        "{:?} {:?}\n{}",
+        out.error(),
+        out.cause(),
+        logs(&agents.values().collect::<Vec<_>>())
+    );
+    assert_eq!(rows(&pg), 4);
+    let item = world
+        .job("rsql_blog_slow_4.sh", "blog_retry_1")
+        .await
+        .unwrap();
+    assert_eq!(s(&item, "execution_status"), "completed", "{item:?}");
+    assert_eq!(s(&item, "instance_id"), survivor, "{item:?}");
+    // The retry was a new task attempt: two messages for the slow job reached the fleet.
+    let history = moto::execution_history(&world.sdk, &arn).await;
+    let sends: Vec<String> = history
+        .iter()
+        .filter_map(|e| e.task_scheduled_event_details())
+        .filter_map(|d| serde_json::from_str::<Value>(d.parameters()).ok())
+        .filter(|p| p["MessageBody"]["job_name"] == "rsql_blog_slow_4.sh")
+        .map(|p| {
+            p["MessageBody"]["task_token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let kinds: Vec<String> = history
+        .iter()
+        .map(|e| {
+            format!(
+                "{:?} {}",
+                e.r#type(),
+                e.task_scheduled_event_details()
+                    .map(|d| d.parameters().chars().take(300).collect::<String>())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    assert_eq!(sends.len(), 2, "{}", kinds.join("\n"));
+    assert_ne!(
+        sends[0], sends[1],
+        "a Retry attempt must get a new task token"
+    );
+    for job in STAGES[2] {
+        let item = world.job(job, "blog_retry_1").await.unwrap();
+        assert_eq!(s(&item, "execution_status"), "completed");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_give_clear_errors() {
+    let world = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| tokio::task::block_in_place(|| world.cli(args));
+
+    // Bad JSON.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{\"workflow_id\": ").unwrap();
+    let out = run(&[
+        "workflow",
+        "put-config",
+        bad.to_str().unwrap(),
+        "--table",
+        &world.config_table,
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid workflow config"));
+
+    // A missing file.
+    let out = run(&[
+        "workflow",
+        "put-config",
+        "/nonexistent.json",
+        "--table",
+        &world.config_table,
+    ]);
+    assert_eq!(out.status.code(), Some(66), "{}", show(&out));
+
+    // A missing table.
+    let good = bins::workspace_root().join("rsql_scripts/blog_test_workflow.json");
+    let out = run(&[
+        "workflow",
+        "put-config",
+        good.to_str().unwrap(),
+        "--table",
+        "no-such-table",
+    ]);
+    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("\"no-such-table\" does not exist"),
+        "{}",
+        show(&out)
+    );
+
+    // An unknown workflow: refused before any execution starts.
+    let out = run(&[
+        "workflow",
+        "start",
+        "no_such_workflow",
+        "--state-machine",
+        &world.state_machine,
+    ]);
+    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no_such_workflow") && stderr.contains("put-config"),
+        "{stderr}"
+    );
+    let executions = aws_sdk_sfn::Client::new(&world.sdk)
+        .list_executions()
+        .state_machine_arn(&world.state_machine)
+        .send()
+        .await
+        .unwrap();
+    assert!(executions.executions().is_empty());
+
+    // A state machine that does not exist.
+    let missing = world.state_machine.replace("rsql-workflow", "gone");
+    let out = run(&[
+        "workflow",
+        "start",
+        "blog_test_workflow",
+        "--state-machine",
+        &missing,
+    ]);
+    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+
+    // An execution that does not exist.
+    let out = run(&[
+        "workflow",
+        "status",
+        "never_started",
+        "--state-machine",
+        &world.state_machine,
+        "--job-table",
+        &world.job_table,
+    ]);
+    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never_started"));
+
+    // A generated execution id, and the config round trip.
+    let out = run(&[
+        "workflow",
+        "put-config",
+        good.to_str().unwrap(),
+        "--table",
+        &world.config_table,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = run(&[
+        "workflow",
+        "start",
+        "blog_test_workflow",
+        "--state-machine",
+        &world.state_machine,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(":blog_test_workflow-"));
+    // The same execution id twice.
+    let out = run(&[
+        "workflow",
+        "start",
+        "blog_test_workflow",
+        "--execution-id",
+        "twice",
+        "--state-machine",
+        &world.state_machine,
+    ]);
+    assert!(out.status.success(), "{}", show(&out));
+    let out = run(&[
+        "workflow",
+        "start",
+        "blog_test_workflow",
+        "--execution-id",
+        "twice",
+        "--state-machine",
+        &world.state_machine,
+    ]);
+    assert_eq!(out.status.code(), Some(65), "{}", show(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already used"));
+
+    // An input with only workflow_id (what the scheduled start sends) runs under the
+    // execution's name.
+    aws_sdk_sfn::Client::new(&world.sdk)
+        .start_execution()
+        .state_machine_arn(&world.state_machine)
+        .name("scheduled_1")
+        .input(json!({"workflow_id": "blog_test_workflow"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while aws_sdk_dynamodb::Client::new(&world.sdk)
+        .get_item()
+        .table_name(&world.workflow_table)
+        .key(
+            "workflow_execution_id",
+            AttributeValue::S("scheduled_1".into()),
+        )
+        .key(
+            "workflow_id",
+            AttributeValue::S("blog_test_workflow".into()),
+        )
+        .send()
+        .await
+        .unwrap()
+        .item
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no workflow audit item for scheduled_1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
