@@ -47,6 +47,7 @@
 //! readers stop before it and pick it up later, see [`RecordReader::offset`].
 
 mod cleanup;
+pub mod cloudwatch;
 mod read;
 mod sqlerror;
 

@@ -1,0 +1,491 @@
+//! Live job logs in CloudWatch, end to end: the real `rsql-agent run` binary, the moto
+//! emulator with executing state machines, and (where the wire matters) a recording,
+//! cuttable proxy between the agent and moto.
+//!
+//! What an operator would notice: a line is readable in the job's stream while the job still
+//! runs; a big log arrives whole and in order in batches CloudWatch would accept; an outage
+//! neither slows the job nor loses or repeats a line; neither does a SIGKILLed agent.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use aws_sdk_sfn::types::ExecutionStatus;
+use rsql_agent_tests::agent::{script_dir, wait_until, write_script, Agent, AgentConfig};
+use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::proxy::{Proxy, RecordedRequest};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const WAIT: Duration = Duration::from_secs(120);
+/// CloudWatch's `PutLogEvents` limits, as the service documents them.
+const MAX_BATCH_BYTES: usize = 1_048_576;
+const MAX_BATCH_EVENTS: usize = 10_000;
+const EVENT_OVERHEAD: usize = 26;
+const MAX_MESSAGE_BYTES: usize = 262_144 - EVENT_OVERHEAD;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// One task that hands the job to the agent's queue (as in tests/daemon.rs).
+fn definition(queue_url: &str, heartbeat: u64) -> String {
+    json!({
+        "Comment": "one rsql-agent job",
+        "StartAt": "Job",
+        "States": {
+            "Job": {
+                "Type": "Task",
+                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
+                "Parameters": {
+                    "QueueUrl": queue_url,
+                    "MessageBody": {
+                        "task_token.$": "$$.Task.Token",
+                        "workflow_id": "cloudwatch_test",
+                        "workflow_execution_id.$": "$.execution_id",
+                        "job_name.$": "$.job_name",
+                        "args": [],
+                        "timeout_seconds": 600,
+                        "heartbeat_seconds": heartbeat
+                    }
+                },
+                "HeartbeatSeconds": heartbeat,
+                "TimeoutSeconds": 900,
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
+                "End": true
+            },
+            "Caught": {"Type": "Pass", "End": true}
+        }
+    })
+    .to_string()
+}
+
+struct World {
+    moto: Moto,
+    sdk: SdkConfig,
+    queue_url: String,
+    log_group: String,
+    _scripts_dir: tempfile::TempDir,
+    scripts: PathBuf,
+}
+
+impl World {
+    async fn new() -> World {
+        let moto = Moto::start();
+        let sdk = moto.sdk_config().await;
+        let queue_url = moto::create_queue(&sdk, &moto::unique_name("jobs")).await;
+        let (dir, scripts) = script_dir();
+        World {
+            moto,
+            sdk,
+            queue_url,
+            // The agent creates it (create_group = true).
+            log_group: format!("/ops/rsql-logs/{}", moto::unique_name("t")),
+            _scripts_dir: dir,
+            scripts,
+        }
+    }
+
+    fn config(&self) -> AgentConfig {
+        let mut config = AgentConfig::new(&self.queue_url, &self.scripts);
+        config.log_group = Some(self.log_group.clone());
+        config
+    }
+
+    async fn run(&self, heartbeat: u64, execution_id: &str, job: &str) -> String {
+        let sm = moto::create_state_machine(
+            &self.sdk,
+            &moto::unique_name("job"),
+            &definition(&self.queue_url, heartbeat),
+        )
+        .await;
+        let input = json!({"execution_id": execution_id, "job_name": job});
+        moto::start_execution(&self.sdk, &sm, &input.to_string()).await
+    }
+
+    async fn status(&self, execution: &str) -> ExecutionStatus {
+        aws_sdk_sfn::Client::new(&self.sdk)
+            .describe_execution()
+            .execution_arn(execution)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .clone()
+    }
+
+    fn logs(&self) -> aws_sdk_cloudwatchlogs::Client {
+        aws_sdk_cloudwatchlogs::Client::new(&self.sdk)
+    }
+
+    /// Polls until the job's stream exists (found by its documented prefix) and returns
+    /// its name.
+    async fn find_stream(&self, execution_id: &str, job: &str) -> String {
+        let prefix = format!("{execution_id}/{job}/");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let found = self
+                .logs()
+                .describe_log_streams()
+                .log_group_name(&self.log_group)
+                .log_stream_name_prefix(&prefix)
+                .send()
+                .await;
+            // Until the agent creates the group, describing it fails: keep polling.
+            if let Ok(out) = found {
+                let names: Vec<&str> = out
+                    .log_streams()
+                    .iter()
+                    .filter_map(|s| s.log_stream_name())
+                    .collect();
+                assert!(names.len() <= 1, "one stream per attempt: {names:?}");
+                if let Some(name) = names.first() {
+                    return name.to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no stream {prefix}* in {}",
+                self.log_group
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every event of the stream, oldest first: (timestamp, message).
+    async fn events(&self, stream: &str) -> Vec<(i64, String)> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .logs()
+                .get_log_events()
+                .log_group_name(&self.log_group)
+                .log_stream_name(stream)
+                .start_from_head(true)
+                .limit(10_000)
+                .set_next_token(token.clone())
+                .send()
+                .await
+                .unwrap();
+            if page.events().is_empty() {
+                return out;
+            }
+            for e in page.events() {
+                out.push((
+                    e.timestamp().unwrap_or_default(),
+                    e.message().unwrap_or_default().to_string(),
+                ));
+            }
+            token = page.next_forward_token().map(str::to_string);
+        }
+    }
+
+    async fn messages(&self, stream: &str) -> Vec<String> {
+        self.events(stream)
+            .await
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect()
+    }
+}
+
+/// Shipments the agent has not finished yet (its index in `state_dir/shipper`).
+fn shipments_left(agent: &Agent) -> usize {
+    std::fs::read_dir(agent.state_dir.join("shipper"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn output_of(out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput) -> Value {
+    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
+}
+
+/// The job's local log file (the only one under its workflow execution's directory).
+fn local_log(agent: &Agent, execution_id: &str) -> Option<PathBuf> {
+    std::fs::read_dir(agent.state_dir.join("jobs").join(execution_id))
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+}
+
+fn local_lines(path: &Path) -> Vec<String> {
+    rsql_agent::joblog::read_records(path)
+        .expect("open the job log")
+        .map(|r| r.expect("record").text())
+        .collect()
+}
+
+/// `line 1` .. `line n`.
+fn numbered(n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("line {i}")).collect()
+}
+
+/// Checks every recorded `PutLogEvents` against CloudWatch's limits; returns how many
+/// events they carried.
+fn assert_within_limits(requests: &[RecordedRequest]) -> usize {
+    let mut total = 0;
+    let mut last_ts = i64::MIN;
+    for (i, request) in requests.iter().enumerate() {
+        let body = request.body_json().expect("PutLogEvents body is JSON");
+        let events = body["logEvents"].as_array().expect("logEvents");
+        assert!(
+            !events.is_empty() && events.len() <= MAX_BATCH_EVENTS,
+            "request {i}: {} events",
+            events.len()
+        );
+        let mut bytes = 0;
+        let first = events[0]["timestamp"].as_i64().expect("timestamp");
+        for event in events {
+            let message = event["message"].as_str().expect("message");
+            let ts = event["timestamp"].as_i64().expect("timestamp");
+            assert!(
+                !message.is_empty() && message.len() <= MAX_MESSAGE_BYTES,
+                "request {i}: a message of {} bytes",
+                message.len()
+            );
+            assert!(ts >= last_ts, "request {i}: timestamps go backwards");
+            assert!(ts - first < DAY_MS, "request {i}: spans a day or more");
+            last_ts = ts;
+            bytes += message.len() + EVENT_OVERHEAD;
+        }
+        assert!(bytes <= MAX_BATCH_BYTES, "request {i}: {bytes} bytes");
+        total += events.len();
+    }
+    total
+}
+
+/// Cuts the proxy between two `PutLogEvents` of the job, so no batch is in flight: a batch
+/// CloudWatch stored whose answer the cut lost would be sent again, which is the one
+/// duplicate CloudWatch's API cannot prevent (see the shipper's docs).
+fn cut_between_batches(proxy: &Proxy) {
+    let seen = proxy.requests_for("PutLogEvents").len();
+    proxy
+        .wait_for_request(WAIT, |r| {
+            r.operation() == Some("PutLogEvents") && proxy_count_hint(r) // every PutLogEvents after `seen`
+        })
+        .expect("a PutLogEvents");
+    wait_until("a fresh PutLogEvents", WAIT, || {
+        proxy.requests_for("PutLogEvents").len() > seen
+    });
+    // Batches go out once per flush_interval (1 s) while the job prints slowly; moto answers
+    // a small batch in milliseconds, so 300 ms after one was sent none is in flight.
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.cut();
+}
+
+fn proxy_count_hint(_: &RecordedRequest) -> bool {
+    true
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_line_is_readable_in_cloudwatch_while_the_job_still_runs() {
+    let world = World::new().await;
+    write_script(
+        &world.scripts,
+        "live.sh",
+        "echo 'first line'\nsleep 5\necho 'second line'",
+    );
+    let agent = Agent::start(world.config(), &world.moto.endpoint());
+    let exec = world.run(30, "live_1", "live.sh").await;
+    let stream = world.find_stream("live_1", "live.sh").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let messages = world.messages(&stream).await;
+        if messages.iter().any(|m| m == "first line") {
+            assert!(
+                !messages.iter().any(|m| m == "second line"),
+                "the job already ended: {messages:?}"
+            );
+            assert_eq!(world.status(&exec).await, ExecutionStatus::Running);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    let output = output_of(&out);
+    assert_eq!(output["log_group"], world.log_group.as_str(), "{output}");
+    assert_eq!(output["log_stream"], stream.as_str(), "{output}");
+    // The final flush ran before the outcome was reported: the whole log is there already.
+    assert_eq!(
+        world.messages(&stream).await,
+        vec!["first line", "second line"]
+    );
+    let audit = agent.local_audit();
+    let last = audit.last().expect("a local audit record");
+    assert_eq!(last["log_stream"], stream.as_str(), "{last}");
+    assert_eq!(last["log_group"], world.log_group.as_str(), "{last}");
+    wait_until("the shipment to finish", WAIT, || {
+        shipments_left(&agent) == 0
+    });
+}
+
+/// About 30 MB of stdout: numbered lines of 40..200 bytes (some non-ASCII), and a 300 KB
+/// line every ~1 MB. Every line ends in `$`, which appears nowhere else, so the original
+/// can be rebuilt from the events whatever way a line was cut.
+fn big_output() -> Vec<u8> {
+    let mut out = Vec::with_capacity(31 << 20);
+    let mut i = 0u64;
+    while out.len() < 30 << 20 {
+        if i % 6000 == 3000 {
+            let c = b'a' + (i % 26) as u8;
+            out.extend(std::iter::repeat_n(c, 300_000 - 1));
+        } else {
+            let width = 40 + (i * 7919 % 160) as usize;
+            let mut line = format!("{i:08} é ");
+            while line.len() < width {
+                line.push(char::from(b'A' + (line.len() % 26) as u8));
+            }
+            out.extend_from_slice(line.as_bytes());
+        }
+        out.extend_from_slice(b"$\n");
+        i += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_megabytes_arrive_whole_and_in_order_in_batches_within_the_limits() {
+    let world = World::new().await;
+    let content = big_output();
+    let data = world.scripts.join("big.txt");
+    std::fs::File::create(&data)
+        .and_then(|mut f| f.write_all(&content))
+        .expect("write the job's output");
+    write_script(
+        &world.scripts,
+        "big.sh",
+        &format!("cat '{}'", data.display()),
+    );
+    let proxy = Proxy::start_recording(world.moto.addr());
+    let agent = Agent::start(world.config(), &proxy.url());
+    let exec = world.run(60, "big_1", "big.sh").await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    wait_until("the shipment to finish", WAIT, || {
+        shipments_left(&agent) == 0
+    });
+    let stream = world.find_stream("big_1", "big.sh").await;
+
+    let events = world.events(&stream).await;
+    let mut rebuilt = Vec::with_capacity(content.len());
+    for (_, message) in &events {
+        for b in message.bytes() {
+            rebuilt.push(b);
+            if b == b'$' {
+                rebuilt.push(b'\n');
+            }
+        }
+    }
+    assert_eq!(rebuilt.len(), content.len(), "bytes lost or added");
+    assert_eq!(
+        hex::encode(Sha256::digest(&rebuilt)),
+        hex::encode(Sha256::digest(&content)),
+        "the log arrived changed or out of order"
+    );
+    for pair in events.windows(2) {
+        assert!(pair[0].0 <= pair[1].0, "events out of order");
+    }
+
+    let puts = proxy.requests_for("PutLogEvents");
+    assert!(puts.len() >= 30, "{} batches for 30 MB", puts.len());
+    let sent = assert_within_limits(&puts);
+    // Nothing was sent twice.
+    assert_eq!(sent, events.len());
+}
+
+/// A job printing `line 1` .. `line <n>`, one every 100 ms.
+fn ticking_job(world: &World, name: &str, n: usize) {
+    write_script(
+        &world.scripts,
+        name,
+        &format!("for i in $(seq 1 {n}); do echo \"line $i\"; sleep 0.1; done"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_twenty_second_outage_neither_slows_the_job_nor_loses_or_repeats_a_line() {
+    let world = World::new().await;
+    ticking_job(&world, "tick.sh", 300);
+    let proxy = Proxy::start_recording(world.moto.addr());
+    let mut config = world.config();
+    config.visibility_timeout = "60s".into();
+    let agent = Agent::start(config, &proxy.url());
+    let exec = world.run(120, "cut_1", "tick.sh").await;
+    let stream = world.find_stream("cut_1", "tick.sh").await;
+
+    cut_between_batches(&proxy);
+    let cut_at = Instant::now();
+    let log = local_log(&agent, "cut_1").expect("the job's log file");
+    let before = local_lines(&log).len();
+    while cut_at.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The job went on printing through the outage.
+    assert!(
+        local_lines(&log).len() >= before + 150,
+        "the job was held up by the outage"
+    );
+    proxy.restore();
+
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    let duration_ms = output_of(&out)["duration_ms"]
+        .as_u64()
+        .expect("duration_ms");
+    // 300 x 100 ms; a job held up by the 20 s outage would take 50 s.
+    assert!(
+        (30_000..38_000).contains(&duration_ms),
+        "the job took {duration_ms} ms for a nominal 30 s"
+    );
+    wait_until("the shipment to finish", WAIT, || {
+        shipments_left(&agent) == 0
+    });
+    assert_eq!(world.messages(&stream).await, numbered(300));
+    assert!(
+        agent.log().contains("cannot ship log events"),
+        "the outage was not noticed: {}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_killed_while_shipping_is_cut_resumes_without_losing_or_repeating_a_line() {
+    let world = World::new().await;
+    ticking_job(&world, "tick.sh", 600);
+    let proxy = Proxy::start_recording(world.moto.addr());
+    let mut agent = Agent::start(world.config(), &proxy.url());
+    let _exec = world.run(120, "kill_1", "tick.sh").await;
+    let stream = world.find_stream("kill_1", "tick.sh").await;
+
+    cut_between_batches(&proxy);
+    let log = local_log(&agent, "kill_1").expect("the job's log file");
+    let before = local_lines(&log).len();
+    wait_until("lines printed during the cut", WAIT, || {
+        local_lines(&log).len() >= before + 30
+    });
+    agent.kill();
+    let printed = local_lines(&log);
+    assert!(printed.len() < 600, "the job ended before the kill");
+    assert_eq!(printed, numbered(printed.len()));
+    // Some of it reached CloudWatch before the cut, the rest only after the restart.
+    let shipped_before = world.messages(&stream).await.len();
+    assert!(shipped_before > 0 && shipped_before < printed.len());
+
+    proxy.restore();
+    agent.restart();
+    wait_until("the resumed shipment to finish", WAIT, || {
+        shipments_left(&agent) == 0
+    });
+    assert_eq!(world.messages(&stream).await, printed);
+    assert!(
+        agent.log().contains("resuming log shipment"),
+        "{}",
+        agent.log()
+    );
+}
