@@ -112,10 +112,49 @@ pub struct AttemptResult {
     pub audit: JobAuditRecord,
 }
 
+/// Requests to stop a running attempt, counted; see [`StopSender::stop`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StopRequests {
+    pub count: u32,
+    /// The first reason given, which is the one reported.
+    pub reason: Option<StopReason>,
+}
+
+/// Asks a running attempt to stop (see [`AttemptContext::execute`]). Cheap to clone.
+///
+/// Requests are counted rather than sent as values, so two requests in quick succession
+/// are never merged into one by the channel.
+#[derive(Debug, Clone)]
+pub struct StopSender {
+    tx: Arc<watch::Sender<StopRequests>>,
+}
+
+impl StopSender {
+    /// The first request stops the job gracefully (SIGTERM to its group, `kill_grace`,
+    /// SIGKILL); any later one kills it at once. The first reason given is reported.
+    pub fn stop(&self, reason: StopReason) {
+        self.tx.send_modify(|r| {
+            r.count = r.count.saturating_add(1);
+            r.reason.get_or_insert(reason);
+        });
+    }
+}
+
+/// A stop channel for one attempt.
+pub fn stop_channel() -> (StopSender, watch::Receiver<StopRequests>) {
+    let (tx, rx) = watch::channel(StopRequests::default());
+    (StopSender { tx: Arc::new(tx) }, rx)
+}
+
 /// Everything an attempt needs that outlives it; built once per process.
 #[derive(Debug)]
 pub struct AttemptContext {
+    /// The config the process started with. Keys that a reload may change are read from
+    /// [`AttemptContext::live`] instead.
     pub config: Arc<Config>,
+    /// The config as last reloaded (see `reload`): what new jobs, housekeeping and the next
+    /// shutdown use. Never held across an `.await`.
+    live: std::sync::RwLock<Arc<Config>>,
     pub supervisor: Arc<Supervisor>,
     pub locks: LockDir,
     pub audit: LocalAudit,
@@ -145,6 +184,7 @@ impl AttemptContext {
                 .unwrap_or_default()
         );
         Ok(AttemptContext {
+            live: std::sync::RwLock::new(config.clone()),
             config,
             supervisor,
             locks,
@@ -154,16 +194,35 @@ impl AttemptContext {
         })
     }
 
+    /// The config as last reloaded; see [`AttemptContext::set_live`].
+    pub fn live(&self) -> Arc<Config> {
+        match self.live.read() {
+            Ok(config) => config.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the live config (a reload). Jobs already running keep what they started
+    /// with; keys that need a restart must already carry their running values (see
+    /// `reload::plan`).
+    pub fn set_live(&self, config: Arc<Config>) {
+        match self.live.write() {
+            Ok(mut live) => *live = config,
+            Err(poisoned) => *poisoned.into_inner() = config,
+        }
+    }
+
     /// Removes old job logs (by age, then by total size) and old finished lock entries.
     /// Blocking file work: call it from a blocking thread. Failures are logged, not fatal:
     /// a full log directory must not stop jobs from running.
     pub fn housekeeping(&self) {
-        let jobs = &self.config.jobs;
+        let config = self.live();
+        let jobs = &config.jobs;
         match joblog::cleanup(&jobs.log_dir, jobs.log_retention, jobs.log_max_total_bytes) {
             Ok(report) => tracing::debug!(?report, "old job logs removed"),
             Err(e) => tracing::warn!(error = %e, "cannot clean up old job logs"),
         }
-        match self.locks.cleanup(self.config.lock.retention) {
+        match self.locks.cleanup(config.lock.retention) {
             Ok(removed) => tracing::debug!(removed, "old lock entries removed"),
             Err(e) => tracing::warn!(error = %e, "cannot clean up old lock entries"),
         }
@@ -193,7 +252,7 @@ impl AttemptContext {
                     })
                 }
             };
-        let decision = lock::decide(held.previous(), token_hash, self.config.jobs.on_interrupted);
+        let decision = lock::decide(held.previous(), token_hash, self.live().jobs.on_interrupted);
         Ok(Acquired { held, decision })
     }
 
@@ -213,10 +272,10 @@ impl AttemptContext {
         ));
         let Acquired { held, .. } = self.acquire(&request.spec, &token_hash)?;
         let attempt = held.previous().map(|p| p.attempt + 1).unwrap_or(1);
-        let (stop_tx, stop_rx) = watch::channel(None);
+        let (stop_tx, stop_rx) = stop_channel();
         let forward = async move {
             if shutdown.wait_for(|s| *s).await.is_ok() {
-                let _ = stop_tx.send(Some(StopReason::Shutdown));
+                stop_tx.stop(StopReason::Shutdown);
             }
             // Keep the sender alive until the attempt is done.
             std::future::pending::<()>().await
@@ -238,14 +297,15 @@ impl AttemptContext {
     /// Runs one attempt under a lock already held: state `running`, local audit, supervised
     /// run with lease touches, classification, final state with the outcome to replay, local
     /// audit. The lock is handed back so the caller releases it only once the outcome is
-    /// durable wherever it must go. `stop` carrying a reason stops the job.
+    /// durable wherever it must go. Each request on `stop` is passed on to the supervisor
+    /// (see [`StopSender::stop`]).
     pub async fn execute(
         &self,
         mut held: JobLock,
         request: &AttemptRequest,
         token_hash: &str,
         attempt: u32,
-        mut stop: watch::Receiver<Option<StopReason>>,
+        mut stop: watch::Receiver<StopRequests>,
         on_start: impl FnOnce(&JobAuditRecord) + Send,
     ) -> Result<(JobLock, AttemptResult), AttemptError> {
         let spec = &request.spec;
@@ -310,9 +370,10 @@ impl AttemptContext {
         let stopper = handle.stopper();
         let wait = handle.wait();
         tokio::pin!(wait);
-        let mut lease = tokio::time::interval(self.config.jobs.heartbeat_interval);
+        let mut lease = tokio::time::interval(self.live().jobs.heartbeat_interval);
         lease.tick().await;
         let mut stop_open = true;
+        let mut stops_forwarded = 0u32;
         let run = loop {
             tokio::select! {
                 run = &mut wait => break run,
@@ -326,9 +387,11 @@ impl AttemptContext {
                 changed = stop.changed(), if stop_open => {
                     match changed {
                         Ok(()) => {
-                            let reason = *stop.borrow_and_update();
-                            if let Some(reason) = reason {
+                            let requests = *stop.borrow_and_update();
+                            let reason = requests.reason.unwrap_or(StopReason::Shutdown);
+                            while stops_forwarded < requests.count {
                                 stopper.stop(reason);
+                                stops_forwarded += 1;
                             }
                         }
                         Err(_) => stop_open = false,
@@ -406,7 +469,8 @@ impl AttemptContext {
         log: JobLog,
         attempt_id: &str,
     ) -> Launch {
-        let jobs = &self.config.jobs;
+        let config = self.live();
+        let jobs = &config.jobs;
         let (program, mut args) = supervisor::command_for_script(&spec.script, &jobs.interpreter);
         args.extend(spec.args.iter().cloned());
         env.push(("RSQL_WORKFLOW_ID".into(), spec.workflow_id.clone()));

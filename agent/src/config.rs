@@ -178,7 +178,7 @@ pub struct Config {
     pub database: DatabaseSettings,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AgentSettings {
     pub state_dir: PathBuf,
     pub max_concurrent_jobs: usize,
@@ -187,7 +187,7 @@ pub struct AgentSettings {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobSettings {
     pub script_dir: PathBuf,
     pub log_dir: PathBuf,
@@ -201,27 +201,27 @@ pub struct JobSettings {
     pub pipe_drain: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SqsSettings {
     pub queue_url: String,
     pub wait_time: Duration,
     pub visibility_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SocketSettings {
     pub path: PathBuf,
     pub allowed_uids: Vec<u32>,
     pub allowed_groups: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LockSettings {
     pub dir: PathBuf,
     pub retention: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CloudWatchSettings {
     pub log_group: String,
     pub create_group: bool,
@@ -229,7 +229,7 @@ pub struct CloudWatchSettings {
     pub final_flush_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AuditSettings {
     pub job_table: Option<String>,
     pub workflow_table: Option<String>,
@@ -237,7 +237,7 @@ pub struct AuditSettings {
 
 /// Connection settings handed to every job as `RSQL_HOST`, `RSQL_PORT`, `RSQL_USER`,
 /// `RSQL_DB` and `RSPASSWORD`.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq)]
 pub struct DatabaseSettings {
     pub host: Option<String>,
     pub port: Option<u16>,

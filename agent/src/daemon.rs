@@ -7,27 +7,34 @@
 //! Must not touch: how a process is supervised, how a log is written, or how a report is
 //! retried; those belong to `supervisor`, `joblog` and `report`.
 
-use std::future::Future;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
-use crate::attempt::{Acquired, AttemptContext, AttemptError, AttemptRequest};
+use crate::attempt::{
+    stop_channel, Acquired, AttemptContext, AttemptError, AttemptRequest, StopSender,
+};
 use crate::aws::AwsClients;
 use crate::config::Config;
-use crate::intake::sqs::{Delivery, SqsIntake};
+use crate::intake::sqs::{Delivery, SqsError, SqsIntake};
 use crate::job::{JobRules, JobSpec};
+use crate::joblog::cloudwatch::{self, Shipment, Shipper, ShipperError};
 use crate::lock::{self, Decision, JobLock, LockState, RunState};
+use crate::notify::{Notifier, Status};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
+use crate::reload;
 use crate::report::audit::dynamodb::JobAuditTable;
 use crate::report::audit::JobAuditRecord;
 use crate::report::outbox::{Callback, Outbox, OutboxEntry, OutboxError};
 use crate::report::retry::RetryPolicy;
 use crate::report::stepfunctions::StepFunctions;
 use crate::secrets::DatabaseEnv;
+use crate::signals::{Control, Controls};
+use crate::slots::Slots;
 use crate::supervisor::StopReason;
 
 /// Heartbeats go out at a third of the task's `HeartbeatSeconds`, within these bounds.
@@ -35,6 +42,8 @@ const MIN_TICK: Duration = Duration::from_secs(1);
 const MAX_TICK: Duration = Duration::from_secs(300);
 /// How often old job logs and finished lock entries are cleaned up.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
+/// How long to wait before asking again whether a task is really closed.
+const CLOSED_RECHECK: Duration = Duration::from_secs(2);
 /// After a shutdown, how long the outbox may keep trying before the process exits; what is
 /// left goes out after the next start.
 const OUTBOX_DRAIN_ON_EXIT: Duration = Duration::from_secs(10);
@@ -47,6 +56,8 @@ pub enum DaemonError {
     Outbox(#[from] OutboxError),
     #[error(transparent)]
     Attempt(#[from] AttemptError),
+    #[error(transparent)]
+    Shipper(#[from] ShipperError),
 }
 
 /// Everything one delivery needs; shared by all job tasks.
@@ -59,6 +70,8 @@ struct Shared {
     outbox: Outbox,
     sqs: SqsIntake,
     database: DatabaseEnv,
+    /// Ships job logs to CloudWatch; `None` without `[logs.cloudwatch]`.
+    shipper: Option<Shipper>,
 }
 
 /// The daemon, built once: clients, outbox and context are reused by every job.
@@ -66,6 +79,7 @@ struct Shared {
 pub struct Daemon {
     shared: Arc<Shared>,
     policy: RetryPolicy,
+    notifier: Notifier,
 }
 
 /// The heartbeat period for a job: a third of its `heartbeat_seconds`, or the configured
@@ -96,6 +110,14 @@ impl Daemon {
             .job_table
             .as_ref()
             .map(|t| JobAuditTable::new(clients.dynamodb.clone(), t.clone()));
+        let shipper = match &config.cloudwatch {
+            Some(settings) => Some(Shipper::new(
+                clients.logs.clone(),
+                settings,
+                &config.agent.state_dir,
+            )?),
+            None => None,
+        };
         let database = DatabaseEnv::new(
             config.database.clone(),
             config
@@ -113,11 +135,13 @@ impl Daemon {
                 outbox,
                 sqs: SqsIntake::new(clients.sqs.clone(), sqs),
                 database,
+                shipper,
             }),
             policy: RetryPolicy {
                 max: Duration::from_secs(10),
                 ..RetryPolicy::default()
             },
+            notifier: Notifier::disabled(),
         })
     }
 
@@ -125,11 +149,25 @@ impl Daemon {
         &self.shared.outbox
     }
 
-    /// Runs until `shutdown` resolves, then stops intake, lets running jobs finish within
-    /// `shutdown_grace`, stops the rest (`Rsql.Interrupted`) and gives the outbox a last
-    /// chance to deliver.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    /// Sends systemd notifications (readiness, watchdog, status) through `notifier`.
+    pub fn with_notifier(mut self, notifier: Notifier) -> Daemon {
+        self.notifier = notifier;
+        self
+    }
+
+    /// Runs until `controls` says stop (see `signals`), then stops intake, lets running jobs
+    /// finish within `shutdown_grace`, stops the rest (`Rsql.Interrupted`) and gives the
+    /// outbox a last chance to deliver. A second stop kills the running jobs at once, still
+    /// reporting them. A reload applies what may change while running (see `reload`).
+    pub async fn run(self, mut controls: Controls) -> Result<(), DaemonError> {
         let shared = self.shared.clone();
+        // Before housekeeping can clean up old logs: unfinished shipments pin their files.
+        if let Some(shipper) = &shared.shipper {
+            let resumed = shipper.resume_all();
+            if resumed > 0 {
+                tracing::info!(resumed, "resuming log shipments left by an earlier run");
+            }
+        }
         let pending = shared.outbox.len()?;
         if pending > 0 {
             tracing::info!(
@@ -159,89 +197,152 @@ impl Daemon {
             })
         };
 
-        let (jobs_stop_tx, jobs_stop_rx) = watch::channel(false);
-        let slots = Arc::new(Semaphore::new(shared.config.agent.max_concurrent_jobs));
+        let (jobs_stop_tx, jobs_stop_rx) = watch::channel(JobStop::Run);
+        let mut slots = Slots::new(shared.config.agent.max_concurrent_jobs);
         let mut jobs = JoinSet::new();
-        tokio::pin!(shutdown);
         let mut receive_failures = 0u32;
+        // The receive in flight, and the slot taken for its first message.
+        let mut receiving: Option<JoinHandle<Result<Vec<Delivery>, SqsError>>> = None;
+        let mut first: Option<OwnedSemaphorePermit> = None;
+        let mut retry_at: Option<tokio::time::Instant> = None;
+        let mut keepalive = tokio::time::interval(self.notifier.keepalive_period());
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        keepalive.tick().await;
+        let mut controls_open = true;
+        let mut stop = JobStop::Run;
         tracing::info!(
             queue_url = shared.sqs.queue_url(),
             max_concurrent_jobs = shared.config.agent.max_concurrent_jobs,
             "receiving jobs"
         );
+        self.notifier.ready(&status(&shared, &jobs, &slots));
         loop {
             while jobs.try_join_next().is_some() {}
-            // Wait for a free slot first: never take a message there is no room to run.
-            let first = tokio::select! {
-                _ = &mut shutdown => break,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                Some(_) = jobs.join_next(), if !jobs.is_empty() => continue,
-            };
-            let free = 1 + slots.available_permits();
-            let received = tokio::select! {
-                _ = &mut shutdown => break,
-                r = shared.sqs.receive(free) => r,
-            };
-            let deliveries = match received {
-                Ok(d) => {
-                    receive_failures = 0;
-                    d
-                }
-                Err(e) => {
-                    let delay = self.policy.delay(receive_failures);
-                    receive_failures = receive_failures.saturating_add(1);
-                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "cannot receive jobs");
-                    drop(first);
-                    tokio::select! {
-                        _ = &mut shutdown => break,
-                        _ = tokio::time::sleep(delay) => continue,
+            tokio::select! {
+                control = controls.recv(), if controls_open => match control {
+                    Some(Control::Stop) => break,
+                    Some(Control::StopNow) => {
+                        stop = JobStop::Kill;
+                        break;
                     }
+                    Some(Control::Reload) => {
+                        self.notifier.reloading();
+                        reload(&shared, &mut slots).await;
+                        self.notifier.ready(&status(&shared, &jobs, &slots));
+                    }
+                    None => controls_open = false,
+                },
+                // From the main loop itself, so a wedged loop stops feeding the watchdog.
+                _ = keepalive.tick() => self.notifier.alive(&status(&shared, &jobs, &slots)),
+                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+                _ = sleep_until_some(retry_at), if retry_at.is_some() => retry_at = None,
+                // Wait for a free slot first: never take a message there is no room to run.
+                permit = slots.acquire(), if receiving.is_none() && retry_at.is_none() => {
+                    let Some(permit) = permit else { break };
+                    let free = 1 + slots.available();
+                    first = Some(permit);
+                    let sqs = shared.sqs.clone();
+                    receiving = Some(tokio::spawn(async move { sqs.receive(free).await }));
                 }
-            };
-            let mut first = Some(first);
-            for delivery in deliveries {
-                let permit = match first.take() {
-                    Some(p) => p,
-                    None => match slots.clone().try_acquire_owned() {
-                        Ok(p) => p,
-                        // Cannot happen (we asked for no more than were free), but a message
-                        // without a slot is simply left to become visible again.
-                        Err(_) => continue,
-                    },
-                };
-                let shared = shared.clone();
-                let stop = jobs_stop_rx.clone();
-                jobs.spawn(async move {
-                    handle(shared, delivery, stop, permit).await;
-                });
+                received = join_some(&mut receiving), if receiving.is_some() => {
+                    receiving = None;
+                    let deliveries = match received {
+                        Ok(Ok(d)) => {
+                            receive_failures = 0;
+                            d
+                        }
+                        failed => {
+                            let error = match failed {
+                                Ok(Err(e)) => e.to_string(),
+                                Err(e) => format!("the receive task failed: {e}"),
+                                Ok(Ok(_)) => String::new(),
+                            };
+                            let delay = self.policy.delay(receive_failures);
+                            receive_failures = receive_failures.saturating_add(1);
+                            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot receive jobs");
+                            first = None;
+                            retry_at = Some(tokio::time::Instant::now() + delay);
+                            continue;
+                        }
+                    };
+                    for delivery in deliveries {
+                        let permit = match first.take().or_else(|| slots.try_acquire()) {
+                            Some(p) => p,
+                            // Only after a reload shrank the slots mid-receive: the message
+                            // is left to become visible again.
+                            None => continue,
+                        };
+                        let shared = shared.clone();
+                        let stop = jobs_stop_rx.clone();
+                        jobs.spawn(async move {
+                            handle(shared, delivery, stop, permit).await;
+                        });
+                    }
+                    first = None;
+                }
             }
         }
 
-        // Shutdown: intake is stopped; running jobs may finish within the grace period.
-        let running = jobs.len();
-        let grace = shared.config.agent.shutdown_grace;
+        // Shutdown. Intake stops here: nothing new is received from now on. A receive still
+        // in flight may yet hand us messages; they go straight back to the queue, for
+        // another agent.
+        drop(first);
+        let returning = receiving.take().map(|task| {
+            let sqs = shared.sqs.clone();
+            tokio::spawn(return_unstarted(sqs, task))
+        });
+        let grace = shared.attempts.live().agent.shutdown_grace;
         tracing::info!(
-            running,
+            running = jobs.len(),
             grace_secs = grace.as_secs(),
             "shutting down: intake stopped, draining jobs"
         );
-        let drained =
-            tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await;
-        if drained.is_err() {
+        self.notifier.stopping(&status(&shared, &jobs, &slots));
+        if stop == JobStop::Kill {
             tracing::warn!(
                 running = jobs.len(),
-                "shutdown grace is over: stopping the remaining jobs (reported Rsql.Interrupted)"
+                "stopping now: killing the running jobs (reported Rsql.Interrupted)"
             );
-            let _ = jobs_stop_tx.send(true);
-            while jobs.join_next().await.is_some() {}
+            let _ = jobs_stop_tx.send(stop);
+        }
+        let grace_over = tokio::time::sleep(grace);
+        tokio::pin!(grace_over);
+        while !jobs.is_empty() {
+            tokio::select! {
+                _ = jobs.join_next() => {}
+                _ = &mut grace_over, if stop == JobStop::Run => {
+                    tracing::warn!(
+                        running = jobs.len(),
+                        "shutdown grace is over: stopping the remaining jobs (reported Rsql.Interrupted)"
+                    );
+                    stop = JobStop::Stop;
+                    let _ = jobs_stop_tx.send(stop);
+                }
+                control = controls.recv(), if controls_open => match control {
+                    Some(Control::Stop | Control::StopNow) if stop != JobStop::Kill => {
+                        tracing::warn!(
+                            running = jobs.len(),
+                            "second stop request: killing the running jobs now (reported Rsql.Interrupted)"
+                        );
+                        stop = JobStop::Kill;
+                        let _ = jobs_stop_tx.send(stop);
+                    }
+                    Some(Control::Reload) => {
+                        tracing::info!("not reloading the config: the agent is shutting down")
+                    }
+                    Some(_) => {}
+                    None => controls_open = false,
+                },
+                _ = keepalive.tick() => self.notifier.alive(&status(&shared, &jobs, &slots)),
+            }
         }
         // The final outcomes are in the outbox; give delivery a bounded last chance.
         let deadline = tokio::time::Instant::now() + OUTBOX_DRAIN_ON_EXIT;
         while shared.outbox.len().unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if let Some(task) = returning {
+            let _ = tokio::time::timeout(RETURN_UNSTARTED_TIMEOUT, task).await;
         }
         housekeeping.abort();
         let _ = outbox_stop_tx.send(true);
@@ -253,7 +354,99 @@ impl Daemon {
                 );
             }
         }
+        self.notifier.status("stopped");
         Ok(())
+    }
+}
+
+/// How hard a draining daemon stops the jobs still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobStop {
+    /// Let them run (the shutdown grace).
+    Run,
+    /// SIGTERM, `kill_grace`, SIGKILL.
+    Stop,
+    /// SIGKILL now.
+    Kill,
+}
+
+/// `STATUS=` for the service manager. `free` is how many more jobs could start now (a slot
+/// held for a receive in flight still counts as free).
+fn status<T: 'static>(shared: &Shared, jobs: &JoinSet<T>, slots: &Slots) -> Status {
+    Status {
+        running: jobs.len(),
+        free: slots.size().saturating_sub(jobs.len()),
+        outbox: shared.outbox.len().unwrap_or(0),
+    }
+}
+
+/// Reloads the config file (SIGHUP): applies what is safe to change while running and names
+/// every changed key that needs a restart. An invalid file changes nothing.
+async fn reload(shared: &Shared, slots: &mut Slots) {
+    let Some(path) = shared.config.source.clone() else {
+        tracing::warn!("SIGHUP: the agent runs on built-in defaults; there is no file to reload");
+        return;
+    };
+    let new = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %error_chain(&e), "SIGHUP: the config file is not valid; still running with the previous config");
+            return;
+        }
+    };
+    let plan = reload::plan(&shared.attempts.live(), &new);
+    for key in &plan.needs_restart {
+        tracing::warn!(key = %key, "SIGHUP: `{key}` changed; it takes effect only after a restart");
+    }
+    slots.resize(plan.config.agent.max_concurrent_jobs).await;
+    shared.attempts.set_live(Arc::new(plan.config));
+    tracing::info!(
+        applied = ?plan.applied,
+        needs_restart = ?plan.needs_restart,
+        max_concurrent_jobs = slots.size(),
+        "SIGHUP: config reloaded"
+    );
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// How long a receive cut short by shutdown may still take to hand back what it got.
+const RETURN_UNSTARTED_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Makes the messages of a receive that completes after shutdown visible again at once, so
+/// another agent takes them without waiting out the visibility timeout.
+async fn return_unstarted(sqs: SqsIntake, task: JoinHandle<Result<Vec<Delivery>, SqsError>>) {
+    let Ok(Ok(deliveries)) = task.await else {
+        return;
+    };
+    for delivery in deliveries {
+        tracing::info!(message_id = %delivery.message_id, "shutting down: returning a message received too late to the queue");
+        if let Err(e) = sqs.release(&delivery.receipt_handle, Duration::ZERO).await {
+            tracing::warn!(error = %e, "cannot return the message; it comes back after its visibility timeout");
+        }
+    }
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_some<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -272,12 +465,12 @@ fn failure(error: ErrorName, message: String) -> Outcome {
 async fn handle(
     shared: Arc<Shared>,
     delivery: Delivery,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<JobStop>,
     _permit: OwnedSemaphorePermit,
 ) {
     let rules = JobRules {
         script_dir: &shared.config.jobs.script_dir,
-        default_timeout: shared.config.jobs.default_timeout,
+        default_timeout: shared.attempts.live().jobs.default_timeout,
         require_token: true,
     };
     let spec = match JobSpec::parse(delivery.body.as_bytes(), &rules) {
@@ -332,7 +525,7 @@ async fn run_delivery(
     spec: JobSpec,
     token: String,
     token_hash: String,
-    shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<JobStop>,
 ) {
     let Acquired { mut held, decision } = match shared.attempts.acquire(&spec, &token_hash) {
         Ok(a) => a,
@@ -348,7 +541,24 @@ async fn run_delivery(
         }
     };
     let attempt = match decision {
-        Decision::Run { attempt } => attempt,
+        Decision::Run { attempt } => {
+            // Another token has run this job before: this copy may be a stale one whose task
+            // Step Functions has already closed (its attempt timed out and was retried under
+            // a new token). Such a copy must not run the job again.
+            let other_token = held.previous().is_some_and(|p| p.token_hash != token_hash);
+            if other_token && task_closed(&shared, &token).await {
+                tracing::info!(
+                    receive_count = delivery.receive_count,
+                    "the task is already closed: deleting this stale copy without running it"
+                );
+                delete(&shared, &delivery).await;
+                if let Err(e) = held.release() {
+                    tracing::warn!(error = %e, "cannot release the job's lock cleanly");
+                }
+                return;
+            }
+            attempt
+        }
         Decision::Replay(state) => {
             tracing::info!(state = ?state.state, "redelivered after the job finished: replaying its recorded outcome");
             let outcome = recorded_outcome(&state);
@@ -398,11 +608,25 @@ async fn run_delivery(
     };
     let mut request = AttemptRequest::new(spec.clone());
     request.env = Some(env);
+    if let Some(shipper) = &shared.shipper {
+        // The same attempt id as the log file's name (see `AttemptContext::execute`).
+        let attempt_id = format!("{}{attempt}", token_hash.get(..8).unwrap_or(&token_hash));
+        request.log_group = Some(shipper.log_group().to_string());
+        request.log_stream = Some(cloudwatch::stream_name(
+            &spec.workflow_execution_id,
+            &spec.job_name,
+            SystemTime::now(),
+            &attempt_id,
+        ));
+    }
+    let (shipment_tx, shipment_rx) = tokio::sync::oneshot::channel::<Shipment>();
+    let shipper = shared.shipper.clone();
+    let log_stream = request.log_stream.clone();
 
-    let (stop_tx, stop_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = stop_channel();
     let tick = tick_for(
         spec.heartbeat,
-        shared.config.jobs.heartbeat_interval,
+        shared.attempts.live().jobs.heartbeat_interval,
         shared.sqs.visibility_timeout(),
     );
     let audit_table = shared.audit_table.clone();
@@ -413,6 +637,19 @@ async fn run_delivery(
             log_file = record.log_file.as_deref().unwrap_or("-"),
             "job started"
         );
+        if let (Some(shipper), Some(stream), Some(file)) =
+            (shipper, log_stream, record.log_file.as_deref())
+        {
+            match shipper.start(Path::new(file), &stream) {
+                Ok(shipment) => {
+                    let _ = shipment_tx.send(shipment);
+                }
+                // The log is still written locally; only the live copy is missing.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start shipping the job's log to CloudWatch")
+                }
+            }
+        }
         if let Some(table) = audit_table {
             let record = record.clone();
             tokio::spawn(async move {
@@ -425,14 +662,57 @@ async fn run_delivery(
             });
         }
     };
-    let execute = shared
-        .attempts
-        .execute(held, &request, &token_hash, attempt, stop_rx, on_start);
+    let final_flush = shared
+        .config
+        .cloudwatch
+        .as_ref()
+        .map(|c| c.final_flush_timeout)
+        .unwrap_or_default();
+    // The final flush runs inside the select below, so heartbeats go on while it waits.
+    let execute = async {
+        let result = shared
+            .attempts
+            .execute(held, &request, &token_hash, attempt, stop_rx, on_start)
+            .await;
+        if let Ok(shipment) = shipment_rx.await {
+            let started = tokio::time::Instant::now();
+            if shipment.finish(final_flush).await {
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "the job's log is shipped"
+                );
+            } else {
+                tracing::warn!(
+                    timeout_ms = final_flush.as_millis() as u64,
+                    "the job's log is not all shipped after the final flush timeout; the rest keeps shipping in the background"
+                );
+            }
+        }
+        result
+    };
     let heartbeats = heartbeat_loop(&shared, &token, &delivery, tick, &stop_tx);
     let on_shutdown = async {
         let mut shutdown = shutdown;
-        if shutdown.wait_for(|s| *s).await.is_ok() {
-            let _ = stop_tx.send(Some(StopReason::Shutdown));
+        // One stop request per level: the second makes the supervisor SIGKILL at once.
+        let mut sent = 0;
+        loop {
+            let wanted = match *shutdown.borrow_and_update() {
+                JobStop::Run => 0,
+                JobStop::Stop => 1,
+                JobStop::Kill => 2,
+            };
+            if sent == 0 && wanted > 0 {
+                tracing::warn!(
+                    "the agent is shutting down: stopping this job (reported Rsql.Interrupted)"
+                );
+            }
+            while sent < wanted {
+                stop_tx.stop(StopReason::Shutdown);
+                sent += 1;
+            }
+            if shutdown.changed().await.is_err() {
+                break;
+            }
         }
         std::future::pending::<()>().await
     };
@@ -477,6 +757,24 @@ async fn run_delivery(
     .await;
 }
 
+/// Whether Step Functions says the task is closed, asked twice a moment apart: an emulator
+/// (and perhaps the service) may not know a token in the instant after its message was
+/// sent. A failed call (network) counts as open; the heartbeat loop asks again.
+async fn task_closed(shared: &Shared, token: &str) -> bool {
+    for check in 0..2 {
+        if check > 0 {
+            tokio::time::sleep(CLOSED_RECHECK).await;
+        }
+        match shared.sfn.heartbeat(token).await {
+            Err(e) if e.is_task_closed() => {
+                tracing::debug!(reason = %e, check, "the task answers closed");
+            }
+            _ => return false,
+        }
+    }
+    true
+}
+
 /// Every tick: a Step Functions heartbeat (a closed task stops the job) and another
 /// visibility timeout for the message. Never returns.
 async fn heartbeat_loop(
@@ -484,7 +782,7 @@ async fn heartbeat_loop(
     token: &str,
     delivery: &Delivery,
     tick: Duration,
-    stop: &watch::Sender<Option<StopReason>>,
+    stop: &StopSender,
 ) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -498,7 +796,7 @@ async fn heartbeat_loop(
                 Err(e) if e.is_task_closed() => {
                     tracing::warn!(reason = %e, "the task is closed upstream: stopping the job");
                     closed = true;
-                    let _ = stop.send(Some(StopReason::Cancelled));
+                    stop.stop(StopReason::Cancelled);
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed; will try again next tick"),
             }

@@ -9,9 +9,11 @@
 //! | 2  | bad command-line usage |
 //! | 65 | the workflow file is not a valid workflow config, or names a job that cannot run |
 //! | 66 | an input file (workflow, config) does not exist or cannot be read |
+//! | 69 | a named AWS resource does not exist: a table, a workflow in the config table, the state machine or the execution |
 //! | 70 | internal error (a bug: please report it with the log) |
 //! | 74 | the agent cannot write its state, audit or log directories |
 //! | 75 | a job is already running elsewhere (its lock is held); try again later |
+//! | 76 | an AWS call failed (network, credentials, permissions, throttling); the message says which |
 //! | 78 | the config file is invalid (the message names the key) |
 //! | 130 | interrupted by SIGINT or SIGTERM; running jobs were stopped and reported |
 //!
@@ -32,9 +34,11 @@ mod exit {
     pub const JOB_FAILED: u8 = 1;
     pub const DATA: u8 = 65;
     pub const NO_INPUT: u8 = 66;
+    pub const UNAVAILABLE: u8 = 69;
     pub const SOFTWARE: u8 = 70;
     pub const IO: u8 = 74;
     pub const TEMP_FAIL: u8 = 75;
+    pub const REMOTE: u8 = 76;
     pub const CONFIG: u8 = 78;
     pub const INTERRUPTED: u8 = 130;
 }
@@ -67,7 +71,8 @@ enum Command {
         #[arg(default_value = DEFAULT_CONFIG_PATH)]
         path: PathBuf,
     },
-    /// Workflows on this host, with no AWS at all.
+    /// Workflows: run one on this host with no AWS at all, or drive the generic state
+    /// machine (packaging/aws/workflow.asl.json) on AWS.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
 }
@@ -88,6 +93,42 @@ enum WorkflowCommand {
         /// Resume this execution: run only the jobs that did not complete.
         #[arg(long, value_name = "EXECUTION_ID")]
         resume: Option<String>,
+    },
+    /// Write a legacy workflow config (JSON) as its item in the DynamoDB config table.
+    PutConfig {
+        /// The workflow config (JSON).
+        file: PathBuf,
+        /// The config table (keyed by workflow_id).
+        #[arg(long)]
+        table: String,
+    },
+    /// Start an execution of the generic state machine for a workflow; prints its ARN.
+    Start {
+        /// The workflow_id of a config loaded with put-config.
+        workflow_id: String,
+        /// The execution id (also the execution's name); generated when absent.
+        #[arg(long)]
+        execution_id: Option<String>,
+        /// The state machine's ARN.
+        #[arg(long)]
+        state_machine: String,
+        /// The config table; by default the one the state machine reads.
+        #[arg(long)]
+        config_table: Option<String>,
+    },
+    /// Print the per-job status of an execution, from the audit tables and Step Functions.
+    Status {
+        /// The execution id (the execution's name).
+        execution_id: String,
+        /// The state machine's ARN.
+        #[arg(long)]
+        state_machine: String,
+        /// The job audit table (the agents' `[report.audit] job_table`).
+        #[arg(long)]
+        job_table: String,
+        /// The workflow audit table; by default the one the state machine writes.
+        #[arg(long)]
+        workflow_table: Option<String>,
     },
 }
 
@@ -113,6 +154,31 @@ fn main() -> ExitCode {
                 execution_id,
                 resume,
             },
+        ),
+        Command::Workflow(WorkflowCommand::PutConfig { file, table }) => {
+            orchestrate::put_config(&file, &table)
+        }
+        Command::Workflow(WorkflowCommand::Start {
+            workflow_id,
+            execution_id,
+            state_machine,
+            config_table,
+        }) => orchestrate::start(
+            &workflow_id,
+            execution_id,
+            &state_machine,
+            config_table.as_deref(),
+        ),
+        Command::Workflow(WorkflowCommand::Status {
+            execution_id,
+            state_machine,
+            job_table,
+            workflow_table,
+        }) => orchestrate::status(
+            &execution_id,
+            &state_machine,
+            &job_table,
+            workflow_table.as_deref(),
         ),
     };
     ExitCode::from(code)
@@ -179,22 +245,6 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn termination() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-}
-
 fn daemon_run(path: &Path) -> u8 {
     let config = match Config::load(path) {
         Ok(c) => Arc::new(c),
@@ -207,6 +257,15 @@ fn daemon_run(path: &Path) -> u8 {
         return exit::SOFTWARE;
     };
     runtime.block_on(async move {
+        // First, so a SIGTERM or SIGHUP during start-up waits for the daemon instead of
+        // ending the process.
+        let controls = match rsql_agent::signals::Controls::install() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot listen for signals");
+                return exit::SOFTWARE;
+            }
+        };
         let sdk = rsql_agent::aws::load_config().await;
         let clients = rsql_agent::aws::AwsClients::new(&sdk);
         let (instance_id, source) =
@@ -243,7 +302,8 @@ fn daemon_run(path: &Path) -> u8 {
             config = %path.display(),
             "rsql-agent started"
         );
-        match daemon.run(termination()).await {
+        let notifier = rsql_agent::notify::Notifier::from_env();
+        match daemon.with_notifier(notifier).run(controls).await {
             Ok(()) => {
                 tracing::info!("rsql-agent stopped");
                 exit::OK
@@ -465,5 +525,107 @@ fn print_progress(event: Progress) {
             report.job_name,
             report.status.as_str()
         ),
+    }
+}
+
+/// `workflow put-config | start | status`: the AWS side of workflows.
+mod orchestrate {
+    use std::path::Path;
+
+    use rsql_agent::orchestrate::{OrchestrateError, Orchestrator};
+    use rsql_agent::workflow::{self, WorkflowConfig, WorkflowError};
+
+    use super::{error_chain, exit, runtime};
+
+    fn code(e: &OrchestrateError) -> u8 {
+        match e {
+            OrchestrateError::Config(WorkflowError::Read { .. }) => exit::NO_INPUT,
+            OrchestrateError::Config(_)
+            | OrchestrateError::BadItem { .. }
+            | OrchestrateError::ExecutionExists { .. }
+            | OrchestrateError::Invalid { .. }
+            | OrchestrateError::Missing { .. } => exit::DATA,
+            e if e.is_not_found() => exit::UNAVAILABLE,
+            _ => exit::REMOTE,
+        }
+    }
+
+    fn run<T>(
+        work: impl std::future::Future<Output = Result<T, OrchestrateError>>,
+    ) -> Result<T, u8> {
+        let Some(rt) = runtime() else {
+            return Err(exit::SOFTWARE);
+        };
+        rt.block_on(work).map_err(|e| {
+            eprintln!("rsql-agent: {}", error_chain(&e));
+            code(&e)
+        })
+    }
+
+    pub fn put_config(file: &Path, table: &str) -> u8 {
+        let result = run(async {
+            let config = WorkflowConfig::load(file)?;
+            Orchestrator::from_env()
+                .await
+                .put_config(table, &config)
+                .await?;
+            Ok(config)
+        });
+        match result {
+            Ok(config) => {
+                let jobs: usize = config.workflow_stages.iter().map(|s| s.scripts.len()).sum();
+                println!(
+                    "workflow {} ({} stages, {jobs} jobs) written to {table}",
+                    config.workflow_id,
+                    config.workflow_stages.len()
+                );
+                exit::OK
+            }
+            Err(code) => code,
+        }
+    }
+
+    pub fn start(
+        workflow_id: &str,
+        execution_id: Option<String>,
+        state_machine: &str,
+        config_table: Option<&str>,
+    ) -> u8 {
+        let execution_id = execution_id.unwrap_or_else(|| workflow::new_execution_id(workflow_id));
+        let result = run(async {
+            Orchestrator::from_env()
+                .await
+                .start(state_machine, workflow_id, &execution_id, config_table)
+                .await
+        });
+        match result {
+            Ok(arn) => {
+                eprintln!("started workflow {workflow_id}, execution {execution_id}");
+                println!("{arn}");
+                exit::OK
+            }
+            Err(code) => code,
+        }
+    }
+
+    pub fn status(
+        execution_id: &str,
+        state_machine: &str,
+        job_table: &str,
+        workflow_table: Option<&str>,
+    ) -> u8 {
+        let result = run(async {
+            Orchestrator::from_env()
+                .await
+                .status(state_machine, execution_id, job_table, workflow_table)
+                .await
+        });
+        match result {
+            Ok(report) => {
+                print!("{}", report.render());
+                exit::OK
+            }
+            Err(code) => code,
+        }
     }
 }

@@ -36,6 +36,10 @@ pub struct AgentConfig {
     pub log_group: Option<String>,
     /// Extra TOML appended verbatim (e.g. a `[database]` table).
     pub extra: String,
+    /// `[jobs] on_interrupted` (`"fail"` or `"rerun"`); absent when `None`.
+    pub on_interrupted: Option<String>,
+    /// Extra environment for the agent process (e.g. `NOTIFY_SOCKET`).
+    pub env: Vec<(String, String)>,
 }
 
 impl AgentConfig {
@@ -55,6 +59,8 @@ impl AgentConfig {
             job_table: None,
             log_group: None,
             extra: String::new(),
+            on_interrupted: None,
+            env: Vec::new(),
         }
     }
 
@@ -75,7 +81,7 @@ impl AgentConfig {
         let mut text = format!(
             "[agent]\nstate_dir = \"{state}\"\nmax_concurrent_jobs = {max}\ninstance_id = \"{id}\"\nshutdown_grace = \"{sg}\"\n\
              [jobs]\nscript_dir = \"{scripts}\"\nlog_dir = \"{state}/jobs\"\ndefault_timeout = \"10m\"\n\
-             kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n\
+             kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n{oi}\
              [intake.sqs]\nqueue_url = \"{queue}\"\nwait_time = \"{wait}\"\nvisibility_timeout = \"{vis}\"\n\
              [lock]\ndir = \"{locks}\"\n",
             state = state_dir.display(),
@@ -89,6 +95,11 @@ impl AgentConfig {
             wait = self.wait_time,
             vis = self.visibility_timeout,
             locks = lock_dir.display(),
+            oi = self
+                .on_interrupted
+                .as_ref()
+                .map(|v| format!("on_interrupted = \"{v}\"\n"))
+                .unwrap_or_default(),
         );
         if let Some(table) = &self.job_table {
             text.push_str(&format!("[report.audit]\njob_table = \"{table}\"\n"));
@@ -165,6 +176,7 @@ impl Agent {
             .envs(moto::aws_env(&self.endpoint))
             .env("PATH", path)
             .env("RSQL_AGENT_LOG", "info,rsql_agent=debug")
+            .envs(self.config.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -177,6 +189,17 @@ impl Agent {
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "agent still running");
         self.spawn();
+    }
+
+    /// Rewrites `agent.toml` from `config`, keeping the state and lock directories (for a
+    /// reload test: then send SIGHUP).
+    pub fn rewrite_config(&mut self, config: AgentConfig) {
+        std::fs::write(
+            &self.config_path,
+            config.render(&self.state_dir, &self.lock_dir),
+        )
+        .expect("rewrite config");
+        self.config = config;
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,145 @@
+//! What the process's signals mean to the daemon, decided in one place.
+//!
+//! | signal | meaning |
+//! |---|---|
+//! | first SIGTERM or SIGINT | [`Control::Stop`]: stop intake, let running jobs drain |
+//! | any later SIGTERM or SIGINT | [`Control::StopNow`]: kill the running jobs now, still report them |
+//! | SIGHUP | [`Control::Reload`]: reload the config where that is safe |
+//!
+//! Owns: the signal handlers and that mapping. Must not touch: what stopping or reloading
+//! does; the daemon owns that and only ever sees a [`Control`].
+
+use std::future::Future;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+/// What the daemon is asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop taking jobs; let the running ones finish within `shutdown_grace`.
+    Stop,
+    /// Stop the running jobs at once (SIGKILL), report them, and exit.
+    StopNow,
+    /// Reload the config file.
+    Reload,
+}
+
+/// A signal the daemon listens for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    Terminate,
+    Interrupt,
+    Hangup,
+}
+
+/// The mapping itself: `stops_before` is how many stop signals came before this one.
+pub fn meaning(signal: Received, stops_before: u32) -> Control {
+    match signal {
+        Received::Hangup => Control::Reload,
+        Received::Terminate | Received::Interrupt if stops_before == 0 => Control::Stop,
+        Received::Terminate | Received::Interrupt => Control::StopNow,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SignalError {
+    #[error("cannot install the {signal} handler")]
+    Install {
+        signal: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The stream of [`Control`]s the daemon reads.
+#[derive(Debug)]
+pub struct Controls {
+    rx: mpsc::Receiver<Control>,
+}
+
+impl Controls {
+    /// Installs the handlers for SIGTERM, SIGINT and SIGHUP (from then on they no longer
+    /// end the process) and maps what arrives. Must be called within a tokio runtime.
+    /// Install it early: a signal that arrives before the daemon reads it is kept.
+    pub fn install() -> Result<Controls, SignalError> {
+        let listen = |kind: SignalKind, name: &'static str| {
+            signal(kind).map_err(|source| SignalError::Install {
+                signal: name,
+                source,
+            })
+        };
+        let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
+        let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
+        let mut hup = listen(SignalKind::hangup(), "SIGHUP")?;
+        let (tx, controls) = Controls::channel();
+        tokio::spawn(async move {
+            let mut stops = 0u32;
+            loop {
+                let received = tokio::select! {
+                    Some(()) = term.recv() => Received::Terminate,
+                    Some(()) = int.recv() => Received::Interrupt,
+                    Some(()) = hup.recv() => Received::Hangup,
+                    else => return,
+                };
+                let control = meaning(received, stops);
+                tracing::info!(signal = ?received, meaning = ?control, "signal received");
+                if control != Control::Reload {
+                    stops = stops.saturating_add(1);
+                }
+                if tx.send(control).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(controls)
+    }
+
+    /// A stream fed by hand, for embedding and tests.
+    pub fn channel() -> (mpsc::Sender<Control>, Controls) {
+        let (tx, rx) = mpsc::channel(8);
+        (tx, Controls { rx })
+    }
+
+    /// A stream that says [`Control::Stop`] once `stop` resolves, and nothing else.
+    pub fn stop_on(stop: impl Future<Output = ()> + Send + 'static) -> Controls {
+        let (tx, controls) = Controls::channel();
+        tokio::spawn(async move {
+            stop.await;
+            let _ = tx.send(Control::Stop).await;
+            // Keep the stream open: a closed stream means "no more controls", not "stop".
+            tx.closed().await;
+        });
+        controls
+    }
+
+    /// The next control; `None` once nobody can send any more.
+    pub async fn recv(&mut self) -> Option<Control> {
+        self.rx.recv().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_stop_drains_later_ones_stop_now_and_hup_reloads() {
+        assert_eq!(meaning(Received::Terminate, 0), Control::Stop);
+        assert_eq!(meaning(Received::Interrupt, 0), Control::Stop);
+        assert_eq!(meaning(Received::Terminate, 1), Control::StopNow);
+        assert_eq!(meaning(Received::Interrupt, 3), Control::StopNow);
+        assert_eq!(meaning(Received::Hangup, 0), Control::Reload);
+        assert_eq!(meaning(Received::Hangup, 2), Control::Reload);
+    }
+
+    #[tokio::test]
+    async fn stop_on_a_future_says_stop_once() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut controls = Controls::stop_on(async move {
+            let _ = rx.await;
+        });
+        let _ = tx.send(());
+        assert_eq!(controls.recv().await, Some(Control::Stop));
+    }
+}
