@@ -5,11 +5,19 @@
 //! | first SIGTERM or SIGINT | [`Control::Stop`]: stop intake, let running jobs drain |
 //! | any later SIGTERM or SIGINT | [`Control::StopNow`]: kill the running jobs now, still report them |
 //! | SIGHUP | [`Control::Reload`]: reload the config where that is safe |
+//! | third SIGTERM or SIGINT | the process ends at once, by the signal's default action |
+//!
+//! The third one is handled inside the signal handler itself (with `signal-hook`), not by
+//! the runtime: it is the operator's way out of a shutdown that is stuck (an outbox that
+//! cannot reach AWS, a wedged runtime) without reaching for SIGKILL. Outcomes already in
+//! the outbox are durable and go out after the next start.
 //!
 //! Owns: the signal handlers and that mapping. Must not touch: what stopping or reloading
 //! does; the daemon owns that and only ever sees a [`Control`].
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
@@ -52,6 +60,35 @@ pub enum SignalError {
     },
 }
 
+/// How many SIGTERM/SIGINT end the process at once.
+pub const HARD_EXIT_AFTER: usize = 3;
+
+/// Makes the [`HARD_EXIT_AFTER`]th SIGTERM/SIGINT end the process with the default action,
+/// counted in the handler so it works even when nothing else runs any more.
+fn install_hard_exit() -> Result<(), SignalError> {
+    let count = Arc::new(AtomicUsize::new(0));
+    for (signal, name) in [
+        (signal_hook::consts::SIGTERM, "SIGTERM"),
+        (signal_hook::consts::SIGINT, "SIGINT"),
+    ] {
+        let count = count.clone();
+        let action = move || {
+            if count.fetch_add(1, Ordering::SeqCst) + 1 >= HARD_EXIT_AFTER {
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
+            }
+        };
+        // SAFETY: the action runs inside a signal handler; it only updates an atomic and
+        // calls emulate_default_handler, both async-signal-safe, and allocates nothing.
+        unsafe { signal_hook::low_level::register(signal, action) }.map_err(|source| {
+            SignalError::Install {
+                signal: name,
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
 /// The stream of [`Control`]s the daemon reads.
 #[derive(Debug)]
 pub struct Controls {
@@ -72,6 +109,7 @@ impl Controls {
         let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
         let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
         let mut hup = listen(SignalKind::hangup(), "SIGHUP")?;
+        install_hard_exit()?;
         let (tx, controls) = Controls::channel();
         tokio::spawn(async move {
             let mut stops = 0u32;

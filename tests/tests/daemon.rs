@@ -325,9 +325,9 @@ async fn job_over_its_timeout_ends_as_rsql_timeout_with_nothing_left() {
 async fn heartbeats_keep_a_long_job_alive() {
     let world = World::new().await;
     // 4 x HeartbeatSeconds: without heartbeats the task would time out.
-    write_script(&world.scripts, "long.sh", "sleep 8\necho done");
+    write_script(&world.scripts, "long.sh", "sleep 12\necho done");
     let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(2).await;
+    let sm = world.state_machine(3).await;
     let exec = world.start(&sm, "hb_1", "long.sh", 60).await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(
@@ -338,7 +338,7 @@ async fn heartbeats_keep_a_long_job_alive() {
         agent.log()
     );
     assert!(output_of(&out).get("error").is_none(), "{:?}", out.output());
-    assert!(output_of(&out)["duration_ms"].as_u64().unwrap() >= 8000);
+    assert!(output_of(&out)["duration_ms"].as_u64().unwrap() >= 12000);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -826,6 +826,55 @@ async fn a_second_sigterm_kills_the_jobs_now_and_still_reports() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_third_sigterm_ends_a_stuck_shutdown_at_once_and_loses_no_outcome() {
+    use std::os::unix::process::ExitStatusExt;
+    let world = World::new().await;
+    write_script(&world.scripts, "stuck.sh", "sleep 300");
+    // AWS is unreachable during the shutdown, so the outbox cannot deliver and the drain
+    // would wait: the third SIGTERM is the way out.
+    let proxy = Proxy::start(world.moto.addr());
+    let mut config = world.config();
+    config.shutdown_grace = "60s".into();
+    let mut agent = Agent::start(config, &proxy.url());
+    let sm = moto::create_state_machine(
+        &world.sdk,
+        &moto::unique_name("stuck"),
+        &single_task(&world.queue_url, 60),
+    )
+    .await;
+    let exec = world.start(&sm, "stuck_1", "stuck.sh", &[]).await;
+    agent.wait_for_log("job started", WAIT);
+    proxy.cut();
+    agent.signal(Signal::SIGTERM);
+    agent.wait_for_log("shutting down: intake stopped", WAIT);
+    agent.signal(Signal::SIGTERM);
+    rsql_agent_tests::agent::wait_until("the interrupted outcome in the outbox", WAIT, || {
+        agent.outbox_len() == 1
+    });
+    assert!(
+        agent.is_running(),
+        "the agent should still be trying to deliver"
+    );
+    let third = Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(5));
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGTERM),
+        "{status:?}\n{}",
+        agent.log()
+    );
+    assert!(third.elapsed() < Duration::from_secs(5));
+    // Nothing is lost: the next start delivers what the outbox holds.
+    assert_eq!(agent.outbox_len(), 1);
+    proxy.restore();
+    agent.restart();
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let (error, _) = caught_error(&out);
+    assert_eq!(error, "Rsql.Interrupted", "{}", agent.log());
+}
+
 // ---------------------------------------------------------------------------------------
 // Start-up after a crash
 
