@@ -41,8 +41,18 @@ clippy:
 nextest: deps venv build
 	$(CARGO) nextest run --workspace --no-fail-fast
 
-## test: everything CI runs: formatting, lints, unit tests and system tests
-test: fmt-check clippy lint-cfn nextest
+## test: everything CI runs: formatting, lints, unit tests, system tests and the bench smoke run
+test: fmt-check clippy lint-cfn nextest bench-smoke
+
+## bench: the agent measured against the per-job-process baseline, on a release build
+## (minutes; not part of `make test`). Prints a table and writes bench/results.json.
+bench: venv
+	$(CARGO) build --release --workspace --bins
+	$(CARGO) run --release --quiet -p rsql-agent-tests --bin rsql-bench
+
+## bench-smoke: the same program with a few jobs per figure (debug build; checks sanity, not targets)
+bench-smoke: venv build
+	$(CARGO) run --quiet -p rsql-agent-tests --bin rsql-bench -- --smoke
 
 clean:
 	$(CARGO) clean
