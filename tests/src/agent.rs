@@ -280,6 +280,26 @@ impl Agent {
             .collect()
     }
 
+    /// The entries waiting in the outbox, parsed.
+    pub fn outbox_entries(&self) -> Vec<serde_json::Value> {
+        let Ok(dir) = std::fs::read_dir(self.state_dir.join("outbox")) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+            .collect()
+    }
+
+    /// How many outbox entries still carry an undelivered Step Functions callback.
+    pub fn pending_callbacks(&self) -> usize {
+        self.outbox_entries()
+            .iter()
+            .filter(|e| !e["callback"].is_null() && e["callback_done"] != true)
+            .count()
+    }
+
     /// Files waiting in the outbox.
     pub fn outbox_len(&self) -> usize {
         std::fs::read_dir(self.state_dir.join("outbox"))

@@ -519,8 +519,9 @@ async fn outage_during_a_job_loses_nothing_and_reports_once() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(
-        agent.outbox_len() >= 1,
+    assert_eq!(
+        agent.pending_callbacks(),
+        1,
         "the outcome must wait in the outbox"
     );
     proxy.restore();
@@ -549,8 +550,9 @@ async fn outcome_survives_an_agent_killed_before_its_callback() {
     agent.wait_for_log("job started", WAIT);
     proxy.cut();
     agent.wait_for_log("job finished", WAIT);
+    // The callback waits in the outbox (the `running` audit write may wait there too).
     rsql_agent_tests::agent::wait_until("the outcome in the outbox", WAIT, || {
-        agent.outbox_len() == 1
+        agent.pending_callbacks() == 1
     });
     agent.kill();
     // Nothing got out before the kill: the task is still waiting for its callback.

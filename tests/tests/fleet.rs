@@ -850,7 +850,7 @@ async fn a_third_sigterm_ends_a_stuck_shutdown_at_once_and_loses_no_outcome() {
     agent.wait_for_log("shutting down: intake stopped", WAIT);
     agent.signal(Signal::SIGTERM);
     rsql_agent_tests::agent::wait_until("the interrupted outcome in the outbox", WAIT, || {
-        agent.outbox_len() == 1
+        agent.pending_callbacks() == 1
     });
     assert!(
         agent.is_running(),
@@ -867,7 +867,7 @@ async fn a_third_sigterm_ends_a_stuck_shutdown_at_once_and_loses_no_outcome() {
     );
     assert!(third.elapsed() < Duration::from_secs(5));
     // Nothing is lost: the next start delivers what the outbox holds.
-    assert_eq!(agent.outbox_len(), 1);
+    assert_eq!(agent.pending_callbacks(), 1);
     proxy.restore();
     agent.restart();
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;

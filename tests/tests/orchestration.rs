@@ -10,10 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::ExecutionStatus;
 use rsql_agent_tests::agent::{script_dir, write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
@@ -38,6 +35,7 @@ struct World {
     _scripts_dir: tempfile::TempDir,
     scripts: PathBuf,
     locks: tempfile::TempDir,
+    log_group: String,
 }
 
 impl World {
@@ -48,9 +46,9 @@ impl World {
         let config_table = moto::unique_name("rsql-workflow-config");
         let job_table = moto::unique_name("rsql-job-audit");
         let workflow_table = moto::unique_name("rsql-workflow-audit");
-        create_table(&sdk, &config_table, "workflow_id", None).await;
-        create_table(&sdk, &job_table, "job_name", Some("workflow_execution_id")).await;
-        create_table(
+        moto::create_table(&sdk, &config_table, "workflow_id", None).await;
+        moto::create_table(&sdk, &job_table, "job_name", Some("workflow_execution_id")).await;
+        moto::create_table(
             &sdk,
             &workflow_table,
             "workflow_execution_id",
@@ -84,6 +82,7 @@ impl World {
             _scripts_dir: dir,
             scripts,
             locks: tempfile::tempdir().unwrap(),
+            log_group: format!("/ops/rsql-logs/{}", moto::unique_name("e2e")),
         }
     }
 
@@ -96,6 +95,8 @@ impl World {
         config.heartbeat_interval = "1s".to_string();
         // The fleet shares one lock directory, as on EFS.
         config.lock_dir = Some(self.locks.path().to_path_buf());
+        // Live logs, one stream per job attempt.
+        config.log_group = Some(self.log_group.clone());
         Agent::start(config, &self.moto.endpoint())
     }
 
@@ -222,35 +223,6 @@ fn definition(substitutions: &[(&str, &str)]) -> String {
     );
     serde_json::from_str::<Value>(&text).expect("the substituted ASL is JSON");
     text
-}
-
-async fn create_table(sdk: &SdkConfig, name: &str, hash: &str, range: Option<&str>) {
-    let key = |n: &str, t| {
-        KeySchemaElement::builder()
-            .attribute_name(n)
-            .key_type(t)
-            .build()
-            .unwrap()
-    };
-    let attr = |n: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(n)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .unwrap()
-    };
-    let mut create = aws_sdk_dynamodb::Client::new(sdk)
-        .create_table()
-        .table_name(name)
-        .key_schema(key(hash, KeyType::Hash))
-        .attribute_definitions(attr(hash))
-        .billing_mode(BillingMode::PayPerRequest);
-    if let Some(range) = range {
-        create = create
-            .key_schema(key(range, KeyType::Range))
-            .attribute_definitions(attr(range));
-    }
-    create.send().await.unwrap();
 }
 
 fn show(out: &Output) -> String {
@@ -394,7 +366,34 @@ async fn blog_workflow_runs_in_stage_order_across_two_agents() {
             assert!(line.contains("i-0agent-"), "{line}");
         }
     }
-    // Log streams: not checked here until the CloudWatch shipper lands (see the report).
+    // Six log streams, each holding its script's output.
+    let logs = aws_sdk_cloudwatchlogs::Client::new(&world.sdk);
+    let mut streams = BTreeSet::new();
+    for item in items.iter().flatten() {
+        let job = s(item, "job_name");
+        let stream = s(item, "log_stream");
+        assert_eq!(s(item, "log_group"), world.log_group);
+        let events = logs
+            .get_log_events()
+            .log_group_name(&world.log_group)
+            .log_stream_name(&stream)
+            .start_from_head(true)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GetLogEvents {stream}: {e:?}"));
+        let text: Vec<String> = events
+            .events()
+            .iter()
+            .filter_map(|e| e.message().map(str::to_string))
+            .collect();
+        assert!(
+            text.iter().any(|l| l.contains(&format!("{job}: done"))),
+            "stream {stream} lacks the output of {job}: {text:?}"
+        );
+        assert!(status.contains(&stream), "{status}");
+        streams.insert(stream);
+    }
+    assert_eq!(streams.len(), 6, "{streams:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
