@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 
-.PHONY: demo test deps build release venv fmt-check clippy lint-cfn nextest bench bench-smoke clean
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 demo: deps build
@@ -35,6 +35,10 @@ fmt-check:
 lint-cfn: venv
 	$(VENV)/bin/cfn-lint packaging/aws/stack.yaml
 
+## check-systemd: `systemd-analyze verify` and the `security --offline` exposure of the unit
+check-systemd: deps
+	bash packaging/check-systemd.sh
+
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -42,7 +46,7 @@ nextest: deps venv build
 	$(CARGO) nextest run --workspace --no-fail-fast
 
 ## test: everything CI runs: formatting, lints, unit tests, system tests and the bench smoke run
-test: fmt-check clippy lint-cfn nextest bench-smoke
+test: fmt-check clippy lint-cfn check-systemd nextest bench-smoke
 
 ## bench: the agent measured against the per-job-process baseline, on a release build
 ## (minutes; not part of `make test`). Prints a table and writes bench/results.json.

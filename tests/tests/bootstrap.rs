@@ -1,0 +1,134 @@
+//! packaging/bootstrap.sh (the EC2 user data): the dry run prints the documented actions
+//! (package install, EFS mount with the NFSv4.1 options, fstab, config, systemctl), the
+//! config it writes is a valid agent config, and the scripts are shellcheck-clean.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Runs the dry run; returns (exit status ok, stderr) — every dry-run action goes to stderr.
+fn dry_run(args: &[&str]) -> (bool, String) {
+    let out = Command::new("bash")
+        .arg(repo().join("packaging/bootstrap.sh"))
+        .arg("--dry-run")
+        .args(args)
+        .output()
+        .expect("run bash");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn dry_run_prints_every_action() {
+    // A script dir that exists here, so the config validates as it would on the instance.
+    let scripts = repo().join("rsql_scripts");
+    let scripts = scripts.to_str().unwrap();
+    let (ok, out) = dry_run(&[
+        "--script-dir",
+        scripts,
+        "--package",
+        "https://example.invalid/rsql-agent_0.1.0_amd64.deb",
+        "--region",
+        "us-east-1",
+        "--efs",
+        "fs-12345678",
+        "--queue-url",
+        "https://sqs.us-east-1.amazonaws.com/123456789012/rsql-jobs",
+        "--log-group",
+        "/ops/rsql-logs/",
+        "--job-table",
+        "rsql-job-audit",
+        "--secret-id",
+        "rsql/redshift",
+    ]);
+    assert!(ok, "dry run failed:\n{out}");
+    let opts = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport";
+    for expected in [
+        "+ curl -fsSL --retry 5 -o /var/tmp/rsql-agent_0.1.0_amd64.deb https://example.invalid/rsql-agent_0.1.0_amd64.deb",
+        "apt-get install -y -q /var/tmp/rsql-agent_0.1.0_amd64.deb",
+        &format!("+ mount -t nfs4 -o {opts} fs-12345678.efs.us-east-1.amazonaws.com:/ /mnt/efs"),
+        "+ install -d -m 0750 -o rsql -g rsql /mnt/efs/rsql-agent/locks",
+        "+ write /etc/rsql-agent/agent.toml (mode 0640, owner root:rsql):",
+        "|   queue_url = \"https://sqs.us-east-1.amazonaws.com/123456789012/rsql-jobs\"",
+        "|   dir = \"/mnt/efs/rsql-agent/locks\"",
+        &format!("|   script_dir = \"{scripts}\""),
+        "|   log_group = \"/ops/rsql-logs/\"",
+        "|   job_table = \"rsql-job-audit\"",
+        "|   secret_id = \"rsql/redshift\"",
+        "+ /usr/bin/rsql-agent check-config /etc/rsql-agent/agent.toml",
+        "+ systemctl enable --now rsql-agent",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+    // The fstab entry, unless this machine's fstab already mounts /mnt/efs.
+    let fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
+    if !fstab.contains(" /mnt/efs ") {
+        assert!(
+            out.contains(&format!(
+                "+ append to /etc/fstab: fs-12345678.efs.us-east-1.amazonaws.com:/ /mnt/efs nfs4 {opts},_netdev 0 0"
+            )),
+            "no fstab entry in:\n{out}"
+        );
+    }
+    assert!(!out.contains("nolock") && !out.contains("local_lock"));
+
+    // The config it would write is a valid agent config.
+    let config: String = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("|   "))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let parsed = rsql_agent::config::Config::parse(&config, std::path::Path::new("agent.toml"));
+    assert!(parsed.is_ok(), "{parsed:?}\n{config}");
+}
+
+#[test]
+fn dry_run_reads_the_config_from_ssm_and_installs_rpms() {
+    let (ok, out) = dry_run(&[
+        "--package",
+        "/tmp/rsql-agent-0.1.0-1.x86_64.rpm",
+        "--config-parameter",
+        "/rsql-agent/config",
+    ]);
+    assert!(ok, "dry run failed:\n{out}");
+    assert!(
+        out.contains("install -y -q /tmp/rsql-agent-0.1.0-1.x86_64.rpm"),
+        "{out}"
+    );
+    assert!(
+        out.contains("+ aws ssm get-parameter --name /rsql-agent/config --with-decryption"),
+        "{out}"
+    );
+    assert!(!out.contains("mount -t nfs4"), "no --efs, no mount:\n{out}");
+    assert!(out.contains("+ systemctl enable --now rsql-agent"), "{out}");
+}
+
+#[test]
+fn bad_input_is_refused() {
+    let (ok, out) = dry_run(&["--package", "x.deb", "--queue-url", "a\"b"]);
+    assert!(!ok);
+    assert!(out.contains("not allowed"), "{out}");
+    let (ok, out) = dry_run(&["--package", "x.tar.gz"]);
+    assert!(!ok);
+    assert!(out.contains(".deb or .rpm"), "{out}");
+    let (ok, _) = dry_run(&[]);
+    assert!(!ok, "--package is required");
+}
+
+#[test]
+fn scripts_are_shellcheck_clean() {
+    let status = Command::new("shellcheck")
+        .arg(repo().join("packaging/bootstrap.sh"))
+        .arg(repo().join("packaging/check-systemd.sh"))
+        .status()
+        .expect("shellcheck is missing: run .ci/install-deps (apt-get install shellcheck)");
+    assert!(status.success(), "shellcheck found problems");
+}
