@@ -3,6 +3,8 @@
 //! Owns: the receive loop (only as many messages as there are free job slots), the life of
 //! one delivery (parse → lock decision → run with heartbeats → outcome in the outbox →
 //! delete the message → unlock), heartbeats and cancellation, and the order of shutdown.
+//! A job from the local socket (`intake::socket`) takes a slot in the same loop and runs the
+//! same path; only its acknowledgement differs (the reply to its submitter, no SQS calls).
 //!
 //! Must not touch: how a process is supervised, how a log is written, or how a report is
 //! retried; those belong to `supervisor`, `joblog` and `report`.
@@ -20,6 +22,7 @@ use crate::attempt::{
 };
 use crate::aws::AwsClients;
 use crate::config::Config;
+use crate::intake::socket::{self, SocketError, Submission, SubmitReply};
 use crate::intake::sqs::{Delivery, SqsError, SqsIntake};
 use crate::job::{JobRules, JobSpec};
 use crate::joblog::cloudwatch::{self, Shipment, Shipper, ShipperError};
@@ -50,8 +53,10 @@ const OUTBOX_DRAIN_ON_EXIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("no intake is configured: set [intake.sqs] queue_url")]
+    #[error("no intake is configured: set [intake.sqs] queue_url or [intake.socket]")]
     NoIntake,
+    #[error(transparent)]
+    Socket(#[from] SocketError),
     #[error(transparent)]
     Outbox(#[from] OutboxError),
     #[error(transparent)]
@@ -68,7 +73,8 @@ struct Shared {
     sfn: StepFunctions,
     audit_table: Option<JobAuditTable>,
     outbox: Outbox,
-    sqs: SqsIntake,
+    /// `None` when the agent takes jobs from its socket only.
+    sqs: Option<SqsIntake>,
     database: DatabaseEnv,
     /// Ships job logs to CloudWatch; `None` without `[logs.cloudwatch]`.
     shipper: Option<Shipper>,
@@ -103,7 +109,10 @@ impl Daemon {
         attempts: Arc<AttemptContext>,
         clients: &AwsClients,
     ) -> Result<Daemon, DaemonError> {
-        let sqs = config.sqs.clone().ok_or(DaemonError::NoIntake)?;
+        if config.sqs.is_none() && config.socket.is_none() {
+            return Err(DaemonError::NoIntake);
+        }
+        let sqs = config.sqs.clone();
         let outbox = Outbox::open(&config.agent.state_dir)?;
         let audit_table = config
             .audit
@@ -133,7 +142,7 @@ impl Daemon {
                 sfn: StepFunctions::new(clients.sfn.clone()),
                 audit_table,
                 outbox,
-                sqs: SqsIntake::new(clients.sqs.clone(), sqs),
+                sqs: sqs.map(|s| SqsIntake::new(clients.sqs.clone(), s)),
                 database,
                 shipper,
             }),
@@ -199,6 +208,24 @@ impl Daemon {
 
         let (jobs_stop_tx, jobs_stop_rx) = watch::channel(JobStop::Run);
         let mut slots = Slots::new(shared.config.agent.max_concurrent_jobs);
+        // The socket intake: connections are validated by their own tasks; a valid job comes
+        // here to take a slot and join `jobs`, so it drains and stops like an SQS job.
+        let (submit_tx, mut submit_rx) = tokio::sync::mpsc::channel::<Submission>(16);
+        let socket_task = match &shared.config.socket {
+            Some(settings) => {
+                let intake = socket::SocketIntake::bind(settings)?;
+                tracing::info!(path = %settings.path.display(), "listening for jobs on the local socket");
+                Some(tokio::spawn(
+                    intake.serve(socket_validator(&shared), submit_tx),
+                ))
+            }
+            None => {
+                drop(submit_tx);
+                None
+            }
+        };
+        let has_socket = socket_task.is_some();
+        let has_sqs = shared.sqs.is_some();
         let mut jobs = JoinSet::new();
         let mut receive_failures = 0u32;
         // The receive in flight, and the slot taken for its first message.
@@ -211,7 +238,8 @@ impl Daemon {
         let mut controls_open = true;
         let mut stop = JobStop::Run;
         tracing::info!(
-            queue_url = shared.sqs.queue_url(),
+            queue_url = shared.sqs.as_ref().map_or("-", |s| s.queue_url()),
+            socket = has_socket,
             max_concurrent_jobs = shared.config.agent.max_concurrent_jobs,
             "receiving jobs"
         );
@@ -237,11 +265,34 @@ impl Daemon {
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
                 _ = sleep_until_some(retry_at), if retry_at.is_some() => retry_at = None,
                 // Wait for a free slot first: never take a message there is no room to run.
-                permit = slots.acquire(), if receiving.is_none() && retry_at.is_none() => {
+                Some(submission) = submit_rx.recv(), if has_socket => {
+                    let reply = match slots.try_acquire() {
+                        Some(permit) => {
+                            let reply = SubmitReply::Accepted {
+                                job_name: submission.spec.job_name.clone(),
+                                token_hash: submission
+                                    .spec
+                                    .task_token
+                                    .as_deref()
+                                    .map(lock::token_hash)
+                                    .unwrap_or_default(),
+                            };
+                            let shared = shared.clone();
+                            let stop = jobs_stop_rx.clone();
+                            jobs.spawn(async move {
+                                handle_submission(shared, submission.spec, stop, permit).await;
+                            });
+                            reply
+                        }
+                        None => SubmitReply::Busy,
+                    };
+                    let _ = submission.reply.send(reply);
+                }
+                permit = slots.acquire(), if has_sqs && receiving.is_none() && retry_at.is_none() => {
                     let Some(permit) = permit else { break };
+                    let Some(sqs) = shared.sqs.clone() else { continue };
                     let free = 1 + slots.available();
                     first = Some(permit);
-                    let sqs = shared.sqs.clone();
                     receiving = Some(tokio::spawn(async move { sqs.receive(free).await }));
                 }
                 received = join_some(&mut receiving), if receiving.is_some() => {
@@ -287,9 +338,20 @@ impl Daemon {
         // in flight may yet hand us messages; they go straight back to the queue, for
         // another agent.
         drop(first);
-        let returning = receiving.take().map(|task| {
-            let sqs = shared.sqs.clone();
-            tokio::spawn(return_unstarted(sqs, task))
+        if let Some(task) = socket_task {
+            task.abort();
+            let _ = task.await;
+        }
+        submit_rx.close();
+        while let Ok(submission) = submit_rx.try_recv() {
+            let _ = submission.reply.send(SubmitReply::ShuttingDown);
+        }
+        if let Some(settings) = &shared.config.socket {
+            let _ = std::fs::remove_file(&settings.path);
+        }
+        let returning = receiving.take().and_then(|task| {
+            let sqs = shared.sqs.clone()?;
+            Some(tokio::spawn(return_unstarted(sqs, task)))
         });
         let grace = shared.attempts.live().agent.shutdown_grace;
         tracing::info!(
@@ -500,7 +562,7 @@ async fn handle(
                     "rejected a job message with no usable task token: nobody can be told, deleting it"
                 ),
             }
-            delete(&shared, &delivery).await;
+            delete_message(&shared, &delivery).await;
             return;
         }
     };
@@ -514,14 +576,105 @@ async fn handle(
         workflow_execution_id = %spec.workflow_execution_id,
         token_hash = %token_hash,
     );
-    run_delivery(shared, delivery, spec, token, token_hash, shutdown)
+    run_delivery(
+        shared,
+        Source::Sqs(delivery),
+        spec,
+        token,
+        token_hash,
+        shutdown,
+    )
+    .instrument(span)
+    .await
+}
+
+/// Where a running job came from, and so how it is acknowledged: an SQS message is kept
+/// hidden while the job runs and deleted once its outcome is durable; a socket job was
+/// acknowledged by the reply to its submitter and needs nothing more.
+#[derive(Debug)]
+enum Source {
+    Sqs(Delivery),
+    Socket,
+}
+
+impl Source {
+    fn receive_count(&self) -> u32 {
+        match self {
+            Source::Sqs(delivery) => delivery.receive_count,
+            Source::Socket => 1,
+        }
+    }
+}
+
+/// Validates a socket submission the way `handle` validates an SQS message. A broken job
+/// that carries a token still gets its `Rsql.InvalidJob` callback (through the outbox), so
+/// the workflow does not wait for its timeout; the submitter is told why either way.
+fn socket_validator(shared: &Arc<Shared>) -> socket::Validate {
+    let shared = shared.clone();
+    Arc::new(move |body: &[u8], peer: &socket::Peer| {
+        let rules = JobRules {
+            script_dir: &shared.config.jobs.script_dir,
+            default_timeout: shared.attempts.live().jobs.default_timeout,
+            require_token: true,
+        };
+        match JobSpec::parse(body, &rules) {
+            Ok(spec) => Ok(spec),
+            Err(invalid) => {
+                let reason = invalid.error.to_string();
+                match invalid.task_token {
+                    Some(token) => {
+                        tracing::warn!(
+                            uid = peer.uid,
+                            pid = peer.pid,
+                            token_hash = %lock::token_hash(&token),
+                            reason = %reason,
+                            "rejected a socket job: failing its task with Rsql.InvalidJob"
+                        );
+                        let outcome = failure(ErrorName::InvalidJob, reason.clone());
+                        let entry =
+                            OutboxEntry::new(Some(token), Callback::from_outcome(&outcome), None);
+                        if let Err(e) = shared.outbox.put(&entry) {
+                            tracing::error!(error = %e, "cannot store the outcome of a rejected socket job");
+                        }
+                    }
+                    None => tracing::warn!(
+                        uid = peer.uid,
+                        pid = peer.pid,
+                        reason = %reason,
+                        "rejected a socket job with no usable task token"
+                    ),
+                }
+                Err(reason)
+            }
+        }
+    })
+}
+
+/// The life of one accepted socket job: the same path as an SQS delivery, without SQS.
+async fn handle_submission(
+    shared: Arc<Shared>,
+    spec: JobSpec,
+    shutdown: watch::Receiver<JobStop>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let Some(token) = spec.task_token.clone() else {
+        return;
+    };
+    let token_hash = lock::token_hash(&token);
+    let span = tracing::info_span!(
+        "job",
+        job_name = %spec.job_name,
+        workflow_execution_id = %spec.workflow_execution_id,
+        token_hash = %token_hash,
+    );
+    run_delivery(shared, Source::Socket, spec, token, token_hash, shutdown)
         .instrument(span)
         .await
 }
 
 async fn run_delivery(
     shared: Arc<Shared>,
-    delivery: Delivery,
+    delivery: Source,
     spec: JobSpec,
     token: String,
     token_hash: String,
@@ -532,10 +685,20 @@ async fn run_delivery(
         Err(AttemptError::Busy { holder, .. }) => {
             // Another runner has it now; this copy comes back later to find it finished,
             // and then replays its outcome.
-            tracing::info!(holder = %holder, receive_count = delivery.receive_count, "job is running elsewhere; leaving this copy");
+            tracing::info!(holder = %holder, receive_count = delivery.receive_count(), "job is running elsewhere; leaving this copy");
             return;
         }
         Err(e) => {
+            if let Source::Socket = delivery {
+                // Nobody would send a socket job again: report the failure now.
+                tracing::error!(error = %e, "cannot take the job's lock; failing the job");
+                let outcome = failure(
+                    ErrorName::ScriptFailed,
+                    format!("the agent could not take the job's lock: {e}"),
+                );
+                finish(&shared, &delivery, None, Some(&token), &outcome, None).await;
+                return;
+            }
             tracing::error!(error = %e, "cannot take the job's lock; leaving the message for a retry");
             return;
         }
@@ -548,7 +711,7 @@ async fn run_delivery(
             let other_token = held.previous().is_some_and(|p| p.token_hash != token_hash);
             if other_token && task_closed(&shared, &token).await {
                 tracing::info!(
-                    receive_count = delivery.receive_count,
+                    receive_count = delivery.receive_count(),
                     "the task is already closed: deleting this stale copy without running it"
                 );
                 delete(&shared, &delivery).await;
@@ -627,7 +790,10 @@ async fn run_delivery(
     let tick = tick_for(
         spec.heartbeat,
         shared.attempts.live().jobs.heartbeat_interval,
-        shared.sqs.visibility_timeout(),
+        match (&delivery, &shared.sqs) {
+            (Source::Sqs(_), Some(sqs)) => sqs.visibility_timeout(),
+            _ => Duration::MAX,
+        },
     );
     let audit_table = shared.audit_table.clone();
     let outbox = shared.outbox.clone();
@@ -780,7 +946,7 @@ async fn task_closed(shared: &Shared, token: &str) -> bool {
 async fn heartbeat_loop(
     shared: &Shared,
     token: &str,
-    delivery: &Delivery,
+    delivery: &Source,
     tick: Duration,
     stop: &StopSender,
 ) {
@@ -801,8 +967,10 @@ async fn heartbeat_loop(
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed; will try again next tick"),
             }
         }
-        if let Err(e) = shared.sqs.keep_hidden(&delivery.receipt_handle).await {
-            tracing::warn!(error = %e, "cannot extend the message's visibility");
+        if let (Source::Sqs(delivery), Some(sqs)) = (delivery, &shared.sqs) {
+            if let Err(e) = sqs.keep_hidden(&delivery.receipt_handle).await {
+                tracing::warn!(error = %e, "cannot extend the message's visibility");
+            }
         }
     }
 }
@@ -811,7 +979,7 @@ async fn heartbeat_loop(
 /// order: a crash anywhere in between leaves a redelivery that replays, never a lost report.
 async fn finish(
     shared: &Shared,
-    delivery: &Delivery,
+    delivery: &Source,
     held: Option<JobLock>,
     token: Option<&str>,
     outcome: &Outcome,
@@ -835,10 +1003,19 @@ async fn finish(
     }
 }
 
-async fn delete(shared: &Shared, delivery: &Delivery) {
+async fn delete(shared: &Shared, source: &Source) {
+    if let Source::Sqs(delivery) = source {
+        delete_message(shared, delivery).await;
+    }
+}
+
+async fn delete_message(shared: &Shared, delivery: &Delivery) {
+    let Some(sqs) = &shared.sqs else {
+        return;
+    };
     let policy = RetryPolicy::default();
     for attempt in 0..5 {
-        match shared.sqs.delete(&delivery.receipt_handle).await {
+        match sqs.delete(&delivery.receipt_handle).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %e, attempt, "cannot delete the message");

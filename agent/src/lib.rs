@@ -39,6 +39,7 @@ pub mod intake;
 pub mod job;
 pub mod joblog;
 pub mod lock;
+pub mod logging;
 pub mod notify;
 pub mod orchestrate;
 pub mod outcome;

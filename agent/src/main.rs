@@ -185,16 +185,8 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(format: &str, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RSQL_AGENT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+    // The journal natively under systemd (JOURNAL_STREAM is stderr), else text or JSON.
+    rsql_agent::logging::init(format, default_level);
 }
 
 fn config_exit(e: &ConfigError) -> u8 {
@@ -222,6 +214,9 @@ fn check_config(path: &Path) -> u8 {
                     .map(|s| format!("SQS {}", s.queue_url))
                     .unwrap_or_else(|| "no SQS".into())
             );
+            if let Some(socket) = &config.socket {
+                println!("  socket:     {}", socket.path.display());
+            }
             exit::OK
         }
         Err(e) => {
@@ -287,7 +282,9 @@ fn daemon_run(path: &Path) -> u8 {
         let daemon = match rsql_agent::daemon::Daemon::new(config.clone(), attempts, &clients) {
             Ok(d) => d,
             Err(rsql_agent::daemon::DaemonError::NoIntake) => {
-                tracing::error!("no intake is configured: set [intake.sqs] queue_url");
+                tracing::error!(
+                    "no intake is configured: set [intake.sqs] queue_url or [intake.socket]"
+                );
                 return exit::CONFIG;
             }
             Err(e) => {

@@ -81,8 +81,7 @@ impl AgentConfig {
         let mut text = format!(
             "[agent]\nstate_dir = \"{state}\"\nmax_concurrent_jobs = {max}\ninstance_id = \"{id}\"\nshutdown_grace = \"{sg}\"\n\
              [jobs]\nscript_dir = \"{scripts}\"\nlog_dir = \"{state}/jobs\"\ndefault_timeout = \"10m\"\n\
-             kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n{oi}\
-             [intake.sqs]\nqueue_url = \"{queue}\"\nwait_time = \"{wait}\"\nvisibility_timeout = \"{vis}\"\n\
+             kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n{oi}{sqs}\
              [lock]\ndir = \"{locks}\"\n",
             state = state_dir.display(),
             max = self.max_concurrent_jobs,
@@ -91,9 +90,15 @@ impl AgentConfig {
             scripts = self.script_dir.display(),
             kg = self.kill_grace,
             hb = self.heartbeat_interval,
-            queue = self.queue_url,
-            wait = self.wait_time,
-            vis = self.visibility_timeout,
+            // An empty queue URL leaves the SQS intake out (a socket-only agent).
+            sqs = if self.queue_url.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "[intake.sqs]\nqueue_url = \"{}\"\nwait_time = \"{}\"\nvisibility_timeout = \"{}\"\n",
+                    self.queue_url, self.wait_time, self.visibility_timeout
+                )
+            },
             locks = lock_dir.display(),
             oi = self
                 .on_interrupted

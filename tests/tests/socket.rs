@@ -1,0 +1,483 @@
+//! The SSM Run Command path end to end: `rsql-wrapper` hands jobs to the real `rsql-agent
+//! run` over its Unix socket, with moto's executing state machines and the `rsql` stand-in
+//! on `PATH` (the jobs here need no database).
+//!
+//! A real task token comes from a state machine whose task sends its message to a queue of
+//! the test's own (the agent takes nothing from SQS here: it is a socket-only agent); the test
+//! takes the token from there and submits the job with it, as SSM Run Command would.
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_sfn::types::ExecutionStatus;
+use rsql_agent_tests::agent::{script_dir, wait_until, write_script, Agent, AgentConfig};
+use rsql_agent_tests::bins;
+use rsql_agent_tests::moto::{self, Moto};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// One task whose message goes to `queue_url` (the test's capture queue); errors are caught
+/// into `$.error`.
+fn definition(queue_url: &str) -> String {
+    json!({
+        "StartAt": "Job",
+        "States": {
+            "Job": {
+                "Type": "Task",
+                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
+                "Parameters": {
+                    "QueueUrl": queue_url,
+                    "MessageBody": {
+                        "task_token.$": "$$.Task.Token",
+                        "workflow_execution_id.$": "$.execution_id"
+                    }
+                },
+                "HeartbeatSeconds": 60,
+                "TimeoutSeconds": 900,
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
+                "End": true
+            },
+            "Caught": {"Type": "Pass", "End": true}
+        }
+    })
+    .to_string()
+}
+
+struct World {
+    moto: Moto,
+    sdk: SdkConfig,
+    capture: String,
+    state_machine: String,
+    table: String,
+    _scripts_dir: tempfile::TempDir,
+    scripts: PathBuf,
+    /// Holds the socket's directory; mode 0755 so another user can reach the socket.
+    _run_dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl World {
+    async fn new() -> World {
+        let moto = Moto::start();
+        let sdk = moto.sdk_config().await;
+        let capture = moto::create_queue(&sdk, &moto::unique_name("capture")).await;
+        let state_machine =
+            moto::create_state_machine(&sdk, &moto::unique_name("ssm"), &definition(&capture))
+                .await;
+        let table = moto::unique_name("rsql-job-audit");
+        moto::create_job_audit_table(&sdk, &table).await;
+        let (dir, scripts) = script_dir();
+        write_script(&scripts, "hello.sh", "echo \"hello $*\"");
+        // Fails unless its arguments arrive exactly, spaces included.
+        std::fs::create_dir(scripts.join("etl")).unwrap();
+        std::fs::set_permissions(scripts.join("etl"), std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        write_script(
+            &scripts.join("etl"),
+            "legacy.sh",
+            "[ \"$#\" = 2 ] && [ \"$1\" = alpha ] && [ \"$2\" = \"beta two\" ] || { echo \"bad args: $*\" >&2; exit 7; }\necho legacy ok",
+        );
+        write_script(&scripts, "sleepy.sh", "sleep 30");
+        let run_dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let socket = run_dir.path().join("run").join("agent.sock");
+        World {
+            moto,
+            sdk,
+            capture,
+            state_machine,
+            table,
+            _scripts_dir: dir,
+            scripts,
+            _run_dir: run_dir,
+            socket,
+        }
+    }
+
+    /// A socket-only agent (no SQS intake) that allows root.
+    fn config(&self) -> AgentConfig {
+        let mut config = AgentConfig::new("", &self.scripts);
+        config.job_table = Some(self.table.clone());
+        config.extra.push_str(&format!(
+            "[intake.socket]\npath = \"{}\"\nallowed_uids = [0]\n",
+            self.socket.display()
+        ));
+        config
+    }
+
+    fn start_agent(&self, config: AgentConfig) -> Agent {
+        let agent = Agent::start(config, &self.moto.endpoint());
+        wait_until("the agent's socket", WAIT, || self.socket.exists());
+        agent
+    }
+
+    /// Starts an execution and returns it with its real task token.
+    async fn execution(&self, execution_id: &str) -> (String, String) {
+        let input = json!({ "execution_id": execution_id });
+        let exec = moto::start_execution(&self.sdk, &self.state_machine, &input.to_string()).await;
+        let message = moto::receive_one(&self.sdk, &self.capture, WAIT).await;
+        let sent: Value = serde_json::from_str(message.body().unwrap()).unwrap();
+        assert_eq!(sent["workflow_execution_id"], execution_id);
+        (exec, sent["task_token"].as_str().unwrap().to_string())
+    }
+
+    async fn audit_item(&self, job: &str, execution_id: &str) -> HashMap<String, AttributeValue> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let item = aws_sdk_dynamodb::Client::new(&self.sdk)
+                .get_item()
+                .table_name(&self.table)
+                .key("job_name", AttributeValue::S(job.into()))
+                .key(
+                    "workflow_execution_id",
+                    AttributeValue::S(execution_id.into()),
+                )
+                .consistent_read(true)
+                .send()
+                .await
+                .unwrap()
+                .item;
+            if let Some(item) = item {
+                if s(&item, "execution_status") == "completed" {
+                    return item;
+                }
+            }
+            assert!(Instant::now() < deadline, "no completed audit for {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {
+    item.get(key)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wrapper(args: &[&str], socket: Option<&Path>) -> Output {
+    let mut command = Command::new(bins::wrapper());
+    command.args(args);
+    match socket {
+        Some(path) => command.env("RSQL_AGENT_SOCKET", path),
+        None => command.env_remove("RSQL_AGENT_SOCKET"),
+    };
+    command.output().expect("run rsql-wrapper")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn output_of(out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput) -> Value {
+    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit() {
+    let world = World::new().await;
+    let agent = world.start_agent(world.config());
+    let (exec, token) = world.execution("ssm_ok_1").await;
+    let started = Instant::now();
+    let out = wrapper(
+        &[
+            "submit",
+            "--task-token",
+            &token,
+            "--workflow-id",
+            "ssm_test",
+            "--workflow-execution-id",
+            "ssm_ok_1",
+            "--job-name",
+            "hello.sh",
+            "--ssm-command-id",
+            "cmd-0123456789abcdef",
+            "--timeout-seconds",
+            "120",
+            "--heartbeat-seconds",
+            "60",
+            "--socket",
+            world.socket.to_str().unwrap(),
+            "--",
+            "world",
+        ],
+        None,
+    );
+    let took = started.elapsed();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {} stderr {}\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        agent.log()
+    );
+    assert!(
+        text(&out.stdout).contains("accepted"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains(&rsql_agent::lock::token_hash(&token)),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(took < Duration::from_secs(2), "submit took {took:?}");
+
+    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(
+        *done.status(),
+        ExecutionStatus::Succeeded,
+        "{}",
+        agent.log()
+    );
+    let output = output_of(&done);
+    assert_eq!(output["status"], "completed", "{output}");
+    assert_eq!(output["job_name"], "hello.sh");
+    assert_eq!(output["workflow_execution_id"], "ssm_ok_1");
+
+    let item = world.audit_item("hello.sh", "ssm_ok_1").await;
+    assert_eq!(
+        s(&item, "ssm_command_id"),
+        "cmd-0123456789abcdef",
+        "{item:?}"
+    );
+    assert_eq!(s(&item, "workflow_id"), "ssm_test");
+    let log = agent.log();
+    assert!(
+        !log.contains(&token),
+        "the full task token is in the agent's log"
+    );
+    assert!(log.contains("accepted a socket submission"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_job_is_rejected_and_its_task_failed_as_invalid_job() {
+    let world = World::new().await;
+    let agent = world.start_agent(world.config());
+    let (exec, token) = world.execution("ssm_bad_1").await;
+    let out = wrapper(
+        &[
+            "submit",
+            "--task-token",
+            &token,
+            "--workflow-id",
+            "ssm_test",
+            "--workflow-execution-id",
+            "ssm_bad_1",
+            "--job-name",
+            "../../etc/passwd",
+        ],
+        Some(&world.socket),
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("outside the script directory"),
+        "{}",
+        text(&out.stderr)
+    );
+    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let output = output_of(&done);
+    assert_eq!(
+        output["error"]["Error"],
+        "Rsql.InvalidJob",
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_that_is_not_allowed_is_refused_and_the_agent_logs_why() {
+    let world = World::new().await;
+    let agent = world.start_agent(world.config());
+    // The file mode is the first gate; open it so the SO_PEERCRED check is what refuses.
+    std::fs::set_permissions(&world.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(bins::wrapper())
+        .args([
+            "submit",
+            "--task-token",
+            "not-a-real-token",
+            "--workflow-id",
+            "w",
+            "--workflow-execution-id",
+            "e",
+            "--job-name",
+            "hello.sh",
+            "--socket",
+            world.socket.to_str().unwrap(),
+        ])
+        .output()
+        .expect("runuser");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout {} stderr {}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("not authorized"), "{stderr}");
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody")
+        .uid
+        .as_raw();
+    assert!(stderr.contains(&format!("uid {nobody}")), "{stderr}");
+    agent.wait_for_log(
+        "refused a socket submission from an unauthorized peer",
+        WAIT,
+    );
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("refused a socket submission"))
+        .unwrap_or_default();
+    // Fields may carry colour codes in the log file: look for the values.
+    assert!(line.contains(&nobody.to_string()), "{line}");
+    assert!(line.contains("pid"), "{line}");
+    assert!(!log.contains("job started"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_legacy_trigger_arguments_run_a_job_to_a_correct_callback() {
+    let world = World::new().await;
+    let agent = world.start_agent(world.config());
+    let (exec, token) = world.execution("legacy_1").await;
+    let script = world.scripts.join("etl").join("legacy.sh");
+    // As the old invoke Lambda built them for `rsql_trigger.sh`, then the script's arguments.
+    let args = [
+        token.as_str(),
+        "legacy_wf",
+        "legacy_1",
+        script.to_str().unwrap(),
+        "i-0legacy",
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:redshift-abc",
+        "/var/log/rsql/legacy.log",
+        "rsql-job-audit",
+        "/rsql/jobs",
+        world.scripts.to_str().unwrap(),
+        "us-east-1",
+        "alpha",
+        "beta two",
+    ];
+    let out = wrapper(&args, Some(&world.socket));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", agent.log());
+    assert!(stderr.contains("(secret id)"), "{stderr}");
+    assert!(stderr.contains("ignored"), "{stderr}");
+    assert!(!stderr.contains(&token), "the token is echoed: {stderr}");
+
+    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(
+        *done.status(),
+        ExecutionStatus::Succeeded,
+        "{}",
+        agent.log()
+    );
+    let output = output_of(&done);
+    assert_eq!(output["status"], "completed", "{output}");
+    assert_eq!(output["job_name"], "etl/legacy.sh");
+    assert_eq!(output["exit_code"], 0);
+    let item = world.audit_item("etl/legacy.sh", "legacy_1").await;
+    assert_eq!(s(&item, "workflow_id"), "legacy_wf");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_agent_says_busy() {
+    let world = World::new().await;
+    let mut config = world.config();
+    config.max_concurrent_jobs = 1;
+    let agent = world.start_agent(config);
+    let submit = |id: &str, job: &str| {
+        wrapper(
+            &[
+                "submit",
+                "--task-token",
+                &format!("token-{id}"),
+                "--workflow-id",
+                "w",
+                "--workflow-execution-id",
+                id,
+                "--job-name",
+                job,
+            ],
+            Some(&world.socket),
+        )
+    };
+    let first = submit("busy_1", "sleepy.sh");
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    let second = submit("busy_2", "hello.sh");
+    assert_eq!(second.status.code(), Some(75), "{}", text(&second.stderr));
+    assert!(text(&second.stderr).contains("busy"), "{}", agent.log());
+}
+
+#[test]
+fn bad_arguments_give_a_usage_error_naming_the_argument() {
+    let out = wrapper(&["submit", "--task-token", "T", "--job-name", "x.sh"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--workflow-id"), "{stderr}");
+
+    let out = wrapper(&["submit", "--bogus"], None);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("--bogus"));
+
+    let out = wrapper(
+        &[
+            "submit",
+            "--task-token",
+            "T",
+            "--workflow-id",
+            "w",
+            "--workflow-execution-id",
+            "e",
+            "--job-name",
+            "x.sh",
+            "--timeout-seconds",
+            "soon",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--timeout-seconds"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Too few for the legacy form: the first missing argument is named.
+    let out = wrapper(&["tok", "wf", "exec", "/opt/scripts/a.sh", "i-1"], None);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("missing argument 6 (secret id)"),
+        "{stderr}"
+    );
+
+    // No agent listening: its own exit code.
+    let dir = tempfile::tempdir().unwrap();
+    let out = wrapper(
+        &[
+            "submit",
+            "--task-token",
+            "T",
+            "--workflow-id",
+            "w",
+            "--workflow-execution-id",
+            "e",
+            "--job-name",
+            "x.sh",
+        ],
+        Some(&dir.path().join("none.sock")),
+    );
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("not reachable"));
+}
