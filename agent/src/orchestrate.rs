@@ -683,27 +683,6 @@ impl StatusReport {
                 ]
             })
             .collect();
-        let mut widths = headers.map(str::len);
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let line = |cells: &[String]| {
-            let mut out = String::new();
-            for (i, cell) in cells.iter().enumerate() {
-                if i > 0 {
-                    out.push_str("  ");
-                }
-                if i + 1 == cells.len() {
-                    out.push_str(cell);
-                } else {
-                    out.push_str(&format!("{cell:<width$}", width = widths[i]));
-                }
-            }
-            out.push('\n');
-            out
-        };
         let mut out = format!(
             "workflow {}, execution {}\n\n",
             if self.workflow_id.is_empty() {
@@ -713,11 +692,7 @@ impl StatusReport {
             },
             self.execution_id
         );
-        out.push_str(&line(&headers.map(String::from)));
-        out.push_str(&line(&widths.map(|w| "-".repeat(w))));
-        for row in &rows {
-            out.push_str(&line(row));
-        }
+        out.push_str(&crate::workflow::render_table(&headers, &rows));
         let done = self.jobs.iter().filter(|j| j.status == "completed").count();
         let _ = write!(
             out,

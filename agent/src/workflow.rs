@@ -223,33 +223,7 @@ impl WorkflowReport {
                 ]
             })
             .collect();
-        let mut widths = headers.map(str::len);
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let line = |cells: &[String]| {
-            let mut out = String::new();
-            for (i, cell) in cells.iter().enumerate() {
-                if i > 0 {
-                    out.push_str("  ");
-                }
-                if i + 1 == cells.len() {
-                    out.push_str(cell);
-                } else {
-                    out.push_str(&format!("{cell:<width$}", width = widths[i]));
-                }
-            }
-            out.push('\n');
-            out
-        };
-        let mut out = line(&headers.map(String::from));
-        out.push_str(&line(&widths.map(|w| "-".repeat(w))));
-        for row in &rows {
-            out.push_str(&line(row));
-        }
-        out
+        render_table(&headers, &rows)
     }
 }
 
@@ -554,6 +528,38 @@ impl Runner {
             .record_workflow(&workflow_record(status, Some(now_ts()), first_error))?;
         Ok(report)
     }
+}
+
+/// A plain-text table: a header row, a rule, then the rows, columns padded to their widest
+/// cell, the last column left unpadded. Shared by every table the CLI prints.
+pub fn render_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = headers.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i > 0 {
+                out.push_str("  ");
+            }
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<width$}", width = widths[i]));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(&headers.map(String::from));
+    out.push_str(&line(&widths.map(|w| "-".repeat(w))));
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
 }
 
 /// Waits for every spawned job and adds its report.
