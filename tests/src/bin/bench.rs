@@ -1446,7 +1446,7 @@ fn method_notes() -> Value {
     })
 }
 
-/// The targets from issue 4, judged against the numbers (full mode only).
+/// The performance targets in the README, judged against the numbers (full mode only).
 fn targets(r: &Value, smoke: bool) -> Value {
     let f = &r["figures"];
     let rows = [
