@@ -340,6 +340,16 @@ pub fn script_dir() -> (tempfile::TempDir, PathBuf) {
     (dir, scripts)
 }
 
+/// Copies the sample jobs and workflows of `rsql_scripts/` into `dir`.
+pub fn copy_sample_scripts(dir: &Path) {
+    for entry in
+        std::fs::read_dir(bins::workspace_root().join("rsql_scripts")).expect("rsql_scripts")
+    {
+        let entry = entry.expect("rsql_scripts entry");
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).expect("copy sample script");
+    }
+}
+
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {

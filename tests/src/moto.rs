@@ -528,3 +528,63 @@ pub async fn create_table(config: &SdkConfig, name: &str, hash: &str, range: Opt
 pub async fn create_job_audit_table(config: &SdkConfig, name: &str) {
     create_table(config, name, "job_name", Some("workflow_execution_id")).await
 }
+
+/// A finished execution's output, parsed.
+pub fn execution_output(
+    out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput,
+) -> serde_json::Value {
+    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
+}
+
+/// The error a `Catch` put into `$.error`, with its cause parsed (`Null` when it has none).
+pub fn caught_error(
+    out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput,
+) -> (String, serde_json::Value) {
+    let output = execution_output(out);
+    let error = output["error"]["Error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let cause = output["error"]["Cause"]
+        .as_str()
+        .and_then(|c| serde_json::from_str(c).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (error, cause)
+}
+
+/// How many events of one kind (e.g. `TaskSucceeded`) the execution's history holds.
+pub async fn count_events(
+    config: &SdkConfig,
+    execution_arn: &str,
+    kind: aws_sdk_sfn::types::HistoryEventType,
+) -> usize {
+    execution_history(config, execution_arn)
+        .await
+        .iter()
+        .filter(|e| *e.r#type() == kind)
+        .count()
+}
+
+/// (visible, in flight) messages of a queue.
+pub async fn queue_depth(config: &SdkConfig, queue_url: &str) -> (i64, i64) {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let out = aws_sdk_sqs::Client::new(config)
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "GetQueueAttributes {queue_url}: {}",
+                DisplayErrorContext(&e)
+            )
+        });
+    let attrs = out.attributes.unwrap_or_default();
+    let get = |name| attrs.get(&name).and_then(|v| v.parse().ok()).unwrap_or(-1);
+    (
+        get(A::ApproximateNumberOfMessages),
+        get(A::ApproximateNumberOfMessagesNotVisible),
+    )
+}

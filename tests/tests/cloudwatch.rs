@@ -15,7 +15,7 @@ use aws_sdk_sfn::types::ExecutionStatus;
 use rsql_agent_tests::agent::{script_dir, wait_until, write_script, Agent, AgentConfig};
 use rsql_agent_tests::moto::{self, Moto};
 use rsql_agent_tests::proxy::{Proxy, RecordedRequest};
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -199,10 +199,6 @@ fn shipments_left(agent: &Agent) -> usize {
         .unwrap_or(0)
 }
 
-fn output_of(out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput) -> Value {
-    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
-}
-
 /// The job's local log file (the only one under its workflow execution's directory).
 fn local_log(agent: &Agent, execution_id: &str) -> Option<PathBuf> {
     std::fs::read_dir(agent.state_dir.join("jobs").join(execution_id))
@@ -308,7 +304,7 @@ async fn a_line_is_readable_in_cloudwatch_while_the_job_still_runs() {
     }
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
-    let output = output_of(&out);
+    let output = moto::execution_output(&out);
     assert_eq!(output["log_group"], world.log_group.as_str(), "{output}");
     assert_eq!(output["log_stream"], stream.as_str(), "{output}");
     // The final flush ran before the outcome was reported: the whole log is there already.
@@ -435,7 +431,7 @@ async fn a_twenty_second_outage_neither_slows_the_job_nor_loses_or_repeats_a_lin
 
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
-    let duration_ms = output_of(&out)["duration_ms"]
+    let duration_ms = moto::execution_output(&out)["duration_ms"]
         .as_u64()
         .expect("duration_ms");
     // 300 x 100 ms; a job held up by the 20 s outage would take 50 s.

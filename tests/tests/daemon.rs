@@ -11,7 +11,6 @@ use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use rsql_agent_tests::agent::{process_alive, script_dir, write_script, Agent, AgentConfig};
-use rsql_agent_tests::bins;
 use rsql_agent_tests::moto::{self, Moto};
 use rsql_agent_tests::pg::TestPg;
 use rsql_agent_tests::proxy::Proxy;
@@ -69,10 +68,7 @@ impl World {
         let table = moto::unique_name("rsql-job-audit");
         moto::create_job_audit_table(&sdk, &table).await;
         let (dir, scripts) = script_dir();
-        for entry in std::fs::read_dir(bins::workspace_root().join("rsql_scripts")).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), scripts.join(entry.file_name())).unwrap();
-        }
+        rsql_agent_tests::agent::copy_sample_scripts(&scripts);
         World {
             moto,
             sdk,
@@ -153,44 +149,16 @@ impl World {
         }
     }
 
-    async fn queue_depth(&self) -> (i64, i64) {
-        let out = aws_sdk_sqs::Client::new(&self.sdk)
-            .get_queue_attributes()
-            .queue_url(&self.queue_url)
-            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(
-                aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-            )
-            .send()
-            .await
-            .unwrap();
-        let attrs = out.attributes.unwrap_or_default();
-        let get = |name| attrs.get(&name).and_then(|v| v.parse().ok()).unwrap_or(-1);
-        (
-            get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages),
-            get(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        )
-    }
-
     async fn wait_queue_empty(&self) {
         let deadline = Instant::now() + WAIT;
         loop {
-            let depth = self.queue_depth().await;
+            let depth = moto::queue_depth(&self.sdk, &self.queue_url).await;
             if depth == (0, 0) {
                 return;
             }
             assert!(Instant::now() < deadline, "queue never emptied: {depth:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-
-    /// Counts callbacks of one kind in the execution's history.
-    async fn count_events(&self, execution: &str, kind: HistoryEventType) -> usize {
-        moto::execution_history(&self.sdk, execution)
-            .await
-            .iter()
-            .filter(|e| *e.r#type() == kind)
-            .count()
     }
 }
 
@@ -199,26 +167,6 @@ fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {
         .and_then(|v| v.as_s().ok())
         .cloned()
         .unwrap_or_else(|| panic!("audit item has no string {key}: {item:?}"))
-}
-
-fn output_of(out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput) -> Value {
-    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
-}
-
-/// The error caught into `$.error`, with its cause parsed.
-fn caught(
-    out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput,
-) -> (String, Value) {
-    let output = output_of(out);
-    let error = output["error"]["Error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let cause = output["error"]["Cause"]
-        .as_str()
-        .and_then(|c| serde_json::from_str(c).ok())
-        .unwrap_or(Value::Null);
-    (error, cause)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -231,7 +179,7 @@ async fn sample_script_succeeds_with_contract_output_and_audit() {
     let exec = world.start(&sm, "ok_1", "rsql_blog_script_1.sh", 120).await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
-    let output = output_of(&out);
+    let output = moto::execution_output(&out);
     for key in [
         "job_name",
         "workflow_execution_id",
@@ -265,9 +213,7 @@ async fn sample_script_succeeds_with_contract_output_and_audit() {
     );
     // One callback, not two.
     assert_eq!(
-        world
-            .count_events(&exec, HistoryEventType::TaskSucceeded)
-            .await,
+        moto::count_events(&world.sdk, &exec, HistoryEventType::TaskSucceeded).await,
         1
     );
 }
@@ -283,7 +229,7 @@ async fn sql_error_is_caught_as_script_failed_with_sql_state() {
         .start(&sm, "fail_1", "rsql_blog_script_fail.sh", 120)
         .await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-    let (error, cause) = caught(&out);
+    let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.ScriptFailed", "{}", agent.log());
     assert_eq!(cause["sql_state"], "42P01", "{cause}");
     assert!(
@@ -310,7 +256,7 @@ async fn job_over_its_timeout_ends_as_rsql_timeout_with_nothing_left() {
     let sm = world.state_machine(30).await;
     let exec = world.start(&sm, "to_1", "slow.sh", 2).await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-    let (error, cause) = caught(&out);
+    let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Timeout", "{}", agent.log());
     assert!(cause["message"].as_str().unwrap().contains("2s"), "{cause}");
     let text = std::fs::read_to_string(&pids).unwrap();
@@ -337,8 +283,17 @@ async fn heartbeats_keep_a_long_job_alive() {
         out.output(),
         agent.log()
     );
-    assert!(output_of(&out).get("error").is_none(), "{:?}", out.output());
-    assert!(output_of(&out)["duration_ms"].as_u64().unwrap() >= 12000);
+    assert!(
+        moto::execution_output(&out).get("error").is_none(),
+        "{:?}",
+        out.output()
+    );
+    assert!(
+        moto::execution_output(&out)["duration_ms"]
+            .as_u64()
+            .unwrap()
+            >= 12000
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -458,7 +413,7 @@ async fn bad_messages_with_a_token_fail_as_invalid_job_and_the_agent_keeps_runni
             .await
             .unwrap();
         let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-        let (error, cause) = caught(&out);
+        let (error, cause) = moto::caught_error(&out);
         assert_eq!(error, "Rsql.InvalidJob", "{what}: {}", agent.log());
         // The log names the task by a short hash, never by the token itself.
         let log = agent.log();
@@ -531,9 +486,7 @@ async fn outage_during_a_job_loses_nothing_and_reports_once() {
     world.wait_queue_empty().await;
     rsql_agent_tests::agent::wait_until("the outbox to empty", WAIT, || agent.outbox_len() == 0);
     assert_eq!(
-        world
-            .count_events(&exec, HistoryEventType::TaskSucceeded)
-            .await,
+        moto::count_events(&world.sdk, &exec, HistoryEventType::TaskSucceeded).await,
         1
     );
 }
@@ -567,12 +520,10 @@ async fn outcome_survives_an_agent_killed_before_its_callback() {
     agent.restart();
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
-    assert_eq!(output_of(&out)["job_name"], "quick.sh");
+    assert_eq!(moto::execution_output(&out)["job_name"], "quick.sh");
     world.wait_audit("quick.sh", "kill_1", "completed").await;
     assert_eq!(
-        world
-            .count_events(&exec, HistoryEventType::TaskSucceeded)
-            .await,
+        moto::count_events(&world.sdk, &exec, HistoryEventType::TaskSucceeded).await,
         1
     );
 }

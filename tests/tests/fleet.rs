@@ -117,29 +117,10 @@ impl World {
         moto::start_execution(&self.sdk, sm, &input.to_string()).await
     }
 
-    /// (visible, in flight) messages of the agents' queue.
-    async fn queue_depth(&self) -> (i64, i64) {
-        use aws_sdk_sqs::types::QueueAttributeName as A;
-        let out = aws_sdk_sqs::Client::new(&self.sdk)
-            .get_queue_attributes()
-            .queue_url(&self.queue_url)
-            .attribute_names(A::ApproximateNumberOfMessages)
-            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-            .send()
-            .await
-            .expect("GetQueueAttributes");
-        let attrs = out.attributes.unwrap_or_default();
-        let get = |name| attrs.get(&name).and_then(|v| v.parse().ok()).unwrap_or(-1);
-        (
-            get(A::ApproximateNumberOfMessages),
-            get(A::ApproximateNumberOfMessagesNotVisible),
-        )
-    }
-
     async fn wait_queue(&self, want: (i64, i64), timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            let depth = self.queue_depth().await;
+            let depth = moto::queue_depth(&self.sdk, &self.queue_url).await;
             if depth == want {
                 return;
             }
@@ -150,33 +131,6 @@ impl World {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-
-    async fn count_events(&self, execution: &str, kind: HistoryEventType) -> usize {
-        moto::execution_history(&self.sdk, execution)
-            .await
-            .iter()
-            .filter(|e| *e.r#type() == kind)
-            .count()
-    }
-}
-
-fn output_of(out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput) -> Value {
-    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
-}
-
-fn caught_error(
-    out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput,
-) -> (String, Value) {
-    let output = output_of(out);
-    let error = output["error"]["Error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let cause = output["error"]["Cause"]
-        .as_str()
-        .and_then(|c| serde_json::from_str(c).ok())
-        .unwrap_or(Value::Null);
-    (error, cause)
 }
 
 fn count_in(text: &str, needle: &str) -> usize {
@@ -369,7 +323,7 @@ async fn every_message_twice_to_three_agents_runs_each_job_once() {
             "{job}: {:?}",
             out.output()
         );
-        let output = output_of(&out);
+        let output = moto::execution_output(&out);
         assert!(output.get("error").is_none(), "{job}: {output}");
     }
     // Every copy is dealt with: the duplicates come back after the visibility timeout, find
@@ -389,14 +343,12 @@ async fn every_message_twice_to_three_agents_runs_each_job_once() {
     assert_eq!(per_job.len(), JOBS, "jobs with a row: {per_job:?}");
     for (job, exec) in &executions {
         assert_eq!(
-            world
-                .count_events(exec, HistoryEventType::TaskSucceeded)
-                .await,
+            moto::count_events(&world.sdk, exec, HistoryEventType::TaskSucceeded).await,
             1,
             "{job}: not exactly one TaskSucceeded"
         );
         assert_eq!(
-            world.count_events(exec, HistoryEventType::TaskFailed).await,
+            moto::count_events(&world.sdk, exec, HistoryEventType::TaskFailed).await,
             0,
             "{job}: a TaskFailed"
         );
@@ -575,7 +527,7 @@ async fn agents_killed_at_random_lose_no_job_and_never_overlap_a_run() {
         out.cause(),
         moto::format_history(&moto::execution_history(&world.sdk, &exec).await)
     );
-    let output = output_of(&out);
+    let output = moto::execution_output(&out);
     let results = output.as_array().expect("Map output is an array");
     assert_eq!(results.len(), JOBS);
     for result in results {
@@ -722,7 +674,12 @@ async fn sigterm_lets_short_jobs_finish_and_takes_no_new_message() {
     for exec in [&a, &b] {
         let out = moto::wait_execution(&world.sdk, exec, WAIT).await;
         assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
-        assert_eq!(output_of(&out)["status"], "completed", "{:?}", out.output());
+        assert_eq!(
+            moto::execution_output(&out)["status"],
+            "completed",
+            "{:?}",
+            out.output()
+        );
     }
     // Intake stopped at the signal: no ReceiveMessage went out after it (a request already
     // on its way when the signal came may arrive a moment later).
@@ -780,7 +737,7 @@ async fn a_job_longer_than_the_grace_is_killed_and_reported_interrupted() {
         "exited after {took:?}, before the grace"
     );
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-    let (error, cause) = caught_error(&out);
+    let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Interrupted", "{}", agent.log());
     assert!(cause.is_object(), "{cause}");
     for pid in std::fs::read_to_string(&pids)
@@ -817,7 +774,7 @@ async fn a_second_sigterm_kills_the_jobs_now_and_still_reports() {
     assert_eq!(status.code(), Some(0), "{}", agent.log());
     assert!(second.elapsed() < Duration::from_secs(15));
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-    let (error, _) = caught_error(&out);
+    let (error, _) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Interrupted", "{}", agent.log());
     assert!(
         agent.log().contains("second stop request"),
@@ -871,7 +828,7 @@ async fn a_third_sigterm_ends_a_stuck_shutdown_at_once_and_loses_no_outcome() {
     proxy.restore();
     agent.restart();
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-    let (error, _) = caught_error(&out);
+    let (error, _) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Interrupted", "{}", agent.log());
 }
 
@@ -935,7 +892,7 @@ async fn startup_after_a_crash_reports_the_dead_run_interrupted() {
     let world = World::new().await;
     let (agent, exec, runs_file) = crash_mid_run(&world, None).await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-    let (error, cause) = caught_error(&out);
+    let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Interrupted", "{}", agent.log());
     assert!(
         cause["message"]
@@ -954,7 +911,12 @@ async fn startup_after_a_crash_reruns_the_job_when_configured() {
     let (agent, exec, runs_file) = crash_mid_run(&world, Some("rerun")).await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
-    assert_eq!(output_of(&out)["status"], "completed", "{:?}", out.output());
+    assert_eq!(
+        moto::execution_output(&out)["status"],
+        "completed",
+        "{:?}",
+        out.output()
+    );
     let runs = lines(&runs_file);
     assert_eq!(runs.len(), 2, "{runs:?}");
     // The job id ends in the attempt number: the rerun is attempt 2 of the same token.

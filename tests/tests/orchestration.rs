@@ -67,10 +67,7 @@ impl World {
             moto::create_state_machine(&sdk, &moto::unique_name("rsql-workflow"), &definition)
                 .await;
         let (dir, scripts) = script_dir();
-        for entry in std::fs::read_dir(bins::workspace_root().join("rsql_scripts")).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), scripts.join(entry.file_name())).unwrap();
-        }
+        rsql_agent_tests::agent::copy_sample_scripts(&scripts);
         World {
             moto,
             sdk,

@@ -152,14 +152,6 @@ impl Workflow {
         (execution, token)
     }
 
-    async fn count_events(&self, execution: &str, kind: HistoryEventType) -> usize {
-        moto::execution_history(&self.config, execution)
-            .await
-            .iter()
-            .filter(|e| *e.r#type() == kind)
-            .count()
-    }
-
     async fn status(&self, execution: &str) -> ExecutionStatus {
         aws_sdk_sfn::Client::new(&self.config)
             .describe_execution()
@@ -552,9 +544,7 @@ async fn outbox_entries_survive_a_restart_and_are_delivered_once() {
         let done = moto::wait_execution(&workflow.config, execution, DEADLINE).await;
         assert_eq!(*done.status(), ExecutionStatus::Succeeded, "{done:?}");
         assert_eq!(
-            workflow
-                .count_events(execution, HistoryEventType::TaskSucceeded)
-                .await,
+            moto::count_events(&workflow.config, execution, HistoryEventType::TaskSucceeded).await,
             1
         );
     }
@@ -639,9 +629,7 @@ async fn delivery_retries_through_an_outage_without_a_duplicate_callback() {
     let output: Value = serde_json::from_str(done.output().expect("output")).expect("JSON");
     assert_eq!(output["error"]["Error"], "Rsql.ScriptFailed", "{output}");
     assert_eq!(
-        workflow
-            .count_events(&execution, HistoryEventType::TaskFailed)
-            .await,
+        moto::count_events(&workflow.config, &execution, HistoryEventType::TaskFailed).await,
         1
     );
     assert_eq!(proxy.requests_for("SendTaskFailure").len(), 1);

@@ -175,10 +175,6 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-fn output_of(out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput) -> Value {
-    serde_json::from_str(out.output().expect("execution output")).expect("output is JSON")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit() {
     let world = World::new().await;
@@ -237,7 +233,7 @@ async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit(
         "{}",
         agent.log()
     );
-    let output = output_of(&done);
+    let output = moto::execution_output(&done);
     assert_eq!(output["status"], "completed", "{output}");
     assert_eq!(output["job_name"], "hello.sh");
     assert_eq!(output["workflow_execution_id"], "ssm_ok_1");
@@ -283,7 +279,7 @@ async fn an_invalid_job_is_rejected_and_its_task_failed_as_invalid_job() {
         text(&out.stderr)
     );
     let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
-    let output = output_of(&done);
+    let output = moto::execution_output(&done);
     assert_eq!(
         output["error"]["Error"],
         "Rsql.InvalidJob",
@@ -382,7 +378,7 @@ async fn the_legacy_trigger_arguments_run_a_job_to_a_correct_callback() {
         "{}",
         agent.log()
     );
-    let output = output_of(&done);
+    let output = moto::execution_output(&done);
     assert_eq!(output["status"], "completed", "{output}");
     assert_eq!(output["job_name"], "etl/legacy.sh");
     assert_eq!(output["exit_code"], 0);

@@ -25,10 +25,7 @@ fn setup(pg: &TestPg) -> Setup {
     let scripts = root.join("scripts");
     std::fs::create_dir(&scripts).unwrap();
     std::fs::set_permissions(&scripts, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for entry in std::fs::read_dir(bins::workspace_root().join("rsql_scripts")).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), scripts.join(entry.file_name())).unwrap();
-    }
+    rsql_agent_tests::agent::copy_sample_scripts(&scripts);
     let state = root.join("state");
     let config = root.join("agent.toml");
     std::fs::write(
