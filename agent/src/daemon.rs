@@ -5,6 +5,8 @@
 //! delete the message → unlock), heartbeats and cancellation, and the order of shutdown.
 //! A job from the local socket (`intake::socket`) takes a slot in the same loop and runs the
 //! same path; only its acknowledgement differs (the reply to its submitter, no SQS calls).
+//! [`Daemon::run_one`] runs that same path for one job with no intake at all, and delivers
+//! its report before returning: `rsql-wrapper run`, for hosts without the daemon.
 //!
 //! Must not touch: how a process is supervised, how a log is written, or how a report is
 //! retried; those belong to `supervisor`, `joblog` and `report`.
@@ -22,6 +24,7 @@ use crate::attempt::{
 };
 use crate::aws::AwsClients;
 use crate::config::Config;
+use crate::error_chain;
 use crate::intake::socket::{self, SocketError, Submission, SubmitReply};
 use crate::intake::sqs::{Delivery, SqsError, SqsIntake};
 use crate::job::{JobRules, JobSpec};
@@ -29,6 +32,7 @@ use crate::joblog::cloudwatch::{self, Shipment, Shipper, ShipperError};
 use crate::lock::{self, Decision, JobLock, LockState, RunState};
 use crate::notify::{Notifier, Status};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
+use crate::owner::{OwnerError, StateDirOwner};
 use crate::reload;
 use crate::report::audit::dynamodb::JobAuditTable;
 use crate::report::audit::JobAuditRecord;
@@ -63,6 +67,44 @@ pub enum DaemonError {
     Attempt(#[from] AttemptError),
     #[error(transparent)]
     Shipper(#[from] ShipperError),
+    #[error(transparent)]
+    Owner(#[from] OwnerError),
+}
+
+/// What [`Daemon::run_one`] did with its job.
+#[derive(Debug)]
+pub enum OneJob {
+    /// The job ran, or its recorded outcome was replayed, and this is the outcome.
+    /// `delivered`: its callback and audit went out before the report timeout; when not, they
+    /// stay in the outbox and go out after the next start of the agent or of a standalone run.
+    /// `stopped`: a stop request (a signal) arrived while it ran.
+    Finished {
+        outcome: Outcome,
+        delivered: bool,
+        stopped: bool,
+    },
+    /// The job was not valid. When it carried a task token its task was failed with
+    /// `Rsql.InvalidJob` (`delivered` says whether that callback went out in time).
+    Rejected {
+        reason: String,
+        failed_task: bool,
+        delivered: bool,
+    },
+    /// Another runner holds the job's lock; that runner reports it.
+    RunningElsewhere { holder: String },
+    /// The outcome could not be stored durably (the log says why); nothing was reported.
+    NotStored,
+}
+
+/// What became of one delivery, for [`Daemon::run_one`]; the loop does not need it.
+#[derive(Debug)]
+enum Delivered {
+    /// The outcome is durable: in the outbox when there was anything to send.
+    Stored(Outcome),
+    /// Another runner holds the job's lock.
+    Elsewhere(String),
+    /// Nothing was stored: an SQS message is left to come back; the log says why.
+    Left,
 }
 
 /// Everything one delivery needs; shared by all job tasks.
@@ -78,6 +120,8 @@ struct Shared {
     database: DatabaseEnv,
     /// Ships job logs to CloudWatch; `None` without `[logs.cloudwatch]`.
     shipper: Option<Shipper>,
+    /// This process's claim on `state_dir`, held for the daemon's life.
+    _owner: StateDirOwner,
 }
 
 /// The daemon, built once: clients, outbox and context are reused by every job.
@@ -104,6 +148,7 @@ pub fn tick_for(
 }
 
 impl Daemon {
+    /// The resident daemon: needs an intake (SQS, the socket, or both).
     pub fn new(
         config: Arc<Config>,
         attempts: Arc<AttemptContext>,
@@ -112,6 +157,28 @@ impl Daemon {
         if config.sqs.is_none() && config.socket.is_none() {
             return Err(DaemonError::NoIntake);
         }
+        Daemon::build(config, attempts, clients, "rsql-agent run")
+    }
+
+    /// For [`Daemon::run_one`]: the same parts, with no intake needed (any configured one
+    /// is ignored). `role` names this process in the state directory's owner lock.
+    pub fn standalone(
+        config: Arc<Config>,
+        attempts: Arc<AttemptContext>,
+        clients: &AwsClients,
+        role: &str,
+    ) -> Result<Daemon, DaemonError> {
+        Daemon::build(config, attempts, clients, role)
+    }
+
+    fn build(
+        config: Arc<Config>,
+        attempts: Arc<AttemptContext>,
+        clients: &AwsClients,
+        role: &str,
+    ) -> Result<Daemon, DaemonError> {
+        // First: a second process on the same state directory must change nothing in it.
+        let owner = StateDirOwner::claim(&config.agent.state_dir, role)?;
         let sqs = config.sqs.clone();
         let outbox = Outbox::open(&config.agent.state_dir)?;
         let audit_table = config
@@ -145,6 +212,7 @@ impl Daemon {
                 sqs: sqs.map(|s| SqsIntake::new(clients.sqs.clone(), s)),
                 database,
                 shipper,
+                _owner: owner,
             }),
             policy: RetryPolicy {
                 max: Duration::from_secs(10),
@@ -421,6 +489,132 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// Runs one job the way the daemon runs a socket job (lock, supervision, heartbeats,
+    /// logs, outbox), then delivers the outbox until it is empty or `report_timeout` has
+    /// passed. `body` is a job message (see `job`); an invalid one that carries a token has
+    /// its task failed with `Rsql.InvalidJob`. A stop request from `controls` stops the job
+    /// at once (SIGTERM, `kill_grace`, SIGKILL) and reports it `Rsql.Interrupted`; a second
+    /// one kills it.
+    ///
+    /// Entries left in the outbox by an earlier run go out in the same drain.
+    pub async fn run_one(
+        self,
+        body: &[u8],
+        mut controls: Controls,
+        report_timeout: Duration,
+    ) -> Result<OneJob, DaemonError> {
+        let shared = self.shared.clone();
+        let rules = JobRules {
+            script_dir: &shared.config.jobs.script_dir,
+            default_timeout: shared.attempts.live().jobs.default_timeout,
+            require_token: true,
+        };
+        let spec = match JobSpec::parse(body, &rules) {
+            Ok(spec) => spec,
+            Err(invalid) => {
+                let reason = invalid.error.to_string();
+                let failed_task = match invalid.task_token {
+                    Some(token) => {
+                        tracing::warn!(
+                            token_hash = %lock::token_hash(&token),
+                            reason = %reason,
+                            "rejected the job: failing its task with Rsql.InvalidJob"
+                        );
+                        fail_invalid(&shared, token, &reason)?;
+                        true
+                    }
+                    None => {
+                        tracing::warn!(reason = %reason, "rejected the job; it has no usable task token");
+                        false
+                    }
+                };
+                let delivered = self.deliver(report_timeout).await;
+                return Ok(OneJob::Rejected {
+                    reason,
+                    failed_task,
+                    delivered,
+                });
+            }
+        };
+        let Some(token) = spec.task_token.clone() else {
+            return Ok(OneJob::Rejected {
+                reason: "the job has no task token".into(),
+                failed_task: false,
+                delivered: true,
+            });
+        };
+        let token_hash = lock::token_hash(&token);
+        let span = tracing::info_span!(
+            "job",
+            job_name = %spec.job_name,
+            workflow_execution_id = %spec.workflow_execution_id,
+            token_hash = %token_hash,
+        );
+        let (stop_tx, stop_rx) = watch::channel(JobStop::Run);
+        let stop_probe = stop_tx.subscribe();
+        let forward_stops = async move {
+            while let Some(control) = controls.recv().await {
+                let level = match control {
+                    Control::Stop => JobStop::Stop,
+                    Control::StopNow => JobStop::Kill,
+                    Control::Reload => {
+                        tracing::info!("a standalone run does not reload its config");
+                        continue;
+                    }
+                };
+                // The first stop request stops the job (there is no drain for one job);
+                // the next one kills it.
+                let next = match *stop_tx.borrow() {
+                    JobStop::Run => level,
+                    _ => JobStop::Kill,
+                };
+                let _ = stop_tx.send(next);
+            }
+            std::future::pending::<()>().await
+        };
+        let run =
+            run_delivery(shared, Source::Local, spec, token, token_hash, stop_rx).instrument(span);
+        let delivered = tokio::select! {
+            d = run => d,
+            _ = forward_stops => unreachable!("the stop forwarder never ends"),
+        };
+        Ok(match delivered {
+            Delivered::Stored(outcome) => OneJob::Finished {
+                outcome,
+                stopped: *stop_probe.borrow() != JobStop::Run,
+                delivered: self.deliver(report_timeout).await,
+            },
+            Delivered::Elsewhere(holder) => OneJob::RunningElsewhere { holder },
+            Delivered::Left => OneJob::NotStored,
+        })
+    }
+
+    /// Delivers the outbox until it is empty (true) or `timeout` has passed (false: what is
+    /// left goes out after the next start).
+    async fn deliver(&self, timeout: Duration) -> bool {
+        let shared = &self.shared;
+        let exit = shared
+            .outbox
+            .drain(
+                &shared.sfn,
+                shared.audit_table.as_ref(),
+                &self.policy,
+                tokio::time::sleep(timeout),
+            )
+            .await;
+        if exit.pending > 0 {
+            tracing::warn!(
+                pending = exit.pending,
+                timeout_secs = timeout.as_secs(),
+                outbox = %shared.outbox.dir().display(),
+                "reports not delivered in time; they stay in the outbox and go out after the next start"
+            );
+        }
+        exit.pending == 0
+    }
+}
+
 /// How hard a draining daemon stops the jobs still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JobStop {
@@ -470,17 +664,6 @@ async fn reload(shared: &Shared, slots: &mut Slots) {
     );
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// How long a receive cut short by shutdown may still take to hand back what it got.
 const RETURN_UNSTARTED_TIMEOUT: Duration = Duration::from_secs(25);
 
@@ -523,6 +706,14 @@ fn failure(error: ErrorName, message: String) -> Outcome {
     })
 }
 
+/// Stores the `Rsql.InvalidJob` failure of a job that was rejected but carried its token, so
+/// its workflow hears now instead of at its timeout.
+fn fail_invalid(shared: &Shared, token: String, reason: &str) -> Result<(), OutboxError> {
+    let outcome = failure(ErrorName::InvalidJob, reason.to_string());
+    let entry = OutboxEntry::new(Some(token), Callback::from_outcome(&outcome), None);
+    shared.outbox.put(&entry)
+}
+
 /// The life of one SQS delivery.
 async fn handle(
     shared: Arc<Shared>,
@@ -547,10 +738,7 @@ async fn handle(
                         reason = %reason,
                         "rejected a job message: failing its task with Rsql.InvalidJob"
                     );
-                    let outcome = failure(ErrorName::InvalidJob, reason);
-                    let entry =
-                        OutboxEntry::new(Some(token), Callback::from_outcome(&outcome), None);
-                    if let Err(e) = shared.outbox.put(&entry) {
+                    if let Err(e) = fail_invalid(&shared, token, &reason) {
                         // Not durable: keep the message so it comes back and is tried again.
                         tracing::error!(error = %e, "cannot store the outcome of a rejected message; leaving it in the queue");
                         return;
@@ -585,23 +773,24 @@ async fn handle(
         shutdown,
     )
     .instrument(span)
-    .await
+    .await;
 }
 
 /// Where a running job came from, and so how it is acknowledged: an SQS message is kept
-/// hidden while the job runs and deleted once its outcome is durable; a socket job was
-/// acknowledged by the reply to its submitter and needs nothing more.
+/// hidden while the job runs and deleted once its outcome is durable; a local job (from the
+/// socket, or a standalone run) was acknowledged to whoever handed it over and needs
+/// nothing more.
 #[derive(Debug)]
 enum Source {
     Sqs(Delivery),
-    Socket,
+    Local,
 }
 
 impl Source {
     fn receive_count(&self) -> u32 {
         match self {
             Source::Sqs(delivery) => delivery.receive_count,
-            Source::Socket => 1,
+            Source::Local => 1,
         }
     }
 }
@@ -630,10 +819,7 @@ fn socket_validator(shared: &Arc<Shared>) -> socket::Validate {
                             reason = %reason,
                             "rejected a socket job: failing its task with Rsql.InvalidJob"
                         );
-                        let outcome = failure(ErrorName::InvalidJob, reason.clone());
-                        let entry =
-                            OutboxEntry::new(Some(token), Callback::from_outcome(&outcome), None);
-                        if let Err(e) = shared.outbox.put(&entry) {
+                        if let Err(e) = fail_invalid(&shared, token, &reason) {
                             tracing::error!(error = %e, "cannot store the outcome of a rejected socket job");
                         }
                     }
@@ -667,9 +853,9 @@ async fn handle_submission(
         workflow_execution_id = %spec.workflow_execution_id,
         token_hash = %token_hash,
     );
-    run_delivery(shared, Source::Socket, spec, token, token_hash, shutdown)
+    run_delivery(shared, Source::Local, spec, token, token_hash, shutdown)
         .instrument(span)
-        .await
+        .await;
 }
 
 async fn run_delivery(
@@ -679,28 +865,27 @@ async fn run_delivery(
     token: String,
     token_hash: String,
     shutdown: watch::Receiver<JobStop>,
-) {
+) -> Delivered {
     let Acquired { mut held, decision } = match shared.attempts.acquire(&spec, &token_hash) {
         Ok(a) => a,
         Err(AttemptError::Busy { holder, .. }) => {
             // Another runner has it now; this copy comes back later to find it finished,
             // and then replays its outcome.
             tracing::info!(holder = %holder, receive_count = delivery.receive_count(), "job is running elsewhere; leaving this copy");
-            return;
+            return Delivered::Elsewhere(holder.to_string());
         }
         Err(e) => {
-            if let Source::Socket = delivery {
+            if let Source::Local = delivery {
                 // Nobody would send a socket job again: report the failure now.
                 tracing::error!(error = %e, "cannot take the job's lock; failing the job");
                 let outcome = failure(
                     ErrorName::ScriptFailed,
                     format!("the agent could not take the job's lock: {e}"),
                 );
-                finish(&shared, &delivery, None, Some(&token), &outcome, None).await;
-                return;
+                return finish(&shared, &delivery, None, Some(&token), outcome, None).await;
             }
             tracing::error!(error = %e, "cannot take the job's lock; leaving the message for a retry");
-            return;
+            return Delivered::Left;
         }
     };
     let attempt = match decision {
@@ -718,15 +903,16 @@ async fn run_delivery(
                 if let Err(e) = held.release() {
                     tracing::warn!(error = %e, "cannot release the job's lock cleanly");
                 }
-                return;
+                return Delivered::Stored(Outcome::Cancelled {
+                    message: "the task was already closed: the job was not run again".into(),
+                });
             }
             attempt
         }
         Decision::Replay(state) => {
             tracing::info!(state = ?state.state, "redelivered after the job finished: replaying its recorded outcome");
             let outcome = recorded_outcome(&state);
-            finish(&shared, &delivery, Some(held), Some(&token), &outcome, None).await;
-            return;
+            return finish(&shared, &delivery, Some(held), Some(&token), outcome, None).await;
         }
         Decision::Interrupted(previous) => {
             let outcome = failure(
@@ -747,16 +933,15 @@ async fn run_delivery(
                 tracing::warn!(error = %e, "cannot record the interruption in the lock state");
             }
             let record = interrupted_record(&shared, &spec, &previous, &outcome);
-            finish(
+            return finish(
                 &shared,
                 &delivery,
                 Some(held),
                 Some(&token),
-                &outcome,
+                outcome,
                 Some(record),
             )
             .await;
-            return;
         }
     };
 
@@ -765,8 +950,7 @@ async fn run_delivery(
         Err(e) => {
             let outcome = failure(ErrorName::ConnectionFailed, e.to_string());
             tracing::error!(error = %e, "cannot get the database credentials");
-            finish(&shared, &delivery, Some(held), Some(&token), &outcome, None).await;
-            return;
+            return finish(&shared, &delivery, Some(held), Some(&token), outcome, None).await;
         }
     };
     let mut request = AttemptRequest::new(spec.clone());
@@ -897,8 +1081,7 @@ async fn run_delivery(
                 ErrorName::ScriptFailed,
                 format!("the agent could not run the job: {e}"),
             );
-            finish(&shared, &delivery, None, Some(&token), &outcome, None).await;
-            return;
+            return finish(&shared, &delivery, None, Some(&token), outcome, None).await;
         }
     };
     tracing::info!(
@@ -917,10 +1100,10 @@ async fn run_delivery(
         &delivery,
         Some(held),
         token,
-        &result.outcome,
+        result.outcome,
         Some(result.audit),
     )
-    .await;
+    .await
 }
 
 /// Whether Step Functions says the task is closed, asked twice a moment apart: an emulator
@@ -982,17 +1165,17 @@ async fn finish(
     delivery: &Source,
     held: Option<JobLock>,
     token: Option<&str>,
-    outcome: &Outcome,
+    outcome: Outcome,
     audit: Option<JobAuditRecord>,
-) {
-    let callback = token.and_then(|_| Callback::from_outcome(outcome));
+) -> Delivered {
+    let callback = token.and_then(|_| Callback::from_outcome(&outcome));
     let audit = audit.filter(|_| shared.audit_table.is_some());
     if callback.is_some() || audit.is_some() {
         let entry = OutboxEntry::new(token.map(str::to_string), callback, audit);
         if let Err(e) = shared.outbox.put(&entry) {
             tracing::error!(error = %e, "cannot store the outcome durably; leaving the message to be redelivered and replayed");
             drop(held);
-            return;
+            return Delivered::Left;
         }
     }
     delete(shared, delivery).await;
@@ -1001,6 +1184,7 @@ async fn finish(
             tracing::warn!(error = %e, "cannot release the job's lock cleanly");
         }
     }
+    Delivered::Stored(outcome)
 }
 
 async fn delete(shared: &Shared, source: &Source) {

@@ -43,10 +43,28 @@ pub mod logging;
 pub mod notify;
 pub mod orchestrate;
 pub mod outcome;
+pub mod owner;
 pub mod reload;
 pub mod report;
 pub mod secrets;
 pub mod signals;
 pub mod slots;
+pub mod startup;
 pub mod supervisor;
 pub mod workflow;
+
+/// An error and its sources on one line (`outer: inner: root`), each said once: a message
+/// that already includes its source's text is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}

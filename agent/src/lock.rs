@@ -59,7 +59,7 @@
 //! the path still names the file it locked, and starts over if not.
 
 mod decision;
-mod ofd;
+pub(crate) mod ofd;
 mod state;
 
 pub use decision::{decide, Decision, OnInterrupted};
@@ -73,6 +73,7 @@ use std::time::{Duration, SystemTime};
 
 use nix::errno::Errno;
 
+use crate::error_chain;
 use ofd::TryLock;
 use state::{key_stem, timestamp};
 
@@ -637,17 +638,6 @@ fn remove_logged(path: &Path) -> bool {
     }
 }
 
-/// An error with its causes, for a log line.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {

@@ -12,7 +12,7 @@
 //! | 69 | a named AWS resource does not exist: a table, a workflow in the config table, the state machine or the execution |
 //! | 70 | internal error (a bug: please report it with the log) |
 //! | 74 | the agent cannot write its state, audit or log directories |
-//! | 75 | a job is already running elsewhere (its lock is held); try again later |
+//! | 75 | a job is already running elsewhere (its lock is held), or another agent owns the state directory; try again later |
 //! | 76 | an AWS call failed (network, credentials, permissions, throttling); the message says which |
 //! | 78 | the config file is invalid (the message names the key) |
 //! | 130 | interrupted by SIGINT or SIGTERM; running jobs were stopped and reported |
@@ -26,6 +26,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use rsql_agent::attempt::{AttemptContext, AttemptError};
 use rsql_agent::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use rsql_agent::error_chain;
+use rsql_agent::owner::OwnerError;
+use rsql_agent::startup::StartError;
 use rsql_agent::supervisor::Supervisor;
 use rsql_agent::workflow::{self, Progress, RunOptions, Runner, WorkflowConfig, WorkflowError};
 
@@ -261,24 +264,19 @@ fn daemon_run(path: &Path) -> u8 {
                 return exit::SOFTWARE;
             }
         };
-        let sdk = rsql_agent::aws::load_config().await;
-        let clients = rsql_agent::aws::AwsClients::new(&sdk);
-        let (instance_id, source) =
-            rsql_agent::identity::instance_id(config.agent.instance_id.as_deref()).await;
-        let supervisor = match Supervisor::new() {
-            Ok(s) => s,
+        let parts = match rsql_agent::startup::open(&config).await {
+            Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot start the supervisor");
-                return exit::SOFTWARE;
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                return start_exit(&e);
             }
         };
-        let attempts = match AttemptContext::new(config.clone(), supervisor, instance_id.clone()) {
-            Ok(a) => Arc::new(a),
-            Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot open the state directories");
-                return exit::IO;
-            }
-        };
+        let (clients, attempts, instance_id, source) = (
+            parts.clients,
+            parts.attempts,
+            parts.instance_id,
+            parts.instance_id_source,
+        );
         let daemon = match rsql_agent::daemon::Daemon::new(config.clone(), attempts, &clients) {
             Ok(d) => d,
             Err(rsql_agent::daemon::DaemonError::NoIntake) => {
@@ -286,6 +284,10 @@ fn daemon_run(path: &Path) -> u8 {
                     "no intake is configured: set [intake.sqs] queue_url or [intake.socket]"
                 );
                 return exit::CONFIG;
+            }
+            Err(e @ rsql_agent::daemon::DaemonError::Owner(OwnerError::InUse { .. })) => {
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                return exit::TEMP_FAIL;
             }
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
@@ -313,18 +315,11 @@ fn daemon_run(path: &Path) -> u8 {
     })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
+fn start_exit(e: &StartError) -> u8 {
+    match e {
+        StartError::Supervisor(_) => exit::SOFTWARE,
+        StartError::StateDirs(_) => exit::IO,
     }
-    text
 }
 
 fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) -> u8 {

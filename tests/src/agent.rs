@@ -77,6 +77,20 @@ impl AgentConfig {
         self
     }
 
+    /// Writes `agent.toml` into `dir` (mode 0600, as the agent wants a file that may hold a
+    /// password), with the state and lock directories defaulting to `dir/state` and
+    /// `dir/locks`; returns the config file, the state dir and the lock dir. For a process
+    /// that reads the config without [`Agent::start`] (`rsql-wrapper run`).
+    pub fn write(&self, dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let state_dir = self.state_dir.clone().unwrap_or_else(|| dir.join("state"));
+        let lock_dir = self.lock_dir.clone().unwrap_or_else(|| dir.join("locks"));
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, self.render(&state_dir, &lock_dir)).expect("write config");
+        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod config");
+        (config_path, state_dir, lock_dir)
+    }
+
     fn render(&self, state_dir: &Path, lock_dir: &Path) -> String {
         let mut text = format!(
             "[agent]\nstate_dir = \"{state}\"\nmax_concurrent_jobs = {max}\ninstance_id = \"{id}\"\nshutdown_grace = \"{sg}\"\n\
@@ -136,18 +150,7 @@ impl Agent {
     /// Starts the agent against `endpoint` (moto's, or a proxy's URL).
     pub fn start(config: AgentConfig, endpoint: &str) -> Agent {
         let dir = tempfile::tempdir().expect("agent temp dir");
-        let state_dir = config
-            .state_dir
-            .clone()
-            .unwrap_or_else(|| dir.path().join("state"));
-        let lock_dir = config
-            .lock_dir
-            .clone()
-            .unwrap_or_else(|| dir.path().join("locks"));
-        let config_path = dir.path().join("agent.toml");
-        std::fs::write(&config_path, config.render(&state_dir, &lock_dir)).expect("write config");
-        std::fs::set_permissions(&config_path, std::fs::Permissions::from_mode(0o600))
-            .expect("chmod config");
+        let (config_path, state_dir, lock_dir) = config.write(dir.path());
         let log_path = dir.path().join("agent.log");
         let mut agent = Agent {
             child: None,

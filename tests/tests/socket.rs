@@ -1,6 +1,6 @@
 //! The SSM Run Command path end to end: `rsql-wrapper` hands jobs to the real `rsql-agent
-//! run` over its Unix socket, with moto's executing state machines and the `rsql` stand-in
-//! on `PATH` (the jobs here need no database).
+//! run` over its Unix socket, or runs them itself with `rsql-wrapper run` where no agent
+//! runs, with moto's executing state machines (the jobs here need no database).
 //!
 //! A real task token comes from a state machine whose task sends its message to a queue of
 //! the test's own (the agent takes nothing from SQS here: it is a socket-only agent); the test
@@ -9,13 +9,15 @@
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::ExecutionStatus;
-use rsql_agent_tests::agent::{script_dir, wait_until, write_script, Agent, AgentConfig};
+use rsql_agent_tests::agent::{
+    process_alive, script_dir, wait_until, write_script, Agent, AgentConfig,
+};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::moto::{self, Moto};
 use serde_json::{json, Value};
@@ -169,6 +171,19 @@ fn wrapper(args: &[&str], socket: Option<&Path>) -> Output {
         None => command.env_remove("RSQL_AGENT_SOCKET"),
     };
     command.output().expect("run rsql-wrapper")
+}
+
+/// `rsql-wrapper run --config CONFIG ARGS...` against moto, with no agent anywhere.
+fn standalone(world: &World, config: &Path, args: &[&str]) -> Command {
+    let mut command = Command::new(bins::wrapper());
+    command
+        .arg("run")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .envs(moto::aws_env(&world.moto.endpoint()))
+        .stdin(Stdio::null());
+    command
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -476,4 +491,260 @@ fn bad_arguments_give_a_usage_error_naming_the_argument() {
     );
     assert_eq!(out.status.code(), Some(69), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("not reachable"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_completes_a_job_with_no_agent_and_reports_it_before_exiting() {
+    let world = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, state_dir, _) = world.config().write(dir.path());
+    let (exec, token) = world.execution("standalone_ok_1").await;
+    let out = standalone(
+        &world,
+        &config,
+        &[
+            "--task-token",
+            &token,
+            "--workflow-id",
+            "ssm_test",
+            "--workflow-execution-id",
+            "standalone_ok_1",
+            "--job-name",
+            "hello.sh",
+            "--ssm-command-id",
+            "cmd-standalone",
+            "--",
+            "standalone world",
+        ],
+    )
+    .output()
+    .expect("rsql-wrapper run");
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout {stdout}\nstderr {stderr}"
+    );
+    assert!(stdout.contains("completed: job hello.sh"), "{stdout}");
+    assert!(stdout.contains("reported"), "{stdout}");
+    assert!(
+        !stderr.contains(&token),
+        "the token is in the log: {stderr}"
+    );
+
+    // The callback went out before the process exited: nothing is left to deliver.
+    let outbox: Vec<_> = std::fs::read_dir(state_dir.join("outbox"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .collect();
+    assert!(outbox.is_empty(), "undelivered: {outbox:?}");
+    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*done.status(), ExecutionStatus::Succeeded, "{stderr}");
+    let output = moto::execution_output(&done);
+    assert_eq!(output["status"], "completed", "{output}");
+    assert_eq!(output["job_name"], "hello.sh");
+    assert_eq!(output["exit_code"], 0);
+    let item = world.audit_item("hello.sh", "standalone_ok_1").await;
+    assert_eq!(s(&item, "ssm_command_id"), "cmd-standalone", "{item:?}");
+    assert_eq!(s(&item, "workflow_id"), "ssm_test");
+
+    // The job's own log is where the output says, with the script's output in it.
+    let log_file = output["log_file"].as_str().expect("log_file in the output");
+    let log = std::fs::read_to_string(log_file).expect("the job log");
+    assert!(log.contains("hello standalone world"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_fails_an_invalid_job_as_invalid_job_and_says_why() {
+    let world = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = world.config().write(dir.path());
+    let (exec, token) = world.execution("standalone_bad_1").await;
+    let out = standalone(
+        &world,
+        &config,
+        &[
+            "--task-token",
+            &token,
+            "--workflow-id",
+            "ssm_test",
+            "--workflow-execution-id",
+            "standalone_bad_1",
+            "--job-name",
+            "no_such_script.sh",
+        ],
+    )
+    .output()
+    .expect("rsql-wrapper run");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("no_such_script.sh"), "{stderr}");
+    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let (error, cause) = moto::caught_error(&done);
+    assert_eq!(error, "Rsql.InvalidJob", "{stderr}");
+    assert!(cause.to_string().contains("no_such_script.sh"), "{cause}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_a_standalone_job_kills_it_and_reports_it_interrupted() {
+    let world = World::new().await;
+    write_script(
+        &world.scripts,
+        "long.sh",
+        "echo $$ > \"$1\"\necho started\nsleep 300",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (config, _, _) = world.config().write(dir.path());
+    let (exec, token) = world.execution("standalone_term_1").await;
+    let pid_file = dir.path().join("job.pid");
+    let stderr_path = dir.path().join("wrapper.log");
+    let child = standalone(
+        &world,
+        &config,
+        &[
+            "--task-token",
+            &token,
+            "--workflow-id",
+            "ssm_test",
+            "--workflow-execution-id",
+            "standalone_term_1",
+            "--job-name",
+            "long.sh",
+            "--",
+            pid_file.to_str().unwrap(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(&stderr_path).unwrap())
+    .spawn()
+    .expect("start rsql-wrapper run");
+    wait_until("the job to write its pid", WAIT, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|p| p.trim().parse::<i32>().is_ok())
+    });
+    let job_pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(process_alive(job_pid));
+
+    // What SSM does when the command is cancelled.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).unwrap();
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "stdout {}\nstderr {stderr}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stdout).contains("Rsql.Interrupted"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(!process_alive(job_pid), "the job outlived rsql-wrapper run");
+    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let (error, _) = moto::caught_error(&done);
+    assert_eq!(error, "Rsql.Interrupted", "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_is_refused_beside_a_running_agent_and_touches_nothing() {
+    let world = World::new().await;
+    let agent = world.start_agent(world.config());
+    let out = standalone(
+        &world,
+        &agent.config_path,
+        &[
+            "--task-token",
+            "token-beside",
+            "--workflow-id",
+            "w",
+            "--workflow-execution-id",
+            "beside_1",
+            "--job-name",
+            "hello.sh",
+        ],
+    )
+    .output()
+    .expect("rsql-wrapper run");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("in use by another process"), "{stderr}");
+    assert!(stderr.contains("rsql-agent run"), "{stderr}");
+    assert!(stderr.contains("rsql-wrapper submit"), "{stderr}");
+    // Nothing of the job reached the agent's state: no job record, no outbox entry.
+    assert!(!agent.state_dir.join("jobs").join("beside_1").exists());
+    let outbox = std::fs::read_dir(agent.state_dir.join("outbox"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(outbox, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_as_root_refuses_a_state_dir_that_belongs_to_the_service_user() {
+    let world = World::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (config, state_dir, _) = world.config().write(dir.path());
+    std::fs::create_dir_all(&state_dir).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("user nobody");
+    nix::unistd::chown(&state_dir, Some(nobody.uid), None).unwrap();
+    let out = standalone(
+        &world,
+        &config,
+        &[
+            "--task-token",
+            "T",
+            "--workflow-id",
+            "w",
+            "--workflow-execution-id",
+            "e",
+            "--job-name",
+            "hello.sh",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("belongs to uid {}", nobody.uid)),
+        "{stderr}"
+    );
+    assert!(stderr.contains("runuser -u rsql"), "{stderr}");
+    // Refused before anything was written there.
+    assert_eq!(std::fs::read_dir(&state_dir).unwrap().count(), 0);
+}
+
+#[test]
+fn run_names_a_missing_config_and_a_missing_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere.toml");
+    let out = Command::new(bins::wrapper())
+        .args(["run", "--config", missing.to_str().unwrap()])
+        .args(["--task-token", "T", "--workflow-id", "w"])
+        .args(["--workflow-execution-id", "e", "--job-name", "x.sh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(66), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("nowhere.toml"));
+
+    let out = Command::new(bins::wrapper())
+        .args(["run", "--task-token", "T", "--job-name", "x.sh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("--workflow-id"),
+        "{}",
+        text(&out.stderr)
+    );
 }

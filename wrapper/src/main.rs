@@ -1,12 +1,18 @@
-//! `rsql-wrapper`: the SSM Run Command entry point. It hands one job to the running
-//! `rsql-agent` over the agent's Unix socket (`[intake.socket] path`) and returns at once,
-//! saying whether the agent accepted it; the job then runs under the agent's supervision,
-//! not under the SSM command's.
+//! `rsql-wrapper`: the SSM Run Command entry point.
 //!
-//! Two forms:
+//! Three forms:
 //! - `rsql-wrapper submit --task-token T --workflow-id W --workflow-execution-id E
 //!   --job-name S [--ssm-command-id C] [--timeout-seconds N] [--heartbeat-seconds N]
-//!   [--socket PATH] [-- ARGS...]`
+//!   [--socket PATH] [-- ARGS...]` hands one job to the running `rsql-agent` over the
+//!   agent's Unix socket (`[intake.socket] path`) and returns at once, saying whether the
+//!   agent accepted it; the job then runs under the agent's supervision, not under the SSM
+//!   command's.
+//! - `rsql-wrapper run` with the same job arguments plus `[--config PATH]
+//!   [--report-timeout-seconds N] [--log-format text|json]` runs the job here, standalone,
+//!   for hosts without the daemon: the agent's own library supervises it, keeps its log
+//!   (and ships it to CloudWatch when configured), heartbeats, and reports the outcome to
+//!   Step Functions and the audit table before it exits. It owns the config's state
+//!   directory while it runs, so it refuses to start beside a running agent (use `submit`).
 //! - the legacy form: the 11 positional arguments of the old `rsql_trigger.sh` (token,
 //!   workflow id, workflow execution id, script path, instance id, secret id, log path, audit
 //!   table, log group, instance code dir, region), then the script's arguments. It submits
@@ -16,7 +22,6 @@
 //!   on stderr.
 //!
 //! The socket is `--socket`, else `$RSQL_AGENT_SOCKET`, else `/run/rsql-agent/agent.sock`.
-//! There is no standalone `run` mode yet: on a host without the daemon, use `rsql-agent`.
 //!
 //! Exit codes: see [`exit`].
 
@@ -25,24 +30,52 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use rsql_agent::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use rsql_agent::daemon::{Daemon, DaemonError, OneJob};
+use rsql_agent::error_chain;
+use rsql_agent::outcome::{ErrorName, Outcome};
+use rsql_agent::owner::OwnerError;
+use rsql_agent::startup::StartError;
 use serde_json::{json, Value};
 
-/// Exit codes, documented in the README.
+/// Exit codes, documented in the README. Only this file maps outcomes and errors to them.
 mod exit {
-    /// The agent accepted the job; it runs under the agent and reports to Step Functions.
-    pub const ACCEPTED: u8 = 0;
+    /// `submit`: the agent accepted the job; it runs under the agent and reports to Step
+    /// Functions. `run`: the job completed and its success was reported.
+    pub const OK: u8 = 0;
+    /// `run`: the job failed (or its task was closed upstream); the failure was reported.
+    pub const JOB_FAILED: u8 = 1;
     /// Bad arguments; the message names the argument.
     pub const USAGE: u8 = 2;
-    /// The agent refused the job (invalid job, or a submitter it does not allow). Sending it
-    /// again does not help. A job with a task token has been failed as `Rsql.InvalidJob`.
+    /// The job was refused as invalid (or, for `submit`, the submitter is not allowed).
+    /// Sending it again does not help. A job with a task token has been failed as
+    /// `Rsql.InvalidJob`.
     pub const REJECTED: u8 = 3;
-    /// The agent is busy (every job slot taken) or shutting down: try again later.
-    pub const BUSY: u8 = 75;
-    /// The agent cannot be reached: no socket, nobody listening, or no reply in time.
+    /// `run`: the config file does not exist or cannot be read.
+    pub const NO_INPUT: u8 = 66;
+    /// `submit`: the agent cannot be reached: no socket, nobody listening, or no reply in
+    /// time.
     pub const UNREACHABLE: u8 = 69;
+    /// `run`: internal error (the async runtime, the signal handlers, the supervisor).
+    pub const SOFTWARE: u8 = 70;
+    /// `run`: the state, log or outbox directories cannot be written; nothing was reported.
+    pub const IO: u8 = 74;
+    /// `submit`: the agent is busy (every job slot taken) or shutting down. `run`: the job
+    /// is running elsewhere (its lock is held; that runner reports it), or an agent owns the
+    /// state directory (use `submit`). Try again later.
+    pub const BUSY: u8 = 75;
+    /// `run`: the outcome is stored but was not delivered within `--report-timeout-seconds`
+    /// (AWS unreachable); it goes out after the next start of the agent or of a `run`.
+    pub const NOT_DELIVERED: u8 = 76;
+    /// `run`: the config file is invalid (the message names the key).
+    pub const CONFIG: u8 = 78;
+    /// `run`: stopped by SIGTERM or SIGINT (an SSM cancel); the job was stopped and reported
+    /// `Rsql.Interrupted`.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 const DEFAULT_SOCKET: &str = "/run/rsql-agent/agent.sock";
@@ -68,11 +101,13 @@ const LEGACY_ARGS: [&str; 11] = [
 #[command(
     name = "rsql-wrapper",
     version,
-    about = "Hand an RSQL job to the running rsql-agent (SSM Run Command entry point)",
+    about = "Hand an RSQL job to the running rsql-agent, or run one standalone (SSM Run Command entry point)",
     after_help = "Legacy form: rsql-wrapper TOKEN WORKFLOW_ID WORKFLOW_EXECUTION_ID SCRIPT_PATH \
 INSTANCE_ID SECRET_ID LOG_PATH AUDIT_TABLE LOG_GROUP INSTANCE_CODE_DIR REGION [SCRIPT_ARGS...]\n\n\
-Exit codes: 0 accepted, 2 usage, 3 rejected by the agent, 69 agent not reachable, \
-75 agent busy or shutting down (retry)"
+Exit codes: 0 accepted (submit) or completed (run), 1 job failed (run), 2 usage, \
+3 rejected as invalid, 66 config unreadable, 69 agent not reachable, 70 internal error, \
+74 state not writable, 75 busy or running elsewhere (retry), 76 outcome not yet delivered, \
+78 config invalid, 130 interrupted"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -83,10 +118,38 @@ struct Cli {
 enum Command {
     /// Submit one job to the running agent and say whether it was accepted.
     Submit(Submit),
+    /// Run one job here without the daemon: supervise it, log it, report it, then exit.
+    Run(Run),
 }
 
 #[derive(Debug, clap::Args)]
 struct Submit {
+    #[command(flatten)]
+    job: JobArgs,
+    /// The agent's socket [default: $RSQL_AGENT_SOCKET, else /run/rsql-agent/agent.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct Run {
+    #[command(flatten)]
+    job: JobArgs,
+    /// The agent config: script dir, state and log dirs, lock dir, audit table, CloudWatch,
+    /// database. Any intake it configures is ignored.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// After the job, how long to keep trying to deliver its callback and audit.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    report_timeout_seconds: u64,
+    /// Log format on stderr: text or json.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// The job, as both `submit` and `run` take it.
+#[derive(Debug, clap::Args)]
+struct JobArgs {
     /// The Step Functions task token.
     #[arg(long, value_name = "T")]
     task_token: String,
@@ -106,9 +169,6 @@ struct Submit {
     /// The task state's `HeartbeatSeconds`; heartbeats go out at a third of it.
     #[arg(long, value_name = "SECONDS")]
     heartbeat_seconds: Option<u64>,
-    /// The agent's socket [default: $RSQL_AGENT_SOCKET, else /run/rsql-agent/agent.sock].
-    #[arg(long, value_name = "PATH")]
-    socket: Option<PathBuf>,
     /// Arguments for the script.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -117,15 +177,16 @@ struct Submit {
 fn main() -> ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     if let Some(first) = argv.get(1).and_then(|a| a.to_str()) {
-        let subcommand = matches!(first, "submit" | "help");
+        let subcommand = matches!(first, "submit" | "run" | "help");
         if !subcommand && !first.starts_with('-') {
             return ExitCode::from(legacy(&argv[1..]));
         }
     }
     let cli = Cli::parse();
-    match cli.command {
-        Command::Submit(submit) => ExitCode::from(submit_job(submit)),
-    }
+    ExitCode::from(match cli.command {
+        Command::Submit(submit) => submit_job(submit),
+        Command::Run(run) => run_job(run),
+    })
 }
 
 fn usage(message: &str) -> u8 {
@@ -187,15 +248,17 @@ fn legacy(args: &[OsString]) -> u8 {
         text[3]
     );
     submit_job(Submit {
-        task_token: text[0].clone(),
-        workflow_id: text[1].clone(),
-        workflow_execution_id: text[2].clone(),
-        job_name,
-        ssm_command_id: None,
-        timeout_seconds: None,
-        heartbeat_seconds: None,
+        job: JobArgs {
+            task_token: text[0].clone(),
+            workflow_id: text[1].clone(),
+            workflow_execution_id: text[2].clone(),
+            job_name,
+            ssm_command_id: None,
+            timeout_seconds: None,
+            heartbeat_seconds: None,
+            args: text[11..].to_vec(),
+        },
         socket: None,
-        args: text[11..].to_vec(),
     })
 }
 
@@ -218,27 +281,33 @@ fn legacy_job_name(script: &str, code_dir: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The job message (the same contract as an SQS message) for these arguments.
+fn job_message(job: JobArgs) -> Value {
+    let mut message = json!({
+        "task_token": job.task_token,
+        "workflow_id": job.workflow_id,
+        "workflow_execution_id": job.workflow_execution_id,
+        "job_name": job.job_name,
+        "args": job.args,
+    });
+    if let Some(id) = job.ssm_command_id.filter(|id| !id.is_empty()) {
+        message["ssm_command_id"] = Value::String(id);
+    }
+    if let Some(seconds) = job.timeout_seconds {
+        message["timeout_seconds"] = Value::from(seconds);
+    }
+    if let Some(seconds) = job.heartbeat_seconds {
+        message["heartbeat_seconds"] = Value::from(seconds);
+    }
+    message
+}
+
 fn submit_job(submit: Submit) -> u8 {
     let socket = submit
         .socket
         .or_else(|| std::env::var_os("RSQL_AGENT_SOCKET").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    let mut job = json!({
-        "task_token": submit.task_token,
-        "workflow_id": submit.workflow_id,
-        "workflow_execution_id": submit.workflow_execution_id,
-        "job_name": submit.job_name,
-        "args": submit.args,
-    });
-    if let Some(id) = submit.ssm_command_id.filter(|id| !id.is_empty()) {
-        job["ssm_command_id"] = Value::String(id);
-    }
-    if let Some(seconds) = submit.timeout_seconds {
-        job["timeout_seconds"] = Value::from(seconds);
-    }
-    if let Some(seconds) = submit.heartbeat_seconds {
-        job["heartbeat_seconds"] = Value::from(seconds);
-    }
+    let job = job_message(submit.job);
     let reply = match exchange(&socket, &job) {
         Ok(reply) => reply,
         Err(e) => {
@@ -255,7 +324,7 @@ fn submit_job(submit: Submit) -> u8 {
             reply["job_name"].as_str().unwrap_or("?"),
             reply["token_hash"].as_str().unwrap_or("?")
         );
-        return exit::ACCEPTED;
+        return exit::OK;
     }
     let error = reply["error"].as_str().unwrap_or("no reason given");
     eprintln!("rejected: {error}");
@@ -263,6 +332,172 @@ fn submit_job(submit: Submit) -> u8 {
         exit::BUSY
     } else {
         exit::REJECTED
+    }
+}
+
+/// `rsql-wrapper run`: the job runs here under the agent's library; reports go out before
+/// the process exits.
+fn run_job(run: Run) -> u8 {
+    rsql_agent::logging::init(&run.log_format, "info");
+    let config = match Config::load(&run.config) {
+        Ok(config) => Arc::new(config),
+        Err(e) => {
+            eprintln!("rsql-wrapper: {}", error_chain(&e));
+            return match e {
+                ConfigError::Read { .. } => exit::NO_INPUT,
+                ConfigError::Parse { .. } | ConfigError::Invalid { .. } => exit::CONFIG,
+            };
+        }
+    };
+    if let Some(message) = wrong_user(&config.agent.state_dir) {
+        return usage(&message);
+    }
+    let body = job_message(run.job).to_string();
+    let report_timeout = Duration::from_secs(run.report_timeout_seconds);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rsql-wrapper: cannot start the async runtime: {e}");
+            return exit::SOFTWARE;
+        }
+    };
+    runtime.block_on(async move {
+        // First, so an SSM cancel during start-up is seen by the job instead of ending us.
+        let controls = match rsql_agent::signals::Controls::install() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot listen for signals");
+                return exit::SOFTWARE;
+            }
+        };
+        let parts = match rsql_agent::startup::open(&config).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                return match e {
+                    StartError::Supervisor(_) => exit::SOFTWARE,
+                    StartError::StateDirs(_) => exit::IO,
+                };
+            }
+        };
+        let daemon = match Daemon::standalone(
+            config.clone(),
+            parts.attempts,
+            &parts.clients,
+            "rsql-wrapper run",
+        ) {
+            Ok(d) => d,
+            Err(e @ DaemonError::Owner(OwnerError::InUse { .. })) => {
+                tracing::error!(error = %error_chain(&e), "cannot run the job here; with an agent running, use `rsql-wrapper submit`");
+                return exit::BUSY;
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                return exit::IO;
+            }
+        };
+        match daemon.run_one(body.as_bytes(), controls, report_timeout).await {
+            Ok(one) => one_job_exit(&one),
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot store the job's report");
+                exit::IO
+            }
+        }
+    })
+}
+
+/// Root must not write into a state directory that another user (the service's `rsql`)
+/// owns: the outbox and job records it left there would be unreadable to the agent later.
+fn wrong_user(state_dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(state_dir).ok()?.uid();
+    (nix::unistd::geteuid().is_root() && owner != 0).then(|| {
+        format!(
+            "the state directory {} belongs to uid {owner}, not root: run as that user, e.g. \
+             `runuser -u rsql -- rsql-wrapper run ...`",
+            state_dir.display()
+        )
+    })
+}
+
+/// Says on stdout (what SSM shows as the command's output) how the job ended, and maps it
+/// to the exit code.
+fn one_job_exit(one: &OneJob) -> u8 {
+    let reported = |delivered: bool| {
+        if delivered {
+            "reported"
+        } else {
+            "NOT yet reported: it stays in the outbox and goes out after the next start"
+        }
+    };
+    match one {
+        OneJob::Finished {
+            outcome,
+            delivered,
+            stopped,
+        } => {
+            let code = match outcome {
+                Outcome::Completed(out) => {
+                    println!(
+                        "completed: job {} exit 0 in {} ms; {}",
+                        out.job_name,
+                        out.duration_ms,
+                        reported(*delivered)
+                    );
+                    exit::OK
+                }
+                Outcome::Failed(failure) => {
+                    println!(
+                        "failed: {}: {}; {}",
+                        failure.error,
+                        failure.cause.message,
+                        reported(*delivered)
+                    );
+                    if *stopped && failure.error == ErrorName::Interrupted {
+                        exit::INTERRUPTED
+                    } else {
+                        exit::JOB_FAILED
+                    }
+                }
+                Outcome::Cancelled { message } => {
+                    println!(
+                        "cancelled: {message}; the task was closed upstream, nothing to report"
+                    );
+                    exit::JOB_FAILED
+                }
+            };
+            if *delivered {
+                code
+            } else {
+                exit::NOT_DELIVERED
+            }
+        }
+        OneJob::Rejected {
+            reason,
+            failed_task,
+            delivered,
+        } => {
+            eprintln!("rejected: {reason}");
+            if *failed_task {
+                println!(
+                    "rejected: the task was failed with Rsql.InvalidJob; {}",
+                    reported(*delivered)
+                );
+            }
+            exit::REJECTED
+        }
+        OneJob::RunningElsewhere { holder } => {
+            eprintln!("busy: the job is running elsewhere ({holder}); that runner reports it");
+            exit::BUSY
+        }
+        OneJob::NotStored => {
+            eprintln!("error: the job's outcome could not be stored; nothing was reported (see the log above)");
+            exit::IO
+        }
     }
 }
 

@@ -1,0 +1,45 @@
+//! The parts every job-running process builds the same way at start: the AWS clients, the
+//! instance id, the supervisor and the attempt context. Shared by `rsql-agent run` and
+//! `rsql-wrapper run`, so the two cannot drift apart.
+
+use std::sync::Arc;
+
+use crate::attempt::{AttemptContext, AttemptError};
+use crate::aws::{self, AwsClients};
+use crate::config::Config;
+use crate::identity;
+use crate::supervisor::{Supervisor, SupervisorError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot start the supervisor")]
+    Supervisor(#[source] SupervisorError),
+    #[error("cannot open the state directories")]
+    StateDirs(#[source] AttemptError),
+}
+
+/// What [`open`] built.
+#[derive(Debug)]
+pub struct Parts {
+    pub clients: AwsClients,
+    pub attempts: Arc<AttemptContext>,
+    pub instance_id: String,
+    pub instance_id_source: identity::Source,
+}
+
+/// Builds the parts for `config`. Must run inside the tokio runtime.
+pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
+    let sdk = aws::load_config().await;
+    let clients = AwsClients::new(&sdk);
+    let (instance_id, instance_id_source) =
+        identity::instance_id(config.agent.instance_id.as_deref()).await;
+    let supervisor = Supervisor::new().map_err(StartError::Supervisor)?;
+    let attempts = AttemptContext::new(config.clone(), supervisor, instance_id.clone())
+        .map_err(StartError::StateDirs)?;
+    Ok(Parts {
+        clients,
+        attempts: Arc::new(attempts),
+        instance_id,
+        instance_id_source,
+    })
+}
