@@ -545,12 +545,7 @@ impl Daemon {
             });
         };
         let token_hash = lock::token_hash(&token);
-        let span = tracing::info_span!(
-            "job",
-            job_name = %spec.job_name,
-            workflow_execution_id = %spec.workflow_execution_id,
-            token_hash = %token_hash,
-        );
+        let span = job_span(&spec, &token_hash);
         let (stop_tx, stop_rx) = watch::channel(JobStop::Run);
         let stop_probe = stop_tx.subscribe();
         let forward_stops = async move {
@@ -714,6 +709,17 @@ fn fail_invalid(shared: &Shared, token: String, reason: &str) -> Result<(), Outb
     shared.outbox.put(&entry)
 }
 
+/// The span every log line of one job carries (and the journal's `JOB_NAME`,
+/// `WORKFLOW_EXECUTION_ID` and `TOKEN_HASH` fields come from).
+fn job_span(spec: &JobSpec, token_hash: &str) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        job_name = %spec.job_name,
+        workflow_execution_id = %spec.workflow_execution_id,
+        token_hash = %token_hash,
+    )
+}
+
 /// The life of one SQS delivery.
 async fn handle(
     shared: Arc<Shared>,
@@ -758,12 +764,7 @@ async fn handle(
         return;
     };
     let token_hash = lock::token_hash(&token);
-    let span = tracing::info_span!(
-        "job",
-        job_name = %spec.job_name,
-        workflow_execution_id = %spec.workflow_execution_id,
-        token_hash = %token_hash,
-    );
+    let span = job_span(&spec, &token_hash);
     run_delivery(
         shared,
         Source::Sqs(delivery),
@@ -847,12 +848,7 @@ async fn handle_submission(
         return;
     };
     let token_hash = lock::token_hash(&token);
-    let span = tracing::info_span!(
-        "job",
-        job_name = %spec.job_name,
-        workflow_execution_id = %spec.workflow_execution_id,
-        token_hash = %token_hash,
-    );
+    let span = job_span(&spec, &token_hash);
     run_delivery(shared, Source::Local, spec, token, token_hash, shutdown)
         .instrument(span)
         .await;

@@ -255,15 +255,6 @@ fn daemon_run(path: &Path) -> u8 {
         return exit::SOFTWARE;
     };
     runtime.block_on(async move {
-        // First, so a SIGTERM or SIGHUP during start-up waits for the daemon instead of
-        // ending the process.
-        let controls = match rsql_agent::signals::Controls::install() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot listen for signals");
-                return exit::SOFTWARE;
-            }
-        };
         let parts = match rsql_agent::startup::open(&config).await {
             Ok(p) => p,
             Err(e) => {
@@ -271,7 +262,8 @@ fn daemon_run(path: &Path) -> u8 {
                 return start_exit(&e);
             }
         };
-        let (clients, attempts, instance_id, source) = (
+        let (controls, clients, attempts, instance_id, source) = (
+            parts.controls,
             parts.clients,
             parts.attempts,
             parts.instance_id,
@@ -317,7 +309,7 @@ fn daemon_run(path: &Path) -> u8 {
 
 fn start_exit(e: &StartError) -> u8 {
     match e {
-        StartError::Supervisor(_) => exit::SOFTWARE,
+        StartError::Signals(_) | StartError::Supervisor(_) => exit::SOFTWARE,
         StartError::StateDirs(_) => exit::IO,
     }
 }

@@ -1,5 +1,5 @@
-//! The parts every job-running process builds the same way at start: the AWS clients, the
-//! instance id, the supervisor and the attempt context. Shared by `rsql-agent run` and
+//! The parts every job-running process builds the same way at start: the signal controls,
+//! the AWS clients, the instance id, the supervisor and the attempt context. Shared by `rsql-agent run` and
 //! `rsql-wrapper run`, so the two cannot drift apart.
 
 use std::sync::Arc;
@@ -8,10 +8,13 @@ use crate::attempt::{AttemptContext, AttemptError};
 use crate::aws::{self, AwsClients};
 use crate::config::Config;
 use crate::identity;
+use crate::signals::{Controls, SignalError};
 use crate::supervisor::{Supervisor, SupervisorError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    #[error("cannot listen for signals")]
+    Signals(#[source] SignalError),
     #[error("cannot start the supervisor")]
     Supervisor(#[source] SupervisorError),
     #[error("cannot open the state directories")]
@@ -21,6 +24,8 @@ pub enum StartError {
 /// What [`open`] built.
 #[derive(Debug)]
 pub struct Parts {
+    /// What the process's signals ask for (see `signals`).
+    pub controls: Controls,
     pub clients: AwsClients,
     pub attempts: Arc<AttemptContext>,
     pub instance_id: String,
@@ -29,6 +34,9 @@ pub struct Parts {
 
 /// Builds the parts for `config`. Must run inside the tokio runtime.
 pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
+    // First, so a SIGTERM or SIGHUP during start-up is seen by the job runner instead of
+    // ending the process.
+    let controls = Controls::install().map_err(StartError::Signals)?;
     let sdk = aws::load_config().await;
     let clients = AwsClients::new(&sdk);
     let (instance_id, instance_id_source) =
@@ -37,6 +45,7 @@ pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
     let attempts = AttemptContext::new(config.clone(), supervisor, instance_id.clone())
         .map_err(StartError::StateDirs)?;
     Ok(Parts {
+        controls,
         clients,
         attempts: Arc::new(attempts),
         instance_id,

@@ -173,14 +173,23 @@ fn wrapper(args: &[&str], socket: Option<&Path>) -> Output {
     command.output().expect("run rsql-wrapper")
 }
 
-/// `rsql-wrapper run --config CONFIG ARGS...` against moto, with no agent anywhere.
-fn standalone(world: &World, config: &Path, args: &[&str]) -> Command {
+/// `rsql-wrapper run --config CONFIG` against moto, with no agent anywhere, for the job
+/// `[token, workflow id, workflow execution id, job name]`, then `more` arguments.
+fn standalone(world: &World, config: &Path, job: [&str; 4], more: &[&str]) -> Command {
+    let [token, workflow_id, execution_id, job_name] = job;
     let mut command = Command::new(bins::wrapper());
     command
         .arg("run")
         .arg("--config")
         .arg(config)
-        .args(args)
+        .args(["--task-token", token, "--workflow-id", workflow_id])
+        .args([
+            "--workflow-execution-id",
+            execution_id,
+            "--job-name",
+            job_name,
+        ])
+        .args(more)
         .envs(moto::aws_env(&world.moto.endpoint()))
         .stdin(Stdio::null());
     command
@@ -502,15 +511,8 @@ async fn run_completes_a_job_with_no_agent_and_reports_it_before_exiting() {
     let out = standalone(
         &world,
         &config,
+        [&token, "ssm_test", "standalone_ok_1", "hello.sh"],
         &[
-            "--task-token",
-            &token,
-            "--workflow-id",
-            "ssm_test",
-            "--workflow-execution-id",
-            "standalone_ok_1",
-            "--job-name",
-            "hello.sh",
             "--ssm-command-id",
             "cmd-standalone",
             "--",
@@ -564,16 +566,8 @@ async fn run_fails_an_invalid_job_as_invalid_job_and_says_why() {
     let out = standalone(
         &world,
         &config,
-        &[
-            "--task-token",
-            &token,
-            "--workflow-id",
-            "ssm_test",
-            "--workflow-execution-id",
-            "standalone_bad_1",
-            "--job-name",
-            "no_such_script.sh",
-        ],
+        [&token, "ssm_test", "standalone_bad_1", "no_such_script.sh"],
+        &[],
     )
     .output()
     .expect("rsql-wrapper run");
@@ -602,18 +596,8 @@ async fn sigterm_stops_a_standalone_job_kills_it_and_reports_it_interrupted() {
     let child = standalone(
         &world,
         &config,
-        &[
-            "--task-token",
-            &token,
-            "--workflow-id",
-            "ssm_test",
-            "--workflow-execution-id",
-            "standalone_term_1",
-            "--job-name",
-            "long.sh",
-            "--",
-            pid_file.to_str().unwrap(),
-        ],
+        [&token, "ssm_test", "standalone_term_1", "long.sh"],
+        &["--", pid_file.to_str().unwrap()],
     )
     .stdout(Stdio::piped())
     .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -661,16 +645,8 @@ async fn run_is_refused_beside_a_running_agent_and_touches_nothing() {
     let out = standalone(
         &world,
         &agent.config_path,
-        &[
-            "--task-token",
-            "token-beside",
-            "--workflow-id",
-            "w",
-            "--workflow-execution-id",
-            "beside_1",
-            "--job-name",
-            "hello.sh",
-        ],
+        ["token-beside", "w", "beside_1", "hello.sh"],
+        &[],
     )
     .output()
     .expect("rsql-wrapper run");
@@ -697,22 +673,9 @@ async fn run_as_root_refuses_a_state_dir_that_belongs_to_the_service_user() {
         .unwrap()
         .expect("user nobody");
     nix::unistd::chown(&state_dir, Some(nobody.uid), None).unwrap();
-    let out = standalone(
-        &world,
-        &config,
-        &[
-            "--task-token",
-            "T",
-            "--workflow-id",
-            "w",
-            "--workflow-execution-id",
-            "e",
-            "--job-name",
-            "hello.sh",
-        ],
-    )
-    .output()
-    .unwrap();
+    let out = standalone(&world, &config, ["T", "w", "e", "hello.sh"], &[])
+        .output()
+        .unwrap();
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(

@@ -366,20 +366,12 @@ fn run_job(run: Run) -> u8 {
         }
     };
     runtime.block_on(async move {
-        // First, so an SSM cancel during start-up is seen by the job instead of ending us.
-        let controls = match rsql_agent::signals::Controls::install() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot listen for signals");
-                return exit::SOFTWARE;
-            }
-        };
         let parts = match rsql_agent::startup::open(&config).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
                 return match e {
-                    StartError::Supervisor(_) => exit::SOFTWARE,
+                    StartError::Signals(_) | StartError::Supervisor(_) => exit::SOFTWARE,
                     StartError::StateDirs(_) => exit::IO,
                 };
             }
@@ -400,7 +392,7 @@ fn run_job(run: Run) -> u8 {
                 return exit::IO;
             }
         };
-        match daemon.run_one(body.as_bytes(), controls, report_timeout).await {
+        match daemon.run_one(body.as_bytes(), parts.controls, report_timeout).await {
             Ok(one) => one_job_exit(&one),
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot store the job's report");
