@@ -4,8 +4,15 @@ CARGO ?= cargo
 PYTHON ?= python3
 VENV := .venv
 VENV_STAMP := $(VENV)/.installed
+# The packaging tools, pinned and installed under .tools/ (not on PATH; called by path).
+TOOLS := .tools
+CARGO_DEB_VERSION := 3.8.0
+CARGO_GENERATE_RPM_VERSION := 0.21.1
+CARGO_DEB_STAMP := $(TOOLS)/.cargo-deb-$(CARGO_DEB_VERSION)
+CARGO_GENERATE_RPM_STAMP := $(TOOLS)/.cargo-generate-rpm-$(CARGO_GENERATE_RPM_VERSION)
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke clean
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package check-package clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 demo: deps build
@@ -45,8 +52,9 @@ clippy:
 nextest: deps venv build
 	$(CARGO) nextest run --workspace --no-fail-fast
 
-## test: everything CI runs: formatting, lints, unit tests, system tests and the bench smoke run
-test: fmt-check clippy lint-cfn check-systemd nextest bench-smoke
+## test: everything CI runs: formatting, lints, unit tests, system tests, the bench smoke run
+## and the packages (built, inspected, installed and removed again)
+test: fmt-check clippy lint-cfn check-systemd nextest bench-smoke check-package
 
 ## bench: the agent measured against the per-job-process baseline, on a release build
 ## (minutes; not part of `make test`). Prints a table and writes bench/results.json.
@@ -58,6 +66,35 @@ bench: venv
 bench-smoke: venv build
 	$(CARGO) run --quiet -p rsql-agent-tests --bin rsql-bench -- --smoke
 
+## tools: cargo-deb and cargo-generate-rpm at the pinned versions, under .tools/ (minutes, once)
+tools: $(CARGO_DEB_STAMP) $(CARGO_GENERATE_RPM_STAMP)
+$(CARGO_DEB_STAMP):
+	$(CARGO) install --locked --quiet --root $(TOOLS) cargo-deb --version $(CARGO_DEB_VERSION)
+	touch $@
+$(CARGO_GENERATE_RPM_STAMP):
+	$(CARGO) install --locked --quiet --root $(TOOLS) cargo-generate-rpm --version $(CARGO_GENERATE_RPM_VERSION)
+	touch $@
+
+## package: target/debian/rsql-agent_<version>-1_<arch>.deb and
+## target/generate-rpm/rsql-agent-<version>-1.<arch>.rpm, from one release build of the two
+## binaries (the test programs in tests/ are not built and not packaged)
+# The release profile keeps line tables (about 160 MB a binary): the packages get copies
+# without them, which keep the symbol table, so a RUST_BACKTRACE backtrace still names functions.
+package: tools
+	$(CARGO) build --release -p rsql-agent -p rsql-wrapper --bins
+	mkdir -p $(TARGET_DIR)/release/stripped
+	for bin in rsql-agent rsql-wrapper; do \
+	  strip --strip-debug -o $(TARGET_DIR)/release/stripped/$$bin $(TARGET_DIR)/release/$$bin || exit 1; \
+	done
+	rm -f $(TARGET_DIR)/debian/rsql-agent_*.deb $(TARGET_DIR)/generate-rpm/rsql-agent-*.rpm
+	$(TOOLS)/bin/cargo-deb -p rsql-agent --no-build
+	$(TOOLS)/bin/cargo-generate-rpm -p agent
+
+## check-package: lists both packages, then installs the .deb on this machine (root), checks
+## the binaries, the config, the user and the shim, and removes and purges it again
+check-package: deps package
+	bash packaging/check-package.sh
+
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TOOLS)

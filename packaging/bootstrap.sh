@@ -120,7 +120,11 @@ install_package() {
   esac
   case "$file" in
     *.deb)
-      run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$(realpath -m "$file")"
+      # User data has no terminal: on an upgrade whose default config changed, keep the
+      # installed agent.toml (step 3 rewrites it anyway) instead of waiting for an answer.
+      run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+        "$(realpath -m "$file")"
       ;;
     *.rpm)
       if command -v dnf >/dev/null 2>&1; then

@@ -638,7 +638,6 @@ fn remove_logged(path: &Path) -> bool {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

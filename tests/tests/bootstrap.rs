@@ -35,7 +35,7 @@ fn dry_run_prints_every_action() {
         "--script-dir",
         scripts,
         "--package",
-        "https://example.invalid/rsql-agent_0.1.0_amd64.deb",
+        "https://example.invalid/rsql-agent_0.1.0-1_amd64.deb",
         "--region",
         "us-east-1",
         "--efs",
@@ -52,8 +52,8 @@ fn dry_run_prints_every_action() {
     assert!(ok, "dry run failed:\n{out}");
     let opts = "nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport";
     for expected in [
-        "+ curl -fsSL --retry 5 -o /var/tmp/rsql-agent_0.1.0_amd64.deb https://example.invalid/rsql-agent_0.1.0_amd64.deb",
-        "apt-get install -y -q /var/tmp/rsql-agent_0.1.0_amd64.deb",
+        "+ curl -fsSL --retry 5 -o /var/tmp/rsql-agent_0.1.0-1_amd64.deb https://example.invalid/rsql-agent_0.1.0-1_amd64.deb",
+        "apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold /var/tmp/rsql-agent_0.1.0-1_amd64.deb",
         &format!("+ mount -t nfs4 -o {opts} fs-12345678.efs.us-east-1.amazonaws.com:/ /mnt/efs"),
         "+ install -d -m 0750 -o rsql -g rsql /mnt/efs/rsql-agent/locks",
         "+ write /etc/rsql-agent/agent.toml (mode 0640, owner root:rsql):",
@@ -128,6 +128,18 @@ fn scripts_are_shellcheck_clean() {
     let status = Command::new("shellcheck")
         .arg(repo().join("packaging/bootstrap.sh"))
         .arg(repo().join("packaging/check-systemd.sh"))
+        .arg(repo().join("packaging/check-package.sh"))
+        .arg(repo().join("packaging/rsql_trigger.sh"))
+        .args(["postinst", "prerm", "postrm"].map(|f| repo().join("packaging/deb").join(f)))
+        .args(
+            [
+                "pre-install.sh",
+                "post-install.sh",
+                "pre-uninstall.sh",
+                "post-uninstall.sh",
+            ]
+            .map(|f| repo().join("packaging/rpm").join(f)),
+        )
         .status()
         .expect("shellcheck is missing: run .ci/install-deps (apt-get install shellcheck)");
     assert!(status.success(), "shellcheck found problems");

@@ -1,0 +1,31 @@
+#!/bin/sh
+# rsql-agent: rpm %post. Creates the directories the agent and check-config need (the rpm
+# cannot hold them: see agent/Cargo.toml) and reloads systemd's units. $1: 1 install, 2 upgrade.
+#
+# It does not enable or start rsql-agent.service: packaging/bootstrap.sh writes the real config
+# first, checks it, then runs `systemctl enable --now rsql-agent`. On an upgrade a running
+# agent keeps the old binary until `systemctl restart rsql-agent`, which lets running jobs
+# finish first (up to [agent] shutdown_grace); when to do that is left to the operator.
+set -e
+
+# Creates a directory only when it is missing: an operator's owner and mode stay.
+make_dir() {
+  [ -d "$1" ] || install -d -m "$2" -o "$3" -g "$4" "$1"
+}
+
+# The unit's StateDirectory= and LogsDirectory= also create these at start; they exist now
+# so that check-config and a manual `rsql-agent run` work before then.
+make_dir /var/lib/rsql-agent 0750 rsql rsql
+make_dir /var/log/rsql-agent 0750 rsql rsql
+# [jobs] script_dir: check-config needs it to exist and not be world-writable.
+make_dir /opt/rsql 0755 root root
+make_dir /opt/rsql/rsql_scripts 0755 root root
+
+if [ -d /run/systemd/system ]; then
+  systemctl daemon-reload || :
+  if [ "$1" -ge 2 ] && systemctl is-active --quiet rsql-agent.service; then
+    echo "rsql-agent: the running agent keeps its version until" \
+      "\`systemctl restart rsql-agent\` (running jobs finish first)"
+  fi
+fi
+exit 0
