@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::error_chain;
 use crate::intake::socket::{self, SocketError, Submission, SubmitReply};
 use crate::intake::sqs::{Delivery, SqsError, SqsIntake};
-use crate::job::{JobRules, JobSpec};
+use crate::job::{InvalidJob, JobRules, JobSpec};
 use crate::joblog::cloudwatch::{self, Shipment, Shipper, ShipperError};
 use crate::lock::{self, Decision, JobLock, LockState, RunState};
 use crate::notify::{Notifier, Status};
@@ -124,6 +124,18 @@ struct Shared {
     _owner: StateDirOwner,
 }
 
+impl Shared {
+    /// Parses a job message under the live rules; every intake parses the same way.
+    fn parse_job(&self, body: &[u8]) -> Result<JobSpec, InvalidJob> {
+        let rules = JobRules {
+            script_dir: &self.config.jobs.script_dir,
+            default_timeout: self.attempts.live().jobs.default_timeout,
+            require_token: true,
+        };
+        JobSpec::parse(body, &rules)
+    }
+}
+
 /// The daemon, built once: clients, outbox and context are reused by every job.
 #[derive(Debug)]
 pub struct Daemon {
@@ -157,21 +169,12 @@ impl Daemon {
         if config.sqs.is_none() && config.socket.is_none() {
             return Err(DaemonError::NoIntake);
         }
-        Daemon::build(config, attempts, clients, "rsql-agent run")
+        Daemon::standalone(config, attempts, clients, "rsql-agent run")
     }
 
     /// For [`Daemon::run_one`]: the same parts, with no intake needed (any configured one
     /// is ignored). `role` names this process in the state directory's owner lock.
     pub fn standalone(
-        config: Arc<Config>,
-        attempts: Arc<AttemptContext>,
-        clients: &AwsClients,
-        role: &str,
-    ) -> Result<Daemon, DaemonError> {
-        Daemon::build(config, attempts, clients, role)
-    }
-
-    fn build(
         config: Arc<Config>,
         attempts: Arc<AttemptContext>,
         clients: &AwsClients,
@@ -505,12 +508,7 @@ impl Daemon {
         report_timeout: Duration,
     ) -> Result<OneJob, DaemonError> {
         let shared = self.shared.clone();
-        let rules = JobRules {
-            script_dir: &shared.config.jobs.script_dir,
-            default_timeout: shared.attempts.live().jobs.default_timeout,
-            require_token: true,
-        };
-        let spec = match JobSpec::parse(body, &rules) {
+        let spec = match shared.parse_job(body) {
             Ok(spec) => spec,
             Err(invalid) => {
                 let reason = invalid.error.to_string();
@@ -727,12 +725,7 @@ async fn handle(
     shutdown: watch::Receiver<JobStop>,
     _permit: OwnedSemaphorePermit,
 ) {
-    let rules = JobRules {
-        script_dir: &shared.config.jobs.script_dir,
-        default_timeout: shared.attempts.live().jobs.default_timeout,
-        require_token: true,
-    };
-    let spec = match JobSpec::parse(delivery.body.as_bytes(), &rules) {
+    let spec = match shared.parse_job(delivery.body.as_bytes()) {
         Ok(spec) => spec,
         Err(invalid) => {
             let reason = invalid.error.to_string();
@@ -801,13 +794,8 @@ impl Source {
 /// the workflow does not wait for its timeout; the submitter is told why either way.
 fn socket_validator(shared: &Arc<Shared>) -> socket::Validate {
     let shared = shared.clone();
-    Arc::new(move |body: &[u8], peer: &socket::Peer| {
-        let rules = JobRules {
-            script_dir: &shared.config.jobs.script_dir,
-            default_timeout: shared.attempts.live().jobs.default_timeout,
-            require_token: true,
-        };
-        match JobSpec::parse(body, &rules) {
+    Arc::new(
+        move |body: &[u8], peer: &socket::Peer| match shared.parse_job(body) {
             Ok(spec) => Ok(spec),
             Err(invalid) => {
                 let reason = invalid.error.to_string();
@@ -833,8 +821,8 @@ fn socket_validator(shared: &Arc<Shared>) -> socket::Validate {
                 }
                 Err(reason)
             }
-        }
-    })
+        },
+    )
 }
 
 /// The life of one accepted socket job: the same path as an SQS delivery, without SQS.
