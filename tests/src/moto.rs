@@ -588,3 +588,65 @@ pub async fn queue_depth(config: &SdkConfig, queue_url: &str) -> (i64, i64) {
         get(A::ApproximateNumberOfMessagesNotVisible),
     )
 }
+
+/// A JSONPath state machine whose one state, `Job`, is an `sqs:sendMessage.waitForTaskToken`
+/// task that sends `message_body` to `queue_url` and waits for the agent's callback, as the
+/// agent's workflows do. Always with `TimeoutSeconds` (see the module notes). With `catch`,
+/// a failure goes to a Pass state with the error and cause in `$.error`, so a test reads
+/// them from the output; `retry_timeouts` retries a `States.Timeout` once, under a new token.
+#[derive(Debug, Clone)]
+pub struct JobTask<'a> {
+    pub queue_url: &'a str,
+    pub message_body: serde_json::Value,
+    pub heartbeat_seconds: u64,
+    pub timeout_seconds: u64,
+    pub catch: bool,
+    pub retry_timeouts: bool,
+}
+
+impl JobTask<'_> {
+    /// Caught, with a 900 s timeout and no retry: what most tests want.
+    pub fn new(
+        queue_url: &str,
+        message_body: serde_json::Value,
+        heartbeat_seconds: u64,
+    ) -> JobTask<'_> {
+        JobTask {
+            queue_url,
+            message_body,
+            heartbeat_seconds,
+            timeout_seconds: 900,
+            catch: true,
+            retry_timeouts: false,
+        }
+    }
+
+    /// The definition, as `create_state_machine` takes it.
+    pub fn definition(&self) -> String {
+        let mut job = serde_json::json!({
+            "Type": "Task",
+            "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
+            "Parameters": {"QueueUrl": self.queue_url, "MessageBody": self.message_body},
+            "HeartbeatSeconds": self.heartbeat_seconds,
+            "TimeoutSeconds": self.timeout_seconds,
+            "End": true
+        });
+        if self.catch {
+            job["Catch"] = serde_json::json!([
+                {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}
+            ]);
+        }
+        if self.retry_timeouts {
+            job["Retry"] = serde_json::json!([
+                {"ErrorEquals": ["States.Timeout"], "IntervalSeconds": 1, "MaxAttempts": 1}
+            ]);
+        }
+        serde_json::json!({
+            "Comment": "one rsql-agent job",
+            "QueryLanguage": "JSONPath",
+            "StartAt": "Job",
+            "States": {"Job": job, "Caught": {"Type": "Pass", "End": true}}
+        })
+        .to_string()
+    }
+}

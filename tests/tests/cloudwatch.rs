@@ -28,34 +28,16 @@ const DAY_MS: i64 = 24 * 3600 * 1000;
 
 /// One task that hands the job to the agent's queue (as in tests/daemon.rs).
 fn definition(queue_url: &str, heartbeat: u64) -> String {
-    json!({
-        "Comment": "one rsql-agent job",
-        "StartAt": "Job",
-        "States": {
-            "Job": {
-                "Type": "Task",
-                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-                "Parameters": {
-                    "QueueUrl": queue_url,
-                    "MessageBody": {
-                        "task_token.$": "$$.Task.Token",
-                        "workflow_id": "cloudwatch_test",
-                        "workflow_execution_id.$": "$.execution_id",
-                        "job_name.$": "$.job_name",
-                        "args": [],
-                        "timeout_seconds": 600,
-                        "heartbeat_seconds": heartbeat
-                    }
-                },
-                "HeartbeatSeconds": heartbeat,
-                "TimeoutSeconds": 900,
-                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
-                "End": true
-            },
-            "Caught": {"Type": "Pass", "End": true}
-        }
-    })
-    .to_string()
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_id": "cloudwatch_test",
+        "workflow_execution_id.$": "$.execution_id",
+        "job_name.$": "$.job_name",
+        "args": [],
+        "timeout_seconds": 600,
+        "heartbeat_seconds": heartbeat
+    });
+    moto::JobTask::new(queue_url, body, heartbeat).definition()
 }
 
 struct World {

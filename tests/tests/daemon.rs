@@ -21,34 +21,16 @@ const WAIT: Duration = Duration::from_secs(90);
 /// One task that hands the job to the agent's queue; errors are caught into `$.error`, so
 /// a test can read the error and cause from the output.
 fn definition(queue_url: &str, heartbeat: u64) -> String {
-    json!({
-        "Comment": "one rsql-agent job",
-        "StartAt": "Job",
-        "States": {
-            "Job": {
-                "Type": "Task",
-                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-                "Parameters": {
-                    "QueueUrl": queue_url,
-                    "MessageBody": {
-                        "task_token.$": "$$.Task.Token",
-                        "workflow_id": "daemon_test",
-                        "workflow_execution_id.$": "$.execution_id",
-                        "job_name.$": "$.job_name",
-                        "args.$": "$.args",
-                        "timeout_seconds.$": "$.timeout_seconds",
-                        "heartbeat_seconds": heartbeat
-                    }
-                },
-                "HeartbeatSeconds": heartbeat,
-                "TimeoutSeconds": 900,
-                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
-                "End": true
-            },
-            "Caught": {"Type": "Pass", "End": true}
-        }
-    })
-    .to_string()
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_id": "daemon_test",
+        "workflow_execution_id.$": "$.execution_id",
+        "job_name.$": "$.job_name",
+        "args.$": "$.args",
+        "timeout_seconds.$": "$.timeout_seconds",
+        "heartbeat_seconds": heartbeat
+    });
+    moto::JobTask::new(queue_url, body, heartbeat).definition()
 }
 
 struct World {

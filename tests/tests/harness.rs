@@ -17,33 +17,18 @@ const DEADLINE: Duration = Duration::from_secs(30);
 
 /// One `sqs:sendMessage.waitForTaskToken` task, as the agent's workflows use it, ending in a
 /// Pass state when it fails if `catch`, and with a Retry on States.Timeout if `retry`.
-fn job_definition(queue_url: &str, catch: bool, retry: bool, heartbeat_seconds: u32) -> String {
-    let mut run = json!({
-        "Type": "Task",
-        "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-        "Parameters": {
-            "QueueUrl": queue_url,
-            "MessageBody": {"task_token.$": "$$.Task.Token", "job_name": "x"}
-        },
-        "HeartbeatSeconds": heartbeat_seconds,
-        "TimeoutSeconds": 300,
-        "End": true
-    });
-    if catch {
-        run["Catch"] =
-            json!([{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}]);
+fn job_definition(queue_url: &str, catch: bool, retry: bool, heartbeat_seconds: u64) -> String {
+    moto::JobTask {
+        timeout_seconds: 300,
+        catch,
+        retry_timeouts: retry,
+        ..moto::JobTask::new(
+            queue_url,
+            json!({"task_token.$": "$$.Task.Token", "job_name": "x"}),
+            heartbeat_seconds,
+        )
     }
-    if retry {
-        run["Retry"] =
-            json!([{"ErrorEquals": ["States.Timeout"], "IntervalSeconds": 1, "MaxAttempts": 1}]);
-    }
-    json!({
-        "Comment": "harness test",
-        "QueryLanguage": "JSONPath",
-        "StartAt": "Run",
-        "States": {"Run": run, "Caught": {"Type": "Pass", "End": true}}
-    })
-    .to_string()
+    .definition()
 }
 
 /// Receives the next job message and returns its task token (deleting the message).

@@ -84,31 +84,17 @@ where
 /// A state machine with one `sqs:sendMessage.waitForTaskToken` task, as the agent's
 /// workflows use it; with `catch`, a failure goes to a Pass state with the error in `$.error`.
 fn job_definition(queue_url: &str, catch: bool) -> String {
-    let mut run = json!({
-        "Type": "Task",
-        "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-        "Parameters": {
-            "QueueUrl": queue_url,
-            "MessageBody": {
-                "task_token.$": "$$.Task.Token",
-                "workflow_execution_id.$": "$.workflow_execution_id",
-                "job_name": "rsql_blog_script_1.sh"
-            }
-        },
-        "HeartbeatSeconds": 60,
-        "TimeoutSeconds": 300,
-        "End": true
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_execution_id.$": "$.workflow_execution_id",
+        "job_name": "rsql_blog_script_1.sh"
     });
-    if catch {
-        run["Catch"] =
-            json!([{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}]);
+    moto::JobTask {
+        timeout_seconds: 300,
+        catch,
+        ..moto::JobTask::new(queue_url, body, 60)
     }
-    json!({
-        "QueryLanguage": "JSONPath",
-        "StartAt": "Run",
-        "States": {"Run": run, "Caught": {"Type": "Pass", "End": true}}
-    })
-    .to_string()
+    .definition()
 }
 
 /// A queue and a state machine of [`job_definition`].

@@ -27,28 +27,11 @@ const WAIT: Duration = Duration::from_secs(90);
 /// One task whose message goes to `queue_url` (the test's capture queue); errors are caught
 /// into `$.error`.
 fn definition(queue_url: &str) -> String {
-    json!({
-        "StartAt": "Job",
-        "States": {
-            "Job": {
-                "Type": "Task",
-                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-                "Parameters": {
-                    "QueueUrl": queue_url,
-                    "MessageBody": {
-                        "task_token.$": "$$.Task.Token",
-                        "workflow_execution_id.$": "$.execution_id"
-                    }
-                },
-                "HeartbeatSeconds": 60,
-                "TimeoutSeconds": 900,
-                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
-                "End": true
-            },
-            "Caught": {"Type": "Pass", "End": true}
-        }
-    })
-    .to_string()
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_execution_id.$": "$.execution_id"
+    });
+    moto::JobTask::new(queue_url, body, 60).definition()
 }
 
 struct World {

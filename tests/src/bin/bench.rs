@@ -378,22 +378,16 @@ impl World {
         let sdk = moto.sdk_config().await;
         let agent_queue = moto::create_queue(&sdk, &moto::unique_name("bench-jobs")).await;
         let token_queue = moto::create_queue(&sdk, &moto::unique_name("bench-tokens")).await;
-        let definition = json!({
-            "StartAt": "Job",
-            "States": {"Job": {
-                "Type": "Task",
-                "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-                "Parameters": {"QueueUrl": token_queue, "MessageBody": {"task_token.$": "$$.Task.Token"}},
-                "TimeoutSeconds": 3600,
-                // moto answers a heartbeat for a task without HeartbeatSeconds with
-                // InvalidToken; the agent sends one as a job starts.
-                "HeartbeatSeconds": 900,
-                "End": true
-            }}
-        });
+        // moto answers a heartbeat for a task without HeartbeatSeconds with InvalidToken;
+        // the agent sends one as a job starts.
+        let definition = moto::JobTask {
+            timeout_seconds: 3600,
+            catch: false,
+            ..moto::JobTask::new(&token_queue, json!({"task_token.$": "$$.Task.Token"}), 900)
+        }
+        .definition();
         let token_machine =
-            moto::create_state_machine(&sdk, &moto::unique_name("bench"), &definition.to_string())
-                .await;
+            moto::create_state_machine(&sdk, &moto::unique_name("bench"), &definition).await;
         let table = moto::unique_name("rsql-job-audit");
         moto::create_job_audit_table(&sdk, &table).await;
         aws_sdk_cloudwatchlogs::Client::new(&sdk)
