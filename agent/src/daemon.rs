@@ -1197,19 +1197,23 @@ async fn delete_message(shared: &Shared, delivery: &Delivery) {
 
 /// The outcome a finished job recorded in its lock state.
 fn recorded_outcome(state: &LockState) -> Outcome {
-    state
-        .outcome
-        .as_ref()
-        .and_then(|v| serde_json::from_value(v.clone()).ok())
-        .unwrap_or_else(|| {
-            failure(
-                ErrorName::Interrupted,
-                format!(
-                    "the job ended as {:?} but its outcome was not recorded",
-                    state.state
-                ),
-            )
-        })
+    let unreadable = match &state.outcome {
+        Some(value) => match serde_json::from_value(value.clone()) {
+            Ok(outcome) => return outcome,
+            Err(e) => {
+                tracing::warn!(error = %e, recorded = %value, "the job's recorded outcome cannot be read; replaying it as Rsql.Interrupted");
+                format!("cannot be read ({e})")
+            }
+        },
+        None => "was not recorded".to_string(),
+    };
+    failure(
+        ErrorName::Interrupted,
+        format!(
+            "the job ended as {:?} but its outcome {unreadable}",
+            state.state
+        ),
+    )
 }
 
 fn interrupted_record(
@@ -1242,6 +1246,32 @@ fn interrupted_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A redelivery of a finished job replays what the lock state file holds: the state is
+    /// written to the (EFS) file as JSON and read back by another agent.
+    #[test]
+    fn a_replayed_outcome_is_the_one_the_finished_job_recorded() {
+        let completed = Outcome::Completed(crate::outcome::SuccessOutput {
+            job_name: "load.sh".into(),
+            workflow_execution_id: "ex-1".into(),
+            status: "completed".into(),
+            exit_code: 0,
+            duration_ms: 1200,
+            instance_id: "i-1".into(),
+            log_group: Some("/rsql".into()),
+            log_stream: Some("ex-1/load.sh".into()),
+            log_file: Some("/var/log/rsql-agent/jobs/x.log".into()),
+        });
+        let failed = failure(ErrorName::ScriptFailed, "exit 3".into());
+        for (outcome, run_state) in [(completed, RunState::Completed), (failed, RunState::Failed)] {
+            let mut state = LockState::new_running("k", "i-1", "h", 1);
+            state.state = run_state;
+            state.outcome = serde_json::to_value(&outcome).ok();
+            let on_disk = serde_json::to_string(&state).unwrap();
+            let read: LockState = serde_json::from_str(&on_disk).unwrap();
+            assert_eq!(recorded_outcome(&read), outcome, "{on_disk}");
+        }
+    }
 
     #[test]
     fn heartbeat_tick_is_a_third_and_bounded() {

@@ -99,8 +99,14 @@ pub struct Failure {
 }
 
 /// How a job attempt ended, as the reporters see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "status", rename_all = "lowercase")]
+///
+/// On disk (the lock state's `outcome`, which a redelivery replays) it is one flat object
+/// tagged by `status`: the success output itself for `completed` (its own `status` field is
+/// the tag), `{"status":"failed","error":..,"cause":{..}}`, or
+/// `{"status":"cancelled","message":..}`. The impls are written by hand because serde's
+/// derived internal tag would claim the success output's `status` field and fail to read
+/// back every completed outcome it wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Completed(SuccessOutput),
     Failed(Failure),
@@ -138,6 +144,72 @@ impl Outcome {
             }),
             Outcome::Cancelled { message } => Some(message.clone()),
         }
+    }
+}
+
+const COMPLETED: &str = "completed";
+const FAILED: &str = "failed";
+const CANCELLED: &str = "cancelled";
+
+/// A tag beside the fields of what it tags.
+#[derive(Serialize)]
+struct Tagged<'a, T: Serialize> {
+    status: &'static str,
+    #[serde(flatten)]
+    inner: &'a T,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CancelledFields {
+    message: String,
+}
+
+impl Serialize for Outcome {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Outcome::Completed(out) if out.status == COMPLETED => out.serialize(serializer),
+            Outcome::Completed(out) => SuccessOutput {
+                status: COMPLETED.to_string(),
+                ..out.clone()
+            }
+            .serialize(serializer),
+            Outcome::Failed(f) => Tagged {
+                status: FAILED,
+                inner: f,
+            }
+            .serialize(serializer),
+            Outcome::Cancelled { message } => Tagged {
+                status: CANCELLED,
+                inner: &CancelledFields {
+                    message: message.clone(),
+                },
+            }
+            .serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Outcome {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        let status = value
+            .get("status")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| D::Error::missing_field("status"))?;
+        match status {
+            COMPLETED => SuccessOutput::deserialize(value).map(Outcome::Completed),
+            FAILED => Failure::deserialize(value).map(Outcome::Failed),
+            CANCELLED => CancelledFields::deserialize(value)
+                .map(|c| Outcome::Cancelled { message: c.message }),
+            other => {
+                return Err(D::Error::unknown_variant(
+                    other,
+                    &[COMPLETED, FAILED, CANCELLED],
+                ))
+            }
+        }
+        .map_err(D::Error::custom)
     }
 }
 
@@ -200,7 +272,7 @@ pub fn classify(done: Finished<'_>) -> Outcome {
         Ending::Exited { code: 0 } => Outcome::Completed(SuccessOutput {
             job_name: done.job_name.to_string(),
             workflow_execution_id: done.workflow_execution_id.to_string(),
-            status: "completed".to_string(),
+            status: COMPLETED.to_string(),
             exit_code: 0,
             duration_ms: done.duration_ms,
             instance_id: done.instance_id.to_string(),
@@ -451,6 +523,48 @@ mod tests {
         assert!(json.chars().count() <= MAX_CAUSE_CHARS);
         let v: serde_json::Value = serde_json::from_str(&json).unwrap();
         assert!(v["message"].as_str().unwrap().starts_with("mmm"));
+    }
+
+    /// A redelivery replays the outcome the lock state recorded; every kind must read back
+    /// as written, and in the flat form older agents wrote and read.
+    #[test]
+    fn every_outcome_reads_back_as_written_from_one_flat_object() {
+        let outcomes = [
+            finished(&Ending::Exited { code: 0 }, None),
+            finished(&Ending::Exited { code: 3 }, None),
+            finished(&Ending::TimedOut { signal: 15 }, None),
+            Outcome::Cancelled {
+                message: "stopped upstream".into(),
+            },
+        ];
+        for outcome in outcomes {
+            let text = serde_json::to_string(&outcome).unwrap();
+            assert_eq!(
+                text.matches("\"status\"").count(),
+                1,
+                "one status key in {text}"
+            );
+            let back: Outcome = serde_json::from_str(&text).unwrap();
+            assert_eq!(back, outcome, "{text}");
+            let back: Outcome =
+                serde_json::from_value(serde_json::to_value(&outcome).unwrap()).unwrap();
+            assert_eq!(back, outcome);
+        }
+        let v = serde_json::to_value(finished(&Ending::Exited { code: 0 }, None)).unwrap();
+        assert_eq!(v["status"], "completed");
+        assert_eq!(v["exit_code"], 0);
+        let v = serde_json::to_value(finished(&Ending::Exited { code: 3 }, None)).unwrap();
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["error"], "Rsql.ScriptFailed");
+        assert_eq!(v["cause"]["exit_code"], 3);
+    }
+
+    #[test]
+    fn an_unknown_or_missing_status_is_an_error_naming_it() {
+        let err = serde_json::from_str::<Outcome>(r#"{"status":"exploded"}"#).unwrap_err();
+        assert!(err.to_string().contains("exploded"), "{err}");
+        let err = serde_json::from_str::<Outcome>(r#"{"message":"x"}"#).unwrap_err();
+        assert!(err.to_string().contains("status"), "{err}");
     }
 
     #[test]

@@ -510,6 +510,81 @@ async fn outcome_survives_an_agent_killed_before_its_callback() {
     );
 }
 
+/// A redelivery that finds the job finished replays what the job recorded, even when it
+/// reaches Step Functions before the runner's own callback: the workflow sees the job's
+/// success, from the instance that ran it, once, and the job runs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivery_ahead_of_the_runners_callback_replays_its_success() {
+    let world = World::new().await;
+    let runs = world.scripts.join("runs");
+    write_script(
+        &world.scripts,
+        "once.sh",
+        &format!("echo run >> {}\nsleep 2\necho once", runs.display()),
+    );
+    let locks = tempfile::tempdir().expect("lock dir");
+    let config = |instance: &str| {
+        let mut config = world.config();
+        config.instance_id = instance.into();
+        config.lock_dir = Some(locks.path().to_path_buf());
+        config.visibility_timeout = "10s".into();
+        config
+    };
+    let proxy = Proxy::start(world.moto.addr());
+    let runner = Agent::start(config("i-0runner"), &proxy.url());
+    let sm = world.state_machine(120).await;
+    let exec = world.start(&sm, "replay_1", "once.sh", 60).await;
+    runner.wait_for_log("job started", WAIT);
+    // The runner finishes cut off: its callback waits in its outbox, and the message it
+    // could not delete comes back, to another agent.
+    proxy.cut();
+    runner.wait_for_log("job finished", WAIT);
+    rsql_agent_tests::agent::wait_until("the outcome in the outbox", WAIT, || {
+        runner.pending_callbacks() == 1
+    });
+    let other = Agent::start(config("i-0other"), &world.moto.endpoint());
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(
+        *out.status(),
+        ExecutionStatus::Succeeded,
+        "{}\n{}",
+        runner.log(),
+        other.log()
+    );
+    let output = moto::execution_output(&out);
+    assert!(output.get("error").is_none(), "{output}");
+    assert_eq!(output["status"], "completed", "{output}");
+    assert_eq!(output["instance_id"], "i-0runner", "{output}");
+    assert_eq!(output["job_name"], "once.sh", "{output}");
+    assert!(
+        other.log().contains("replaying its recorded outcome"),
+        "{}",
+        other.log()
+    );
+    assert_eq!(
+        runner.pending_callbacks(),
+        1,
+        "the runner's callback got out"
+    );
+
+    // Back online, the runner's own callback finds the task closed and is dropped.
+    proxy.restore();
+    rsql_agent_tests::agent::wait_until("the runner's outbox to empty", WAIT, || {
+        runner.pending_callbacks() == 0
+    });
+    world.wait_queue_empty().await;
+    let runs = std::fs::read_to_string(&runs).expect("the job ran");
+    assert_eq!(runs.lines().count(), 1, "the job ran more than once");
+    assert_eq!(
+        moto::count_events(&world.sdk, &exec, HistoryEventType::TaskSucceeded).await,
+        1
+    );
+    assert_eq!(
+        moto::count_events(&world.sdk, &exec, HistoryEventType::TaskFailed).await,
+        0
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn secret_feeds_the_connection_and_never_reaches_a_log() {
     // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
