@@ -252,6 +252,9 @@ fn signal_name(signal: i32) -> String {
         .unwrap_or_else(|_| format!("signal {signal}"))
 }
 
+/// The exit code a shell reports for a command that died of SIGKILL (128 + 9).
+const SHELL_SAW_SIGKILL: i32 = 128 + libc::SIGKILL;
+
 /// Classifies a finished attempt.
 pub fn classify(done: Finished<'_>) -> Outcome {
     let (sql_state, sql_message) = match &done.sql_error {
@@ -279,6 +282,21 @@ pub fn classify(done: Finished<'_>) -> Outcome {
             log_group: done.log.log_group.clone(),
             log_stream: done.log.log_stream.clone(),
             log_file: done.log.log_file.clone(),
+        }),
+        // The script itself exited, but with the code a shell gives when a command it ran
+        // died of SIGKILL: rsql under a wrapper script, taken by the OOM killer. That is the
+        // retryable Rsql.Killed, not a script failure.
+        Ending::Exited {
+            code: SHELL_SAW_SIGKILL,
+        } => Outcome::Failed(Failure {
+            error: ErrorName::Killed,
+            cause: cause(
+                Some(SHELL_SAW_SIGKILL),
+                Some(libc::SIGKILL),
+                format!(
+                    "script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which the agent did not send (the OOM killer? see journalctl -k)"
+                ),
+            ),
         }),
         Ending::Exited { code } => {
             let connection = sql_state.as_deref().is_some_and(is_connection_state)
@@ -470,6 +488,19 @@ mod tests {
         assert_eq!(
             err(finished(&Ending::Signaled { signal: 9 }, None)),
             ErrorName::Killed
+        );
+        // A wrapper script whose rsql was SIGKILLed exits 137: Killed, not ScriptFailed.
+        let Outcome::Failed(f) = finished(&Ending::Exited { code: 137 }, None) else {
+            panic!("137 is a failure")
+        };
+        assert_eq!(f.error, ErrorName::Killed);
+        assert_eq!(f.cause.exit_code, Some(137));
+        assert_eq!(f.cause.signal.as_deref(), Some("SIGKILL"));
+        assert!(f.cause.message.contains("OOM"), "{}", f.cause.message);
+        // Other codes above 128 are the script's own choice.
+        assert_eq!(
+            err(finished(&Ending::Exited { code: 143 }, None)),
+            ErrorName::ScriptFailed
         );
         assert_eq!(
             err(finished(

@@ -225,6 +225,35 @@ async fn sql_error_is_caught_as_script_failed_with_sql_state() {
     assert!(s(&item, "error_message").contains("42P01"), "{item:?}");
 }
 
+/// A wrapper script whose rsql dies of SIGKILL (the OOM killer) exits 137; the workflow
+/// must see the retryable Rsql.Killed, not a script failure.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_killed_under_the_script_is_caught_as_rsql_killed() {
+    let world = World::new().await;
+    write_script(
+        &world.scripts,
+        "oom.sh",
+        "echo loading\nsh -c 'kill -KILL $$'\nstatus=$?\necho \"rsql ended with $status\"\nexit $status",
+    );
+    let agent = Agent::start(world.config(), &world.moto.endpoint());
+    let sm = world.state_machine(30).await;
+    let exec = world.start(&sm, "oom_1", "oom.sh", 60).await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let (error, cause) = moto::caught_error(&out);
+    assert_eq!(error, "Rsql.Killed", "{cause} {}", agent.log());
+    assert_eq!(cause["exit_code"], 137, "{cause}");
+    assert_eq!(cause["signal"], "SIGKILL", "{cause}");
+    assert!(
+        cause["message"].as_str().unwrap().contains("OOM"),
+        "{cause}"
+    );
+    let item = world.wait_audit("oom.sh", "oom_1", "failed").await;
+    assert!(
+        s(&item, "error_message").contains("Rsql.Killed"),
+        "{item:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn job_over_its_timeout_ends_as_rsql_timeout_with_nothing_left() {
     let world = World::new().await;
