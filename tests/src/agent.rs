@@ -264,12 +264,23 @@ impl Agent {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// Polls the agent's log until it contains `needle`; panics with the log after `timeout`.
+    /// Polls the agent's log until it contains `needle`; panics with the log after `timeout`,
+    /// or at once when the agent has exited without logging it (a config it refused).
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if self.log().contains(needle) {
                 return;
+            }
+            let exited = self
+                .child
+                .as_ref()
+                .is_some_and(|c| !process_alive(c.id() as i32));
+            if exited && !self.log().contains(needle) {
+                panic!(
+                    "the agent exited without logging {needle:?}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
