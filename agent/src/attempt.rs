@@ -31,6 +31,8 @@ pub enum AttemptError {
         job_name: String,
         lock_key: String,
         holder: String,
+        /// The holder's record, when it could be read.
+        state: Option<Box<LockState>>,
     },
     #[error("lock for job {job_name}: {source}")]
     Lock {
@@ -54,6 +56,8 @@ pub enum AttemptError {
     Audit(#[from] AuditError),
     #[error("a job task panicked: {0}")]
     Panicked(String),
+    #[error("this process runs no jobs itself (they run under their owner processes)")]
+    NoSupervisor,
 }
 
 /// A job to run, with what the audit should say about where it came from.
@@ -155,7 +159,9 @@ pub struct AttemptContext {
     /// The config as last reloaded (see `reload`): what new jobs, housekeeping and the next
     /// shutdown use. Never held across an `.await`.
     live: std::sync::RwLock<Arc<Config>>,
-    pub supervisor: Arc<Supervisor>,
+    /// Runs jobs in this process (the local workflow runner). `None` in the daemon and a
+    /// standalone run, whose jobs run under their own owner processes (`job_owner`).
+    pub supervisor: Option<Arc<Supervisor>>,
     pub locks: LockDir,
     pub audit: LocalAudit,
     pub instance_id: String,
@@ -167,7 +173,7 @@ pub struct AttemptContext {
 impl AttemptContext {
     pub fn new(
         config: Arc<Config>,
-        supervisor: Arc<Supervisor>,
+        supervisor: Option<Arc<Supervisor>>,
         instance_id: String,
     ) -> Result<AttemptContext, AttemptError> {
         let locks = LockDir::open(&config.lock.dir).map_err(|source| AttemptError::Lock {
@@ -245,10 +251,12 @@ impl AttemptContext {
                         job_name: spec.job_name.clone(),
                         lock_key: spec.lock_key.clone(),
                         holder: holder
+                            .as_ref()
                             .map(|h| {
                                 format!("host {} pid {} since {}", h.host, h.pid, h.started_at)
                             })
                             .unwrap_or_else(|| "holder unknown".to_string()),
+                        state: holder.map(Box::new),
                     })
                 }
             };
@@ -361,6 +369,8 @@ impl AttemptContext {
         };
         let handle = self
             .supervisor
+            .as_ref()
+            .ok_or(AttemptError::NoSupervisor)?
             .start(self.launch(spec, env, log, &attempt_id))
             .map_err(|source| AttemptError::Supervisor {
                 job_name: job_name.clone(),
@@ -404,36 +414,20 @@ impl AttemptContext {
             source,
         })?;
 
-        let sql_error = joblog::extract_sql_error(&log_file);
-        let stderr_tail = joblog::stderr_tail(&log_file, STDERR_TAIL_BYTES);
         let duration_ms = run.duration.as_millis() as u64;
-        let outcome = outcome::classify(Finished {
-            job_name: &spec.job_name,
-            workflow_execution_id: &spec.workflow_execution_id,
-            instance_id: &self.instance_id,
-            ending: &run.ending,
-            duration_ms,
-            timeout_secs: spec.timeout.as_secs(),
-            sql_error,
-            stderr_tail,
-            log: LogLocation {
+        let outcome = classify_run(
+            &RunFacts {
+                job_name: &spec.job_name,
+                workflow_execution_id: &spec.workflow_execution_id,
+                instance_id: &self.instance_id,
+                timeout: spec.timeout,
                 log_group: request.log_group.clone(),
                 log_stream: request.log_stream.clone(),
-                log_file: Some(log_file.display().to_string()),
             },
-        });
+            &run,
+        );
 
-        state.state = match &outcome {
-            Outcome::Completed(_) => RunState::Completed,
-            Outcome::Failed(f) if f.error == outcome::ErrorName::Interrupted => {
-                RunState::Interrupted
-            }
-            Outcome::Failed(_) => RunState::Failed,
-            Outcome::Cancelled { .. } => RunState::Cancelled,
-        };
-        state.exit_code = outcome.exit_code();
-        state.outcome = serde_json::to_value(&outcome).ok();
-        state.updated_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        record_outcome(&mut state, &outcome);
         held.write_state(&state).map_err(lock_err)?;
 
         record.execution_status = outcome.status().to_string();
@@ -465,30 +459,92 @@ impl AttemptContext {
     fn launch(
         &self,
         spec: &JobSpec,
-        mut env: Vec<(String, String)>,
+        env: Vec<(String, String)>,
         log: JobLog,
         attempt_id: &str,
     ) -> Launch {
-        let config = self.live();
-        let jobs = &config.jobs;
-        let (program, mut args) = supervisor::command_for_script(&spec.script, &jobs.interpreter);
-        args.extend(spec.args.iter().cloned());
-        env.push(("RSQL_WORKFLOW_ID".into(), spec.workflow_id.clone()));
-        env.push((
-            "RSQL_WORKFLOW_EXECUTION_ID".into(),
-            spec.workflow_execution_id.clone(),
-        ));
-        env.push(("RSQL_JOB_NAME".into(), spec.job_name.clone()));
-        Launch {
-            program,
-            args,
-            cwd: jobs.script_dir.clone(),
-            env,
-            timeout: spec.timeout,
-            kill_grace: jobs.kill_grace,
-            pipe_drain: jobs.pipe_drain,
-            log,
-            job_id: format!("{}-{attempt_id}", lock::token_hash(&spec.lock_key)),
-        }
+        build_launch(&self.live().jobs, spec, env, log, attempt_id)
     }
+}
+
+/// The [`Launch`] of one attempt of `spec`: its program (the script, or the interpreter with
+/// the script), arguments, environment (`env` plus the job's names), limits and marker. The
+/// daemon's job owner process and the local runner build it the same way.
+pub fn build_launch(
+    jobs: &crate::config::JobSettings,
+    spec: &JobSpec,
+    mut env: Vec<(String, String)>,
+    log: JobLog,
+    attempt_id: &str,
+) -> Launch {
+    let (program, mut args) = supervisor::command_for_script(&spec.script, &jobs.interpreter);
+    args.extend(spec.args.iter().cloned());
+    env.push(("RSQL_WORKFLOW_ID".into(), spec.workflow_id.clone()));
+    env.push((
+        "RSQL_WORKFLOW_EXECUTION_ID".into(),
+        spec.workflow_execution_id.clone(),
+    ));
+    env.push(("RSQL_JOB_NAME".into(), spec.job_name.clone()));
+    Launch {
+        program,
+        args,
+        cwd: jobs.script_dir.clone(),
+        env,
+        timeout: spec.timeout,
+        kill_grace: jobs.kill_grace,
+        pipe_drain: jobs.pipe_drain,
+        log,
+        job_id: job_id(spec, attempt_id),
+        inherit_fd: None,
+    }
+}
+
+/// The marker id of one attempt (see `supervisor::JOB_ID_ENV`).
+pub fn job_id(spec: &JobSpec, attempt_id: &str) -> String {
+    format!("{}-{attempt_id}", lock::token_hash(&spec.lock_key))
+}
+
+/// What classifying a finished run needs besides the run itself.
+#[derive(Debug, Clone)]
+pub struct RunFacts<'a> {
+    pub job_name: &'a str,
+    pub workflow_execution_id: &'a str,
+    pub instance_id: &'a str,
+    pub timeout: Duration,
+    pub log_group: Option<String>,
+    pub log_stream: Option<String>,
+}
+
+/// Classifies a finished run: its ending, with the SQL error and the stderr tail read back
+/// from its log.
+pub fn classify_run(facts: &RunFacts<'_>, run: &supervisor::RunOutcome) -> Outcome {
+    let log_file = &run.log_path;
+    outcome::classify(Finished {
+        job_name: facts.job_name,
+        workflow_execution_id: facts.workflow_execution_id,
+        instance_id: facts.instance_id,
+        ending: &run.ending,
+        duration_ms: run.duration.as_millis() as u64,
+        timeout_secs: facts.timeout.as_secs(),
+        sql_error: joblog::extract_sql_error(log_file),
+        stderr_tail: joblog::stderr_tail(log_file, STDERR_TAIL_BYTES),
+        log: LogLocation {
+            log_group: facts.log_group.clone(),
+            log_stream: facts.log_stream.clone(),
+            log_file: Some(log_file.display().to_string()),
+        },
+    })
+}
+
+/// Sets a lock state record to the final state `outcome` means, with the outcome to replay.
+pub fn record_outcome(state: &mut LockState, outcome: &Outcome) {
+    state.state = match outcome {
+        Outcome::Completed(_) => RunState::Completed,
+        Outcome::Failed(f) if f.error == outcome::ErrorName::Interrupted => RunState::Interrupted,
+        Outcome::Failed(_) => RunState::Failed,
+        Outcome::Cancelled { .. } => RunState::Cancelled,
+    };
+    state.exit_code = outcome.exit_code();
+    state.outcome = serde_json::to_value(outcome).ok();
+    state.updated_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
 }

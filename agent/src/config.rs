@@ -87,6 +87,7 @@ struct RawJobs {
     log_retention: Option<String>,
     log_max_total_mb: Option<i64>,
     pipe_drain: Option<String>,
+    launcher: Option<crate::job_owner::launch::LauncherChoice>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -199,6 +200,8 @@ pub struct JobSettings {
     pub log_retention: Duration,
     pub log_max_total_bytes: u64,
     pub pipe_drain: Duration,
+    /// How job owner processes are started (`job_owner::launch`).
+    pub launcher: crate::job_owner::launch::LauncherChoice,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -430,6 +433,7 @@ impl Config {
                 raw.jobs.pipe_drain,
                 Duration::from_secs(2),
             )?,
+            launcher: raw.jobs.launcher.unwrap_or_default(),
         };
 
         let sqs = match raw.intake.sqs {

@@ -11,24 +11,24 @@
 //! Must not touch: how a process is supervised, how a log is written, or how a report is
 //! retried; those belong to `supervisor`, `joblog` and `report`.
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
-use crate::attempt::{
-    stop_channel, Acquired, AttemptContext, AttemptError, AttemptRequest, StopSender,
-};
+pub mod control;
+mod owned;
+
+use crate::attempt::{Acquired, AttemptContext, AttemptError};
 use crate::aws::AwsClients;
 use crate::config::Config;
 use crate::error_chain;
 use crate::intake::socket::{self, SocketError, Submission, SubmitReply};
 use crate::intake::sqs::{Delivery, SqsError, SqsIntake};
 use crate::job::{InvalidJob, JobRules, JobSpec};
-use crate::joblog::cloudwatch::{self, Shipment, Shipper, ShipperError};
+use crate::joblog::cloudwatch::{Shipper, ShipperError};
 use crate::lock::{self, Decision, JobLock, LockState, RunState};
 use crate::notify::{Notifier, Status};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
@@ -42,7 +42,6 @@ use crate::report::stepfunctions::StepFunctions;
 use crate::secrets::DatabaseEnv;
 use crate::signals::{Control, Controls};
 use crate::slots::Slots;
-use crate::supervisor::StopReason;
 
 /// Heartbeats go out at a third of the task's `HeartbeatSeconds`, within these bounds.
 const MIN_TICK: Duration = Duration::from_secs(1);
@@ -51,9 +50,9 @@ const MAX_TICK: Duration = Duration::from_secs(300);
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
 /// How long to wait before asking again whether a task is really closed.
 const CLOSED_RECHECK: Duration = Duration::from_secs(2);
-/// After a shutdown, how long the outbox may keep trying before the process exits; what is
-/// left goes out after the next start.
-const OUTBOX_DRAIN_ON_EXIT: Duration = Duration::from_secs(10);
+/// A stop (SIGTERM) ends the process within this bound: jobs are handed off, the outbox
+/// gets what time is left, and what it could not deliver goes out after the next start.
+pub const HAND_OFF_BOUND: Duration = Duration::from_secs(4);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -69,6 +68,12 @@ pub enum DaemonError {
     Shipper(#[from] ShipperError),
     #[error(transparent)]
     Owner(#[from] OwnerError),
+    #[error("cannot create the job owners' directory under {path}")]
+    OwnersDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What [`Daemon::run_one`] did with its job.
@@ -105,6 +110,8 @@ enum Delivered {
     Elsewhere(String),
     /// Nothing was stored: an SQS message is left to come back; the log says why.
     Left,
+    /// The job keeps running under its owner process; the next agent adopts it.
+    HandedOff,
 }
 
 /// Everything one delivery needs; shared by all job tasks.
@@ -120,6 +127,8 @@ struct Shared {
     database: DatabaseEnv,
     /// Ships job logs to CloudWatch; `None` without `[logs.cloudwatch]`.
     shipper: Option<Shipper>,
+    /// Where job owner processes keep their files, and how they are started.
+    owners: owned::Owners,
     /// This process's claim on `state_dir`, held for the daemon's life.
     _owner: StateDirOwner,
 }
@@ -205,8 +214,19 @@ impl Daemon {
                 .as_ref()
                 .map(|_| clients.secrets.clone()),
         );
+        let launcher = crate::job_owner::launch::Launcher::choose(
+            config.jobs.launcher,
+            config.jobs.kill_grace,
+        );
+        let owners = owned::Owners::open(&config.agent.state_dir, launcher).map_err(|source| {
+            DaemonError::OwnersDir {
+                path: config.agent.state_dir.clone(),
+                source,
+            }
+        })?;
         Ok(Daemon {
             shared: Arc::new(Shared {
+                owners,
                 config,
                 attempts,
                 sfn: StepFunctions::new(clients.sfn.clone()),
@@ -235,15 +255,25 @@ impl Daemon {
         self
     }
 
-    /// Runs until `controls` says stop (see `signals`), then stops intake, lets running jobs
-    /// finish within `shutdown_grace`, stops the rest (`Rsql.Interrupted`) and gives the
-    /// outbox a last chance to deliver. A second stop kills the running jobs at once, still
-    /// reporting them. A reload applies what may change while running (see `reload`).
+    /// Adopts the jobs an earlier agent left under their owners, then runs until `controls`
+    /// says stop (see `signals`). A stop is a hand-off: intake stops, the running jobs keep
+    /// running under their owners (the next agent adopts them), the outbox gets a short last
+    /// chance to deliver, and the process exits within [`HAND_OFF_BOUND`]. A second stop
+    /// exits at once. A reload applies what may change while running (see `reload`).
     pub async fn run(self, mut controls: Controls) -> Result<(), DaemonError> {
         let shared = self.shared.clone();
-        // Before housekeeping can clean up old logs: unfinished shipments pin their files.
+        // First, before READY and before housekeeping: what the last agent left running.
+        let found = adopt_scan(&shared).await;
+        // Unfinished shipments pin their files before housekeeping can clean up old logs.
         if let Some(shipper) = &shared.shipper {
-            let resumed = shipper.resume_all();
+            let running: std::collections::HashSet<std::path::PathBuf> = found
+                .iter()
+                .filter_map(|f| match f {
+                    owned::Found::Running(_, job, _) => Some(job.log_file.clone()),
+                    _ => None,
+                })
+                .collect();
+            let resumed = shipper.resume_all(&running);
             if resumed > 0 {
                 tracing::info!(resumed, "resuming log shipments left by an earlier run");
             }
@@ -296,8 +326,36 @@ impl Daemon {
             }
         };
         let has_socket = socket_task.is_some();
-        let has_sqs = shared.sqs.is_some();
         let mut jobs = JoinSet::new();
+        for found in found {
+            let (dir, job, conn) = match found {
+                owned::Found::Running(dir, job, conn) => (dir, job, Some(conn)),
+                owned::Found::Gone(dir, job) => (dir, job, None),
+                owned::Found::Unusable => continue,
+            };
+            // Adopted jobs take slots like any other; after a config change that shrank
+            // them, they run over the limit rather than be left unwatched.
+            let permit = slots.try_acquire();
+            let shared = shared.clone();
+            let stop = jobs_stop_rx.clone();
+            let span = owned::span_for(&job);
+            let running = conn.is_some();
+            tracing::info!(
+                parent: &span,
+                job_id = %job.launch.job_id,
+                running,
+                "adopting a job left by an earlier agent"
+            );
+            jobs.spawn(
+                async move {
+                    let _permit = permit;
+                    let source = owned::source_of(&job);
+                    owned::watch_job(shared, source, dir, *job, conn, stop, true).await;
+                }
+                .instrument(span),
+            );
+        }
+        let has_sqs = shared.sqs.is_some();
         let mut receive_failures = 0u32;
         // The receive in flight, and the slot taken for its first message.
         let mut receiving: Option<JoinHandle<Result<Vec<Delivery>, SqsError>>> = None;
@@ -308,6 +366,16 @@ impl Daemon {
         keepalive.tick().await;
         let mut controls_open = true;
         let mut stop = JobStop::Run;
+        // `rsql-agent drain`: requests from the control socket, answered by this loop.
+        let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<control::Asked>(8);
+        let control_task = match control::serve(&shared.config.agent.state_dir, ctl_tx) {
+            Ok(task) => Some(task),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot open the control socket; `rsql-agent drain` will not reach this agent");
+                None
+            }
+        };
+        let mut draining = false;
         tracing::info!(
             queue_url = shared.sqs.as_ref().map_or("-", |s| s.queue_url()),
             socket = has_socket,
@@ -334,10 +402,30 @@ impl Daemon {
                 // From the main loop itself, so a wedged loop stops feeding the watchdog.
                 _ = keepalive.tick() => self.notifier.alive(&status(&shared, &jobs, &slots)),
                 Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
+                Some(asked) = ctl_rx.recv() => {
+                    if asked.request == control::ControlRequest::Drain && !draining {
+                        draining = true;
+                        tracing::warn!(running = jobs.len(), "draining: intake stopped; running jobs are watched and reported until the agent is stopped");
+                        first = None;
+                        if let Some(task) = receiving.take() {
+                            if let Some(sqs) = shared.sqs.clone() {
+                                tokio::spawn(return_unstarted(sqs, task));
+                            }
+                        }
+                        self.notifier.status("draining");
+                    }
+                    let _ = asked.reply.send(control::ControlReply {
+                        ok: true,
+                        draining,
+                        running: jobs.len(),
+                        outbox: shared.outbox.len().unwrap_or(0),
+                    });
+                }
                 _ = sleep_until_some(retry_at), if retry_at.is_some() => retry_at = None,
                 // Wait for a free slot first: never take a message there is no room to run.
                 Some(submission) = submit_rx.recv(), if has_socket => {
-                    let reply = match slots.try_acquire() {
+                    let free = if draining { None } else { slots.try_acquire() };
+                    let reply = match free {
                         Some(permit) => {
                             let reply = SubmitReply::Accepted {
                                 job_name: submission.spec.job_name.clone(),
@@ -355,11 +443,12 @@ impl Daemon {
                             });
                             reply
                         }
+                        None if draining => SubmitReply::ShuttingDown,
                         None => SubmitReply::Busy,
                     };
                     let _ = submission.reply.send(reply);
                 }
-                permit = slots.acquire(), if has_sqs && receiving.is_none() && retry_at.is_none() => {
+                permit = slots.acquire(), if has_sqs && !draining && receiving.is_none() && retry_at.is_none() => {
                     let Some(permit) = permit else { break };
                     let Some(sqs) = shared.sqs.clone() else { continue };
                     let free = 1 + slots.available();
@@ -405,9 +494,10 @@ impl Daemon {
             }
         }
 
-        // Shutdown. Intake stops here: nothing new is received from now on. A receive still
-        // in flight may yet hand us messages; they go straight back to the queue, for
-        // another agent.
+        // Shutdown: a hand-off. Intake stops here: nothing new is received from now on. A
+        // receive still in flight may yet hand us messages; they go straight back to the
+        // queue, for another agent.
+        let began = tokio::time::Instant::now();
         drop(first);
         if let Some(task) = socket_task {
             task.abort();
@@ -424,62 +514,57 @@ impl Daemon {
             let sqs = shared.sqs.clone()?;
             Some(tokio::spawn(return_unstarted(sqs, task)))
         });
-        let grace = shared.attempts.live().agent.shutdown_grace;
         tracing::info!(
             running = jobs.len(),
-            grace_secs = grace.as_secs(),
-            "shutting down: intake stopped, draining jobs"
+            "shutting down: intake stopped; running jobs keep running under their owners and the next agent adopts them"
         );
         self.notifier.stopping(&status(&shared, &jobs, &slots));
-        if stop == JobStop::Kill {
-            tracing::warn!(
-                running = jobs.len(),
-                "stopping now: killing the running jobs (reported Rsql.Interrupted)"
-            );
-            let _ = jobs_stop_tx.send(stop);
-        }
-        let grace_over = tokio::time::sleep(grace);
-        tokio::pin!(grace_over);
-        while !jobs.is_empty() {
+        let _ = jobs_stop_tx.send(JobStop::HandOff);
+        let deadline = began + HAND_OFF_BOUND;
+        let mut now = stop == JobStop::Kill;
+        // The watchers return at once; a job in the middle of its hand-over finishes that
+        // first (a few milliseconds), so none is left half started.
+        let watchers_done = deadline - Duration::from_secs(2);
+        while !jobs.is_empty() && !now {
             tokio::select! {
                 _ = jobs.join_next() => {}
-                _ = &mut grace_over, if stop == JobStop::Run => {
-                    tracing::warn!(
-                        running = jobs.len(),
-                        "shutdown grace is over: stopping the remaining jobs (reported Rsql.Interrupted)"
-                    );
-                    stop = JobStop::Stop;
-                    let _ = jobs_stop_tx.send(stop);
-                }
+                _ = tokio::time::sleep_until(watchers_done) => break,
                 control = controls.recv(), if controls_open => match control {
-                    Some(Control::Stop | Control::StopNow) if stop != JobStop::Kill => {
-                        tracing::warn!(
-                            running = jobs.len(),
-                            "second stop request: killing the running jobs now (reported Rsql.Interrupted)"
-                        );
-                        stop = JobStop::Kill;
-                        let _ = jobs_stop_tx.send(stop);
-                    }
+                    Some(Control::Stop | Control::StopNow) => now = true,
                     Some(Control::Reload) => {
                         tracing::info!("not reloading the config: the agent is shutting down")
                     }
-                    Some(_) => {}
                     None => controls_open = false,
                 },
-                _ = keepalive.tick() => self.notifier.alive(&status(&shared, &jobs, &slots)),
             }
         }
+        jobs.abort_all();
         // The final outcomes are in the outbox; give delivery a bounded last chance.
-        let deadline = tokio::time::Instant::now() + OUTBOX_DRAIN_ON_EXIT;
-        while shared.outbox.len().unwrap_or(0) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        while !now
+            && shared.outbox.len().unwrap_or(0) > 0
+            && tokio::time::Instant::now() + Duration::from_millis(500) < deadline
+        {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                control = controls.recv(), if controls_open => match control {
+                    Some(Control::Stop | Control::StopNow) => now = true,
+                    Some(Control::Reload) => {}
+                    None => controls_open = false,
+                },
+            }
         }
         if let Some(task) = returning {
-            let _ = tokio::time::timeout(RETURN_UNSTARTED_TIMEOUT, task).await;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), task).await;
         }
         housekeeping.abort();
+        if let Some(task) = control_task {
+            task.abort();
+        }
+        let _ = std::fs::remove_file(shared.config.agent.state_dir.join(control::SOCKET));
         let _ = outbox_stop_tx.send(true);
-        if let Ok(exit) = worker.await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Ok(Ok(exit)) = tokio::time::timeout(left, worker).await {
             if exit.pending > 0 {
                 tracing::warn!(
                     pending = exit.pending,
@@ -579,7 +664,7 @@ impl Daemon {
                 delivered: self.deliver(report_timeout).await,
             },
             Delivered::Elsewhere(holder) => OneJob::RunningElsewhere { holder },
-            Delivered::Left => OneJob::NotStored,
+            Delivered::Left | Delivered::HandedOff => OneJob::NotStored,
         })
     }
 
@@ -608,14 +693,19 @@ impl Daemon {
     }
 }
 
-/// How hard a draining daemon stops the jobs still running.
+/// What the agent wants of its running jobs: the one stop type from the signal to the
+/// job's owner process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JobStop {
-    /// Let them run (the shutdown grace).
+    /// Let them run.
     Run,
-    /// SIGTERM, `kill_grace`, SIGKILL.
+    /// The agent is stopping (SIGTERM): stop watching; the jobs keep running under their
+    /// owners and the next agent adopts them.
+    HandOff,
+    /// Stop the job (a standalone run's SIGTERM): SIGTERM, `kill_grace`, SIGKILL;
+    /// reported `Rsql.Interrupted`.
     Stop,
-    /// SIGKILL now.
+    /// Kill the job now (a second stop request).
     Kill,
 }
 
@@ -656,9 +746,6 @@ async fn reload(shared: &Shared, slots: &mut Slots) {
         "SIGHUP: config reloaded"
     );
 }
-
-/// How long a receive cut short by shutdown may still take to hand back what it got.
-const RETURN_UNSTARTED_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// Makes the messages of a receive that completes after shutdown visible again at once, so
 /// another agent takes them without waiting out the visibility timeout.
@@ -852,10 +939,11 @@ async fn run_delivery(
 ) -> Delivered {
     let Acquired { mut held, decision } = match shared.attempts.acquire(&spec, &token_hash) {
         Ok(a) => a,
-        Err(AttemptError::Busy { holder, .. }) => {
+        Err(AttemptError::Busy { holder, state, .. }) => {
             // Another runner has it now; this copy comes back later to find it finished,
             // and then replays its outcome.
             tracing::info!(holder = %holder, receive_count = delivery.receive_count(), "job is running elsewhere; leaving this copy");
+            keep_alive_for_owner(&shared, &delivery, &token, &token_hash, state.as_deref()).await;
             return Delivered::Elsewhere(holder.to_string());
         }
         Err(e) => {
@@ -902,7 +990,7 @@ async fn run_delivery(
             let outcome = failure(
                 ErrorName::Interrupted,
                 format!(
-                    "the agent running this job (host {}, pid {}, instance {}) stopped while it ran; last heartbeat {}",
+                    "the job's owner process (host {}, pid {}, instance {}) stopped while the job ran; last heartbeat {}",
                     previous.host, previous.pid, previous.instance_id, previous.heartbeat_at
                 ),
             );
@@ -929,165 +1017,69 @@ async fn run_delivery(
         }
     };
 
-    let env = match shared.database.job_env().await {
-        Ok(env) => env,
-        Err(e) => {
-            let outcome = failure(ErrorName::ConnectionFailed, e.to_string());
-            tracing::error!(error = %e, "cannot get the database credentials");
-            return finish(&shared, &delivery, Some(held), Some(&token), outcome, None).await;
-        }
-    };
-    let mut request = AttemptRequest::new(spec.clone());
-    request.env = Some(env);
-    if let Some(shipper) = &shared.shipper {
-        // The same attempt id as the log file's name (see `AttemptContext::execute`).
-        let attempt_id = format!("{}{attempt}", token_hash.get(..8).unwrap_or(&token_hash));
-        request.log_group = Some(shipper.log_group().to_string());
-        request.log_stream = Some(cloudwatch::stream_name(
-            &spec.workflow_execution_id,
-            &spec.job_name,
-            SystemTime::now(),
-            &attempt_id,
-        ));
-    }
-    let (shipment_tx, shipment_rx) = tokio::sync::oneshot::channel::<Shipment>();
-    let shipper = shared.shipper.clone();
-    let log_stream = request.log_stream.clone();
-
-    let (stop_tx, stop_rx) = stop_channel();
-    let tick = tick_for(
-        spec.heartbeat,
-        shared.attempts.live().jobs.heartbeat_interval,
-        match (&delivery, &shared.sqs) {
-            (Source::Sqs(_), Some(sqs)) => sqs.visibility_timeout(),
-            _ => Duration::MAX,
-        },
-    );
-    let audit_table = shared.audit_table.clone();
-    let outbox = shared.outbox.clone();
-    let on_start = move |record: &JobAuditRecord| {
-        tracing::info!(
-            attempt,
-            log_file = record.log_file.as_deref().unwrap_or("-"),
-            "job started"
-        );
-        if let (Some(shipper), Some(stream), Some(file)) =
-            (shipper, log_stream, record.log_file.as_deref())
-        {
-            match shipper.start(Path::new(file), &stream) {
-                Ok(shipment) => {
-                    let _ = shipment_tx.send(shipment);
-                }
-                // The log is still written locally; only the live copy is missing.
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start shipping the job's log to CloudWatch")
-                }
-            }
-        }
-        if let Some(table) = audit_table {
-            let record = record.clone();
-            tokio::spawn(async move {
-                if let Err(e) = table.put(&record).await {
-                    // The running record goes through the outbox too; a late `running` can
-                    // never overwrite the final status (the write is conditional).
-                    tracing::warn!(error = %e, "audit `running` write failed; queued in the outbox");
-                    let _ = outbox.put(&OutboxEntry::new(None, None, Some(record)));
-                }
-            });
-        }
-    };
-    let final_flush = shared
-        .config
-        .cloudwatch
-        .as_ref()
-        .map(|c| c.final_flush_timeout)
-        .unwrap_or_default();
-    // The final flush runs inside the select below, so heartbeats go on while it waits.
-    let execute = async {
-        let result = shared
-            .attempts
-            .execute(held, &request, &token_hash, attempt, stop_rx, on_start)
-            .await;
-        if let Ok(shipment) = shipment_rx.await {
-            let started = tokio::time::Instant::now();
-            if shipment.finish(final_flush).await {
-                tracing::debug!(
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "the job's log is shipped"
-                );
-            } else {
-                tracing::warn!(
-                    timeout_ms = final_flush.as_millis() as u64,
-                    "the job's log is not all shipped after the final flush timeout; the rest keeps shipping in the background"
-                );
-            }
-        }
-        result
-    };
-    let heartbeats = heartbeat_loop(&shared, &token, &delivery, tick, &stop_tx);
-    let on_shutdown = async {
-        let mut shutdown = shutdown;
-        // One stop request per level: the second makes the supervisor SIGKILL at once.
-        let mut sent = 0;
-        loop {
-            let wanted = match *shutdown.borrow_and_update() {
-                JobStop::Run => 0,
-                JobStop::Stop => 1,
-                JobStop::Kill => 2,
-            };
-            if sent == 0 && wanted > 0 {
-                tracing::warn!(
-                    "the agent is shutting down: stopping this job (reported Rsql.Interrupted)"
-                );
-            }
-            while sent < wanted {
-                stop_tx.stop(StopReason::Shutdown);
-                sent += 1;
-            }
-            if shutdown.changed().await.is_err() {
-                break;
-            }
-        }
-        std::future::pending::<()>().await
-    };
-    let result = tokio::select! {
-        r = execute => r,
-        _ = heartbeats => unreachable!("the heartbeat loop never ends"),
-        _ = on_shutdown => unreachable!("the shutdown forwarder never ends"),
-    };
-    let (held, result) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            // The job could not be started or its files written (a script that cannot be
-            // executed, a full disk). Say so now rather than let the task time out.
-            tracing::error!(error = %e, "the job could not be run");
-            let outcome = failure(
-                ErrorName::ScriptFailed,
-                format!("the agent could not run the job: {e}"),
-            );
-            return finish(&shared, &delivery, None, Some(&token), outcome, None).await;
-        }
-    };
-    tracing::info!(
-        status = result.outcome.status(),
-        exit_code = result.outcome.exit_code(),
-        duration_ms = result.duration.as_millis() as u64,
-        "job finished"
-    );
-    let token = match result.outcome {
-        // The task is closed upstream: no callback can be taken.
-        Outcome::Cancelled { .. } => None,
-        _ => Some(token.as_str()),
-    };
-    finish(
-        &shared,
-        &delivery,
-        Some(held),
-        token,
-        result.outcome,
-        Some(result.audit),
+    owned::run(
+        shared, delivery, spec, token, token_hash, held, attempt, shutdown,
     )
     .await
+}
+
+/// Looks at every job owner directory left by an earlier agent: running owners to watch,
+/// finished or dead ones to report. Also kills what is left of jobs whose owner died.
+async fn adopt_scan(shared: &Shared) -> Vec<owned::Found> {
+    let killed = tokio::task::spawn_blocking(crate::supervisor::kill_orphaned_jobs)
+        .await
+        .unwrap_or(0);
+    if killed > 0 {
+        tracing::warn!(killed, "killed processes left by jobs whose owner is gone");
+    }
+    let mut found = Vec::new();
+    for dir in shared.owners.scan() {
+        found.push(owned::inspect(&dir).await);
+    }
+    found
+}
+
+/// A copy of a message whose job runs under an owner that holds the lock and renews its
+/// lease: the job is alive even if no agent watches it (its agent is down, or restarting).
+/// Keep its task alive on the owner's behalf with one heartbeat, and have the copy come back
+/// after one tick, so that while the owner's agent is away the task never times out. A copy
+/// whose task is closed is deleted: nobody can report to that task any more.
+async fn keep_alive_for_owner(
+    shared: &Shared,
+    delivery: &Source,
+    token: &str,
+    token_hash: &str,
+    holder: Option<&LockState>,
+) {
+    let Source::Sqs(message) = delivery else {
+        return;
+    };
+    let Some(sqs) = &shared.sqs else { return };
+    let live = shared.attempts.live();
+    let lease = live.jobs.heartbeat_interval;
+    let fresh = holder.is_some_and(|h| {
+        h.token_hash == token_hash
+            && !h.is_final()
+            && h.heartbeat_age(std::time::SystemTime::now())
+                .is_some_and(|age| age <= lease * 3)
+    });
+    if !fresh {
+        return;
+    }
+    match shared.sfn.heartbeat(token).await {
+        Ok(()) => {
+            tracing::info!("the job's owner is alive (fresh lease): heartbeat sent on its behalf");
+            let tick = tick_for(None, lease, sqs.visibility_timeout());
+            if let Err(e) = sqs.release(&message.receipt_handle, tick).await {
+                tracing::warn!(error = %e, "cannot shorten the copy's visibility");
+            }
+        }
+        Err(e) if e.is_task_closed() => {
+            tracing::info!(reason = %e, "the task of a job running elsewhere is closed: deleting this copy");
+            delete_message(shared, message).await;
+        }
+        Err(e) => tracing::warn!(error = %e, "heartbeat on the owner's behalf failed"),
+    }
 }
 
 /// Whether Step Functions says the task is closed, asked twice a moment apart: an emulator
@@ -1108,14 +1100,14 @@ async fn task_closed(shared: &Shared, token: &str) -> bool {
     true
 }
 
-/// Every tick: a Step Functions heartbeat (a closed task stops the job) and another
-/// visibility timeout for the message. Never returns.
+/// Every tick: a Step Functions heartbeat (a closed task is said once on `closed`, so the
+/// job gets stopped) and another visibility timeout for the message. Never returns.
 async fn heartbeat_loop(
     shared: &Shared,
     token: &str,
     delivery: &Source,
     tick: Duration,
-    stop: &StopSender,
+    closed_tx: tokio::sync::mpsc::Sender<()>,
 ) {
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1129,7 +1121,7 @@ async fn heartbeat_loop(
                 Err(e) if e.is_task_closed() => {
                     tracing::warn!(reason = %e, "the task is closed upstream: stopping the job");
                     closed = true;
-                    stop.stop(StopReason::Cancelled);
+                    let _ = closed_tx.try_send(());
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed; will try again next tick"),
             }
@@ -1152,22 +1144,38 @@ async fn finish(
     outcome: Outcome,
     audit: Option<JobAuditRecord>,
 ) -> Delivered {
-    let callback = token.and_then(|_| Callback::from_outcome(&outcome));
-    let audit = audit.filter(|_| shared.audit_table.is_some());
-    if callback.is_some() || audit.is_some() {
-        let entry = OutboxEntry::new(token.map(str::to_string), callback, audit);
-        if let Err(e) = shared.outbox.put(&entry) {
-            tracing::error!(error = %e, "cannot store the outcome durably; leaving the message to be redelivered and replayed");
-            drop(held);
-            return Delivered::Left;
-        }
-    }
-    delete(shared, delivery).await;
+    let stored = finish_stored(shared, delivery, token, outcome, audit, None).await;
     if let Some(held) = held {
         if let Err(e) = held.release() {
             tracing::warn!(error = %e, "cannot release the job's lock cleanly");
         }
     }
+    stored
+}
+
+/// Stores the outcome durably in the outbox (under `outbox_id` when given, so storing it
+/// again replaces it), then deletes the message.
+async fn finish_stored(
+    shared: &Shared,
+    delivery: &Source,
+    token: Option<&str>,
+    outcome: Outcome,
+    audit: Option<JobAuditRecord>,
+    outbox_id: Option<String>,
+) -> Delivered {
+    let callback = token.and_then(|_| Callback::from_outcome(&outcome));
+    let audit = audit.filter(|_| shared.audit_table.is_some());
+    if callback.is_some() || audit.is_some() {
+        let mut entry = OutboxEntry::new(token.map(str::to_string), callback, audit);
+        if let Some(id) = outbox_id {
+            entry.id = id;
+        }
+        if let Err(e) = shared.outbox.put(&entry) {
+            tracing::error!(error = %e, "cannot store the outcome durably; leaving the message to be redelivered and replayed");
+            return Delivered::Left;
+        }
+    }
+    delete(shared, delivery).await;
     Delivered::Stored(outcome)
 }
 

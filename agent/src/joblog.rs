@@ -211,6 +211,18 @@ impl JobLog {
             sanitize_component(&name.attempt_id, MAX_ATTEMPT_COMPONENT),
         );
         let path = dir.join(file_name);
+        JobLog::open_in(&dir, path)
+    }
+
+    /// Reopens (or creates) the log file at `path` for appending: for a job's owner process,
+    /// which writes the log the agent named and created.
+    pub fn open(path: &Path) -> Result<JobLog, JobLogError> {
+        let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        JobLog::open_in(&dir, path.to_path_buf())
+    }
+
+    fn open_in(dir: &Path, path: PathBuf) -> Result<JobLog, JobLogError> {
+        let dir = dir.to_path_buf();
         // `cleanup` may remove an empty workflow directory between our mkdir and open; one
         // retry after recreating it covers that race without any shared lock.
         let mut attempts = 0;

@@ -236,7 +236,23 @@ impl LockDir {
         let stem = key_stem(lock_key);
         match lock_stem(&self.dir, &stem)? {
             Some(file) => {
-                let previous = read_state_file(&state_path(&self.dir, &stem))?;
+                let previous = match read_state_file(&state_path(&self.dir, &stem)) {
+                    Ok(previous) => previous,
+                    // An unreadable record would block its job for ever (every delivery left
+                    // for a retry, no callback sent). Under the lock, set it aside where an
+                    // operator can read it, say so, and go on as if there were none.
+                    Err(error @ LockError::ParseState { .. }) => {
+                        let aside = set_aside(&self.dir, &stem)?;
+                        tracing::error!(
+                            lock_key,
+                            error = %error_chain(&error),
+                            moved_to = %aside.display(),
+                            "the job's lock state file cannot be read; moved it aside and treating the job as never run"
+                        );
+                        None
+                    }
+                    Err(other) => return Err(other),
+                };
                 Ok(Acquire::Acquired(JobLock {
                     file,
                     key: lock_key.to_owned(),
@@ -455,6 +471,60 @@ impl JobLock {
         })
     }
 
+    /// Gives the held lock away as a descriptor of the same open file description, for a
+    /// job's owner process to receive (`job_owner`). This side closes its own descriptor
+    /// without unlocking: an OFD lock belongs to the open file description, so it stays held
+    /// for as long as the receiver keeps its copy.
+    pub fn hand_over(mut self) -> Result<std::os::fd::OwnedFd, LockError> {
+        let path = lock_path(&self.dir, &self.stem);
+        let copy = self
+            .file
+            .file
+            .try_clone()
+            .map_err(|source| LockError::OpenLock { path, source })?;
+        // Never unlock on drop now: that would take the lock from the receiver too.
+        self.file.unlocked = true;
+        Ok(copy.into())
+    }
+
+    /// Takes over a lock handed over by [`JobLock::hand_over`] (received as `fd`), with
+    /// `current` as the record this holder writes from now on. Fails with
+    /// [`LockError::Lost`] when the descriptor does not hold the lock.
+    pub fn adopt(
+        fd: std::os::fd::OwnedFd,
+        lock_dir: &Path,
+        lock_key: &str,
+        previous: Option<LockState>,
+    ) -> Result<JobLock, LockError> {
+        let stem = key_stem(lock_key);
+        let path = lock_path(lock_dir, &stem);
+        let file = File::from(fd);
+        // Re-taking a lock the description already holds succeeds at once; a conflict means
+        // whoever sent the descriptor had lost it.
+        match ofd::try_write_lock(&file) {
+            Ok(TryLock::Locked) => {}
+            Ok(TryLock::Conflict) => return Err(LockError::Lost { path }),
+            Err(source) => return Err(LockError::Lock { path, source }),
+        }
+        Ok(JobLock {
+            file: HeldFile {
+                file,
+                unlocked: false,
+            },
+            key: lock_key.to_owned(),
+            dir: lock_dir.to_path_buf(),
+            stem,
+            previous,
+            current: None,
+        })
+    }
+
+    /// The locked file itself, for a job's processes to inherit (see `job_owner`).
+    pub fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.file.as_fd()
+    }
+
     /// Fails with [`LockError::Lost`] if another owner holds the lock, i.e. ours was lost.
     fn ensure_held(&self) -> Result<(), LockError> {
         let path = || lock_path(&self.dir, &self.stem);
@@ -567,6 +637,18 @@ fn still_named_by(file: &File, path: &Path) -> Result<bool, LockError> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(open_error(e)),
     }
+}
+
+/// Renames `<stem>.state` to `<stem>.state.corrupt-<unix millis>` and returns the new path.
+fn set_aside(dir: &Path, stem: &str) -> Result<PathBuf, LockError> {
+    let from = state_path(dir, stem);
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let to = dir.join(format!("{stem}.{STATE_EXT}.corrupt-{millis}"));
+    fs::rename(&from, &to).map_err(|source| LockError::WriteState { path: from, source })?;
+    Ok(to)
 }
 
 /// Reads and parses a state file; `Ok(None)` when there is none.
@@ -754,16 +836,24 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_state_file_is_an_error_not_a_fresh_start() {
+    fn a_corrupt_state_file_is_moved_aside_and_the_job_goes_on() {
         let dir = tempfile::tempdir().expect("tempdir");
         let locks = LockDir::open(dir.path()).expect("open");
         fs::write(locks.state_path_for("e/j"), b"{\"lock_key\":").expect("write");
-        assert!(matches!(
-            locks.try_acquire("e/j"),
-            Err(LockError::ParseState { .. })
-        ));
-        // The failed acquire did not leave the lock held.
-        fs::remove_file(locks.state_path_for("e/j")).expect("rm");
-        assert!(matches!(locks.try_acquire("e/j"), Ok(Acquire::Acquired(_))));
+        let Ok(Acquire::Acquired(held)) = locks.try_acquire("e/j") else {
+            panic!("a corrupt record must not block its job");
+        };
+        assert!(held.previous().is_none());
+        assert!(!locks.state_path_for("e/j").exists());
+        let aside: Vec<String> = fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.contains(".state.corrupt-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(
+            fs::read(dir.path().join(&aside[0])).expect("read aside"),
+            b"{\"lock_key\":"
+        );
     }
 }

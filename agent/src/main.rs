@@ -74,6 +74,16 @@ enum Command {
         #[arg(default_value = DEFAULT_CONFIG_PATH)]
         path: PathBuf,
     },
+    /// Stop intake on the running agent (an ASG scale-in lifecycle hook): messages not yet
+    /// started go back to the queue; running jobs go on and are reported.
+    Drain {
+        /// The running agent's config file.
+        #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Return only when no job runs and every report is delivered.
+        #[arg(long)]
+        wait: bool,
+    },
     /// Workflows: run one on this host with no AWS at all, or drive the generic state
     /// machine (packaging/aws/workflow.asl.json) on AWS.
     #[command(subcommand)]
@@ -145,6 +155,7 @@ fn main() -> ExitCode {
     let code = match cli.command {
         Command::Run { config } => daemon_run(&config),
         Command::CheckConfig { path } => check_config(&path),
+        Command::Drain { config, wait } => drain(&config, wait),
         Command::Workflow(WorkflowCommand::Run {
             file,
             config,
@@ -229,6 +240,59 @@ fn check_config(path: &Path) -> u8 {
     }
 }
 
+/// `rsql-agent drain`: exit 0 once intake is stopped (with `--wait`: once no job runs and
+/// the outbox is empty), 69 when the agent cannot be reached, 78 for a bad config.
+fn drain(path: &Path, wait: bool) -> u8 {
+    use rsql_agent::daemon::control::{ask, ControlRequest};
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rsql-agent: {}", error_chain(&e));
+            return config_exit(&e);
+        }
+    };
+    let Some(runtime) = runtime() else {
+        return exit::SOFTWARE;
+    };
+    let state_dir = config.agent.state_dir.clone();
+    runtime.block_on(async move {
+        let mut reply = match ask(&state_dir, ControlRequest::Drain).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                eprintln!("rsql-agent drain: {}", error_chain(&e));
+                return exit::UNAVAILABLE;
+            }
+        };
+        println!(
+            "draining: intake stopped; {} job(s) running, {} report(s) in the outbox",
+            reply.running, reply.outbox
+        );
+        if !wait {
+            return exit::OK;
+        }
+        let mut last = (reply.running, reply.outbox);
+        while reply.running > 0 || reply.outbox > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            reply = match ask(&state_dir, ControlRequest::Status).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    eprintln!("rsql-agent drain: {}", error_chain(&e));
+                    return exit::UNAVAILABLE;
+                }
+            };
+            if (reply.running, reply.outbox) != last {
+                last = (reply.running, reply.outbox);
+                println!(
+                    "{} job(s) running, {} report(s) in the outbox",
+                    reply.running, reply.outbox
+                );
+            }
+        }
+        println!("drained: no job runs and every report is delivered");
+        exit::OK
+    })
+}
+
 fn runtime() -> Option<tokio::runtime::Runtime> {
     match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -309,7 +373,7 @@ fn daemon_run(path: &Path) -> u8 {
 
 fn start_exit(e: &StartError) -> u8 {
     match e {
-        StartError::Signals(_) | StartError::Supervisor(_) => exit::SOFTWARE,
+        StartError::Signals(_) => exit::SOFTWARE,
         StartError::StateDirs(_) => exit::IO,
     }
 }
@@ -359,7 +423,7 @@ fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) ->
             .clone()
             .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
             .unwrap_or_else(|| "localhost".to_string());
-        let attempts = match AttemptContext::new(config.clone(), supervisor, instance_id) {
+        let attempts = match AttemptContext::new(config.clone(), Some(supervisor), instance_id) {
             Ok(a) => Arc::new(a),
             Err(e) => {
                 eprintln!("rsql-agent: {}", error_chain(&e));

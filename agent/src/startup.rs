@@ -1,5 +1,5 @@
 //! The parts every job-running process builds the same way at start: the signal controls,
-//! the AWS clients, the instance id, the supervisor and the attempt context. Shared by `rsql-agent run` and
+//! the AWS clients, the instance id and the attempt context. Shared by `rsql-agent run` and
 //! `rsql-wrapper run`, so the two cannot drift apart.
 
 use std::sync::Arc;
@@ -9,14 +9,11 @@ use crate::aws::{self, AwsClients};
 use crate::config::Config;
 use crate::identity;
 use crate::signals::{Controls, SignalError};
-use crate::supervisor::{Supervisor, SupervisorError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen for signals")]
     Signals(#[source] SignalError),
-    #[error("cannot start the supervisor")]
-    Supervisor(#[source] SupervisorError),
     #[error("cannot open the state directories")]
     StateDirs(#[source] AttemptError),
 }
@@ -41,8 +38,9 @@ pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
     let clients = AwsClients::new(&sdk);
     let (instance_id, instance_id_source) =
         identity::instance_id(config.agent.instance_id.as_deref()).await;
-    let supervisor = Supervisor::new().map_err(StartError::Supervisor)?;
-    let attempts = AttemptContext::new(config.clone(), supervisor, instance_id.clone())
+    // No supervisor here: this process is not the jobs' parent, and must not be a child
+    // subreaper either, or the owners it launches would be re-parented to it.
+    let attempts = AttemptContext::new(config.clone(), None, instance_id.clone())
         .map_err(StartError::StateDirs)?;
     Ok(Parts {
         controls,

@@ -212,6 +212,10 @@ pub struct Launch {
     pub log: JobLog,
     /// Unique per attempt; becomes the [`JOB_ID_ENV`] marker.
     pub job_id: String,
+    /// A descriptor every process of the job inherits (its lock, from the job's owner
+    /// process), so the lock lives exactly as long as any process of the job; see
+    /// `job_owner`. `None`: nothing is inherited.
+    pub inherit_fd: Option<std::os::fd::RawFd>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -227,6 +231,7 @@ impl std::fmt::Debug for Launch {
             .field("pipe_drain", &self.pipe_drain)
             .field("log", &self.log)
             .field("job_id", &self.job_id)
+            .field("inherit_fd", &self.inherit_fd)
             .finish()
     }
 }
@@ -291,6 +296,15 @@ impl Supervisor {
         let supervisor = Arc::new(Supervisor { _private: () });
         supervisor.kill_orphaned_jobs();
         Ok(supervisor)
+    }
+
+    /// For a job's owner process (`rsql-job-owner`), which runs one job: a child subreaper
+    /// and the spawner, without the sweep of other agents' orphans that [`Supervisor::new`]
+    /// does (the agent does that; each owner doing it again would walk /proc per job).
+    pub fn for_one_job() -> Result<Arc<Supervisor>, SupervisorError> {
+        nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Subreaper)?;
+        spawner::ensure_started().map_err(SupervisorError::Spawner)?;
+        Ok(Arc::new(Supervisor { _private: () }))
     }
 
     /// Kills the processes of jobs started by an agent process that no longer exists (each
@@ -387,6 +401,22 @@ impl Supervisor {
     }
 }
 
+/// Kills processes of jobs whose supervising process is gone (see
+/// [`Supervisor::kill_orphaned_jobs`]), without being a supervisor: the agent calls it when a
+/// job's owner process died, and at start. Returns how many were killed.
+pub fn kill_orphaned_jobs() -> usize {
+    procs::kill_orphaned_jobs()
+}
+
+/// The kernel's start time of `pid` (field 22 of `/proc/PID/stat`), which tells a live
+/// process from a later one that reused its pid; `None` when there is no such process or it
+/// is a zombie.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    procs::read_stat(pid)
+        .filter(|s| s.state != b'Z' && s.state != b'X')
+        .map(|s| s.start_time)
+}
+
 fn build_command(launch: &Launch) -> std::process::Command {
     let mut command = std::process::Command::new(&launch.program);
     command
@@ -413,6 +443,7 @@ fn build_command(launch: &Launch) -> std::process::Command {
     command.env(SUPERVISOR_ENV, procs::supervisor_identity());
 
     let agent_pid = std::process::id() as i32;
+    let inherit_fd = launch.inherit_fd;
     let child_setup = move || -> io::Result<()> {
         // Runs in the forked child before exec: only async-signal-safe calls (prctl,
         // getppid, sigaction) and no allocation.
@@ -435,10 +466,18 @@ fn build_command(launch: &Launch) -> std::process::Command {
             unsafe { nix::sys::signal::signal(signal, SigHandler::SigDfl) }
                 .map_err(io::Error::from)?;
         }
+        if let Some(fd) = inherit_fd {
+            // Clears close-on-exec in this child's descriptor table only (fcntl is
+            // async-signal-safe); the owner's own descriptor is untouched.
+            // SAFETY: fcntl on an integer descriptor touches no Rust-owned memory.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         Ok(())
     };
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid,
-    // sigaction) and does not allocate or take locks, which is what pre_exec requires of
+    // sigaction, fcntl) and does not allocate or take locks, which is what pre_exec requires of
     // code running between fork and exec in a multi-threaded process.
     unsafe {
         command.pre_exec(child_setup);
@@ -1033,6 +1072,7 @@ mod tests {
             pipe_drain: DEFAULT_PIPE_DRAIN,
             log,
             job_id: "x".into(),
+            inherit_fd: None,
         };
         let shown = format!("{launch:?}");
         assert!(shown.contains("RSPASSWORD"));

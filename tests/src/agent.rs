@@ -331,9 +331,48 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// The job owner processes this agent's state directory knows of (their `owner.json`),
+    /// alive or not.
+    pub fn owners(&self) -> Vec<serde_json::Value> {
+        let Ok(dir) = std::fs::read_dir(self.state_dir.join("owners")) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| std::fs::read(e.path().join("owner.json")).ok())
+            .filter_map(|bytes| serde_json::from_slice(&bytes).ok())
+            .collect()
+    }
+
+    /// SIGKILLs every live job owner of this agent's state directory (jobs outlive the
+    /// agent, so a test cleans them up itself). Returns how many it killed.
+    pub fn kill_owners(&self) -> usize {
+        let mut killed = 0;
+        for owner in self.owners() {
+            let Some(pid) = owner["pid"].as_i64() else {
+                continue;
+            };
+            if start_time(pid as i32) == owner["start_time"].as_u64() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                killed += 1;
+            }
+        }
+        killed
+    }
+}
+
+/// A process's start time (field 22 of /proc/PID/stat), or `None` when it is gone.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    // Fields after the command: state is field 3, start time is field 22.
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         self.kill();
+        self.kill_owners();
     }
 }
 

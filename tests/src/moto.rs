@@ -375,6 +375,21 @@ pub async fn start_execution(config: &SdkConfig, state_machine_arn: &str, input:
     out.execution_arn().to_string()
 }
 
+/// The execution as it is now.
+pub async fn describe(config: &SdkConfig, execution_arn: &str) -> DescribeExecutionOutput {
+    aws_sdk_sfn::Client::new(config)
+        .describe_execution()
+        .execution_arn(execution_arn)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "DescribeExecution {execution_arn}: {}",
+                DisplayErrorContext(&e)
+            )
+        })
+}
+
 /// Polls until the execution is no longer RUNNING and returns its description. Panics after
 /// `timeout`, showing the history so far.
 pub async fn wait_execution(

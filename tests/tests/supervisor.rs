@@ -89,6 +89,7 @@ impl Fixture {
             pipe_drain: Duration::from_secs(2),
             log,
             job_id,
+            inherit_fd: None,
         }
     }
 

@@ -371,7 +371,7 @@ fn run_job(run: Run) -> u8 {
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
                 return match e {
-                    StartError::Signals(_) | StartError::Supervisor(_) => exit::SOFTWARE,
+                    StartError::Signals(_) => exit::SOFTWARE,
                     StartError::StateDirs(_) => exit::IO,
                 };
             }

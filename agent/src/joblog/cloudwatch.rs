@@ -556,10 +556,21 @@ impl Shipper {
         Ok(self.spawn(path, state, false))
     }
 
-    /// Resumes every shipment an earlier run left unfinished (their jobs have ended: the
-    /// agent's jobs do not outlive it). Returns how many were resumed. Call once at start,
-    /// before any job runs and before old logs are cleaned up.
-    pub fn resume_all(&self) -> usize {
+    /// Resumes the shipment of a job that is still running (adopted after an agent restart)
+    /// from the position saved on disk; starts it from the beginning when none was saved.
+    pub fn resume(&self, log_file: &Path, log_stream: &str) -> Result<Shipment, ShipperError> {
+        let path = self.state_path(log_file);
+        match load_state(&path) {
+            Ok(state) if state.log_stream == log_stream => Ok(self.spawn(path, state, false)),
+            _ => self.start(log_file, log_stream),
+        }
+    }
+
+    /// Resumes every shipment an earlier run left unfinished whose job has ended, that is
+    /// every one but those of `running` (log files of jobs still running under their owners,
+    /// which [`Shipper::resume`] takes up). Returns how many were resumed. Call once at
+    /// start, before old logs are cleaned up.
+    pub fn resume_all(&self, running: &HashSet<PathBuf>) -> usize {
         let entries = match fs::read_dir(&self.inner.state_dir) {
             Ok(entries) => entries,
             Err(e) => {
@@ -580,6 +591,9 @@ impl Shipper {
                     continue;
                 }
             };
+            if running.contains(&state.log_file) {
+                continue;
+            }
             if !state.log_file.exists() {
                 tracing::warn!(log_file = %state.log_file.display(), log_stream = %state.log_stream, "the log file of an unfinished shipment is gone; forgetting it");
                 let _ = fs::remove_file(&path);

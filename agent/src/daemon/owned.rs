@@ -1,0 +1,624 @@
+//! A job under its own owner process: hand it over, watch it, report it; and adopt the jobs
+//! an earlier agent left running.
+//!
+//! The life of one delivery from the agent's side:
+//!
+//! ```text
+//!  locked ──prepare──▶ handed over ──owner exits──▶ finished ──outbox──▶ stored ──▶ acknowledged
+//!                          ▲                            ▲
+//!   adopted (at start) ────┘   exit record found ───────┘   (a dead owner: finished as Interrupted)
+//! ```
+//!
+//! While handed over, the agent only watches: heartbeats to Step Functions, the message kept
+//! hidden, the log shipped to CloudWatch, a stop asked of the owner when the task closes. A
+//! hand-off at shutdown ([`JobStop::HandOff`]) just stops watching; the next agent adopts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+
+use super::{failure, finish_stored, Delivered, JobStop, Shared, Source};
+use crate::intake::sqs::Delivery;
+use crate::job::JobSpec;
+use crate::job_owner::client::{self, OwnerConn};
+use crate::job_owner::{
+    ExitRecord, JobDir, JobFile, LaunchPlan, Request, SqsReceipt, StopWhy, OWNERS_DIR, PROTOCOL,
+};
+use crate::joblog::{self, JobLog, LogName};
+use crate::lock::{Acquire, JobLock, RunState};
+use crate::outcome::{ErrorName, Outcome};
+use crate::report::audit::JobAuditRecord;
+use crate::report::outbox::OutboxEntry;
+use crate::supervisor::{self, INHERITED_ENV};
+
+/// How long a freshly launched owner may take to open its socket.
+const OWNER_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// After a dead owner's leftovers were killed, how long to wait for its lock to come free so
+/// that the interruption can be recorded in the lock state.
+const DEAD_OWNER_LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// The agent's handle on the owners' directory and how to start owners.
+#[derive(Debug)]
+pub(super) struct Owners {
+    pub(super) dir: std::path::PathBuf,
+    pub(super) launcher: crate::job_owner::launch::Launcher,
+    pub(super) program: std::path::PathBuf,
+}
+
+impl Owners {
+    pub(super) fn open(
+        state_dir: &Path,
+        launcher: crate::job_owner::launch::Launcher,
+    ) -> std::io::Result<Owners> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = state_dir.join(OWNERS_DIR);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        Ok(Owners {
+            dir,
+            launcher,
+            program: crate::job_owner::launch::owner_program(),
+        })
+    }
+
+    /// The job directories left by earlier agents (and this one), oldest name first.
+    pub(super) fn scan(&self) -> Vec<JobDir> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<JobDir> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| JobDir::new(e.path()))
+            .collect();
+        dirs.sort_by_key(|d| d.job_id());
+        dirs
+    }
+}
+
+/// The environment an owner process starts with: the agent's inherited variables (the owner
+/// passes them on to the job) and its log filter.
+fn owner_env() -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = INHERITED_ENV
+        .iter()
+        .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
+        .collect();
+    if let Ok(filter) = std::env::var("RSQL_AGENT_LOG") {
+        env.push(("RSQL_AGENT_LOG".into(), filter));
+    }
+    env
+}
+
+/// Runs a job under a new owner, with its lock `held` and the decision to run taken, and
+/// reports it. Failures before the job starts are reported as what they are.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    source: Source,
+    spec: JobSpec,
+    token: String,
+    token_hash: String,
+    held: JobLock,
+    attempt: u32,
+    shutdown: watch::Receiver<JobStop>,
+) -> Delivered {
+    let env = match shared.database.job_env().await {
+        Ok(env) => env,
+        Err(e) => {
+            let outcome = failure(ErrorName::ConnectionFailed, e.to_string());
+            tracing::error!(error = %e, "cannot get the database credentials");
+            return super::finish(&shared, &source, Some(held), Some(&token), outcome, None).await;
+        }
+    };
+    let job = match prepare(&shared, &source, &spec, &token, &token_hash, attempt) {
+        Ok(job) => job,
+        Err(reason) => return not_started(&shared, &source, held, &token, reason).await,
+    };
+    let dir = JobDir::new(shared.owners.dir.join(&job.launch.job_id));
+    if let Err(e) = std::fs::create_dir(dir.path()).and_then(|()| {
+        dir.write_job(&job)
+            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))
+    }) {
+        let reason = format!(
+            "cannot write the job's owner directory {}: {e}",
+            dir.path().display()
+        );
+        dir.remove();
+        return not_started(&shared, &source, held, &token, reason).await;
+    }
+    let record = running_record(&shared, &job, &spec);
+    if let Err(e) = shared.attempts.audit.record_job(&record) {
+        tracing::warn!(error = %e, "cannot write the local audit record");
+    }
+    let launched = {
+        let launcher = shared.owners.launcher.clone();
+        let program = shared.owners.program.clone();
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || launcher.launch(&program, &dir, &owner_env())).await
+    };
+    let launched = match launched {
+        Ok(result) => result.map_err(|e| crate::error_chain(&e)),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(reason) = launched {
+        dir.remove();
+        return not_started(
+            &shared,
+            &source,
+            held,
+            &token,
+            format!("cannot start the job's owner process: {reason}"),
+        )
+        .await;
+    }
+    let conn = match client::start(&dir, held, env, OWNER_START_TIMEOUT).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            // The lock went with the request, or is released with our copy: either way the
+            // job did not start under this agent's eyes. Say what happened.
+            tracing::error!(error = %crate::error_chain(&e), "cannot hand the job to its owner process");
+            let outcome = failure(
+                ErrorName::Interrupted,
+                format!(
+                    "the job was not started: cannot hand it to its owner process: {}",
+                    crate::error_chain(&e)
+                ),
+            );
+            dir.remove();
+            return super::finish(&shared, &source, None, Some(&token), outcome, None).await;
+        }
+    };
+    tracing::info!(
+        attempt,
+        job_pid = conn.job_pid,
+        launcher = shared.owners.launcher.name(),
+        log_file = %job.log_file.display(),
+        "job started"
+    );
+    if let Some(table) = shared.audit_table.clone() {
+        let outbox = shared.outbox.clone();
+        tokio::spawn(async move {
+            if let Err(e) = table.put(&record).await {
+                // A late `running` can never overwrite the final status (the write is
+                // conditional), so it may go through the outbox.
+                tracing::warn!(error = %e, "audit `running` write failed; queued in the outbox");
+                let _ = outbox.put(&OutboxEntry::new(None, None, Some(record)));
+            }
+        });
+    }
+    watch_job(shared, source, dir, job, Some(conn), shutdown, false).await
+}
+
+/// A failure before the job started (a full disk, no owner program): reported as
+/// `Rsql.Interrupted` (the workflow may retry; nothing ran), with what really happened.
+async fn not_started(
+    shared: &Shared,
+    source: &Source,
+    held: JobLock,
+    token: &str,
+    reason: String,
+) -> Delivered {
+    tracing::error!(reason = %reason, "the job could not be started");
+    let outcome = failure(
+        ErrorName::Interrupted,
+        format!("the job was not started: {reason}"),
+    );
+    super::finish(shared, source, Some(held), Some(token), outcome, None).await
+}
+
+/// Builds `job.json` and creates the job's log file (so a full or unwritable log directory
+/// fails here, before anything runs).
+fn prepare(
+    shared: &Shared,
+    source: &Source,
+    spec: &JobSpec,
+    token: &str,
+    token_hash: &str,
+    attempt: u32,
+) -> Result<JobFile, String> {
+    let config = shared.attempts.live();
+    let started_at = SystemTime::now();
+    let attempt_id = format!("{}{attempt}", token_hash.get(..8).unwrap_or(token_hash));
+    let log = JobLog::create(
+        &config.jobs.log_dir,
+        &LogName {
+            workflow_execution_id: spec.workflow_execution_id.clone(),
+            job_name: spec.job_name.clone(),
+            started_at,
+            attempt_id: attempt_id.clone(),
+        },
+    )
+    .map_err(|e| crate::error_chain(&e))?;
+    let log_file = log.path().to_path_buf();
+    drop(log);
+    let (log_group, log_stream) = match &shared.shipper {
+        Some(shipper) => (
+            Some(shipper.log_group().to_string()),
+            Some(joblog::cloudwatch::stream_name(
+                &spec.workflow_execution_id,
+                &spec.job_name,
+                started_at,
+                &attempt_id,
+            )),
+        ),
+        None => (None, None),
+    };
+    let (program, mut args) =
+        supervisor::command_for_script(&spec.script, &config.jobs.interpreter);
+    args.extend(spec.args.iter().cloned());
+    let outbox_id = OutboxEntry::new(None, None, None).id;
+    Ok(JobFile {
+        protocol: PROTOCOL,
+        job_name: spec.job_name.clone(),
+        workflow_id: spec.workflow_id.clone(),
+        workflow_execution_id: spec.workflow_execution_id.clone(),
+        lock_key: spec.lock_key.clone(),
+        lock_dir: shared.attempts.locks.dir().to_path_buf(),
+        task_token: token.to_string(),
+        token_hash: token_hash.to_string(),
+        attempt,
+        instance_id: shared.attempts.instance_id.clone(),
+        heartbeat_ms: spec.heartbeat.map(|d| d.as_millis() as u64),
+        lease_interval_ms: config.jobs.heartbeat_interval.as_millis() as u64,
+        ssm_command_id: spec.ssm_command_id.clone(),
+        sqs: match (source, &shared.sqs) {
+            (Source::Sqs(d), Some(sqs)) => Some(SqsReceipt {
+                queue_url: sqs.queue_url().to_string(),
+                receipt_handle: d.receipt_handle.clone(),
+                message_id: d.message_id.clone(),
+                receive_count: d.receive_count,
+            }),
+            _ => None,
+        },
+        log_file,
+        log_group,
+        log_stream,
+        outbox_id,
+        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+        launch: LaunchPlan {
+            program,
+            args,
+            cwd: config.jobs.script_dir.clone(),
+            env: vec![
+                ("RSQL_WORKFLOW_ID".into(), spec.workflow_id.clone()),
+                (
+                    "RSQL_WORKFLOW_EXECUTION_ID".into(),
+                    spec.workflow_execution_id.clone(),
+                ),
+                ("RSQL_JOB_NAME".into(), spec.job_name.clone()),
+            ],
+            inherited_env: owner_env()
+                .into_iter()
+                .filter(|(k, _)| INHERITED_ENV.contains(&k.as_str()))
+                .collect(),
+            timeout_ms: spec.timeout.as_millis() as u64,
+            kill_grace_ms: config.jobs.kill_grace.as_millis() as u64,
+            pipe_drain_ms: config.jobs.pipe_drain.as_millis() as u64,
+            job_id: crate::attempt::job_id(spec, &attempt_id),
+        },
+    })
+}
+
+fn running_record(shared: &Shared, job: &JobFile, spec: &JobSpec) -> JobAuditRecord {
+    JobAuditRecord {
+        job_name: job.job_name.clone(),
+        workflow_execution_id: job.workflow_execution_id.clone(),
+        workflow_id: job.workflow_id.clone(),
+        execution_status: "running".to_string(),
+        execution_start_ts: job.started_at.clone(),
+        execution_end_ts: None,
+        instance_id: shared.attempts.instance_id.clone(),
+        exit_code: None,
+        error_message: None,
+        sql_state: None,
+        log_group: job.log_group.clone(),
+        log_stream: job.log_stream.clone(),
+        log_file: Some(job.log_file.display().to_string()),
+        attempt: job.attempt,
+        duration_ms: None,
+        ssm_command_id: spec.ssm_command_id.clone(),
+        stage: None,
+    }
+}
+
+/// What an adopted job's directory says.
+pub(super) enum Found {
+    /// The owner is running; watch it.
+    Running(JobDir, Box<JobFile>, OwnerConn),
+    /// The owner is gone (finished or dead); report it.
+    Gone(JobDir, Box<JobFile>),
+    /// Not a job directory this agent can use (moved aside).
+    Unusable,
+}
+
+/// Looks at one directory left by an earlier agent.
+pub(super) async fn inspect(dir: &JobDir) -> Found {
+    let job = match dir.read_job() {
+        Ok(job) => job,
+        Err(e) => {
+            tracing::error!(path = %dir.path().display(), error = %crate::error_chain(&e), "cannot read a job owner directory; moving it aside");
+            let aside = dir.path().with_extension("unreadable");
+            let _ = std::fs::rename(dir.path(), aside);
+            return Found::Unusable;
+        }
+    };
+    if dir.exit_path().exists() {
+        return Found::Gone(dir.clone(), Box::new(job));
+    }
+    // An owner launched just before the agent died may still be opening its socket.
+    for _ in 0..20 {
+        match client::attach(dir).await {
+            Ok(Some(conn)) => return Found::Running(dir.clone(), Box::new(job), conn),
+            Ok(None) | Err(_) => {}
+        }
+        let starting = dir
+            .read_owner()
+            .ok()
+            .flatten()
+            .is_some_and(|o| o.is_alive() && o.job_pid.is_none());
+        if !starting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Found::Gone(dir.clone(), Box::new(job))
+}
+
+/// The source of an adopted job, rebuilt from its job file.
+pub(super) fn source_of(job: &JobFile) -> Source {
+    match &job.sqs {
+        Some(r) => Source::Sqs(Delivery {
+            message_id: r.message_id.clone(),
+            receipt_handle: r.receipt_handle.clone(),
+            body: String::new(),
+            receive_count: r.receive_count,
+        }),
+        None => Source::Local,
+    }
+}
+
+/// Watches a handed-over job until its owner exits (or, on [`JobStop::HandOff`], until this
+/// agent stops watching), then reports it. `conn` is `None` when the owner is already gone.
+pub(super) async fn watch_job(
+    shared: Arc<Shared>,
+    source: Source,
+    dir: JobDir,
+    job: JobFile,
+    conn: Option<OwnerConn>,
+    mut shutdown: watch::Receiver<JobStop>,
+    adopted: bool,
+) -> Delivered {
+    let shipment = match (&shared.shipper, &job.log_stream) {
+        (Some(shipper), Some(stream)) => {
+            let started = if adopted {
+                shipper.resume(&job.log_file, stream)
+            } else {
+                shipper.start(&job.log_file, stream)
+            };
+            match started {
+                Ok(shipment) => Some(shipment),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot ship the job's log to CloudWatch");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    // The owner writes the log in another process; keep housekeeping away from it here.
+    let _pin = joblog::pin(&job.log_file).ok();
+    if let Some(mut conn) = conn {
+        let tick = super::tick_for(
+            job.heartbeat_ms.map(Duration::from_millis),
+            shared.attempts.live().jobs.heartbeat_interval,
+            match (&source, &shared.sqs) {
+                (Source::Sqs(_), Some(sqs)) => sqs.visibility_timeout(),
+                _ => Duration::MAX,
+            },
+        );
+        let (closed_tx, mut closed_rx) = mpsc::channel::<()>(1);
+        let heartbeats = super::heartbeat_loop(&shared, &job.task_token, &source, tick, closed_tx);
+        tokio::pin!(heartbeats);
+        let mut stops_sent = 0u32;
+        loop {
+            let wanted = match *shutdown.borrow_and_update() {
+                JobStop::Run => 0,
+                JobStop::HandOff => {
+                    tracing::info!("handing the job off: it keeps running under its owner; the next agent adopts it");
+                    return Delivered::HandedOff;
+                }
+                JobStop::Stop => 1,
+                JobStop::Kill => 2,
+            };
+            while stops_sent < wanted {
+                ask_stop(&dir, StopWhy::Interrupted).await;
+                stops_sent += 1;
+            }
+            tokio::select! {
+                _ = conn.closed() => break,
+                _ = &mut heartbeats => {}
+                Some(()) = closed_rx.recv() => ask_stop(&dir, StopWhy::Cancelled).await,
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        // Nobody can stop this watch any more; keep watching.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        }
+    }
+    let exit = match dir.read_exit() {
+        Ok(Some(exit)) => Some(exit),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "the job's exit record cannot be read");
+            None
+        }
+    };
+    let (outcome, exit) = match exit {
+        Some(exit) => (outcome_of(&exit), Some(exit)),
+        None => (dead_owner(&shared, &dir, &job).await, None),
+    };
+    if let Some(shipment) = shipment {
+        let flush = shared
+            .config
+            .cloudwatch
+            .as_ref()
+            .map(|c| c.final_flush_timeout)
+            .unwrap_or_default();
+        if !shipment.finish(flush).await {
+            tracing::warn!("the job's log is not all shipped after the final flush timeout; the rest keeps shipping in the background");
+        }
+    }
+    tracing::info!(
+        status = outcome.status(),
+        exit_code = outcome.exit_code(),
+        duration_ms = exit.as_ref().map(|e| e.duration_ms),
+        "job finished"
+    );
+    let record = final_record(&shared, &job, &outcome, exit.as_ref());
+    if let Err(e) = shared.attempts.audit.record_job(&record) {
+        tracing::warn!(error = %e, "cannot write the local audit record");
+    }
+    let token = match outcome {
+        Outcome::Cancelled { .. } => None,
+        _ => Some(job.task_token.as_str()),
+    };
+    let delivered = finish_stored(
+        &shared,
+        &source,
+        token,
+        outcome,
+        Some(record),
+        Some(job.outbox_id.clone()),
+    )
+    .await;
+    if matches!(delivered, Delivered::Stored(_)) {
+        dir.remove();
+    }
+    delivered
+}
+
+async fn ask_stop(dir: &JobDir, reason: StopWhy) {
+    match client::request(
+        dir,
+        &Request::Stop {
+            v: PROTOCOL,
+            reason,
+        },
+    )
+    .await
+    {
+        Ok(_) => tracing::info!(?reason, "asked the job's owner to stop the job"),
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot ask the job's owner to stop the job")
+        }
+    }
+}
+
+fn outcome_of(exit: &ExitRecord) -> Outcome {
+    serde_json::from_value(exit.outcome.clone()).unwrap_or_else(|e| {
+        failure(
+            ErrorName::Interrupted,
+            format!("the job ended but its recorded outcome cannot be read ({e})"),
+        )
+    })
+}
+
+/// The owner died without recording the job's exit: kill what is left of the job (its
+/// processes keep the lock until then), record the interruption under the lock, and return
+/// the outcome to report.
+async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
+    let owner = dir.read_owner().ok().flatten();
+    tracing::error!(
+        owner_pid = owner.as_ref().map(|o| o.pid),
+        "the job's owner process died before recording the job's exit; killing what is left of the job"
+    );
+    let killed = tokio::task::spawn_blocking(supervisor::kill_orphaned_jobs)
+        .await
+        .unwrap_or(0);
+    let outcome = failure(
+        ErrorName::Interrupted,
+        format!(
+            "the job's owner process (pid {}) died while the job ran; {killed} leftover process(es) killed",
+            owner.as_ref().map_or("unknown".to_string(), |o| o.pid.to_string())
+        ),
+    );
+    let deadline = tokio::time::Instant::now() + DEAD_OWNER_LOCK_WAIT;
+    loop {
+        match shared.attempts.locks.try_acquire(&job.lock_key) {
+            Ok(Acquire::Acquired(mut held)) => {
+                let mut state = match held.previous() {
+                    Some(p) if p.token_hash == job.token_hash && !p.is_final() => p.clone(),
+                    // Someone else's record (a later attempt), or already final: leave it.
+                    _ => break,
+                };
+                crate::attempt::record_outcome(&mut state, &outcome);
+                state.state = RunState::Interrupted;
+                if let Err(e) = held.write_state(&state) {
+                    tracing::warn!(error = %e, "cannot record the interruption in the lock state");
+                }
+                let _ = held.release();
+                break;
+            }
+            Ok(Acquire::Busy { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Acquire::Busy { .. }) => {
+                tracing::warn!("the job's lock is still held; its leftovers keep it until they die, so no retry can overlap them");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot take the job's lock to record the interruption");
+                break;
+            }
+        }
+    }
+    outcome
+}
+
+fn final_record(
+    shared: &Shared,
+    job: &JobFile,
+    outcome: &Outcome,
+    exit: Option<&ExitRecord>,
+) -> JobAuditRecord {
+    JobAuditRecord {
+        job_name: job.job_name.clone(),
+        workflow_execution_id: job.workflow_execution_id.clone(),
+        workflow_id: job.workflow_id.clone(),
+        execution_status: outcome.status().to_string(),
+        execution_start_ts: job.started_at.clone(),
+        execution_end_ts: Some(
+            exit.map(|e| e.ended_at.clone())
+                .unwrap_or_else(crate::workflow::now_ts),
+        ),
+        instance_id: shared.attempts.instance_id.clone(),
+        exit_code: outcome.exit_code(),
+        error_message: outcome.error_message(),
+        sql_state: match outcome {
+            Outcome::Failed(f) => f.cause.sql_state.clone(),
+            _ => None,
+        },
+        log_group: job.log_group.clone(),
+        log_stream: job.log_stream.clone(),
+        log_file: Some(job.log_file.display().to_string()),
+        attempt: job.attempt,
+        duration_ms: exit.map(|e| e.duration_ms),
+        ssm_command_id: job.ssm_command_id.clone(),
+        stage: None,
+    }
+}
+
+/// The token hash of an adopted job, for its log span.
+pub(super) fn span_for(job: &JobFile) -> tracing::Span {
+    tracing::info_span!(
+        "job",
+        job_name = %job.job_name,
+        workflow_execution_id = %job.workflow_execution_id,
+        token_hash = %job.token_hash,
+    )
+}

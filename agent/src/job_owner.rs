@@ -1,0 +1,411 @@
+//! A job's life belongs to its own owner process, not to the agent.
+//!
+//! Each job the daemon runs gets a small owner process, `rsql-job-owner` (a "shim", as
+//! containerd-shim and conmon are for containers). The owner is started detached from the
+//! agent (its own session, or its own systemd unit) and:
+//! - is a child subreaper, and runs the job through the same [`crate::supervisor`] as
+//!   everything else: its own process group, pipes into the timestamped job log, the timeout
+//!   (SIGTERM, `kill_grace`, SIGKILL), and the sweep of every descendant at the end;
+//! - holds the job's fleet lock. The agent takes the lock and decides to run, then hands the
+//!   locked open file description over (`SCM_RIGHTS`), and every process of the job inherits
+//!   it too: the lock lives exactly as long as any process of the job, even when the owner
+//!   itself is SIGKILLed;
+//! - renews the lock's lease while the job runs, so the fleet can see the job is alive while
+//!   no agent runs on its host;
+//! - when the job has ended: writes a durable exit record ([`ExitRecord`]), records the
+//!   outcome in the lock state so any agent of the fleet can replay it, releases the lock, and
+//!   exits.
+//!
+//! The agent and the owner share a directory per job, `state_dir/owners/<job id>/`:
+//!
+//! | file | written by | holds |
+//! |---|---|---|
+//! | `job.json` | agent, before the launch | [`JobFile`]: what to run, the task token, the SQS receipt |
+//! | `owner.json` | owner | [`OwnerRecord`]: its pid and start time, the job's pid |
+//! | `owner.sock` | owner | the control socket ([`Request`] / [`Reply`], one JSON line each) |
+//! | `exit.json` | owner | [`ExitRecord`]: how the job ended and its classified outcome |
+//! | `owner.log` | owner (direct launch) | the owner's own diagnostics |
+//!
+//! Everything in the directory carries [`PROTOCOL`], so an agent can adopt an owner started
+//! by an older version. The secret part of the job's environment (the database password)
+//! never touches the disk: it travels with the lock in the start request.
+//!
+//! Owns: those files, the protocol, the owner process ([`shim`]), its launchers ([`launch`])
+//! and the agent's side of the conversation ([`client`]). Must not touch: Step Functions,
+//! SQS or the audit; the daemon reports what the owner recorded.
+
+pub mod client;
+pub mod launch;
+pub mod shim;
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+/// The version of the files and the control protocol. An agent reads every version up to
+/// its own; an owner refuses a job file newer than itself.
+pub const PROTOCOL: u32 = 1;
+
+/// `state_dir/owners`: one directory per job handed to an owner process.
+pub const OWNERS_DIR: &str = "owners";
+
+const JOB_FILE: &str = "job.json";
+const OWNER_FILE: &str = "owner.json";
+const EXIT_FILE: &str = "exit.json";
+const SOCKET_FILE: &str = "owner.sock";
+const LOG_FILE: &str = "owner.log";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobDirError {
+    #[error("cannot create the job owner directory {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is not a valid record")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path} has protocol {found}; this program speaks up to {PROTOCOL}")]
+    Protocol { path: PathBuf, found: u32 },
+}
+
+/// Where an SQS job came from, so whichever agent watches the job can keep its message
+/// hidden and delete it at the end (receipt handles stay valid across processes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SqsReceipt {
+    pub queue_url: String,
+    pub receipt_handle: String,
+    pub message_id: String,
+    pub receive_count: u32,
+}
+
+/// How the job's processes are started: the parts of [`crate::supervisor::Launch`] that are
+/// not secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchPlan {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    /// The job's own variables that are not secret (`RSQL_JOB_NAME` and the like).
+    pub env: Vec<(String, String)>,
+    /// The agent's `PATH`, `HOME`, `LANG`... (`supervisor::INHERITED_ENV`), since the owner
+    /// may run with systemd's environment rather than the agent's.
+    pub inherited_env: Vec<(String, String)>,
+    pub timeout_ms: u64,
+    pub kill_grace_ms: u64,
+    pub pipe_drain_ms: u64,
+    /// The marker id of the attempt (`supervisor::JOB_ID_ENV`); also the directory's name.
+    pub job_id: String,
+}
+
+/// `job.json`: everything the owner needs to run the job, and everything a later agent needs
+/// to watch and report it. Holds the task token, so the directory is private (0700).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFile {
+    pub protocol: u32,
+    pub job_name: String,
+    pub workflow_id: String,
+    pub workflow_execution_id: String,
+    pub lock_key: String,
+    pub lock_dir: PathBuf,
+    pub task_token: String,
+    pub token_hash: String,
+    pub attempt: u32,
+    pub instance_id: String,
+    /// The job's `heartbeat_seconds`, for the heartbeat tick.
+    pub heartbeat_ms: Option<u64>,
+    /// How often the owner renews the lock's lease.
+    pub lease_interval_ms: u64,
+    pub ssm_command_id: Option<String>,
+    pub sqs: Option<SqsReceipt>,
+    pub log_file: PathBuf,
+    pub log_group: Option<String>,
+    pub log_stream: Option<String>,
+    /// The outbox entry id the outcome is stored under, fixed in advance so that storing it
+    /// twice (a crash between storing and clean-up) replaces rather than repeats it.
+    pub outbox_id: String,
+    /// When the attempt started (RFC 3339), for the audit.
+    pub started_at: String,
+    pub launch: LaunchPlan,
+}
+
+// Hand-written: the task token is a credential.
+impl std::fmt::Debug for JobFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobFile")
+            .field("protocol", &self.protocol)
+            .field("job_name", &self.job_name)
+            .field("workflow_execution_id", &self.workflow_execution_id)
+            .field("token_hash", &self.token_hash)
+            .field("attempt", &self.attempt)
+            .field("job_id", &self.launch.job_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `owner.json`: who the owner is. A process is identified by pid and start time, never by a
+/// bare pid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    pub protocol: u32,
+    pub pid: i32,
+    pub start_time: u64,
+    pub boot_id: String,
+    /// The job's leader, once started.
+    #[serde(default)]
+    pub job_pid: Option<u32>,
+}
+
+impl OwnerRecord {
+    /// Whether this owner process is still running (same pid, same start time).
+    pub fn is_alive(&self) -> bool {
+        crate::supervisor::process_start_time(self.pid) == Some(self.start_time)
+    }
+}
+
+/// `exit.json`: how the job ended, written durably before the lock state and the unlock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExitRecord {
+    pub protocol: u32,
+    /// The classified outcome (`outcome::Outcome`), as sent to Step Functions.
+    pub outcome: serde_json::Value,
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub started_at: String,
+    pub ended_at: String,
+    pub duration_ms: u64,
+    pub stray_processes_killed: usize,
+    pub pipes_forced_closed: bool,
+}
+
+/// A request on the control socket. One JSON object per line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// The first request, with the lock's descriptor attached: start the job. `env` is the
+    /// secret part of its environment.
+    Start { v: u32, env: Vec<(String, String)> },
+    /// Stop the job: SIGTERM to its group, `kill_grace`, SIGKILL. A second stop kills it.
+    Stop { v: u32, reason: StopWhy },
+    /// Is it running? Answered with the job's pid.
+    Status { v: u32 },
+}
+
+/// Why a job is stopped (see `supervisor::StopReason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopWhy {
+    /// The task was closed upstream: reported `Cancelled`, no callback.
+    Cancelled,
+    /// A stop that is not the job's fault (a standalone run's SIGTERM): `Rsql.Interrupted`.
+    Interrupted,
+}
+
+/// The owner's answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reply {
+    pub v: u32,
+    pub ok: bool,
+    #[serde(default)]
+    pub job_pid: Option<u32>,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// One job's directory under `state_dir/owners`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobDir {
+    path: PathBuf,
+}
+
+impl JobDir {
+    pub fn new(path: impl Into<PathBuf>) -> JobDir {
+        JobDir { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The job id (the directory's name).
+    pub fn job_id(&self) -> String {
+        self.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.path.join(SOCKET_FILE)
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.path.join(LOG_FILE)
+    }
+
+    pub fn exit_path(&self) -> PathBuf {
+        self.path.join(EXIT_FILE)
+    }
+
+    pub fn read_job(&self) -> Result<JobFile, JobDirError> {
+        let job: JobFile =
+            read_json(&self.path.join(JOB_FILE))?.ok_or_else(|| JobDirError::Read {
+                path: self.path.join(JOB_FILE),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            })?;
+        if job.protocol > PROTOCOL {
+            return Err(JobDirError::Protocol {
+                path: self.path.join(JOB_FILE),
+                found: job.protocol,
+            });
+        }
+        Ok(job)
+    }
+
+    pub fn write_job(&self, job: &JobFile) -> Result<(), JobDirError> {
+        write_json(&self.path.join(JOB_FILE), job)
+    }
+
+    pub fn read_owner(&self) -> Result<Option<OwnerRecord>, JobDirError> {
+        read_json(&self.path.join(OWNER_FILE))
+    }
+
+    pub fn write_owner(&self, owner: &OwnerRecord) -> Result<(), JobDirError> {
+        write_json(&self.path.join(OWNER_FILE), owner)
+    }
+
+    pub fn read_exit(&self) -> Result<Option<ExitRecord>, JobDirError> {
+        read_json(&self.path.join(EXIT_FILE))
+    }
+
+    pub fn write_exit(&self, exit: &ExitRecord) -> Result<(), JobDirError> {
+        write_json(&self.path.join(EXIT_FILE), exit)
+    }
+
+    /// Removes the directory once the job is reported (best effort: a leftover is reported
+    /// again after a restart, which the outbox id makes harmless).
+    pub fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove a finished job's owner directory");
+            }
+        }
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, JobDirError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(JobDirError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|source| JobDirError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JobDirError> {
+    let bytes = serde_json::to_vec(value).map_err(|source| JobDirError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    fsutil::write_atomic(path, &bytes, 0o600).map_err(|source| JobDirError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// This host's boot id, which tells a pid from before a reboot apart from one after it.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_one_json_line_each_with_their_version() {
+        let start = Request::Start {
+            v: PROTOCOL,
+            env: vec![("RSPASSWORD".into(), "x".into())],
+        };
+        let text = serde_json::to_string(&start).expect("serialize");
+        assert!(text.starts_with("{\"op\":\"start\",\"v\":1"), "{text}");
+        assert!(!text.contains('\n'));
+        let stop: Request =
+            serde_json::from_str(r#"{"op":"stop","v":1,"reason":"cancelled"}"#).expect("parse");
+        assert_eq!(
+            stop,
+            Request::Stop {
+                v: 1,
+                reason: StopWhy::Cancelled
+            }
+        );
+    }
+
+    #[test]
+    fn a_job_file_from_a_newer_agent_is_refused_by_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let job_dir = JobDir::new(dir.path());
+        std::fs::write(
+            dir.path().join(JOB_FILE),
+            format!("{{\"protocol\": {}}}", PROTOCOL + 1),
+        )
+        .expect("write");
+        // A newer version may add fields; the protocol number is what is checked first.
+        let err = job_dir.read_job().expect_err("refused");
+        assert!(matches!(
+            err,
+            JobDirError::Parse { .. } | JobDirError::Protocol { .. }
+        ));
+    }
+
+    #[test]
+    fn a_dead_owner_is_not_alive_even_if_its_pid_is_reused() {
+        let me = std::process::id() as i32;
+        let start = crate::supervisor::process_start_time(me).expect("own start time");
+        let alive = OwnerRecord {
+            protocol: PROTOCOL,
+            pid: me,
+            start_time: start,
+            boot_id: boot_id(),
+            job_pid: None,
+        };
+        assert!(alive.is_alive());
+        let reused = OwnerRecord {
+            start_time: start + 1,
+            ..alive
+        };
+        assert!(!reused.is_alive());
+    }
+}

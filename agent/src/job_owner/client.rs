@@ -1,0 +1,251 @@
+//! The agent's side of the owner protocol: hand a job over, re-attach after a restart, ask
+//! for a stop, and learn when the owner is gone.
+
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use super::{JobDir, Reply, Request, PROTOCOL};
+use crate::lock::{JobLock, LockError};
+
+/// How often a connect is retried while a fresh owner is still starting.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the job owner did not open its socket {path} within {waited:?}")]
+    NoOwner {
+        path: std::path::PathBuf,
+        waited: Duration,
+    },
+    #[error("cannot hand the job's lock over")]
+    HandOver(#[source] LockError),
+    #[error("cannot talk to the job owner at {path}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the job owner at {path} refused: {error}")]
+    Refused {
+        path: std::path::PathBuf,
+        error: String,
+    },
+    #[error("the job owner at {path} answered something that is not a reply: {detail}")]
+    BadReply {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+}
+
+/// An open connection to a job's owner. It reaches EOF when the owner exits, which it does
+/// only after the job's exit is recorded (or it died).
+#[derive(Debug)]
+pub struct OwnerConn {
+    stream: tokio::net::UnixStream,
+    /// The job's leader, as the owner said.
+    pub job_pid: Option<u32>,
+}
+
+impl OwnerConn {
+    /// Waits until the owner has exited.
+    pub async fn closed(&mut self) {
+        let mut lines = tokio::io::BufReader::new(&mut self.stream).lines();
+        while let Ok(Some(_)) = lines.next_line().await {}
+    }
+}
+
+/// Hands the job to the owner just launched for `dir`: waits (at most `timeout`) for its
+/// socket, then sends the start request with the locked file and the secret environment.
+/// From the moment the request is sent the lock is the owner's.
+pub async fn start(
+    dir: &JobDir,
+    lock: JobLock,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+) -> Result<OwnerConn, ClientError> {
+    let dir = dir.clone();
+    let joined =
+        tokio::task::spawn_blocking(move || start_blocking(&dir, lock, env, timeout)).await;
+    let (stream, reply) = match joined {
+        Ok(result) => result?,
+        Err(e) => {
+            return Err(ClientError::Io {
+                path: Default::default(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        }
+    };
+    into_conn(stream, reply)
+}
+
+fn start_blocking(
+    dir: &JobDir,
+    lock: JobLock,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+) -> Result<(UnixStream, Reply), ClientError> {
+    let path = dir.socket();
+    let io = |source| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
+    let began = Instant::now();
+    let stream = loop {
+        match UnixStream::connect(&path) {
+            Ok(stream) => break stream,
+            Err(_) if began.elapsed() < timeout => std::thread::sleep(CONNECT_RETRY),
+            Err(_) => {
+                return Err(ClientError::NoOwner {
+                    path,
+                    waited: timeout,
+                })
+            }
+        }
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    let fd: OwnedFd = lock.hand_over().map_err(ClientError::HandOver)?;
+    let mut line = serde_json::to_vec(&Request::Start { v: PROTOCOL, env })
+        .map_err(|e| io(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    let fds = [fd.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        stream.as_raw_fd(),
+        &[IoSlice::new(&line)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| io(e.into()))?;
+    if sent < line.len() {
+        (&stream).write_all(&line[sent..]).map_err(io)?;
+    }
+    // Our copy goes; the owner's keeps the lock.
+    drop(fd);
+    let reply = read_reply(&stream, &path)?;
+    stream.set_read_timeout(None).map_err(io)?;
+    Ok((stream, reply))
+}
+
+fn read_reply(stream: &UnixStream, path: &std::path::Path) -> Result<Reply, ClientError> {
+    let mut text = String::new();
+    BufReader::new(stream)
+        .read_line(&mut text)
+        .map_err(|source| ClientError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let reply: Reply = serde_json::from_str(text.trim()).map_err(|e| ClientError::BadReply {
+        path: path.to_path_buf(),
+        detail: if text.is_empty() {
+            "the connection closed".into()
+        } else {
+            e.to_string()
+        },
+    })?;
+    if !reply.ok {
+        return Err(ClientError::Refused {
+            path: path.to_path_buf(),
+            error: reply.error.unwrap_or_default(),
+        });
+    }
+    Ok(reply)
+}
+
+fn into_conn(stream: UnixStream, reply: Reply) -> Result<OwnerConn, ClientError> {
+    let path = stream
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+        .unwrap_or_default();
+    let io = |source| ClientError::Io {
+        path: path.clone(),
+        source,
+    };
+    stream.set_nonblocking(true).map_err(io)?;
+    let stream = tokio::net::UnixStream::from_std(stream).map_err(io)?;
+    Ok(OwnerConn {
+        stream,
+        job_pid: reply.job_pid,
+    })
+}
+
+/// Re-attaches to the owner of `dir` (after an agent restart). `Ok(None)`: nobody listens,
+/// the owner is gone.
+pub async fn attach(dir: &JobDir) -> Result<Option<OwnerConn>, ClientError> {
+    let path = dir.socket();
+    let mut stream = match tokio::net::UnixStream::connect(&path).await {
+        Ok(stream) => stream,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(source) => return Err(ClientError::Io { path, source }),
+    };
+    let reply = exchange(&mut stream, &Request::Status { v: PROTOCOL }, &path).await?;
+    Ok(Some(OwnerConn {
+        stream,
+        job_pid: reply.job_pid,
+    }))
+}
+
+/// Sends one request on a connection of its own and returns the reply.
+pub async fn request(dir: &JobDir, request: &Request) -> Result<Reply, ClientError> {
+    let path = dir.socket();
+    let mut stream = tokio::net::UnixStream::connect(&path)
+        .await
+        .map_err(|source| ClientError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    exchange(&mut stream, request, &path).await
+}
+
+async fn exchange(
+    stream: &mut tokio::net::UnixStream,
+    request: &Request,
+    path: &std::path::Path,
+) -> Result<Reply, ClientError> {
+    let io = |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut line = serde_json::to_vec(request).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push(b'\n');
+    stream.write_all(&line).await.map_err(io)?;
+    // Byte by byte up to the newline, so nothing after the reply is taken from the stream
+    // (the caller keeps reading it to learn when the owner exits).
+    let mut text = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        use tokio::io::AsyncReadExt;
+        let n = stream.read(&mut byte).await.map_err(io)?;
+        if n == 0 || byte[0] == b'\n' {
+            break;
+        }
+        text.push(byte[0]);
+    }
+    let reply: Reply = serde_json::from_slice(&text).map_err(|e| ClientError::BadReply {
+        path: path.to_path_buf(),
+        detail: if text.is_empty() {
+            "the connection closed".into()
+        } else {
+            e.to_string()
+        },
+    })?;
+    if !reply.ok {
+        return Err(ClientError::Refused {
+            path: path.to_path_buf(),
+            error: reply.error.unwrap_or_default(),
+        });
+    }
+    Ok(reply)
+}

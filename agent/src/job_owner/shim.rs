@@ -1,0 +1,505 @@
+//! The job owner process (`rsql-job-owner --job-dir DIR`): runs one job and outlives the
+//! agent that asked for it.
+//!
+//! In order:
+//! 1. reads `job.json`, writes `owner.json` (pid and start time), listens on `owner.sock`;
+//! 2. waits (at most [`START_TIMEOUT`]) for the agent's start request, which carries the
+//!    locked lock file and the secret environment; without one it exits and runs nothing;
+//! 3. records `running` in the lock state under its own pid, starts the job through the
+//!    [`Supervisor`] (which makes this process a child subreaper) with the lock descriptor
+//!    inherited by the job, and answers the agent with the job's pid;
+//! 4. while the job runs: renews the lease, answers `stop`/`status` on its socket (from any
+//!    agent, so a restarted agent can adopt it), and treats SIGTERM (a systemd stop at host
+//!    shutdown) as a stop that reports `Rsql.Interrupted`;
+//! 5. when the job has ended (the supervisor has swept its processes): classifies it, writes
+//!    `exit.json` durably, records the outcome in the lock state, releases the lock, exits.
+//!
+//! It runs on a current-thread tokio runtime: the same supervisor code as every other job
+//! (one implementation of pipes, timeouts and sweeps) on one thread, with no AWS SDK in the
+//! binary. If this process is SIGKILLed, `PR_SET_PDEATHSIG` takes the job's leader, the rest
+//! of the job keeps the lock (the inherited descriptor) until the agent, seeing the owner
+//! gone, kills them; under systemd the unit's cgroup is killed too.
+
+use std::io::{BufRead, BufReader, IoSliceMut, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::{
+    boot_id, ExitRecord, JobDir, JobDirError, JobFile, OwnerRecord, Reply, Request, StopWhy,
+    PROTOCOL,
+};
+use crate::attempt::{classify_run, record_outcome, RunFacts};
+use crate::joblog::{JobLog, JobLogError};
+use crate::lock::{JobLock, LockError, LockState};
+use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
+use crate::supervisor::{self, Launch, StopReason, Supervisor, SupervisorError};
+
+/// How long the owner waits for the agent's start request before it gives up, runs nothing
+/// and exits.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest start request (the environment is small; this bounds a confused peer).
+const MAX_REQUEST: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("usage: rsql-job-owner --job-dir DIR")]
+    Usage,
+    #[error(transparent)]
+    JobDir(#[from] JobDirError),
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no start request arrived within {0:?}; nothing was run")]
+    NoStart(Duration),
+    #[error("the start request is not valid: {0}")]
+    BadStart(String),
+    #[error("cannot receive the start request")]
+    Receive(#[source] std::io::Error),
+    #[error("the job's lock")]
+    Lock(#[source] LockError),
+    #[error("cannot build the runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot start the supervisor")]
+    Supervisor(#[source] SupervisorError),
+    #[error("cannot open the job log")]
+    Log(#[source] JobLogError),
+}
+
+/// `main` of `rsql-job-owner`. Exit codes: 0 the job ran and its exit is recorded (whatever
+/// its outcome); 2 usage; 1 anything else (the log says what).
+pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
+    let args: Vec<String> = args.skip(1).collect();
+    if args.iter().any(|a| a == "--version") {
+        println!("rsql-job-owner {}", env!("CARGO_PKG_VERSION"));
+        return ExitCode::SUCCESS;
+    }
+    init_logging();
+    let dir = match args.as_slice() {
+        [flag, dir] if flag == "--job-dir" => JobDir::new(dir),
+        _ => {
+            eprintln!("{}", ShimError::Usage);
+            return ExitCode::from(2);
+        }
+    };
+    match run(&dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(job_dir = %dir.path().display(), error = %crate::error_chain(&e), "the job owner failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RSQL_AGENT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// Runs the job of `dir`; see the module doc.
+pub fn run(dir: &JobDir) -> Result<(), ShimError> {
+    let job = dir.read_job()?;
+    let me = std::process::id() as i32;
+    let mut owner = OwnerRecord {
+        protocol: PROTOCOL,
+        pid: me,
+        start_time: supervisor::process_start_time(me).unwrap_or(0),
+        boot_id: boot_id(),
+        job_pid: None,
+    };
+    dir.write_owner(&owner)?;
+    let socket = dir.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(|source| ShimError::Listen {
+        path: socket.clone(),
+        source,
+    })?;
+    let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+
+    let (first, env, lock_fd) = receive_start(&listener, START_TIMEOUT)?;
+    let mut held =
+        JobLock::adopt(lock_fd, &job.lock_dir, &job.lock_key, None).map_err(ShimError::Lock)?;
+    let mut state = LockState::new_running(
+        &job.lock_key,
+        &job.instance_id,
+        &job.token_hash,
+        job.attempt,
+    );
+    held.write_state(&state).map_err(ShimError::Lock)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(ShimError::Runtime)?;
+    let (outcome, exit) = runtime.block_on(supervise(
+        dir, &job, &mut owner, &mut held, first, listener, env,
+    ))?;
+
+    dir.write_exit(&exit)?;
+    record_outcome(&mut state, &outcome);
+    if let Err(e) = held.write_state(&state) {
+        // The exit record is durable; a later agent reports from it. Only a replay to a
+        // redelivery on another host would miss the outcome.
+        tracing::error!(error = %crate::error_chain(&e), "cannot record the outcome in the lock state");
+    }
+    if let Err(e) = held.release() {
+        tracing::warn!(error = %crate::error_chain(&e), "cannot release the job's lock cleanly");
+    }
+    let _ = std::fs::remove_file(&socket);
+    tracing::info!(
+        job_name = %job.job_name,
+        status = outcome.status(),
+        exit_code = ?exit.exit_code,
+        "job owner done"
+    );
+    Ok(())
+}
+
+/// Accepts the agent's connection and reads its start request with the lock descriptor.
+fn receive_start(
+    listener: &UnixListener,
+    timeout: Duration,
+) -> Result<(UnixStream, Vec<(String, String)>, OwnedFd), ShimError> {
+    let mut poll = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(listener),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let ready = loop {
+        match nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(ms)) {
+            Ok(n) => break n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(ShimError::Receive(e.into())),
+        }
+    };
+    if ready == 0 {
+        return Err(ShimError::NoStart(timeout));
+    }
+    let (stream, _) = listener.accept().map_err(ShimError::Receive)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(ShimError::Receive)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut fd: Option<OwnedFd> = None;
+    let received = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .map_err(|e| ShimError::Receive(e.into()))?;
+        for c in msg.cmsgs().map_err(|e| ShimError::Receive(e.into()))? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                for raw in fds {
+                    // SAFETY: the kernel just installed this descriptor in our table for us;
+                    // nothing else owns it.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    if fd.is_none() {
+                        fd = Some(owned);
+                    }
+                }
+            }
+        }
+        msg.bytes
+    };
+    let mut line = buf[..received].to_vec();
+    let mut reader = BufReader::new(&stream);
+    while !line.contains(&b'\n') {
+        let mut more = Vec::new();
+        let n = reader
+            .read_until(b'\n', &mut more)
+            .map_err(ShimError::Receive)?;
+        if n == 0 || line.len() + more.len() > MAX_REQUEST {
+            return Err(ShimError::BadStart("the request ended early".into()));
+        }
+        line.extend_from_slice(&more);
+    }
+    let request: Request = serde_json::from_slice(line.trim_ascii_end())
+        .map_err(|e| ShimError::BadStart(e.to_string()))?;
+    let Request::Start { env, .. } = request else {
+        return Err(ShimError::BadStart(
+            "the first request must be start".into(),
+        ));
+    };
+    let fd = fd.ok_or_else(|| ShimError::BadStart("no lock descriptor came with it".into()))?;
+    stream.set_read_timeout(None).map_err(ShimError::Receive)?;
+    Ok((stream, env, fd))
+}
+
+/// A control request that needs the job: passed from the connection tasks to the loop.
+enum Control {
+    Stop(StopReason),
+}
+
+async fn supervise(
+    dir: &JobDir,
+    job: &JobFile,
+    owner: &mut OwnerRecord,
+    held: &mut JobLock,
+    first: UnixStream,
+    listener: UnixListener,
+    env: Vec<(String, String)>,
+) -> Result<(Outcome, ExitRecord), ShimError> {
+    let supervisor = Supervisor::for_one_job().map_err(ShimError::Supervisor)?;
+    let log = JobLog::open(&job.log_file).map_err(ShimError::Log)?;
+    let plan = &job.launch;
+    let mut all_env = plan.env.clone();
+    all_env.extend(env);
+    let launch = Launch {
+        program: plan.program.clone(),
+        args: plan.args.clone(),
+        cwd: plan.cwd.clone(),
+        env: all_env,
+        timeout: Duration::from_millis(plan.timeout_ms),
+        kill_grace: Duration::from_millis(plan.kill_grace_ms),
+        pipe_drain: Duration::from_millis(plan.pipe_drain_ms),
+        log,
+        job_id: plan.job_id.clone(),
+        inherit_fd: Some(held.as_fd().as_raw_fd()),
+    };
+    // The supervisor reads these from this process's environment; the owner may have been
+    // started with systemd's, so the agent sent its own.
+    for (name, value) in &plan.inherited_env {
+        // SAFETY: set before any other thread of this process reads the environment: the
+        // runtime is current-thread and the supervisor's spawner has not forked yet.
+        unsafe { std::env::set_var(name, value) };
+    }
+    let started_at = SystemTime::now();
+    let handle = match supervisor.start(launch) {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "the job could not be started");
+            reply(
+                first,
+                &Reply {
+                    v: PROTOCOL,
+                    ok: true,
+                    job_pid: None,
+                    error: Some(e.to_string()),
+                },
+            );
+            let outcome = Outcome::Failed(Failure {
+                error: ErrorName::ScriptFailed,
+                cause: FailureCause {
+                    message: format!("the job could not be started: {}", crate::error_chain(&e)),
+                    ..FailureCause::default()
+                },
+            });
+            let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            return Ok((
+                outcome.clone(),
+                ExitRecord {
+                    protocol: PROTOCOL,
+                    outcome: serde_json::to_value(&outcome).unwrap_or_default(),
+                    exit_code: None,
+                    signal: None,
+                    started_at: now.clone(),
+                    ended_at: now,
+                    duration_ms: 0,
+                    stray_processes_killed: 0,
+                    pipes_forced_closed: false,
+                },
+            ));
+        }
+    };
+    owner.job_pid = Some(handle.pid());
+    if let Err(e) = dir.write_owner(owner) {
+        tracing::warn!(error = %crate::error_chain(&e), "cannot record the job's pid");
+    }
+    let (control_tx, mut control_rx) = mpsc::channel::<Control>(16);
+    let job_pid = handle.pid();
+    let first = tokio::net::UnixStream::from_std({
+        let _ = first.set_nonblocking(true);
+        first
+    });
+    if let Ok(first) = first {
+        let mut first = first;
+        let started = Reply {
+            v: PROTOCOL,
+            ok: true,
+            job_pid: Some(job_pid),
+            error: None,
+        };
+        let mut line = serde_json::to_vec(&started).unwrap_or_default();
+        line.push(b'\n');
+        let _ = first.write_all(&line).await;
+        tokio::spawn(serve_connection(first, control_tx.clone(), job_pid));
+    }
+    let _ = listener.set_nonblocking(true);
+    let listener = tokio::net::UnixListener::from_std(listener).ok();
+    let stopper = handle.stopper();
+    let wait = handle.wait();
+    tokio::pin!(wait);
+    let mut lease = tokio::time::interval(Duration::from_millis(job.lease_interval_ms.max(100)));
+    lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    lease.tick().await;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let run = loop {
+        tokio::select! {
+            run = &mut wait => break run,
+            accepted = accept(listener.as_ref()) => {
+                if let Ok((stream, _)) = accepted {
+                    tokio::spawn(serve_connection(stream, control_tx.clone(), job_pid));
+                }
+            }
+            Some(control) = control_rx.recv() => match control {
+                Control::Stop(reason) => stopper.stop(reason),
+            },
+            _ = lease.tick() => {
+                if let Err(e) = held.touch() {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot renew the lock's lease");
+                }
+            }
+            Some(()) = recv_signal(term.as_mut()) => {
+                tracing::warn!("SIGTERM: stopping the job (reported Rsql.Interrupted)");
+                stopper.stop(StopReason::Shutdown);
+            }
+            Some(()) = recv_signal(int.as_mut()) => stopper.stop(StopReason::Shutdown),
+        }
+    };
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "lost the job's supervision");
+            let outcome = Outcome::Failed(Failure {
+                error: ErrorName::Interrupted,
+                cause: FailureCause {
+                    message: format!("the job's owner lost its supervision: {e}"),
+                    ..FailureCause::default()
+                },
+            });
+            let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            return Ok((
+                outcome.clone(),
+                ExitRecord {
+                    protocol: PROTOCOL,
+                    outcome: serde_json::to_value(&outcome).unwrap_or_default(),
+                    exit_code: None,
+                    signal: None,
+                    started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+                    ended_at: now,
+                    duration_ms: 0,
+                    stray_processes_killed: 0,
+                    pipes_forced_closed: false,
+                },
+            ));
+        }
+    };
+    let outcome = classify_run(
+        &RunFacts {
+            job_name: &job.job_name,
+            workflow_execution_id: &job.workflow_execution_id,
+            instance_id: &job.instance_id,
+            timeout: Duration::from_millis(plan.timeout_ms),
+            log_group: job.log_group.clone(),
+            log_stream: job.log_stream.clone(),
+        },
+        &run,
+    );
+    let exit = ExitRecord {
+        protocol: PROTOCOL,
+        outcome: serde_json::to_value(&outcome).unwrap_or_default(),
+        exit_code: run.ending.exit_code(),
+        signal: run.ending.signal(),
+        started_at: humantime::format_rfc3339_millis(run.started_at).to_string(),
+        ended_at: humantime::format_rfc3339_millis(run.ended_at).to_string(),
+        duration_ms: run.duration.as_millis() as u64,
+        stray_processes_killed: run.stray_processes_killed,
+        pipes_forced_closed: run.pipes_forced_closed,
+    };
+    Ok((outcome, exit))
+}
+
+async fn accept(
+    listener: Option<&tokio::net::UnixListener>,
+) -> std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_signal(signal: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn reply(stream: UnixStream, reply: &Reply) {
+    let mut stream = stream;
+    let mut line = serde_json::to_vec(reply).unwrap_or_default();
+    line.push(b'\n');
+    let _ = stream.write_all(&line);
+}
+
+/// Answers one agent connection: `stop` and `status`, one line each, until it closes. The
+/// connection stays open for as long as the agent wants; it ends (EOF) when this process
+/// exits, which is how a watching agent learns that the job's exit is recorded.
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    control: mpsc::Sender<Control>,
+    job_pid: u32,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let answer = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Stop { reason, .. }) => {
+                let reason = match reason {
+                    StopWhy::Cancelled => StopReason::Cancelled,
+                    StopWhy::Interrupted => StopReason::Shutdown,
+                };
+                let _ = control.send(Control::Stop(reason)).await;
+                Reply {
+                    v: PROTOCOL,
+                    ok: true,
+                    job_pid: Some(job_pid),
+                    error: None,
+                }
+            }
+            Ok(Request::Status { .. }) => Reply {
+                v: PROTOCOL,
+                ok: true,
+                job_pid: Some(job_pid),
+                error: None,
+            },
+            Ok(Request::Start { .. }) => Reply {
+                v: PROTOCOL,
+                ok: false,
+                job_pid: Some(job_pid),
+                error: Some("the job has already started".into()),
+            },
+            Err(e) => Reply {
+                v: PROTOCOL,
+                ok: false,
+                job_pid: Some(job_pid),
+                error: Some(format!("not a request: {e}")),
+            },
+        };
+        let mut out = serde_json::to_vec(&answer).unwrap_or_default();
+        out.push(b'\n');
+        if write.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+}
