@@ -535,10 +535,13 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
     } else {
         "i-0agent-a"
     };
-    agents
+    // The victim's host dies: its agent and the job's owner process with it (a job
+    // outlives its agent alone).
+    let agent = agents
         .get_mut(victim.as_str())
-        .expect("the victim is one of ours")
-        .kill();
+        .expect("the victim is one of ours");
+    agent.kill();
+    agent.kill_owners();
 
     let out = world.wait(&arn, &agents.values().collect::<Vec<_>>()).await;
     assert_eq!(

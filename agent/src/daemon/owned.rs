@@ -458,8 +458,24 @@ pub(super) async fn watch_job(
             None
         }
     };
+    let rerun = shared.attempts.live().jobs.on_interrupted == crate::lock::OnInterrupted::Rerun
+        && matches!(source, Source::Sqs(_));
     let (outcome, exit) = match exit {
         Some(exit) => (outcome_of(&exit), Some(exit)),
+        None if rerun => {
+            // `on_interrupted = "rerun"`: the lock state still says `running` under this
+            // token, so the message, made visible again now, runs the job again once the
+            // leftovers are gone and the lock is free.
+            kill_leftovers(&dir).await;
+            if let (Source::Sqs(message), Some(sqs)) = (&source, &shared.sqs) {
+                tracing::warn!("the job's owner process died; running the job again (on_interrupted = \"rerun\")");
+                if let Err(e) = sqs.release(&message.receipt_handle, Duration::ZERO).await {
+                    tracing::warn!(error = %e, "cannot return the message; it comes back after its visibility timeout");
+                }
+            }
+            dir.remove();
+            return Delivered::Left;
+        }
         None => (dead_owner(&shared, &dir, &job).await, None),
     };
     if let Some(shipment) = shipment {
@@ -532,14 +548,7 @@ fn outcome_of(exit: &ExitRecord) -> Outcome {
 /// processes keep the lock until then), record the interruption under the lock, and return
 /// the outcome to report.
 async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
-    let owner = dir.read_owner().ok().flatten();
-    tracing::error!(
-        owner_pid = owner.as_ref().map(|o| o.pid),
-        "the job's owner process died before recording the job's exit; killing what is left of the job"
-    );
-    let killed = tokio::task::spawn_blocking(supervisor::kill_orphaned_jobs)
-        .await
-        .unwrap_or(0);
+    let (owner, killed) = kill_leftovers(dir).await;
     let outcome = failure(
         ErrorName::Interrupted,
         format!(
@@ -578,6 +587,20 @@ async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
         }
     }
     outcome
+}
+
+/// Kills what is left of a job whose owner died (its processes carry the owner's identity);
+/// returns the owner's record and how many processes were killed.
+async fn kill_leftovers(dir: &JobDir) -> (Option<crate::job_owner::OwnerRecord>, usize) {
+    let owner = dir.read_owner().ok().flatten();
+    tracing::error!(
+        owner_pid = owner.as_ref().map(|o| o.pid),
+        "the job's owner process died before recording the job's exit; killing what is left of the job"
+    );
+    let killed = tokio::task::spawn_blocking(supervisor::kill_orphaned_jobs)
+        .await
+        .unwrap_or(0);
+    (owner, killed)
 }
 
 fn final_record(

@@ -561,7 +561,10 @@ impl Shipper {
     pub fn resume(&self, log_file: &Path, log_stream: &str) -> Result<Shipment, ShipperError> {
         let path = self.state_path(log_file);
         match load_state(&path) {
-            Ok(state) if state.log_stream == log_stream => Ok(self.spawn(path, state, false)),
+            Ok(state) if state.log_stream == log_stream => {
+                tracing::info!(log_file = %state.log_file.display(), log_stream = %state.log_stream, offset = state.position.offset, "resuming log shipment of a running job");
+                Ok(self.spawn(path, state, false))
+            }
             _ => self.start(log_file, log_stream),
         }
     }
