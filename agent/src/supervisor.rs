@@ -408,6 +408,25 @@ pub fn kill_orphaned_jobs() -> usize {
     procs::kill_orphaned_jobs()
 }
 
+/// SIGKILLs every live process carrying the marker of job `job_id` ([`JOB_ID_ENV`]), for a
+/// job whose owner died. Returns how many it signalled.
+pub fn kill_job_processes(job_id: &str) -> usize {
+    let marker = format!("{JOB_ID_ENV}={job_id}").into_bytes();
+    let found = procs::census(&marker);
+    for (&pid, &start) in &found {
+        // Still the process the census saw (not a reused pid).
+        if procs::read_stat(pid).is_some_and(|s| s.start_time == start) {
+            tracing::warn!(
+                pid,
+                job_id,
+                "killing a process of a job whose owner is gone"
+            );
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    found.len()
+}
+
 /// The kernel's start time of `pid` (field 22 of `/proc/PID/stat`), which tells a live
 /// process from a later one that reused its pid; `None` when there is no such process or it
 /// is a zombie.

@@ -451,10 +451,9 @@ async fn an_agent_killed_while_shipping_is_cut_resumes_without_losing_or_repeati
     agent.kill();
     agent.kill_owners();
     wait_until("the job's owner is gone", WAIT, || {
-        agent
-            .owners()
-            .iter()
-            .all(|o| rsql_agent_tests::agent::start_time(o["pid"].as_i64().unwrap_or(0) as i32).is_none())
+        agent.owners().iter().all(|o| {
+            rsql_agent_tests::agent::start_time(o["pid"].as_i64().unwrap_or(0) as i32).is_none()
+        })
     });
     let printed = local_lines(&log);
     assert!(printed.len() < 600, "the job ended before the kill");

@@ -724,7 +724,10 @@ async fn a_second_sigterm_exits_at_once_and_loses_no_outcome() {
     });
     agent.signal(Signal::SIGTERM);
     agent.wait_for_log("shutting down: intake stopped", WAIT);
-    assert!(agent.is_running(), "the agent should still be trying to deliver");
+    assert!(
+        agent.is_running(),
+        "the agent should still be trying to deliver"
+    );
     let second = Instant::now();
     agent.signal(Signal::SIGTERM);
     let status = agent.wait_exit(Duration::from_secs(2));
@@ -770,7 +773,10 @@ async fn crash_mid_run(world: &World, on_interrupted: Option<&str>) -> (Agent, S
     let exec = world.start(&sm, "crashed_1", "once.sh", &[]).await;
     wait_until("the first run", WAIT, || first.exists());
     wait_until("the job's owner", WAIT, || {
-        agent.owners().first().is_some_and(|o| o["job_pid"].is_u64())
+        agent
+            .owners()
+            .first()
+            .is_some_and(|o| o["job_pid"].is_u64())
     });
     // The whole host goes: the agent and the job's owner process (a job outlives its agent
     // alone).

@@ -597,7 +597,16 @@ async fn kill_leftovers(dir: &JobDir) -> (Option<crate::job_owner::OwnerRecord>,
         owner_pid = owner.as_ref().map(|o| o.pid),
         "the job's owner process died before recording the job's exit; killing what is left of the job"
     );
-    let killed = tokio::task::spawn_blocking(supervisor::kill_orphaned_jobs)
+    // Its socket closes while the kernel is still tearing the process down; the sweep below
+    // spares processes whose owner looks alive, so wait until it no longer does.
+    if let Some(owner) = &owner {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while owner.is_alive() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let job_id = dir.job_id();
+    let killed = tokio::task::spawn_blocking(move || supervisor::kill_job_processes(&job_id))
         .await
         .unwrap_or(0);
     (owner, killed)

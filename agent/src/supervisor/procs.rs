@@ -142,7 +142,9 @@ pub(super) fn kill_orphaned_jobs() -> usize {
         else {
             continue;
         };
-        let owner_alive = read_stat(owner_pid).is_some_and(|s| s.start_time == owner_start);
+        // A zombie owner is dead: its parent may not have reaped it yet.
+        let owner_alive = read_stat(owner_pid)
+            .is_some_and(|s| s.start_time == owner_start && s.state != b'Z' && s.state != b'X');
         if owner_alive {
             continue;
         }
