@@ -1017,10 +1017,14 @@ async fn run_delivery(
         }
     };
 
-    owned::run(
-        shared, delivery, spec, token, token_hash, held, attempt, shutdown,
-    )
-    .await
+    let locked = owned::Locked {
+        spec,
+        token,
+        token_hash,
+        held,
+        attempt,
+    };
+    owned::run(shared, delivery, locked, shutdown).await
 }
 
 /// Looks at every job owner directory left by an earlier agent: running owners to watch,

@@ -93,18 +93,31 @@ fn owner_env() -> Vec<(String, String)> {
     env
 }
 
+/// A delivery whose lock is held and whose decision is to run, as attempt `attempt`.
+#[derive(Debug)]
+pub(super) struct Locked {
+    pub(super) spec: JobSpec,
+    pub(super) token: String,
+    pub(super) token_hash: String,
+    pub(super) held: JobLock,
+    pub(super) attempt: u32,
+}
+
 /// Runs a job under a new owner, with its lock `held` and the decision to run taken, and
 /// reports it. Failures before the job starts are reported as what they are.
 pub(super) async fn run(
     shared: Arc<Shared>,
     source: Source,
-    spec: JobSpec,
-    token: String,
-    token_hash: String,
-    held: JobLock,
-    attempt: u32,
+    locked: Locked,
     shutdown: watch::Receiver<JobStop>,
 ) -> Delivered {
+    let Locked {
+        spec,
+        token,
+        token_hash,
+        held,
+        attempt,
+    } = locked;
     let env = match shared.database.job_env().await {
         Ok(env) => env,
         Err(e) => {
@@ -350,9 +363,8 @@ pub(super) async fn inspect(dir: &JobDir) -> Found {
     }
     // An owner launched just before the agent died may still be opening its socket.
     for _ in 0..20 {
-        match client::attach(dir).await {
-            Ok(Some(conn)) => return Found::Running(dir.clone(), Box::new(job), conn),
-            Ok(None) | Err(_) => {}
+        if let Ok(Some(conn)) = client::attach(dir).await {
+            return Found::Running(dir.clone(), Box::new(job), conn);
         }
         let starting = dir
             .read_owner()

@@ -131,7 +131,11 @@ pub fn run(dir: &JobDir) -> Result<(), ShimError> {
     })?;
     let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
 
-    let (first, env, lock_fd) = receive_start(&listener, START_TIMEOUT)?;
+    let StartRequest {
+        stream: first,
+        env,
+        lock: lock_fd,
+    } = receive_start(&listener, START_TIMEOUT)?;
     let mut held =
         JobLock::adopt(lock_fd, &job.lock_dir, &job.lock_key, None).map_err(ShimError::Lock)?;
     let mut state = LockState::new_running(
@@ -171,10 +175,7 @@ pub fn run(dir: &JobDir) -> Result<(), ShimError> {
 }
 
 /// Accepts the agent's connection and reads its start request with the lock descriptor.
-fn receive_start(
-    listener: &UnixListener,
-    timeout: Duration,
-) -> Result<(UnixStream, Vec<(String, String)>, OwnedFd), ShimError> {
+fn receive_start(listener: &UnixListener, timeout: Duration) -> Result<StartRequest, ShimError> {
     let mut poll = [nix::poll::PollFd::new(
         std::os::fd::AsFd::as_fd(listener),
         nix::poll::PollFlags::POLLIN,
@@ -241,7 +242,18 @@ fn receive_start(
     };
     let fd = fd.ok_or_else(|| ShimError::BadStart("no lock descriptor came with it".into()))?;
     stream.set_read_timeout(None).map_err(ShimError::Receive)?;
-    Ok((stream, env, fd))
+    Ok(StartRequest {
+        stream,
+        env,
+        lock: fd,
+    })
+}
+
+/// The agent's start request: its connection, the secret environment, the locked file.
+struct StartRequest {
+    stream: UnixStream,
+    env: Vec<(String, String)>,
+    lock: OwnedFd,
 }
 
 /// A control request that needs the job: passed from the connection tasks to the loop.
