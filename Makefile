@@ -83,7 +83,7 @@ $(CARGO_GENERATE_RPM_STAMP):
 package: tools
 	$(CARGO) build --release -p rsql-agent -p rsql-wrapper --bins
 	mkdir -p $(TARGET_DIR)/release/stripped
-	for bin in rsql-agent rsql-wrapper; do \
+	for bin in rsql-agent rsql-wrapper rsql-job-owner; do \
 	  strip --strip-debug -o $(TARGET_DIR)/release/stripped/$$bin $(TARGET_DIR)/release/$$bin || exit 1; \
 	done
 	rm -f $(TARGET_DIR)/debian/rsql-agent_*.deb $(TARGET_DIR)/generate-rpm/rsql-agent-*.rpm

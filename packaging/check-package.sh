@@ -30,6 +30,9 @@ case "$target" in /*) ;; *) target="$here/$target" ;; esac
 CONFIG=/etc/rsql-agent/agent.toml
 UNIT=/usr/lib/systemd/system/rsql-agent.service
 SHIM=/usr/libexec/rsql-agent/rsql_trigger.sh
+OWNER=/usr/libexec/rsql-agent/rsql-job-owner
+SLICE=/usr/lib/systemd/system/rsql-jobs.slice
+POLKIT=/usr/share/polkit-1/rules.d/50-rsql-agent.rules
 SYSUSERS=/usr/lib/sysusers.d/rsql-agent.conf
 
 say() { echo "check-package: $*"; }
@@ -81,6 +84,9 @@ for line in \
   "-rw-r--r-- root:root  $UNIT" \
   "-rw-r----- root:rsql cn $CONFIG" \
   "-rwxr-xr-x root:root  $SHIM" \
+  "-rwxr-xr-x root:root  $OWNER" \
+  "-rw-r--r-- root:root  $SLICE" \
+  "-rw-r--r-- root:root  $POLKIT" \
   "-rw-r--r-- root:root  $SYSUSERS" \
   "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/README.md"; do
   has_line "rpm -qp --qf (mode owner flags path)" "$rpm_files" "$line"
@@ -120,6 +126,9 @@ for line in \
   "-rw-r--r-- 0/0 .$UNIT" \
   "-rw-r----- 0/0 .$CONFIG" \
   "-rwxr-xr-x 0/0 .$SHIM" \
+  "-rwxr-xr-x 0/0 .$OWNER" \
+  "-rw-r--r-- 0/0 .$SLICE" \
+  "-rw-r--r-- 0/0 .$POLKIT" \
   "-rw-r--r-- 0/0 .$SYSUSERS"; do
   has_line "dpkg-deb -c (mode uid/gid path)" "$deb_files" "$line"
 done
@@ -204,6 +213,8 @@ dpkg -i "$deb"
   fail "/usr/bin/rsql-agent --version says '$(/usr/bin/rsql-agent --version)'"
 [ "$(/usr/bin/rsql-wrapper --version)" = "rsql-wrapper $version" ] ||
   fail "/usr/bin/rsql-wrapper --version says '$(/usr/bin/rsql-wrapper --version)'"
+[ "$("$OWNER" --version)" = "rsql-job-owner $version" ] ||
+  fail "$OWNER --version says '$("$OWNER" --version)'"
 check_user "dpkg -i"
 for bin in rsql-agent rsql-wrapper; do
   cmp -s "/usr/bin/$bin" "$target/release/stripped/$bin" ||
@@ -245,9 +256,9 @@ RSQL_AGENT_SOCKET="$work/no-agent.sock" "$SHIM" token wf exec-1 /opt/rsql/rsql_s
 }
 
 if command -v systemd-analyze >/dev/null 2>&1; then
-  out="$(systemd-analyze verify --man=no "$UNIT" 2>&1)" || {
+  out="$(systemd-analyze verify --man=no "$UNIT" "$SLICE" 2>&1)" || {
     printf '%s\n' "$out" >&2
-    fail "systemd-analyze verify $UNIT failed"
+    fail "systemd-analyze verify $UNIT $SLICE failed"
   }
   [ -z "$out" ] || {
     printf '%s\n' "$out" >&2
@@ -274,7 +285,7 @@ check_config_as_rsql
 say "dpkg -r rsql-agent (the config must stay)"
 dpkg -r rsql-agent
 [ "$(status)" = "deinstall ok config-files" ] || fail "after dpkg -r, status is '$(status)'"
-for path in /usr/bin/rsql-agent /usr/bin/rsql-wrapper "$UNIT" "$SHIM" "$SYSUSERS"; do
+for path in /usr/bin/rsql-agent /usr/bin/rsql-wrapper "$UNIT" "$SHIM" "$OWNER" "$SLICE" "$POLKIT" "$SYSUSERS"; do
   [ ! -e "$path" ] || fail "$path is still there after dpkg -r"
 done
 [ -f "$CONFIG" ] || fail "dpkg -r removed the conffile $CONFIG"

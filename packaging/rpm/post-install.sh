@@ -4,8 +4,8 @@
 #
 # It does not enable or start rsql-agent.service: packaging/bootstrap.sh writes the real config
 # first, checks it, then runs `systemctl enable --now rsql-agent`. On an upgrade a running
-# agent keeps the old binary until `systemctl restart rsql-agent`, which lets running jobs
-# finish first (up to [agent] shutdown_grace); when to do that is left to the operator.
+# agent is restarted (try-restart): jobs run under their own owner units, so the restart
+# costs none of them and the new agent adopts them.
 set -e
 
 # Creates a directory only when it is missing: an operator's owner and mode stay.
@@ -23,9 +23,9 @@ make_dir /opt/rsql/rsql_scripts 0755 root root
 
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload || :
-  if [ "$1" -ge 2 ] && systemctl is-active --quiet rsql-agent.service; then
-    echo "rsql-agent: the running agent keeps its version until" \
-      "\`systemctl restart rsql-agent\` (running jobs finish first)"
+  if [ "$1" -ge 2 ]; then
+    # Running jobs keep running under their owners; the new agent adopts them.
+    systemctl try-restart rsql-agent.service || :
   fi
 fi
 exit 0
