@@ -121,6 +121,9 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    // Job owners are double-forked away from the agent; as their subreaper this process
+    // can reap them and count their CPU (figure 3).
+    nix::sys::prctl::set_child_subreaper(true).expect("become a child subreaper");
     let results = runtime.block_on(run(if smoke { SMOKE } else { FULL }, smoke));
     if let Some(dir) = out.parent() {
         std::fs::create_dir_all(dir).expect("create the results directory");
@@ -280,6 +283,11 @@ async fn run(sizes: Sizes, smoke: bool) -> Value {
     );
     let tokens = world.tokens(sizes.cpu_jobs).await;
     let deletes = proxy.count_ok("DeleteMessage");
+    // Each job's owner process is double-forked away from the agent and re-parented to this
+    // process (a child subreaper): reaping it adds its CPU, and its job's, to our
+    // RUSAGE_CHILDREN. Owners of earlier figures are reaped first.
+    reap_owners();
+    let owners0 = children_cpu_ms();
     let cpu0 = proc_cpu_ms(agent.pid());
     let t0 = Instant::now();
     world.send_jobs(&tokens, "bench_trivial.sh").await;
@@ -295,6 +303,17 @@ async fn run(sizes: Sizes, smoke: bool) -> Value {
         proxy.wait_ack("SendTaskSuccess", token, JOB_WAIT, &agent);
     }
     let per_job = (cpu1 - cpu0) / tokens.len() as f64;
+    // An owner exits before its job is reported, so every one has exited by now.
+    let mut reaped = 0;
+    let reap_deadline = Instant::now() + JOB_WAIT;
+    while reaped < tokens.len() && Instant::now() < reap_deadline {
+        reaped += reap_owners();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(reaped, tokens.len(), "not every job owner exited");
+    let owners_and_jobs = (children_cpu_ms() - owners0) / tokens.len() as f64;
+    let job_alone = job_alone_cpu_ms(&world.scripts.join("bench_trivial.sh"), 20);
+    let owner_per_job = (owners_and_jobs - job_alone).max(0.0);
     let base_cpu_p = Pcts::of(&base_cpu);
     figures.insert(
         "agent_cpu_per_job_ms".into(),
@@ -302,6 +321,10 @@ async fn run(sizes: Sizes, smoke: bool) -> Value {
             "jobs": tokens.len(),
             "agent_ms": per_job,
             "agent_total_ms": cpu1 - cpu0,
+            "owner_ms": owner_per_job,
+            "agent_plus_owner_ms": per_job + owner_per_job,
+            "owner_and_job_ms": owners_and_jobs,
+            "job_alone_ms": job_alone,
             "wall_s": wall,
             "jobs_per_s": tokens.len() as f64 / wall,
             "clock_tick_ms": 1000.0 / clk_tck(),
@@ -1399,6 +1422,63 @@ fn clk_tck() -> f64 {
     }
 }
 
+/// Reaps the job owner processes (`rsql-job-owner`) that exited as this process's children
+/// (it is their subreaper); returns how many. Only those: other children (the agent, moto)
+/// are waited for by their own handles.
+fn reap_owners() -> usize {
+    let me = std::process::id() as i32;
+    let mut reaped = 0;
+    for entry in std::fs::read_dir("/proc").expect("list /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let zombie_child =
+            fields.first() == Some(&"Z") && fields.get(1) == Some(&me.to_string().as_str());
+        if zombie_child && comm == "rsql-job-owner" {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+            reaped += 1;
+        }
+    }
+    reaped
+}
+
+/// utime + stime of this process's reaped children (RUSAGE_CHILDREN), in ms.
+fn children_cpu_ms() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given, which is zeroed plain data.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
+}
+
+/// The CPU of the job itself (the trivial script run directly, `runs` times), per run, in ms:
+/// what the owner's share of RUSAGE_CHILDREN includes besides the owner.
+fn job_alone_cpu_ms(script: &Path, runs: usize) -> f64 {
+    let before = children_cpu_ms();
+    for _ in 0..runs {
+        let status = std::process::Command::new(script)
+            .status()
+            .expect("run the trivial job");
+        assert!(status.success());
+    }
+    (children_cpu_ms() - before) / runs as f64
+}
+
 /// utime + stime of a process (all its threads, without its children), in ms.
 fn proc_cpu_ms(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
@@ -1432,7 +1512,7 @@ fn method_notes() -> Value {
         "acknowledged": "a timing proxy in the bench relays all AWS traffic of the agent and the baseline and stamps the moment the last byte of each response is written back to the client",
         "completion_to_callback": "script's last act (end stamp) -> SendTaskSuccess acknowledged, one job at a time, warm-up jobs excluded; baseline = legacy trigger stand-in + fresh python3/boto3 process (interpreter start included) making DescribeTable, UpdateItem, CreateLogStream, PutLogEvents, SendTaskSuccess",
         "dispatch": "just before the bench's SendMessage -> script's start stamp (agent long-polls with wait_time 20 s)",
-        "cpu_per_job": "agent utime+stime (/proc/PID/stat fields 14+15: all threads, reaped children excluded) across the trivial jobs up to the last DeleteMessage acknowledged, / jobs; resolution one clock tick",
+        "cpu_per_job": "agent utime+stime (/proc/PID/stat fields 14+15: all threads, reaped children excluded) across the trivial jobs up to the last DeleteMessage acknowledged, / jobs; resolution one clock tick. Job owners: the bench is their subreaper and reaps them; RUSAGE_CHILDREN over the same jobs, / jobs, less the trivial script's own CPU run directly (20 runs) = owner per job",
         "idle": "VmRSS after start-up (first ReceiveMessage) and after the CPU run; utime+stime over the idle window",
         "capture": "script's own start->end wall time writing 100-byte lines to stdout: under the agent (local log file only, no shipping) vs redirected to /dev/null (median); peak RSS = VmHWM of a fresh agent and max VmRSS sampled every 20 ms",
         "log_shipping": "event bytes in acknowledged PutLogEvents / (job start -> last PutLogEvents acknowledged); moto limit = the bench's own PutLogEvents loop, 1,000 x 1,022-byte events per batch, through the same proxy",
@@ -1451,8 +1531,8 @@ fn targets(r: &Value, smoke: bool) -> Value {
             true,
         ),
         (
-            "agent CPU per job at most 3 ms",
-            f["agent_cpu_per_job_ms"]["agent_ms"].as_f64(),
+            "agent + job owner CPU per job at most 3 ms",
+            f["agent_cpu_per_job_ms"]["agent_plus_owner_ms"].as_f64(),
             3.0,
             false,
         ),
@@ -1525,6 +1605,12 @@ fn print_table(r: &Value) {
         n(&c["agent_ms"]),
         format!("{} (python p50)", n(&c["baseline_python_cpu_ms"]["p50"])),
         format!("{}x", n(&c["ratio_p50"])),
+    ]);
+    rows.push([
+        "3. agent + job owner CPU per job (ms)".into(),
+        n(&c["agent_plus_owner_ms"]),
+        format!("owner {}", n(&c["owner_ms"])),
+        "".into(),
     ]);
     let i = &f["idle_footprint"];
     rows.push([
@@ -1641,6 +1727,11 @@ fn sanity(r: &Value) -> Vec<String> {
     }
     let c = &f["agent_cpu_per_job_ms"];
     check("agent_cpu_per_job", &c["agent_ms"], true);
+    check(
+        "agent_plus_owner_cpu_per_job",
+        &c["agent_plus_owner_ms"],
+        false,
+    );
     check("jobs_per_s", &c["jobs_per_s"], false);
     check(
         "baseline python cpu",
