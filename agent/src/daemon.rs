@@ -19,6 +19,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::Instrument;
 
 pub mod control;
+mod delivery;
 mod owned;
 
 use crate::attempt::{Acquired, AttemptContext, AttemptError};
@@ -29,7 +30,7 @@ use crate::intake::socket::{self, SocketError, Submission, SubmitReply};
 use crate::intake::sqs::{Delivery, SqsError, SqsIntake};
 use crate::job::{InvalidJob, JobRules, JobSpec};
 use crate::joblog::cloudwatch::{Shipper, ShipperError};
-use crate::lock::{self, Decision, JobLock, LockState, RunState};
+use crate::lock::{self, Decision, JobLock, LockState};
 use crate::notify::{Notifier, Status};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
 use crate::owner::{OwnerError, StateDirOwner};
@@ -937,94 +938,146 @@ async fn run_delivery(
     token_hash: String,
     shutdown: watch::Receiver<JobStop>,
 ) -> Delivered {
-    let Acquired { mut held, decision } = match shared.attempts.acquire(&spec, &token_hash) {
-        Ok(a) => a,
+    let origin = match delivery {
+        Source::Sqs(_) => delivery::Origin::Sqs,
+        Source::Local => delivery::Origin::Local,
+    };
+    let mut effects = LiveEffects {
+        shared: &shared,
+        delivery: &delivery,
+        spec: &spec,
+        token: &token,
+        token_hash: &token_hash,
+        held: None,
+        holder: None,
+    };
+    let first = match shared.attempts.acquire(&spec, &token_hash) {
+        Ok(Acquired { held, decision }) => {
+            let other_token = held.previous().is_some_and(|p| p.token_hash != token_hash);
+            match &decision {
+                Decision::Replay(state) => {
+                    tracing::info!(state = ?state.state, "the job already finished: replaying its recorded outcome")
+                }
+                Decision::Interrupted(_) => tracing::warn!(
+                    "the job's previous runner died while it ran: reporting Rsql.Interrupted"
+                ),
+                Decision::Run { .. } => {}
+            }
+            effects.held = Some(held);
+            delivery::Event::Locked {
+                decision,
+                other_token,
+            }
+        }
         Err(AttemptError::Busy { holder, state, .. }) => {
             // Another runner has it now; this copy comes back later to find it finished,
             // and then replays its outcome.
             tracing::info!(holder = %holder, receive_count = delivery.receive_count(), "job is running elsewhere; leaving this copy");
-            keep_alive_for_owner(&shared, &delivery, &token, &token_hash, state.as_deref()).await;
-            return Delivered::Elsewhere(holder.to_string());
+            effects.holder = state.map(|s| *s);
+            delivery::Event::Busy { holder }
         }
         Err(e) => {
-            if let Source::Local = delivery {
-                // Nobody would send a socket job again: report the failure now.
-                tracing::error!(error = %e, "cannot take the job's lock; failing the job");
-                let outcome = failure(
-                    ErrorName::ScriptFailed,
-                    format!("the agent could not take the job's lock: {e}"),
-                );
-                return finish(&shared, &delivery, None, Some(&token), outcome, None).await;
+            tracing::error!(error = %e, "cannot take the job's lock");
+            delivery::Event::LockFailed {
+                error: e.to_string(),
             }
-            tracing::error!(error = %e, "cannot take the job's lock; leaving the message for a retry");
+        }
+    };
+    let attempt = match delivery::drive(&mut effects, first, origin).await {
+        Ok(attempt) => attempt,
+        Err(delivery::Step::Acknowledged(outcome)) => {
+            if matches!(outcome, Some(Outcome::Cancelled { .. })) {
+                tracing::info!(
+                    receive_count = delivery.receive_count(),
+                    "the task is already closed: deleted this stale copy without running it"
+                );
+            }
+            return Delivered::Stored(outcome.unwrap_or(Outcome::Cancelled {
+                message: "nothing to report".into(),
+            }));
+        }
+        Err(delivery::Step::Elsewhere(holder)) => return Delivered::Elsewhere(holder),
+        Err(step) => {
+            if !matches!(step, delivery::Step::Left) {
+                tracing::error!(
+                    ?step,
+                    "a delivery stopped in the middle; leaving it for a retry"
+                );
+            }
             return Delivered::Left;
         }
     };
-    let attempt = match decision {
-        Decision::Run { attempt } => {
-            // Another token has run this job before: this copy may be a stale one whose task
-            // Step Functions has already closed (its attempt timed out and was retried under
-            // a new token). Such a copy must not run the job again.
-            let other_token = held.previous().is_some_and(|p| p.token_hash != token_hash);
-            if other_token && task_closed(&shared, &token).await {
-                tracing::info!(
-                    receive_count = delivery.receive_count(),
-                    "the task is already closed: deleting this stale copy without running it"
-                );
-                delete(&shared, &delivery).await;
-                if let Err(e) = held.release() {
-                    tracing::warn!(error = %e, "cannot release the job's lock cleanly");
-                }
-                return Delivered::Stored(Outcome::Cancelled {
-                    message: "the task was already closed: the job was not run again".into(),
-                });
-            }
-            attempt
-        }
-        Decision::Replay(state) => {
-            tracing::info!(state = ?state.state, "redelivered after the job finished: replaying its recorded outcome");
-            let outcome = recorded_outcome(&state);
-            return finish(&shared, &delivery, Some(held), Some(&token), outcome, None).await;
-        }
-        Decision::Interrupted(previous) => {
-            let outcome = failure(
-                ErrorName::Interrupted,
-                format!(
-                    "the job's owner process (host {}, pid {}, instance {}) stopped while the job ran; last heartbeat {}",
-                    previous.host, previous.pid, previous.instance_id, previous.heartbeat_at
-                ),
-            );
-            tracing::warn!(
-                "the job's previous runner died while it ran: reporting Rsql.Interrupted"
-            );
-            let mut state = previous.clone();
-            state.state = RunState::Interrupted;
-            state.outcome = serde_json::to_value(&outcome).ok();
-            state.updated_at = crate::workflow::now_ts();
-            if let Err(e) = held.write_state(&state) {
-                tracing::warn!(error = %e, "cannot record the interruption in the lock state");
-            }
-            let record = interrupted_record(&shared, &spec, &previous, &outcome);
-            return finish(
-                &shared,
-                &delivery,
-                Some(held),
-                Some(&token),
-                outcome,
-                Some(record),
-            )
-            .await;
-        }
+    let Some(held) = effects.held.take() else {
+        tracing::error!("a delivery was to run without its lock; leaving it for a retry");
+        return Delivered::Left;
     };
-
     let locked = owned::Locked {
-        spec,
-        token,
-        token_hash,
+        spec: spec.clone(),
+        token: token.clone(),
+        token_hash: token_hash.clone(),
         held,
         attempt,
     };
-    owned::run(shared, delivery, locked, shutdown).await
+    owned::run(shared.clone(), delivery, locked, shutdown).await
+}
+
+/// The side effects of one delivery's state machine ([`delivery::Effects`]), for real.
+struct LiveEffects<'a> {
+    shared: &'a Shared,
+    delivery: &'a Source,
+    spec: &'a JobSpec,
+    token: &'a str,
+    token_hash: &'a str,
+    held: Option<JobLock>,
+    /// The lock holder's record when the lock was busy.
+    holder: Option<LockState>,
+}
+
+impl delivery::Effects for LiveEffects<'_> {
+    async fn keep_alive_for_owner(&mut self) {
+        keep_alive_for_owner(
+            self.shared,
+            self.delivery,
+            self.token,
+            self.token_hash,
+            self.holder.as_ref(),
+        )
+        .await
+    }
+
+    async fn task_closed(&mut self) -> bool {
+        task_closed(self.shared, self.token).await
+    }
+
+    fn record_interrupted(&mut self, state: &LockState) {
+        if let Some(held) = self.held.as_mut() {
+            if let Err(e) = held.write_state(state) {
+                tracing::warn!(error = %e, "cannot record the interruption in the lock state");
+            }
+        }
+    }
+
+    async fn store(&mut self, outcome: &Outcome, interrupted: Option<&LockState>) -> bool {
+        let audit = interrupted
+            .map(|previous| interrupted_record(self.shared, self.spec, previous, outcome));
+        let token = match outcome {
+            Outcome::Cancelled { .. } => None,
+            _ => Some(self.token),
+        };
+        store(self.shared, token, outcome, audit, None)
+    }
+
+    async fn delete(&mut self) {
+        delete(self.shared, self.delivery).await
+    }
+
+    fn release(&mut self) {
+        if let Some(held) = self.held.take() {
+            if let Err(e) = held.release() {
+                tracing::warn!(error = %e, "cannot release the job's lock cleanly");
+            }
+        }
+    }
 }
 
 /// Looks at every job owner directory left by an earlier agent: running owners to watch,
@@ -1167,20 +1220,38 @@ async fn finish_stored(
     audit: Option<JobAuditRecord>,
     outbox_id: Option<String>,
 ) -> Delivered {
-    let callback = token.and_then(|_| Callback::from_outcome(&outcome));
-    let audit = audit.filter(|_| shared.audit_table.is_some());
-    if callback.is_some() || audit.is_some() {
-        let mut entry = OutboxEntry::new(token.map(str::to_string), callback, audit);
-        if let Some(id) = outbox_id {
-            entry.id = id;
-        }
-        if let Err(e) = shared.outbox.put(&entry) {
-            tracing::error!(error = %e, "cannot store the outcome durably; leaving the message to be redelivered and replayed");
-            return Delivered::Left;
-        }
+    if !store(shared, token, &outcome, audit, outbox_id) {
+        return Delivered::Left;
     }
     delete(shared, delivery).await;
     Delivered::Stored(outcome)
+}
+
+/// Puts the callback (when there is a token) and the audit record in the outbox, durably.
+/// `false`: it could not be stored, and the message must be left to come back.
+fn store(
+    shared: &Shared,
+    token: Option<&str>,
+    outcome: &Outcome,
+    audit: Option<JobAuditRecord>,
+    outbox_id: Option<String>,
+) -> bool {
+    let callback = token.and_then(|_| Callback::from_outcome(outcome));
+    let audit = audit.filter(|_| shared.audit_table.is_some());
+    if callback.is_none() && audit.is_none() {
+        return true;
+    }
+    let mut entry = OutboxEntry::new(token.map(str::to_string), callback, audit);
+    if let Some(id) = outbox_id {
+        entry.id = id;
+    }
+    match shared.outbox.put(&entry) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot store the outcome durably; leaving the message to be redelivered and replayed");
+            false
+        }
+    }
 }
 
 async fn delete(shared: &Shared, source: &Source) {
@@ -1205,27 +1276,6 @@ async fn delete_message(shared: &Shared, delivery: &Delivery) {
     }
     // Harmless: the copy comes back and replays the recorded outcome.
     tracing::warn!(message_id = %delivery.message_id, "giving up deleting the message; its redelivery will replay the outcome");
-}
-
-/// The outcome a finished job recorded in its lock state.
-fn recorded_outcome(state: &LockState) -> Outcome {
-    let unreadable = match &state.outcome {
-        Some(value) => match serde_json::from_value(value.clone()) {
-            Ok(outcome) => return outcome,
-            Err(e) => {
-                tracing::warn!(error = %e, recorded = %value, "the job's recorded outcome cannot be read; replaying it as Rsql.Interrupted");
-                format!("cannot be read ({e})")
-            }
-        },
-        None => "was not recorded".to_string(),
-    };
-    failure(
-        ErrorName::Interrupted,
-        format!(
-            "the job ended as {:?} but its outcome {unreadable}",
-            state.state
-        ),
-    )
 }
 
 fn interrupted_record(
@@ -1275,13 +1325,16 @@ mod tests {
             log_file: Some("/var/log/rsql-agent/jobs/x.log".into()),
         });
         let failed = failure(ErrorName::ScriptFailed, "exit 3".into());
-        for (outcome, run_state) in [(completed, RunState::Completed), (failed, RunState::Failed)] {
+        for (outcome, run_state) in [
+            (completed, lock::RunState::Completed),
+            (failed, lock::RunState::Failed),
+        ] {
             let mut state = LockState::new_running("k", "i-1", "h", 1);
             state.state = run_state;
             state.outcome = serde_json::to_value(&outcome).ok();
             let on_disk = serde_json::to_string(&state).unwrap();
             let read: LockState = serde_json::from_str(&on_disk).unwrap();
-            assert_eq!(recorded_outcome(&read), outcome, "{on_disk}");
+            assert_eq!(delivery::recorded_outcome(&read), outcome, "{on_disk}");
         }
     }
 

@@ -37,8 +37,11 @@ pub enum OnInterrupted {
 ///
 /// `token_hash` is [`super::token_hash`] of this delivery's task token. The rules:
 /// - no previous state: the first run, attempt 1;
-/// - a different token: a new Step Functions attempt (a Retry). It runs, whatever the earlier
-///   attempt left behind, so a dead attempt never poisons its retries;
+/// - a different token after a completed run: a new Step Functions attempt of a job that
+///   already did its work (its task timed out while the run went on under its owner, say).
+///   A completed run is final for its lock key: replay its success, never run it again;
+/// - a different token otherwise: a new Step Functions attempt (a Retry). It runs, whatever
+///   the earlier attempt left behind, so a dead attempt never poisons its retries;
 /// - the same token and a final state: a redelivery of a finished job; replay its outcome;
 /// - the same token and `running`: a redelivery after the owner died. `Interrupted`, or with
 ///   [`OnInterrupted::Rerun`] a new run.
@@ -57,6 +60,9 @@ pub fn decide(
         attempt: previous.attempt.saturating_add(1),
     };
     if previous.token_hash != token_hash {
+        if previous.state == super::RunState::Completed {
+            return Decision::Replay(previous.clone());
+        }
         return next;
     }
     if previous.is_final() {
@@ -129,8 +135,23 @@ mod tests {
     }
 
     #[test]
-    fn new_token_always_runs_the_next_attempt() {
-        for state in FINAL.into_iter().chain([RunState::Running]) {
+    fn new_token_after_a_completed_run_replays_its_success() {
+        let prev = previous("old", RunState::Completed, 2);
+        for on in [OnInterrupted::Fail, OnInterrupted::Rerun] {
+            assert_eq!(
+                decide(Some(&prev), &token_hash("new"), on),
+                Decision::Replay(prev.clone())
+            );
+        }
+    }
+
+    #[test]
+    fn new_token_runs_the_next_attempt_after_anything_but_a_completed_run() {
+        for state in FINAL
+            .into_iter()
+            .filter(|s| *s != RunState::Completed)
+            .chain([RunState::Running])
+        {
             let prev = previous("old", state, 4);
             for on in [OnInterrupted::Fail, OnInterrupted::Rerun] {
                 assert_eq!(

@@ -1,0 +1,464 @@
+//! One delivery as a state machine: what happens next is a pure function of where the
+//! delivery stands and what just happened ([`on`]); doing it (locks, Step Functions, SQS, the
+//! outbox, the job's owner) is behind the small [`Effects`] trait, so the rules are tested
+//! without any AWS at all.
+//!
+//! ```text
+//!  parsed ──lock──▶ locked ──────────────▶ handed over ──(owner watched; see `owned`)
+//!    │  busy: elsewhere │ other token ran before: check the task ─closed─▶ acknowledged (stale copy)
+//!    │                  │ replay / interrupted
+//!    ▼                  ▼
+//!  left          finished(outcome) ──store──▶ stored ──delete──▶ acknowledged
+//! ```
+//!
+//! Adopted jobs (`owned::watch_job`) come in at "handed over".
+
+use crate::lock::{Decision, LockState, RunState};
+use crate::outcome::{ErrorName, Outcome};
+
+use super::failure;
+
+/// Where a delivery stands.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Step {
+    /// The message is valid and has a token; nothing is held yet.
+    Parsed,
+    /// Lock held; the decision is to run, but another token ran the job before: ask whether
+    /// this copy's task is still open first.
+    CheckingTask { attempt: u32 },
+    /// Lock held and the decision is to run this attempt: hand it to an owner process.
+    HandingOver { attempt: u32 },
+    /// The outcome is known (replayed, interrupted, or an agent-side failure) and must be
+    /// made durable before anything is acknowledged.
+    Finished(Outcome),
+    /// Done: the outcome is durable and the message deleted.
+    Acknowledged(Option<Outcome>),
+    /// Done: another runner holds the lock; it reports.
+    Elsewhere(String),
+    /// Done: nothing stored; the message comes back.
+    Left,
+}
+
+/// What just happened.
+#[derive(Debug, Clone, PartialEq)]
+// One event at a time, matched at once: boxing the decision would only clutter the callers.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Event {
+    /// The lock was taken; `other_token`: the state found was written under another token.
+    Locked {
+        decision: Decision,
+        other_token: bool,
+    },
+    /// A live holder has the lock.
+    Busy { holder: String },
+    /// The lock could not be taken at all (an I/O error on the lock directory).
+    LockFailed { error: String },
+    /// The answer to [`Effect::CheckTask`].
+    TaskClosed(bool),
+    /// The outcome was stored durably (or there was nothing to store).
+    Stored,
+    /// The outcome could not be stored.
+    StoreFailed,
+}
+
+/// What to do now.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Effect {
+    /// Heartbeat the task on the lock holder's behalf if its lease is fresh.
+    KeepAliveForOwner,
+    /// Ask Step Functions whether the task is closed.
+    CheckTask,
+    /// Hand the job to a new owner process (it takes the lock), as `attempt`.
+    HandOver { attempt: u32 },
+    /// Record this interruption in the lock state (under the lock).
+    RecordInterrupted(Box<LockState>, Outcome),
+    /// Store the outcome in the outbox (with the interruption's audit record when
+    /// `interrupted` names the dead run).
+    Store(Outcome, Option<Box<LockState>>),
+    /// Delete the SQS message.
+    Delete,
+    /// Release the lock.
+    Release,
+}
+
+/// Whether the delivery came from SQS (a message that comes back if left) or from a local
+/// submitter (which will not send it again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    Sqs,
+    Local,
+}
+
+/// The transition: where the delivery goes and what to do, from where it is and what
+/// happened. Pure: no clock, no I/O.
+pub(crate) fn on(step: &Step, event: Event, origin: Origin) -> (Step, Vec<Effect>) {
+    use Effect as E;
+    match (step, event) {
+        (Step::Parsed, Event::Busy { holder }) => {
+            (Step::Elsewhere(holder), vec![E::KeepAliveForOwner])
+        }
+        (Step::Parsed, Event::LockFailed { error }) => match origin {
+            // Nobody would send a socket job again: report the failure now.
+            Origin::Local => {
+                let outcome = failure(
+                    ErrorName::ScriptFailed,
+                    format!("the agent could not take the job's lock: {error}"),
+                );
+                (
+                    Step::Finished(outcome.clone()),
+                    vec![E::Store(outcome, None)],
+                )
+            }
+            Origin::Sqs => (Step::Left, vec![]),
+        },
+        (
+            Step::Parsed,
+            Event::Locked {
+                decision,
+                other_token,
+            },
+        ) => match decision {
+            Decision::Run { attempt } if other_token => {
+                (Step::CheckingTask { attempt }, vec![E::CheckTask])
+            }
+            Decision::Run { attempt } => {
+                (Step::HandingOver { attempt }, vec![E::HandOver { attempt }])
+            }
+            Decision::Replay(state) => {
+                let outcome = recorded_outcome(&state);
+                (
+                    Step::Finished(outcome.clone()),
+                    vec![E::Store(outcome, None)],
+                )
+            }
+            Decision::Interrupted(previous) => {
+                let outcome = interrupted(&previous);
+                (
+                    Step::Finished(outcome.clone()),
+                    vec![
+                        E::RecordInterrupted(Box::new(previous.clone()), outcome.clone()),
+                        E::Store(outcome, Some(Box::new(previous))),
+                    ],
+                )
+            }
+        },
+        // A stale copy of a task Step Functions already closed (its attempt timed out and
+        // was retried under a new token): never run the job again for it.
+        (Step::CheckingTask { .. }, Event::TaskClosed(true)) => (
+            Step::Acknowledged(Some(Outcome::Cancelled {
+                message: "the task was already closed: the job was not run again".into(),
+            })),
+            vec![E::Delete, E::Release],
+        ),
+        (Step::CheckingTask { attempt }, Event::TaskClosed(false)) => (
+            Step::HandingOver { attempt: *attempt },
+            vec![E::HandOver { attempt: *attempt }],
+        ),
+        (Step::Finished(outcome), Event::Stored) => (
+            Step::Acknowledged(Some(outcome.clone())),
+            vec![E::Delete, E::Release],
+        ),
+        (Step::Finished(_), Event::StoreFailed) => (Step::Left, vec![E::Release]),
+        // Anything else is a driver bug; stay put and do nothing.
+        (step, _) => (step.clone(), vec![]),
+    }
+}
+
+/// The outcome a finished job recorded in its lock state.
+pub(crate) fn recorded_outcome(state: &LockState) -> Outcome {
+    let unreadable = match &state.outcome {
+        Some(value) => match serde_json::from_value(value.clone()) {
+            Ok(outcome) => return outcome,
+            Err(e) => {
+                tracing::warn!(error = %e, recorded = %value, "the job's recorded outcome cannot be read; replaying it as Rsql.Interrupted");
+                format!("cannot be read ({e})")
+            }
+        },
+        None => "was not recorded".to_string(),
+    };
+    failure(
+        ErrorName::Interrupted,
+        format!(
+            "the job ended as {:?} but its outcome {unreadable}",
+            state.state
+        ),
+    )
+}
+
+/// The `Rsql.Interrupted` outcome of a run whose owner died (found `running`, lock free).
+pub(crate) fn interrupted(previous: &LockState) -> Outcome {
+    failure(
+        ErrorName::Interrupted,
+        format!(
+            "the job's owner process (host {}, pid {}, instance {}) stopped while the job ran; last heartbeat {}",
+            previous.host, previous.pid, previous.instance_id, previous.heartbeat_at
+        ),
+    )
+}
+
+/// The interruption as it goes into the lock state.
+pub(crate) fn interrupted_state(previous: &LockState, outcome: &Outcome) -> LockState {
+    let mut state = previous.clone();
+    state.state = RunState::Interrupted;
+    state.outcome = serde_json::to_value(outcome).ok();
+    state.updated_at = crate::workflow::now_ts();
+    state
+}
+
+/// The side effects a delivery needs, so the machine runs against fakes in tests.
+pub(crate) trait Effects {
+    fn keep_alive_for_owner(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    fn task_closed(&mut self) -> impl std::future::Future<Output = bool> + Send;
+    fn record_interrupted(&mut self, state: &LockState);
+    fn store(
+        &mut self,
+        outcome: &Outcome,
+        interrupted: Option<&LockState>,
+    ) -> impl std::future::Future<Output = bool> + Send;
+    fn delete(&mut self) -> impl std::future::Future<Output = ()> + Send;
+    fn release(&mut self);
+}
+
+/// Runs the machine from `first` (the lock's answer) until it is done or must hand the job
+/// over. `Ok(attempt)`: hand over as that attempt (the caller owns that part);
+/// `Err(step)`: the delivery ended at `step`.
+pub(crate) async fn drive(
+    effects: &mut impl Effects,
+    first: Event,
+    origin: Origin,
+) -> Result<u32, Step> {
+    let mut step = Step::Parsed;
+    let mut event = Some(first);
+    while let Some(happened) = event.take() {
+        let (next, todo) = on(&step, happened, origin);
+        step = next;
+        for effect in todo {
+            match effect {
+                Effect::KeepAliveForOwner => effects.keep_alive_for_owner().await,
+                Effect::CheckTask => event = Some(Event::TaskClosed(effects.task_closed().await)),
+                Effect::HandOver { attempt } => return Ok(attempt),
+                Effect::RecordInterrupted(previous, outcome) => {
+                    effects.record_interrupted(&interrupted_state(&previous, &outcome));
+                }
+                Effect::Store(outcome, interrupted) => {
+                    event = Some(if effects.store(&outcome, interrupted.as_deref()).await {
+                        Event::Stored
+                    } else {
+                        Event::StoreFailed
+                    });
+                }
+                Effect::Delete => effects.delete().await,
+                Effect::Release => effects.release(),
+            }
+        }
+    }
+    Err(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lock::token_hash;
+
+    fn state(token: &str, run: RunState, outcome: Option<Outcome>) -> LockState {
+        let mut s = LockState::new_running("e/j", "i-1", &token_hash(token), 1);
+        s.state = run;
+        s.outcome = outcome.and_then(|o| serde_json::to_value(o).ok());
+        s
+    }
+
+    /// Records what the machine asked for; answers as told.
+    #[derive(Default)]
+    struct Fake {
+        closed: bool,
+        store_ok: bool,
+        done: Vec<&'static str>,
+        stored: Vec<Outcome>,
+        recorded: Vec<RunState>,
+    }
+
+    impl Effects for Fake {
+        async fn keep_alive_for_owner(&mut self) {
+            self.done.push("keep_alive");
+        }
+        async fn task_closed(&mut self) -> bool {
+            self.done.push("check_task");
+            self.closed
+        }
+        fn record_interrupted(&mut self, state: &LockState) {
+            self.done.push("record_interrupted");
+            self.recorded.push(state.state);
+        }
+        async fn store(&mut self, outcome: &Outcome, _: Option<&LockState>) -> bool {
+            self.done.push("store");
+            self.stored.push(outcome.clone());
+            self.store_ok
+        }
+        async fn delete(&mut self) {
+            self.done.push("delete");
+        }
+        fn release(&mut self) {
+            self.done.push("release");
+        }
+    }
+
+    fn locked(decision: Decision, other_token: bool) -> Event {
+        Event::Locked {
+            decision,
+            other_token,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_first_run_is_handed_over_with_nothing_else_done() {
+        let mut fake = Fake::default();
+        let got = drive(
+            &mut fake,
+            locked(Decision::Run { attempt: 1 }, false),
+            Origin::Sqs,
+        )
+        .await;
+        assert_eq!(got, Ok(1));
+        assert!(fake.done.is_empty(), "{:?}", fake.done);
+    }
+
+    #[tokio::test]
+    async fn a_stale_copy_of_a_closed_task_is_deleted_and_never_run() {
+        let mut fake = Fake {
+            closed: true,
+            ..Fake::default()
+        };
+        let got = drive(
+            &mut fake,
+            locked(Decision::Run { attempt: 3 }, true),
+            Origin::Sqs,
+        )
+        .await;
+        assert!(matches!(
+            got,
+            Err(Step::Acknowledged(Some(Outcome::Cancelled { .. })))
+        ));
+        assert_eq!(fake.done, ["check_task", "delete", "release"]);
+    }
+
+    #[tokio::test]
+    async fn a_retry_whose_task_is_open_runs_as_the_next_attempt() {
+        let mut fake = Fake::default();
+        let got = drive(
+            &mut fake,
+            locked(Decision::Run { attempt: 2 }, true),
+            Origin::Sqs,
+        )
+        .await;
+        assert_eq!(got, Ok(2));
+        assert_eq!(fake.done, ["check_task"]);
+    }
+
+    #[tokio::test]
+    async fn a_finished_job_replays_its_recorded_outcome_then_acknowledges() {
+        let done = crate::daemon::failure(ErrorName::ScriptFailed, "exit 3".into());
+        let previous = state("t", RunState::Failed, Some(done.clone()));
+        let mut fake = Fake {
+            store_ok: true,
+            ..Fake::default()
+        };
+        let got = drive(
+            &mut fake,
+            locked(Decision::Replay(previous), false),
+            Origin::Sqs,
+        )
+        .await;
+        assert_eq!(got, Err(Step::Acknowledged(Some(done.clone()))));
+        assert_eq!(fake.stored, [done]);
+        assert_eq!(fake.done, ["store", "delete", "release"]);
+    }
+
+    #[tokio::test]
+    async fn a_dead_run_is_recorded_interrupted_before_it_is_reported() {
+        let previous = state("t", RunState::Running, None);
+        let mut fake = Fake {
+            store_ok: true,
+            ..Fake::default()
+        };
+        let got = drive(
+            &mut fake,
+            locked(Decision::Interrupted(previous), false),
+            Origin::Sqs,
+        )
+        .await;
+        let Err(Step::Acknowledged(Some(Outcome::Failed(f)))) = got else {
+            panic!("{got:?}");
+        };
+        assert_eq!(f.error, ErrorName::Interrupted);
+        assert!(
+            f.cause.message.contains("owner process"),
+            "{}",
+            f.cause.message
+        );
+        assert_eq!(fake.recorded, [RunState::Interrupted]);
+        assert_eq!(
+            fake.done,
+            ["record_interrupted", "store", "delete", "release"]
+        );
+    }
+
+    #[tokio::test]
+    async fn nothing_is_acknowledged_when_the_outcome_cannot_be_stored() {
+        let previous = state("t", RunState::Completed, None);
+        let mut fake = Fake::default();
+        let got = drive(
+            &mut fake,
+            locked(Decision::Replay(previous), false),
+            Origin::Sqs,
+        )
+        .await;
+        assert_eq!(got, Err(Step::Left));
+        assert_eq!(fake.done, ["store", "release"]);
+    }
+
+    #[tokio::test]
+    async fn a_busy_lock_leaves_the_copy_and_keeps_the_owners_task_alive() {
+        let mut fake = Fake::default();
+        let got = drive(
+            &mut fake,
+            Event::Busy {
+                holder: "host h pid 1".into(),
+            },
+            Origin::Sqs,
+        )
+        .await;
+        assert_eq!(got, Err(Step::Elsewhere("host h pid 1".into())));
+        assert_eq!(fake.done, ["keep_alive"]);
+    }
+
+    #[tokio::test]
+    async fn a_lock_error_leaves_an_sqs_message_but_fails_a_local_job_at_once() {
+        let error = Event::LockFailed {
+            error: "EIO".into(),
+        };
+        let mut fake = Fake {
+            store_ok: true,
+            ..Fake::default()
+        };
+        assert_eq!(
+            drive(&mut fake, error.clone(), Origin::Sqs).await,
+            Err(Step::Left)
+        );
+        assert!(fake.done.is_empty());
+        let got = drive(&mut fake, error, Origin::Local).await;
+        assert!(matches!(
+            got,
+            Err(Step::Acknowledged(Some(Outcome::Failed(_))))
+        ));
+        assert_eq!(fake.done, ["store", "delete", "release"]);
+    }
+
+    #[test]
+    fn events_that_do_not_fit_the_step_change_nothing() {
+        let step = Step::HandingOver { attempt: 1 };
+        assert_eq!(
+            on(&step, Event::Stored, Origin::Sqs),
+            (step.clone(), vec![])
+        );
+    }
+}
