@@ -265,20 +265,7 @@ impl Daemon {
         let shared = self.shared.clone();
         // First, before READY and before housekeeping: what the last agent left running.
         let found = adopt_scan(&shared).await;
-        // Unfinished shipments pin their files before housekeeping can clean up old logs.
-        if let Some(shipper) = &shared.shipper {
-            let running: std::collections::HashSet<std::path::PathBuf> = found
-                .iter()
-                .filter_map(|f| match f {
-                    owned::Found::Running(_, job, _) => Some(job.log_file.clone()),
-                    _ => None,
-                })
-                .collect();
-            let resumed = shipper.resume_all(&running);
-            if resumed > 0 {
-                tracing::info!(resumed, "resuming log shipments left by an earlier run");
-            }
-        }
+        resume_shipments(&shared, &found);
         let pending = shared.outbox.len()?;
         if pending > 0 {
             tracing::info!(
@@ -286,82 +273,12 @@ impl Daemon {
                 "delivering outcomes left in the outbox by an earlier run"
             );
         }
-        let (outbox_stop_tx, mut outbox_stop_rx) = watch::channel(false);
-        let worker = tokio::spawn(shared.outbox.clone().run_worker(
-            shared.sfn.clone(),
-            shared.audit_table.clone(),
-            self.policy,
-            async move {
-                let _ = outbox_stop_rx.wait_for(|stop| *stop).await;
-            },
-        ));
-
-        let housekeeping = {
-            let attempts = shared.attempts.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
-                loop {
-                    every.tick().await;
-                    let attempts = attempts.clone();
-                    let _ = tokio::task::spawn_blocking(move || attempts.housekeeping()).await;
-                }
-            })
-        };
-
-        let (jobs_stop_tx, jobs_stop_rx) = watch::channel(JobStop::Run);
-        let mut slots = Slots::new(shared.config.agent.max_concurrent_jobs);
-        // The socket intake: connections are validated by their own tasks; a valid job comes
-        // here to take a slot and join `jobs`, so it drains and stops like an SQS job.
-        let (submit_tx, mut submit_rx) = tokio::sync::mpsc::channel::<Submission>(16);
-        let socket_task = match &shared.config.socket {
-            Some(settings) => {
-                let intake = socket::SocketIntake::bind(settings)?;
-                tracing::info!(path = %settings.path.display(), "listening for jobs on the local socket");
-                Some(tokio::spawn(
-                    intake.serve(socket_validator(&shared), submit_tx),
-                ))
-            }
-            None => {
-                drop(submit_tx);
-                None
-            }
-        };
+        let background = Background::start(&shared, self.policy);
+        let (socket_task, mut submit_rx) = open_socket(&shared)?;
         let has_socket = socket_task.is_some();
-        let mut jobs = JoinSet::new();
-        for found in found {
-            let (dir, job, conn) = match found {
-                owned::Found::Running(dir, job, conn) => (dir, job, Some(conn)),
-                owned::Found::Gone(dir, job) => (dir, job, None),
-                owned::Found::Unusable => continue,
-            };
-            // Adopted jobs take slots like any other; after a config change that shrank
-            // them, they run over the limit rather than be left unwatched.
-            let permit = slots.try_acquire();
-            let shared = shared.clone();
-            let stop = jobs_stop_rx.clone();
-            let span = owned::span_for(&job);
-            let running = conn.is_some();
-            tracing::info!(
-                parent: &span,
-                job_id = %job.launch.job_id,
-                running,
-                "adopting a job left by an earlier agent"
-            );
-            jobs.spawn(
-                async move {
-                    let _permit = permit;
-                    let source = owned::source_of(&job);
-                    owned::watch_job(shared, source, dir, *job, conn, stop, true).await;
-                }
-                .instrument(span),
-            );
-        }
+        let mut lp = Loop::new(shared.clone());
+        lp.adopt(found);
         let has_sqs = shared.sqs.is_some();
-        let mut receive_failures = 0u32;
-        // The receive in flight, and the slot taken for its first message.
-        let mut receiving: Option<JoinHandle<Result<Vec<Delivery>, SqsError>>> = None;
-        let mut first: Option<OwnedSemaphorePermit> = None;
-        let mut retry_at: Option<tokio::time::Instant> = None;
         let mut keepalive = tokio::time::interval(self.notifier.keepalive_period());
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.tick().await;
@@ -376,16 +293,15 @@ impl Daemon {
                 None
             }
         };
-        let mut draining = false;
         tracing::info!(
             queue_url = shared.sqs.as_ref().map_or("-", |s| s.queue_url()),
             socket = has_socket,
             max_concurrent_jobs = shared.config.agent.max_concurrent_jobs,
             "receiving jobs"
         );
-        self.notifier.ready(&status(&shared, &jobs, &slots));
+        self.notifier.ready(&lp.status());
         loop {
-            while jobs.try_join_next().is_some() {}
+            while lp.jobs.try_join_next().is_some() {}
             tokio::select! {
                 control = controls.recv(), if controls_open => match control {
                     Some(Control::Stop) => break,
@@ -395,111 +311,322 @@ impl Daemon {
                     }
                     Some(Control::Reload) => {
                         self.notifier.reloading();
-                        reload(&shared, &mut slots).await;
-                        self.notifier.ready(&status(&shared, &jobs, &slots));
+                        reload(&shared, &mut lp.slots).await;
+                        self.notifier.ready(&lp.status());
                     }
                     None => controls_open = false,
                 },
                 // From the main loop itself, so a wedged loop stops feeding the watchdog.
-                _ = keepalive.tick() => self.notifier.alive(&status(&shared, &jobs, &slots)),
-                Some(_) = jobs.join_next(), if !jobs.is_empty() => {}
-                Some(asked) = ctl_rx.recv() => {
-                    if asked.request == control::ControlRequest::Drain && !draining {
-                        draining = true;
-                        tracing::warn!(running = jobs.len(), "draining: intake stopped; running jobs are watched and reported until the agent is stopped");
-                        first = None;
-                        if let Some(task) = receiving.take() {
-                            if let Some(sqs) = shared.sqs.clone() {
-                                tokio::spawn(return_unstarted(sqs, task));
-                            }
-                        }
-                        self.notifier.status("draining");
-                    }
-                    let _ = asked.reply.send(control::ControlReply {
-                        ok: true,
-                        draining,
-                        running: jobs.len(),
-                        outbox: shared.outbox.len().unwrap_or(0),
-                    });
-                }
-                _ = sleep_until_some(retry_at), if retry_at.is_some() => retry_at = None,
+                _ = keepalive.tick() => self.notifier.alive(&lp.status()),
+                Some(_) = lp.jobs.join_next(), if !lp.jobs.is_empty() => {}
+                Some(asked) = ctl_rx.recv() => lp.on_control(asked, &self.notifier),
+                _ = sleep_until_some(lp.retry_at), if lp.retry_at.is_some() => lp.retry_at = None,
                 // Wait for a free slot first: never take a message there is no room to run.
-                Some(submission) = submit_rx.recv(), if has_socket => {
-                    let free = if draining { None } else { slots.try_acquire() };
-                    let reply = match free {
-                        Some(permit) => {
-                            let reply = SubmitReply::Accepted {
-                                job_name: submission.spec.job_name.clone(),
-                                token_hash: submission
-                                    .spec
-                                    .task_token
-                                    .as_deref()
-                                    .map(lock::token_hash)
-                                    .unwrap_or_default(),
-                            };
-                            let shared = shared.clone();
-                            let stop = jobs_stop_rx.clone();
-                            jobs.spawn(async move {
-                                handle_submission(shared, submission.spec, stop, permit).await;
-                            });
-                            reply
-                        }
-                        None if draining => SubmitReply::ShuttingDown,
-                        None => SubmitReply::Busy,
-                    };
-                    let _ = submission.reply.send(reply);
-                }
-                permit = slots.acquire(), if has_sqs && !draining && receiving.is_none() && retry_at.is_none() => {
+                Some(submission) = submit_rx.recv(), if has_socket => lp.on_submission(submission),
+                permit = lp.slots.acquire(), if has_sqs && !lp.draining && lp.receiving.is_none() && lp.retry_at.is_none() => {
                     let Some(permit) = permit else { break };
-                    let Some(sqs) = shared.sqs.clone() else { continue };
-                    let free = 1 + slots.available();
-                    first = Some(permit);
-                    receiving = Some(tokio::spawn(async move { sqs.receive(free).await }));
+                    lp.start_receive(permit);
                 }
-                received = join_some(&mut receiving), if receiving.is_some() => {
-                    receiving = None;
-                    let deliveries = match received {
-                        Ok(Ok(d)) => {
-                            receive_failures = 0;
-                            d
-                        }
-                        failed => {
-                            let error = match failed {
-                                Ok(Err(e)) => e.to_string(),
-                                Err(e) => format!("the receive task failed: {e}"),
-                                Ok(Ok(_)) => String::new(),
-                            };
-                            let delay = self.policy.delay(receive_failures);
-                            receive_failures = receive_failures.saturating_add(1);
-                            tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot receive jobs");
-                            first = None;
-                            retry_at = Some(tokio::time::Instant::now() + delay);
-                            continue;
-                        }
-                    };
-                    for delivery in deliveries {
-                        let permit = match first.take().or_else(|| slots.try_acquire()) {
-                            Some(p) => p,
-                            // Only after a reload shrank the slots mid-receive: the message
-                            // is left to become visible again.
-                            None => continue,
-                        };
-                        let shared = shared.clone();
-                        let stop = jobs_stop_rx.clone();
-                        jobs.spawn(async move {
-                            handle(shared, delivery, stop, permit).await;
-                        });
-                    }
-                    first = None;
+                received = join_some(&mut lp.receiving), if lp.receiving.is_some() => {
+                    lp.receiving = None;
+                    lp.on_received(received, &self.policy);
                 }
             }
         }
+        lp.hand_off(HandOff {
+            socket_task,
+            submit_rx,
+            control_task,
+            background,
+            notifier: &self.notifier,
+            controls: &mut controls,
+            controls_open,
+            now: stop == JobStop::Kill,
+        })
+        .await;
+        self.notifier.status("stopped");
+        Ok(())
+    }
+}
 
+/// The outbox worker and housekeeping, for the daemon's life.
+struct Background {
+    worker: JoinHandle<crate::report::outbox::WorkerExit>,
+    outbox_stop_tx: watch::Sender<bool>,
+    housekeeping: JoinHandle<()>,
+}
+
+impl Background {
+    fn start(shared: &Arc<Shared>, policy: RetryPolicy) -> Background {
+        let (outbox_stop_tx, mut outbox_stop_rx) = watch::channel(false);
+        let worker = tokio::spawn(shared.outbox.clone().run_worker(
+            shared.sfn.clone(),
+            shared.audit_table.clone(),
+            policy,
+            async move {
+                let _ = outbox_stop_rx.wait_for(|stop| *stop).await;
+            },
+        ));
+        let attempts = shared.attempts.clone();
+        let housekeeping = tokio::spawn(async move {
+            let mut every = tokio::time::interval(HOUSEKEEPING_INTERVAL);
+            loop {
+                every.tick().await;
+                let attempts = attempts.clone();
+                let _ = tokio::task::spawn_blocking(move || attempts.housekeeping()).await;
+            }
+        });
+        Background {
+            worker,
+            outbox_stop_tx,
+            housekeeping,
+        }
+    }
+}
+
+/// Resumes the CloudWatch shipments an earlier run left, except those of jobs still running
+/// (their watchers take those up), before housekeeping can clean up old logs.
+fn resume_shipments(shared: &Shared, found: &[owned::Found]) {
+    let Some(shipper) = &shared.shipper else {
+        return;
+    };
+    let running: std::collections::HashSet<std::path::PathBuf> = found
+        .iter()
+        .filter_map(|f| match f {
+            owned::Found::Running(_, job, _) => Some(job.log_file.clone()),
+            _ => None,
+        })
+        .collect();
+    let resumed = shipper.resume_all(&running);
+    if resumed > 0 {
+        tracing::info!(resumed, "resuming log shipments left by an earlier run");
+    }
+}
+
+/// The socket intake: connections are validated by their own tasks; a valid job comes to the
+/// loop to take a slot and join its jobs, so it is watched and handed off like an SQS job.
+#[allow(clippy::type_complexity)]
+fn open_socket(
+    shared: &Arc<Shared>,
+) -> Result<
+    (
+        Option<JoinHandle<()>>,
+        tokio::sync::mpsc::Receiver<Submission>,
+    ),
+    DaemonError,
+> {
+    let (submit_tx, submit_rx) = tokio::sync::mpsc::channel::<Submission>(16);
+    let task = match &shared.config.socket {
+        Some(settings) => {
+            let intake = socket::SocketIntake::bind(settings)?;
+            tracing::info!(path = %settings.path.display(), "listening for jobs on the local socket");
+            Some(tokio::spawn(
+                intake.serve(socket_validator(shared), submit_tx),
+            ))
+        }
+        None => None,
+    };
+    Ok((task, submit_rx))
+}
+
+/// The receive loop's state: slots, the jobs being watched, the receive in flight.
+struct Loop {
+    shared: Arc<Shared>,
+    slots: Slots,
+    jobs: JoinSet<()>,
+    jobs_stop_tx: watch::Sender<JobStop>,
+    jobs_stop_rx: watch::Receiver<JobStop>,
+    /// The receive in flight, and the slot taken for its first message.
+    receiving: Option<JoinHandle<Result<Vec<Delivery>, SqsError>>>,
+    first: Option<OwnedSemaphorePermit>,
+    retry_at: Option<tokio::time::Instant>,
+    receive_failures: u32,
+    draining: bool,
+}
+
+/// What the hand-off at shutdown takes over from the loop.
+struct HandOff<'a> {
+    socket_task: Option<JoinHandle<()>>,
+    submit_rx: tokio::sync::mpsc::Receiver<Submission>,
+    control_task: Option<JoinHandle<()>>,
+    background: Background,
+    notifier: &'a Notifier,
+    controls: &'a mut Controls,
+    controls_open: bool,
+    /// A second stop came already: exit at once.
+    now: bool,
+}
+
+impl Loop {
+    fn new(shared: Arc<Shared>) -> Loop {
+        let (jobs_stop_tx, jobs_stop_rx) = watch::channel(JobStop::Run);
+        Loop {
+            slots: Slots::new(shared.config.agent.max_concurrent_jobs),
+            shared,
+            jobs: JoinSet::new(),
+            jobs_stop_tx,
+            jobs_stop_rx,
+            receiving: None,
+            first: None,
+            retry_at: None,
+            receive_failures: 0,
+            draining: false,
+        }
+    }
+
+    fn status(&self) -> Status {
+        status(&self.shared, &self.jobs, &self.slots)
+    }
+
+    /// Watches the jobs an earlier agent left (see `adopt_scan`).
+    fn adopt(&mut self, found: Vec<owned::Found>) {
+        for found in found {
+            let (dir, job, conn) = match found {
+                owned::Found::Running(dir, job, conn) => (dir, job, Some(conn)),
+                owned::Found::Gone(dir, job) => (dir, job, None),
+                owned::Found::Unusable => continue,
+            };
+            // Adopted jobs take slots like any other; after a config change that shrank
+            // them, they run over the limit rather than be left unwatched.
+            let permit = self.slots.try_acquire();
+            let shared = self.shared.clone();
+            let stop = self.jobs_stop_rx.clone();
+            let span = owned::span_for(&job);
+            tracing::info!(
+                parent: &span,
+                job_id = %job.launch.job_id,
+                running = conn.is_some(),
+                "adopting a job left by an earlier agent"
+            );
+            self.jobs.spawn(
+                async move {
+                    let _permit = permit;
+                    let source = owned::source_of(&job);
+                    owned::watch_job(shared, source, dir, *job, conn, stop, true).await;
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    /// `rsql-agent drain` and its status queries.
+    fn on_control(&mut self, asked: control::Asked, notifier: &Notifier) {
+        if asked.request == control::ControlRequest::Drain && !self.draining {
+            self.draining = true;
+            tracing::warn!(running = self.jobs.len(), "draining: intake stopped; running jobs are watched and reported until the agent is stopped");
+            self.first = None;
+            if let Some(task) = self.receiving.take() {
+                if let Some(sqs) = self.shared.sqs.clone() {
+                    tokio::spawn(return_unstarted(sqs, task));
+                }
+            }
+            notifier.status("draining");
+        }
+        let _ = asked.reply.send(control::ControlReply {
+            ok: true,
+            draining: self.draining,
+            running: self.jobs.len(),
+            outbox: self.shared.outbox.len().unwrap_or(0),
+        });
+    }
+
+    fn on_submission(&mut self, submission: Submission) {
+        let free = if self.draining {
+            None
+        } else {
+            self.slots.try_acquire()
+        };
+        let reply = match free {
+            Some(permit) => {
+                let reply = SubmitReply::Accepted {
+                    job_name: submission.spec.job_name.clone(),
+                    token_hash: submission
+                        .spec
+                        .task_token
+                        .as_deref()
+                        .map(lock::token_hash)
+                        .unwrap_or_default(),
+                };
+                let shared = self.shared.clone();
+                let stop = self.jobs_stop_rx.clone();
+                self.jobs.spawn(async move {
+                    handle_submission(shared, submission.spec, stop, permit).await;
+                });
+                reply
+            }
+            None if self.draining => SubmitReply::ShuttingDown,
+            None => SubmitReply::Busy,
+        };
+        let _ = submission.reply.send(reply);
+    }
+
+    fn start_receive(&mut self, permit: OwnedSemaphorePermit) {
+        let Some(sqs) = self.shared.sqs.clone() else {
+            return;
+        };
+        let free = 1 + self.slots.available();
+        self.first = Some(permit);
+        self.receiving = Some(tokio::spawn(async move { sqs.receive(free).await }));
+    }
+
+    fn on_received(
+        &mut self,
+        received: Result<Result<Vec<Delivery>, SqsError>, tokio::task::JoinError>,
+        policy: &RetryPolicy,
+    ) {
+        let deliveries = match received {
+            Ok(Ok(d)) => {
+                self.receive_failures = 0;
+                d
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => format!("the receive task failed: {e}"),
+                    Ok(Ok(_)) => String::new(),
+                };
+                let delay = policy.delay(self.receive_failures);
+                self.receive_failures = self.receive_failures.saturating_add(1);
+                tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "cannot receive jobs");
+                self.first = None;
+                self.retry_at = Some(tokio::time::Instant::now() + delay);
+                return;
+            }
+        };
+        for delivery in deliveries {
+            let permit = match self.first.take().or_else(|| self.slots.try_acquire()) {
+                Some(p) => p,
+                // Only after a reload shrank the slots mid-receive: the message is left to
+                // become visible again.
+                None => continue,
+            };
+            let shared = self.shared.clone();
+            let stop = self.jobs_stop_rx.clone();
+            self.jobs.spawn(async move {
+                handle(shared, delivery, stop, permit).await;
+            });
+        }
+        self.first = None;
+    }
+
+    /// Shutdown: a hand-off (see [`Daemon::run`]).
+    async fn hand_off(mut self, h: HandOff<'_>) {
+        let HandOff {
+            socket_task,
+            mut submit_rx,
+            control_task,
+            background,
+            notifier,
+            controls,
+            mut controls_open,
+            mut now,
+        } = h;
+        let shared = self.shared.clone();
         // Shutdown: a hand-off. Intake stops here: nothing new is received from now on. A
         // receive still in flight may yet hand us messages; they go straight back to the
         // queue, for another agent.
         let began = tokio::time::Instant::now();
-        drop(first);
+        self.first = None;
         if let Some(task) = socket_task {
             task.abort();
             let _ = task.await;
@@ -511,24 +638,23 @@ impl Daemon {
         if let Some(settings) = &shared.config.socket {
             let _ = std::fs::remove_file(&settings.path);
         }
-        let returning = receiving.take().and_then(|task| {
+        let returning = self.receiving.take().and_then(|task| {
             let sqs = shared.sqs.clone()?;
             Some(tokio::spawn(return_unstarted(sqs, task)))
         });
         tracing::info!(
-            running = jobs.len(),
+            running = self.jobs.len(),
             "shutting down: intake stopped; running jobs keep running under their owners and the next agent adopts them"
         );
-        self.notifier.stopping(&status(&shared, &jobs, &slots));
-        let _ = jobs_stop_tx.send(JobStop::HandOff);
+        notifier.stopping(&self.status());
+        let _ = self.jobs_stop_tx.send(JobStop::HandOff);
         let deadline = began + HAND_OFF_BOUND;
-        let mut now = stop == JobStop::Kill;
         // The watchers return at once; a job in the middle of its hand-over finishes that
         // first (a few milliseconds), so none is left half started.
         let watchers_done = deadline - Duration::from_secs(2);
-        while !jobs.is_empty() && !now {
+        while !self.jobs.is_empty() && !now {
             tokio::select! {
-                _ = jobs.join_next() => {}
+                _ = self.jobs.join_next() => {}
                 _ = tokio::time::sleep_until(watchers_done) => break,
                 control = controls.recv(), if controls_open => match control {
                     Some(Control::Stop | Control::StopNow) => now = true,
@@ -539,7 +665,7 @@ impl Daemon {
                 },
             }
         }
-        jobs.abort_all();
+        self.jobs.abort_all();
         // The final outcomes are in the outbox; give delivery a bounded last chance.
         while !now
             && shared.outbox.len().unwrap_or(0) > 0
@@ -558,14 +684,14 @@ impl Daemon {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), task).await;
         }
-        housekeeping.abort();
+        background.housekeeping.abort();
         if let Some(task) = control_task {
             task.abort();
         }
         let _ = std::fs::remove_file(shared.config.agent.state_dir.join(control::SOCKET));
-        let _ = outbox_stop_tx.send(true);
+        let _ = background.outbox_stop_tx.send(true);
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if let Ok(Ok(exit)) = tokio::time::timeout(left, worker).await {
+        if let Ok(Ok(exit)) = tokio::time::timeout(left, background.worker).await {
             if exit.pending > 0 {
                 tracing::warn!(
                     pending = exit.pending,
@@ -573,8 +699,6 @@ impl Daemon {
                 );
             }
         }
-        self.notifier.status("stopped");
-        Ok(())
     }
 }
 

@@ -400,7 +400,7 @@ pub(super) async fn watch_job(
     dir: JobDir,
     job: JobFile,
     conn: Option<OwnerConn>,
-    mut shutdown: watch::Receiver<JobStop>,
+    shutdown: watch::Receiver<JobStop>,
     adopted: bool,
 ) -> Delivered {
     let shipment = match (&shared.shipper, &job.log_stream) {
@@ -422,44 +422,9 @@ pub(super) async fn watch_job(
     };
     // The owner writes the log in another process; keep housekeeping away from it here.
     let _pin = joblog::pin(&job.log_file).ok();
-    if let Some(mut conn) = conn {
-        let tick = super::tick_for(
-            job.heartbeat_ms.map(Duration::from_millis),
-            shared.attempts.live().jobs.heartbeat_interval,
-            match (&source, &shared.sqs) {
-                (Source::Sqs(_), Some(sqs)) => sqs.visibility_timeout(),
-                _ => Duration::MAX,
-            },
-        );
-        let (closed_tx, mut closed_rx) = mpsc::channel::<()>(1);
-        let heartbeats = super::heartbeat_loop(&shared, &job.task_token, &source, tick, closed_tx);
-        tokio::pin!(heartbeats);
-        let mut stops_sent = 0u32;
-        loop {
-            let wanted = match *shutdown.borrow_and_update() {
-                JobStop::Run => 0,
-                JobStop::HandOff => {
-                    tracing::info!("handing the job off: it keeps running under its owner; the next agent adopts it");
-                    return Delivered::HandedOff;
-                }
-                JobStop::Stop => 1,
-                JobStop::Kill => 2,
-            };
-            while stops_sent < wanted {
-                ask_stop(&dir, StopWhy::Interrupted).await;
-                stops_sent += 1;
-            }
-            tokio::select! {
-                _ = conn.closed() => break,
-                _ = &mut heartbeats => {}
-                Some(()) = closed_rx.recv() => ask_stop(&dir, StopWhy::Cancelled).await,
-                changed = shutdown.changed() => {
-                    if changed.is_err() {
-                        // Nobody can stop this watch any more; keep watching.
-                        std::future::pending::<()>().await;
-                    }
-                }
-            }
+    if let Some(conn) = conn {
+        if let Some(handed_off) = watch_owner(&shared, &source, &dir, &job, conn, shutdown).await {
+            return handed_off;
         }
     }
     let exit = match dir.read_exit() {
@@ -528,6 +493,55 @@ pub(super) async fn watch_job(
         dir.remove();
     }
     delivered
+}
+
+/// Watches a running owner: heartbeats and message visibility every tick, a stop asked of
+/// the owner when the task closes or the agent says so, until the owner exits (`None`) or
+/// the agent hands the job off (`Some(HandedOff)`).
+async fn watch_owner(
+    shared: &Arc<Shared>,
+    source: &Source,
+    dir: &JobDir,
+    job: &JobFile,
+    mut conn: OwnerConn,
+    mut shutdown: watch::Receiver<JobStop>,
+) -> Option<Delivered> {
+    let tick = super::tick_for(
+        job.heartbeat_ms.map(Duration::from_millis),
+        shared.attempts.live().jobs.heartbeat_interval,
+        match (source, &shared.sqs) {
+            (Source::Sqs(_), Some(sqs)) => sqs.visibility_timeout(),
+            _ => Duration::MAX,
+        },
+    );
+    let (closed_tx, mut closed_rx) = mpsc::channel::<()>(1);
+    let heartbeats = super::heartbeat_loop(shared, &job.task_token, source, tick, closed_tx);
+    tokio::pin!(heartbeats);
+    let mut stops_sent = 0u32;
+    let mut shutdown_open = true;
+    loop {
+        let wanted = match *shutdown.borrow_and_update() {
+            JobStop::Run => 0,
+            JobStop::HandOff => {
+                tracing::info!("handing the job off: it keeps running under its owner; the next agent adopts it");
+                return Some(Delivered::HandedOff);
+            }
+            JobStop::Stop => 1,
+            JobStop::Kill => 2,
+        };
+        while stops_sent < wanted {
+            ask_stop(dir, StopWhy::Interrupted).await;
+            stops_sent += 1;
+        }
+        tokio::select! {
+            _ = conn.closed() => break,
+            _ = &mut heartbeats => {}
+            Some(()) = closed_rx.recv() => ask_stop(dir, StopWhy::Cancelled).await,
+            // Nobody can stop this watch any more once the sender is gone; keep watching.
+            changed = shutdown.changed(), if shutdown_open => shutdown_open = changed.is_ok(),
+        }
+    }
+    None
 }
 
 async fn ask_stop(dir: &JobDir, reason: StopWhy) {
