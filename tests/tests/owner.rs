@@ -412,3 +412,31 @@ async fn drain_wait_returns_once_the_running_job_completed_and_takes_no_new_job(
     assert_eq!(*out.status(), ExecutionStatus::Running);
     assert!(agent.owners().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_cannot_start_says_why_instead_of_blaming_a_dead_runner() {
+    let world = World::new().await;
+    let (runs_file, _) = ticking_job(&world, "never.sh", 1);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("state dir");
+    // The job log directory cannot be created: a file sits where it should be.
+    std::fs::write(state.join("jobs"), "not a directory").expect("block the log dir");
+    let mut config = world.config();
+    config.state_dir = Some(state);
+    let agent = Agent::start(config, &world.moto.endpoint());
+    let sm = world.state_machine(30, true).await;
+    let exec = world.start(&sm, "nostart_1", "never.sh").await;
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let (error, cause) = moto::caught_error(&out);
+    assert_eq!(error, "Rsql.Interrupted", "{cause}\n{}", agent.log());
+    let message = cause["message"].as_str().unwrap_or_default();
+    assert!(message.contains("the job was not started"), "{message}");
+    assert!(
+        message.contains("jobs"),
+        "the message names the path: {message}"
+    );
+    assert!(!message.contains("stopped while"), "{message}");
+    assert_eq!(runs(&runs_file), 0);
+    assert!(agent.owners().is_empty());
+}
