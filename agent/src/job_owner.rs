@@ -373,21 +373,60 @@ mod tests {
         );
     }
 
+    fn sample_job(protocol: u32) -> JobFile {
+        JobFile {
+            protocol,
+            job_name: "load.sh".into(),
+            workflow_id: "wf".into(),
+            workflow_execution_id: "ex-1".into(),
+            lock_key: "ex-1/load.sh".into(),
+            lock_dir: "/locks".into(),
+            task_token: "secret-token".into(),
+            token_hash: "abcd".into(),
+            attempt: 1,
+            instance_id: "i-1".into(),
+            heartbeat_ms: Some(60_000),
+            lease_interval_ms: 20_000,
+            ssm_command_id: None,
+            sqs: None,
+            log_file: "/logs/x.log".into(),
+            log_group: None,
+            log_stream: None,
+            outbox_id: "0000000000001-0000000000000001".into(),
+            started_at: "2026-11-30T00:00:00.000Z".into(),
+            launch: LaunchPlan {
+                program: "/bin/true".into(),
+                args: vec![],
+                cwd: "/".into(),
+                env: vec![],
+                inherited_env: vec![],
+                timeout_ms: 1000,
+                kill_grace_ms: 1000,
+                pipe_drain_ms: 1000,
+                job_id: "abc-1".into(),
+            },
+        }
+    }
+
     #[test]
-    fn a_job_file_from_a_newer_agent_is_refused_by_name() {
+    fn a_job_file_reads_back_and_one_from_a_newer_agent_is_refused_by_version() {
         let dir = tempfile::tempdir().expect("tempdir");
         let job_dir = JobDir::new(dir.path());
-        std::fs::write(
-            dir.path().join(JOB_FILE),
-            format!("{{\"protocol\": {}}}", PROTOCOL + 1),
-        )
-        .expect("write");
-        // A newer version may add fields; the protocol number is what is checked first.
+        job_dir.write_job(&sample_job(PROTOCOL)).expect("write");
+        assert_eq!(job_dir.read_job().expect("read"), sample_job(PROTOCOL));
+        job_dir.write_job(&sample_job(PROTOCOL + 1)).expect("write newer");
         let err = job_dir.read_job().expect_err("refused");
-        assert!(matches!(
-            err,
-            JobDirError::Parse { .. } | JobDirError::Protocol { .. }
-        ));
+        assert!(
+            matches!(err, JobDirError::Protocol { found, .. } if found == PROTOCOL + 1),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let shown = format!("{:?}", sample_job(PROTOCOL));
+        assert!(!shown.contains("secret-token"), "{shown}");
+        assert!(shown.contains("abcd"), "{shown}");
     }
 
     #[test]

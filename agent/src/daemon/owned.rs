@@ -262,7 +262,7 @@ fn prepare(
     let (program, mut args) =
         supervisor::command_for_script(&spec.script, &config.jobs.interpreter);
     args.extend(spec.args.iter().cloned());
-    let outbox_id = OutboxEntry::new(None, None, None).id;
+    let outbox_id = crate::report::outbox::new_entry_id();
     Ok(JobFile {
         protocol: PROTOCOL,
         job_name: spec.job_name.clone(),

@@ -157,6 +157,22 @@ impl fmt::Debug for OutboxEntry {
     }
 }
 
+/// A fresh entry id: creation time in milliseconds (so entries sort by age), then 64 random
+/// bits.
+fn entry_id(millis: u128) -> String {
+    format!("{millis:013}-{:016x}", random_u64())
+}
+
+/// A fresh entry id, for an entry whose id must be fixed before the entry exists (a job's
+/// owner directory records it, so that storing the outcome twice replaces it).
+pub fn new_entry_id() -> String {
+    let millis = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    entry_id(millis)
+}
+
 impl OutboxEntry {
     /// A new entry with a fresh id. A callback without a token (a job that did not come
     /// from Step Functions) has nowhere to go and is dropped here, so [`Self::is_done`]
@@ -172,7 +188,7 @@ impl OutboxEntry {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         OutboxEntry {
-            id: format!("{millis:013}-{:016x}", random_u64()),
+            id: entry_id(millis),
             created_at: humantime::format_rfc3339_millis(now).to_string(),
             token_hash: task_token.as_deref().map(crate::lock::token_hash),
             callback: if task_token.is_some() { callback } else { None },
