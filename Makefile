@@ -10,7 +10,24 @@ CARGO_DEB_VERSION := 3.8.0
 CARGO_GENERATE_RPM_VERSION := 0.21.1
 CARGO_DEB_STAMP := $(TOOLS)/.cargo-deb-$(CARGO_DEB_VERSION)
 CARGO_GENERATE_RPM_STAMP := $(TOOLS)/.cargo-generate-rpm-$(CARGO_GENERATE_RPM_VERSION)
+# The release binaries link against the glibc 2.17 symbol set that Zig ships, so the packages
+# install on every glibc from 2.17 on (RHEL/CentOS 7, Amazon Linux 2, RHEL 8, ...), whatever
+# glibc builds them. cargo-zigbuild and Zig are PyPI wheels (no compile), in their own venv.
+CARGO_ZIGBUILD_VERSION := 0.24.1
+ZIGLANG_VERSION := 0.17.0
+ZIG_VENV := $(TOOLS)/zig
+ZIG_STAMP := $(ZIG_VENV)/.cargo-zigbuild-$(CARGO_ZIGBUILD_VERSION)-ziglang-$(ZIGLANG_VERSION)
+GLIBC_CEILING := 2.17
+RELEASE_TRIPLE := $(shell uname -m)-unknown-linux-gnu
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+RELEASE_DIR := $(TARGET_DIR)/$(RELEASE_TRIPLE)/release
+# The binaries in the packages, as NAME:DIRECTORY (where both packages install NAME). The
+# build, the strip, the glibc ceiling check and check-package all read this one list; the
+# package contents themselves are the assets in agent/Cargo.toml.
+PACKAGED_BINS := rsql-agent:/usr/bin rsql-wrapper:/usr/bin
+# Next: PACKAGED_BINS += rsql-job-owner:/usr/libexec/rsql-agent (once its [[bin]] exists)
+PACKAGED_BIN_NAMES := $(foreach b,$(PACKAGED_BINS),$(firstword $(subst :, ,$(b))))
+export PACKAGED_BINS GLIBC_CEILING
 
 .PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package check-package clean
 
@@ -66,26 +83,38 @@ bench: venv
 bench-smoke: venv build
 	$(CARGO) run --quiet -p rsql-agent-tests --bin rsql-bench -- --smoke
 
-## tools: cargo-deb and cargo-generate-rpm at the pinned versions, under .tools/ (minutes, once)
-tools: $(CARGO_DEB_STAMP) $(CARGO_GENERATE_RPM_STAMP)
+## tools: cargo-deb and cargo-generate-rpm (built, minutes, once), cargo-zigbuild and Zig
+## (PyPI wheels, seconds) at the pinned versions, under .tools/
+tools: $(CARGO_DEB_STAMP) $(CARGO_GENERATE_RPM_STAMP) $(ZIG_STAMP)
 $(CARGO_DEB_STAMP):
 	$(CARGO) install --locked --quiet --root $(TOOLS) cargo-deb --version $(CARGO_DEB_VERSION)
 	touch $@
 $(CARGO_GENERATE_RPM_STAMP):
 	$(CARGO) install --locked --quiet --root $(TOOLS) cargo-generate-rpm --version $(CARGO_GENERATE_RPM_VERSION)
 	touch $@
+$(ZIG_STAMP):
+	rm -rf $(ZIG_VENV)
+	$(PYTHON) -m venv $(ZIG_VENV)
+	$(ZIG_VENV)/bin/pip install --quiet --disable-pip-version-check \
+	  cargo-zigbuild==$(CARGO_ZIGBUILD_VERSION) ziglang==$(ZIGLANG_VERSION)
+	touch $@
 
 ## package: target/debian/rsql-agent_<version>-1_<arch>.deb and
-## target/generate-rpm/rsql-agent-<version>-1.<arch>.rpm, from one release build of the two
-## binaries (the test programs in tests/ are not built and not packaged)
+## target/generate-rpm/rsql-agent-<version>-1.<arch>.rpm, from one release build of the
+## packaged binaries for glibc $(GLIBC_CEILING) (the test programs in tests/ are not built
+## and not packaged)
+# cargo-zigbuild runs cargo with Zig as the C compiler and linker (aws-lc-sys included),
+# against Zig's glibc 2.17 headers and symbol set; the binaries land in target/<triple>/release.
 # The release profile keeps line tables (about 160 MB a binary): the packages get copies
 # without them, which keep the symbol table, so a RUST_BACKTRACE backtrace still names functions.
 package: tools
-	$(CARGO) build --release -p rsql-agent -p rsql-wrapper --bins
+	CARGO_ZIGBUILD_PYTHON_PATH=$(abspath $(ZIG_VENV))/bin/python $(ZIG_VENV)/bin/cargo-zigbuild zigbuild \
+	  --release --target $(RELEASE_TRIPLE).$(GLIBC_CEILING) $(addprefix --bin ,$(PACKAGED_BIN_NAMES))
 	mkdir -p $(TARGET_DIR)/release/stripped
-	for bin in rsql-agent rsql-wrapper; do \
-	  strip --strip-debug -o $(TARGET_DIR)/release/stripped/$$bin $(TARGET_DIR)/release/$$bin || exit 1; \
+	for bin in $(PACKAGED_BIN_NAMES); do \
+	  strip --strip-debug -o $(TARGET_DIR)/release/stripped/$$bin $(RELEASE_DIR)/$$bin || exit 1; \
 	done
+	bash packaging/check-glibc.sh $(addprefix $(TARGET_DIR)/release/stripped/,$(PACKAGED_BIN_NAMES))
 	rm -f $(TARGET_DIR)/debian/rsql-agent_*.deb $(TARGET_DIR)/generate-rpm/rsql-agent-*.rpm
 	$(TOOLS)/bin/cargo-deb -p rsql-agent --no-build
 	$(TOOLS)/bin/cargo-generate-rpm -p agent
