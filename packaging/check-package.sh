@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the packages `make package` built (`make check-package`, part of `make test`):
 #
-# 0. shellcheck on the shim, the deb maintainer scripts, the rpm scriptlets and this script;
+# 0. shellcheck on the shim, the deb maintainer scripts, the rpm scriptlets, this script and
+#    check-glibc.sh;
 # 1. the .rpm: its file list (the packaged binaries and nothing else in /usr/bin, the unit,
 #    the config, the shim, the sysusers.d file), owners and modes, the config marked
 #    %config(noreplace), the four scriptlets (%pre's user line, %post's directories), and its
@@ -90,9 +91,9 @@ has_line() {
 }
 
 # 0. The package's shell scripts, and this one.
-say "shellcheck: the shim, the deb maintainer scripts, the rpm scriptlets, check-package.sh"
+say "shellcheck: the shim, the deb maintainer scripts, the rpm scriptlets, check-package.sh, check-glibc.sh"
 shellcheck "$here/packaging/rsql_trigger.sh" "$here"/packaging/deb/* "$here"/packaging/rpm/*.sh \
-  "$here/packaging/check-package.sh" || fail "shellcheck found problems"
+  "$here/packaging/check-package.sh" "$here/packaging/check-glibc.sh" || fail "shellcheck found problems"
 
 # The sysusers.d line, which the rpm's %pre repeats.
 sysusers_line="$(grep -v '^#' "$here/packaging/sysusers.d/rsql-agent.conf")"
