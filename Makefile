@@ -29,7 +29,7 @@ PACKAGED_BINS := rsql-agent:/usr/bin rsql-wrapper:/usr/bin
 PACKAGED_BIN_NAMES := $(foreach b,$(PACKAGED_BINS),$(firstword $(subst :, ,$(b))))
 export PACKAGED_BINS GLIBC_CEILING
 
-.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package check-package clean
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package release-aarch64 check-package clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 demo: deps build
@@ -118,6 +118,31 @@ package: tools
 	rm -f $(TARGET_DIR)/debian/rsql-agent_*.deb $(TARGET_DIR)/generate-rpm/rsql-agent-*.rpm
 	$(TOOLS)/bin/cargo-deb -p rsql-agent --no-build
 	$(TOOLS)/bin/cargo-generate-rpm -p agent
+
+## release-aarch64: the packaged binaries for Graviton (aarch64, glibc 2.17), stripped, in
+## target/aarch64-unknown-linux-gnu/release/stripped (not packaged; not part of `make test`)
+# rustup's aarch64 standard library cannot be fetched here, so this build uses Debian's
+# rustc-web, whose arm64 standard library is a Debian package: packaging/fetch-rust-aarch64.sh
+# unpacks both under .tools/ without installing anything. Zig brings the aarch64 C compiler,
+# linker and glibc 2.17 stubs.
+RUST_AARCH64 := $(TOOLS)/rust-aarch64
+RUST_AARCH64_STAMP := $(RUST_AARCH64)/.unpacked
+AARCH64_DIR := $(TARGET_DIR)/aarch64-unknown-linux-gnu/release
+$(RUST_AARCH64_STAMP):
+	bash packaging/fetch-rust-aarch64.sh $(RUST_AARCH64)
+	touch $@
+release-aarch64: $(ZIG_STAMP) $(RUST_AARCH64_STAMP)
+	RUSTC=$(abspath $(RUST_AARCH64))/root/usr/bin/rustc \
+	LD_LIBRARY_PATH=$(abspath $(RUST_AARCH64))/root/usr/lib/x86_64-linux-gnu \
+	CARGO_ZIGBUILD_PYTHON_PATH=$(abspath $(ZIG_VENV))/bin/python $(ZIG_VENV)/bin/cargo-zigbuild zigbuild \
+	  --release --target aarch64-unknown-linux-gnu.$(GLIBC_CEILING) $(addprefix --bin ,$(PACKAGED_BIN_NAMES))
+	mkdir -p $(AARCH64_DIR)/stripped
+	for bin in $(PACKAGED_BIN_NAMES); do \
+	  LD_LIBRARY_PATH=$(abspath $(RUST_AARCH64))/root/usr/lib/x86_64-linux-gnu \
+	    $(RUST_AARCH64)/root/usr/bin/aarch64-linux-gnu-strip --strip-debug \
+	    -o $(AARCH64_DIR)/stripped/$$bin $(AARCH64_DIR)/$$bin || exit 1; \
+	done
+	bash packaging/check-glibc.sh $(addprefix $(AARCH64_DIR)/stripped/,$(PACKAGED_BIN_NAMES))
 
 ## check-package: lists both packages, then installs the .deb on this machine (root), checks
 ## the binaries, the config, the user and the shim, and removes and purges it again
