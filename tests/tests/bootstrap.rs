@@ -249,6 +249,7 @@ fn scripts_are_shellcheck_clean() {
         .arg(repo().join("packaging/check-systemd.sh"))
         .arg(repo().join("packaging/check-package.sh"))
         .arg(repo().join("packaging/check-glibc.sh"))
+        .arg(repo().join("packaging/fetch-rust-aarch64.sh"))
         .arg(repo().join("packaging/rsql_trigger.sh"))
         .args(["postinst", "prerm", "postrm"].map(|f| repo().join("packaging/deb").join(f)))
         .args(
