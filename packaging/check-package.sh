@@ -12,8 +12,8 @@
 # 3. the .deb installed on this machine: the binaries (their version, the same bits as the
 #    .rpm's, debug info stripped, symbols kept, and the glibc ceiling: the highest GLIBC_
 #    symbol version in `objdump -T` of each is at most GLIBC_CEILING, 2.17 by default),
-#    check-config on the installed config (as
-#    root and as the rsql user, and with every commented-out example uncommented), the user,
+#    check-config on the installed config (as root and as the rsql user, and with every
+#    commented-out example uncommented), the user,
 #    the directories, the shim, `systemd-analyze verify` of the installed unit, an idempotent
 #    second postinst, a reinstall that keeps a changed config, `dpkg -r` (config kept) and
 #    `dpkg -P` (all gone but the user).
@@ -22,12 +22,11 @@
 # 4. the .rpm's four scriptlets, run with /bin/sh as rpm would around an install and an erase
 #    (there is no rpm database here to install into).
 #
-# The packaged binaries are PACKAGED_BINS, "NAME:DIRECTORY ..." (both set by the Makefile:
-# run it as `make check-package`). Needs root (or passwordless sudo) for step 3 and fails
-# without it: never skipped. Refuses
-# to run when a package named rsql-agent is already known to dpkg, or when the files it
-# would install are already there, so it never touches a real install. A failure purges
-# what it installed.
+# The packaged binaries are PACKAGED_BINS, "NAME:DIRECTORY ..." (set, with GLIBC_CEILING, by
+# the Makefile: run it as `make check-package`). Needs root (or passwordless sudo) for step 3
+# and fails without it: never skipped. Refuses to run when a package named rsql-agent is
+# already known to dpkg, or when the files it would install are already there, so it never
+# touches a real install. A failure purges what it installed.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -159,7 +158,8 @@ for line in \
 done
 [ "$(grep -c ' ./usr/bin/.' <<<"$deb_files")" -eq "$in_usr_bin" ] ||
   fail "deb: /usr/bin holds more than the packaged binaries"
-# Depends, from dpkg-shlibdeps: libc6 (>= the version that brought the newest symbol used).
+# Depends: libc6 (>= the newest glibc symbol version the binaries use), as agent/Cargo.toml
+# writes it (dpkg-shlibdeps would read the build host's glibc instead).
 deb_depends="$(dpkg-deb -f "$deb" Depends)"
 deb_libc6="$(sed -n 's/^\(.*, \)\{0,1\}libc6 (>= \([0-9][0-9.]*\)).*/\2/p' <<<"$deb_depends")"
 [ -n "$deb_libc6" ] || fail "deb: Depends has no libc6 (>= ...): $deb_depends"
