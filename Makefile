@@ -10,9 +10,25 @@ CARGO_DEB_VERSION := 3.8.0
 CARGO_GENERATE_RPM_VERSION := 0.21.1
 CARGO_DEB_STAMP := $(TOOLS)/.cargo-deb-$(CARGO_DEB_VERSION)
 CARGO_GENERATE_RPM_STAMP := $(TOOLS)/.cargo-generate-rpm-$(CARGO_GENERATE_RPM_VERSION)
+# The release binaries link against the glibc 2.17 symbol set that Zig ships, so the packages
+# install on every glibc from 2.17 on (RHEL/CentOS 7, Amazon Linux 2, RHEL 8, ...), whatever
+# glibc builds them. cargo-zigbuild and Zig are PyPI wheels (no compile), in their own venv.
+CARGO_ZIGBUILD_VERSION := 0.24.1
+ZIGLANG_VERSION := 0.17.0
+ZIG_VENV := $(TOOLS)/zig
+ZIG_STAMP := $(ZIG_VENV)/.cargo-zigbuild-$(CARGO_ZIGBUILD_VERSION)-ziglang-$(ZIGLANG_VERSION)
+GLIBC_CEILING := 2.17
+RELEASE_TRIPLE := $(shell uname -m)-unknown-linux-gnu
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+RELEASE_DIR := $(TARGET_DIR)/$(RELEASE_TRIPLE)/release
+# The binaries in the packages, as NAME:DIRECTORY (where both packages install NAME). The
+# build, the strip, the glibc ceiling check and check-package all read this one list; the
+# package contents themselves are the assets in agent/Cargo.toml.
+PACKAGED_BINS := rsql-agent:/usr/bin rsql-wrapper:/usr/bin rsql-job-owner:/usr/libexec/rsql-agent
+PACKAGED_BIN_NAMES := $(foreach b,$(PACKAGED_BINS),$(firstword $(subst :, ,$(b))))
+export PACKAGED_BINS GLIBC_CEILING
 
-.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package check-package clean
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package release-aarch64 check-package clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 demo: deps build
@@ -66,29 +82,66 @@ bench: venv
 bench-smoke: venv build
 	$(CARGO) run --quiet -p rsql-agent-tests --bin rsql-bench -- --smoke
 
-## tools: cargo-deb and cargo-generate-rpm at the pinned versions, under .tools/ (minutes, once)
-tools: $(CARGO_DEB_STAMP) $(CARGO_GENERATE_RPM_STAMP)
+## tools: cargo-deb and cargo-generate-rpm (built, minutes, once), cargo-zigbuild and Zig
+## (PyPI wheels, seconds) at the pinned versions, under .tools/
+tools: $(CARGO_DEB_STAMP) $(CARGO_GENERATE_RPM_STAMP) $(ZIG_STAMP)
 $(CARGO_DEB_STAMP):
 	$(CARGO) install --locked --quiet --root $(TOOLS) cargo-deb --version $(CARGO_DEB_VERSION)
 	touch $@
 $(CARGO_GENERATE_RPM_STAMP):
 	$(CARGO) install --locked --quiet --root $(TOOLS) cargo-generate-rpm --version $(CARGO_GENERATE_RPM_VERSION)
 	touch $@
+$(ZIG_STAMP):
+	rm -rf $(ZIG_VENV)
+	$(PYTHON) -m venv $(ZIG_VENV)
+	$(ZIG_VENV)/bin/pip install --quiet --disable-pip-version-check \
+	  cargo-zigbuild==$(CARGO_ZIGBUILD_VERSION) ziglang==$(ZIGLANG_VERSION)
+	touch $@
 
 ## package: target/debian/rsql-agent_<version>-1_<arch>.deb and
-## target/generate-rpm/rsql-agent-<version>-1.<arch>.rpm, from one release build of the two
-## binaries (the test programs in tests/ are not built and not packaged)
+## target/generate-rpm/rsql-agent-<version>-1.<arch>.rpm, from one release build of the
+## packaged binaries for glibc $(GLIBC_CEILING) (the test programs in tests/ are not built
+## and not packaged)
+# cargo-zigbuild runs cargo with Zig as the C compiler and linker (aws-lc-sys included),
+# against Zig's glibc 2.17 headers and symbol set; the binaries land in target/<triple>/release.
 # The release profile keeps line tables (about 160 MB a binary): the packages get copies
 # without them, which keep the symbol table, so a RUST_BACKTRACE backtrace still names functions.
 package: tools
-	$(CARGO) build --release -p rsql-agent -p rsql-wrapper --bins
+	CARGO_ZIGBUILD_PYTHON_PATH=$(abspath $(ZIG_VENV))/bin/python $(ZIG_VENV)/bin/cargo-zigbuild zigbuild \
+	  --release --target $(RELEASE_TRIPLE).$(GLIBC_CEILING) $(addprefix --bin ,$(PACKAGED_BIN_NAMES))
 	mkdir -p $(TARGET_DIR)/release/stripped
-	for bin in rsql-agent rsql-wrapper rsql-job-owner; do \
-	  strip --strip-debug -o $(TARGET_DIR)/release/stripped/$$bin $(TARGET_DIR)/release/$$bin || exit 1; \
+	for bin in $(PACKAGED_BIN_NAMES); do \
+	  strip --strip-debug -o $(TARGET_DIR)/release/stripped/$$bin $(RELEASE_DIR)/$$bin || exit 1; \
 	done
+	bash packaging/check-glibc.sh $(addprefix $(TARGET_DIR)/release/stripped/,$(PACKAGED_BIN_NAMES))
 	rm -f $(TARGET_DIR)/debian/rsql-agent_*.deb $(TARGET_DIR)/generate-rpm/rsql-agent-*.rpm
 	$(TOOLS)/bin/cargo-deb -p rsql-agent --no-build
 	$(TOOLS)/bin/cargo-generate-rpm -p agent
+
+## release-aarch64: the packaged binaries for Graviton (aarch64, glibc 2.17), stripped, in
+## target/aarch64-unknown-linux-gnu/release/stripped (not packaged; not part of `make test`)
+# rustup's aarch64 standard library cannot be fetched here, so this build uses Debian's
+# rustc-web, whose arm64 standard library is a Debian package: packaging/fetch-rust-aarch64.sh
+# unpacks both under .tools/ without installing anything. Zig brings the aarch64 C compiler,
+# linker and glibc 2.17 stubs.
+RUST_AARCH64 := $(TOOLS)/rust-aarch64
+RUST_AARCH64_STAMP := $(RUST_AARCH64)/.unpacked
+AARCH64_DIR := $(TARGET_DIR)/aarch64-unknown-linux-gnu/release
+$(RUST_AARCH64_STAMP):
+	bash packaging/fetch-rust-aarch64.sh $(RUST_AARCH64)
+	touch $@
+release-aarch64: $(ZIG_STAMP) $(RUST_AARCH64_STAMP)
+	RUSTC=$(abspath $(RUST_AARCH64))/root/usr/bin/rustc \
+	LD_LIBRARY_PATH=$(abspath $(RUST_AARCH64))/root/usr/lib/x86_64-linux-gnu \
+	CARGO_ZIGBUILD_PYTHON_PATH=$(abspath $(ZIG_VENV))/bin/python $(ZIG_VENV)/bin/cargo-zigbuild zigbuild \
+	  --release --target aarch64-unknown-linux-gnu.$(GLIBC_CEILING) $(addprefix --bin ,$(PACKAGED_BIN_NAMES))
+	mkdir -p $(AARCH64_DIR)/stripped
+	for bin in $(PACKAGED_BIN_NAMES); do \
+	  LD_LIBRARY_PATH=$(abspath $(RUST_AARCH64))/root/usr/lib/x86_64-linux-gnu \
+	    $(RUST_AARCH64)/root/usr/bin/aarch64-linux-gnu-strip --strip-debug \
+	    -o $(AARCH64_DIR)/stripped/$$bin $(AARCH64_DIR)/$$bin || exit 1; \
+	done
+	bash packaging/check-glibc.sh $(addprefix $(AARCH64_DIR)/stripped/,$(PACKAGED_BIN_NAMES))
 
 ## check-package: lists both packages, then installs the .deb on this machine (root), checks
 ## the binaries, the config, the user and the shim, and removes and purges it again

@@ -3,7 +3,8 @@
 # config and starts the service. Safe to run again: each step checks first and changes only
 # what differs (a second run with the same flags changes nothing).
 #
-#   bootstrap.sh --package URL-or-PATH (.deb or .rpm)
+#   bootstrap.sh --package URL-or-PATH (.deb or .rpm; give both: the one that fits this
+#                                       distribution, from /etc/os-release, is installed)
 #                [--config-parameter NAME]         config from SSM Parameter Store (SecureString ok)
 #                [--queue-url URL] [--log-group G] [--job-table T] [--workflow-table T]
 #                [--secret-id ID] [--script-dir DIR]  config from flags (when no --config-parameter)
@@ -12,6 +13,7 @@
 #
 # The mount uses the options the README documents for the lock (NFSv4.1; never nolock or
 # local_lock): nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport.
+# BOOTSTRAP_OS_RELEASE names another os-release file to read (the tests' fixtures).
 set -euo pipefail
 
 readonly CONFIG=/etc/rsql-agent/agent.toml
@@ -19,12 +21,13 @@ readonly MOUNT_POINT=/mnt/efs
 readonly LOCK_DIR=/mnt/efs/rsql-agent/locks
 readonly NFS_OPTIONS=nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport
 readonly SERVICE=rsql-agent
+readonly OS_RELEASE="${BOOTSTRAP_OS_RELEASE:-/etc/os-release}"
 
-package="" config_parameter="" queue_url="" log_group="" job_table="" workflow_table=""
+packages=() package="" config_parameter="" queue_url="" log_group="" job_table="" workflow_table=""
 secret_id="" script_dir=/opt/rsql/rsql_scripts efs="" region="" dry_run=0
 
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -35,7 +38,7 @@ die() {
 
 while [ $# -gt 0 ]; do
   case "$1" in
-    --package) package="${2:?--package needs a value}"; shift 2 ;;
+    --package) packages+=("${2:?--package needs a value}"); shift 2 ;;
     --config-parameter) config_parameter="${2:?--config-parameter needs a value}"; shift 2 ;;
     --queue-url) queue_url="${2:?--queue-url needs a value}"; shift 2 ;;
     --log-group) log_group="${2:?--log-group needs a value}"; shift 2 ;;
@@ -50,7 +53,7 @@ while [ $# -gt 0 ]; do
     *) echo "bootstrap: unknown argument: $1" >&2; usage ;;
   esac
 done
-[ -n "$package" ] || die "--package is required"
+[ ${#packages[@]} -gt 0 ] || die "--package is required"
 for value in "$queue_url" "$log_group" "$job_table" "$workflow_table" "$secret_id" "$script_dir"; do
   case "$value" in
     *'"'* | *\\* | *$'\n'*) die "a quote, backslash or newline is not allowed in a config value: $value" ;;
@@ -104,7 +107,70 @@ region_of_instance() {
     http://169.254.169.254/latest/meta-data/placement/region
 }
 
-# 1. The package.
+# 0. The distribution, from os-release: which kind of package it takes and which tool
+# installs it. Sets distro (for messages), kind (deb or rpm) and installer (apt-get, dnf or
+# yum); kind and installer stay empty when os-release names no distribution we know.
+distro="" kind="" installer=""
+detect_distribution() {
+  [ -r "$OS_RELEASE" ] || return 0
+  local id="" like="" version="" pretty="" major
+  # os-release is a list of shell variable assignments (os-release(5)); read in a subshell.
+  # shellcheck source=/dev/null
+  {
+    read -r id
+    read -r version
+    read -r pretty
+    read -r like
+  } < <(
+    . "$OS_RELEASE"
+    printf '%s\n' "${ID:-}" "${VERSION_ID:-}" "${PRETTY_NAME:-}" "${ID_LIKE:-}"
+  )
+  distro="${pretty:-$id $version}"
+  major="${version%%.*}"
+  case " $id $like " in
+    *" debian "* | *" ubuntu "*)
+      kind=deb installer=apt-get
+      ;;
+    *" rhel "* | *" fedora "* | *" centos "* | *" amzn "*)
+      kind=rpm installer=dnf
+      # Amazon Linux 2 and the Enterprise Linux 7 family have yum and no dnf.
+      if [ "$id" = amzn ] && [ "$major" = 2 ]; then
+        installer=yum
+      elif [ "$id" != amzn ] && [ "$id" != fedora ] && [ -n "$major" ] && [ "$major" -le 7 ] 2>/dev/null; then
+        installer=yum
+      fi
+      ;;
+  esac
+}
+
+# 1. The package: the one --package whose kind fits the distribution.
+choose_package() {
+  local candidate
+  if [ -z "$kind" ]; then
+    [ ${#packages[@]} -eq 1 ] ||
+      die "cannot tell which --package fits this host: $OS_RELEASE names no distribution known here (${distro:-none}); give one --package"
+    package="${packages[0]}"
+    case "$package" in
+      *.deb) installer=apt-get ;;
+      *.rpm) installer=yum; command -v dnf >/dev/null 2>&1 && installer=dnf ;;
+      *) die "--package must end in .deb or .rpm: $package" ;;
+    esac
+    return
+  fi
+  package=""
+  for candidate in "${packages[@]}"; do
+    case "$candidate" in
+      *.deb | *.rpm) ;;
+      *) die "--package must end in .deb or .rpm: $candidate" ;;
+    esac
+    if [ "${candidate##*.}" = "$kind" ]; then
+      [ -z "$package" ] || die "more than one .$kind --package: $package and $candidate"
+      package="$candidate"
+    fi
+  done
+  [ -n "$package" ] || die "this host is $distro, which installs .$kind packages: no --package is a .$kind (${packages[*]})"
+}
+
 install_package() {
   local file="$package"
   case "$package" in
@@ -118,22 +184,15 @@ install_package() {
       fi
       ;;
   esac
-  case "$file" in
-    *.deb)
+  case "$installer" in
+    apt-get)
       # User data has no terminal: on an upgrade whose default config changed, keep the
       # installed agent.toml (step 3 rewrites it anyway) instead of waiting for an answer.
       run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
         -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
         "$(realpath -m "$file")"
       ;;
-    *.rpm)
-      if command -v dnf >/dev/null 2>&1; then
-        run dnf install -y -q "$(realpath -m "$file")"
-      else
-        run yum install -y -q "$(realpath -m "$file")"
-      fi
-      ;;
-    *) die "--package must end in .deb or .rpm: $package" ;;
+    *) run "$installer" install -y -q "$(realpath -m "$file")" ;;
   esac
 }
 
@@ -147,10 +206,10 @@ mount_efs() {
   esac
   local line="$dns:/ $MOUNT_POINT nfs4 $NFS_OPTIONS,_netdev 0 0"
   if ! command -v mount.nfs4 >/dev/null 2>&1 && ! command -v mount.nfs >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1; then
+    if [ "$installer" = apt-get ]; then
       run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nfs-common
     else
-      run dnf install -y -q nfs-utils
+      run "$installer" install -y -q nfs-utils
     fi
   fi
   [ -d "$MOUNT_POINT" ] || run mkdir -p "$MOUNT_POINT"
@@ -211,6 +270,11 @@ config_text() {
 }
 
 main() {
+  detect_distribution
+  choose_package
+  if [ "$dry_run" -eq 1 ]; then
+    echo "+ host: ${distro:-unknown (no $OS_RELEASE)}; package: $package, with $installer" >&2
+  fi
   install_package
   mount_efs
   local text changed

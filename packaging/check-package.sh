@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Checks the packages `make package` built (`make check-package`, part of `make test`):
 #
-# 0. shellcheck on the shim, the deb maintainer scripts, the rpm scriptlets and this script;
-# 1. the .rpm: its file list (both binaries and nothing else in /usr/bin, the unit, the
-#    config, the shim, the sysusers.d file), owners and modes, the config marked
-#    %config(noreplace), and the four scriptlets (%pre's user line, %post's directories);
-# 2. the .deb: its contents, control fields, conffiles and maintainer scripts;
+# 0. shellcheck on the shim, the deb maintainer scripts, the rpm scriptlets, this script and
+#    check-glibc.sh;
+# 1. the .rpm: its file list (the packaged binaries and nothing else in /usr/bin, the unit,
+#    the config, the shim, the sysusers.d file), owners and modes, the config marked
+#    %config(noreplace), the four scriptlets (%pre's user line, %post's directories), and its
+#    glibc requirement (no GLIBC_ version above the ceiling);
+# 2. the .deb: its contents, control fields (Depends: libc6 at the version the rpm requires,
+#    the newest GLIBC_ symbol the binaries use), conffiles and maintainer scripts;
 # 3. the .deb installed on this machine: the binaries (their version, the same bits as the
-#    .rpm's, debug info stripped, symbols kept), check-config on the installed config (as
-#    root and as the rsql user, and with every commented-out example uncommented), the user,
+#    .rpm's, debug info stripped, symbols kept, and the glibc ceiling: the highest GLIBC_
+#    symbol version in `objdump -T` of each is at most GLIBC_CEILING, 2.17 by default),
+#    check-config on the installed config (as root and as the rsql user, and with every
+#    commented-out example uncommented), the user,
 #    the directories, the shim, `systemd-analyze verify` of the installed unit, an idempotent
 #    second postinst, a reinstall that keeps a changed config, `dpkg -r` (config kept) and
 #    `dpkg -P` (all gone but the user).
@@ -17,20 +22,21 @@
 # 4. the .rpm's four scriptlets, run with /bin/sh as rpm would around an install and an erase
 #    (there is no rpm database here to install into).
 #
-# Needs root (or passwordless sudo) for step 3 and fails without it: never skipped. Refuses
-# to run when a package named rsql-agent is already known to dpkg, or when the files it
-# would install are already there, so it never touches a real install. A failure purges
-# what it installed.
+# The packaged binaries are PACKAGED_BINS, "NAME:DIRECTORY ..." (set, with GLIBC_CEILING, by
+# the Makefile: run it as `make check-package`). Needs root (or passwordless sudo) for step 3
+# and fails without it: never skipped. Refuses to run when a package named rsql-agent is
+# already known to dpkg, or when the files it would install are already there, so it never
+# touches a real install. A failure purges what it installed.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ceiling="${GLIBC_CEILING:-2.17}"
 target="${CARGO_TARGET_DIR:-$here/target}"
 case "$target" in /*) ;; *) target="$here/$target" ;; esac
 
 CONFIG=/etc/rsql-agent/agent.toml
 UNIT=/usr/lib/systemd/system/rsql-agent.service
 SHIM=/usr/libexec/rsql-agent/rsql_trigger.sh
-OWNER=/usr/libexec/rsql-agent/rsql-job-owner
 SLICE=/usr/lib/systemd/system/rsql-jobs.slice
 POLKIT=/usr/share/polkit-1/rules.d/50-rsql-agent.rules
 SYSUSERS=/usr/lib/sysusers.d/rsql-agent.conf
@@ -43,17 +49,35 @@ fail() {
 
 if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    exec sudo -n env CARGO_TARGET_DIR="$target" bash "$0" "$@"
+    exec sudo -n env CARGO_TARGET_DIR="$target" PACKAGED_BINS="${PACKAGED_BINS:-}" \
+      GLIBC_CEILING="$ceiling" bash "$0" "$@"
   fi
   fail "must run as root (or with passwordless sudo): it installs and removes the .deb"
 fi
-for tool in rpm dpkg-deb dpkg runuser getent readelf sha256sum shellcheck; do
+for tool in rpm dpkg-deb dpkg runuser getent readelf objdump sha256sum shellcheck; do
   command -v "$tool" >/dev/null 2>&1 || fail "$tool is missing (run .ci/install-deps)"
 done
 
-[ -x "$target/release/rsql-agent" ] || fail "no $target/release/rsql-agent: run make package"
-version="$("$target/release/rsql-agent" --version | awk '{print $2}')"
-[ -n "$version" ] || fail "cannot read the version of $target/release/rsql-agent"
+# The packaged binaries: "NAME:DIRECTORY" each, and the installed path of each.
+[ -n "${PACKAGED_BINS:-}" ] || fail "PACKAGED_BINS is not set: run make check-package"
+read -r -a bins <<<"$PACKAGED_BINS"
+names=() paths=()
+for entry in "${bins[@]}"; do
+  case "$entry" in
+    ?*:/?*) ;;
+    *) fail "PACKAGED_BINS: '$entry' is not NAME:/DIRECTORY" ;;
+  esac
+  names+=("${entry%%:*}")
+  paths+=("${entry#*:}/${entry%%:*}")
+done
+in_usr_bin="$(printf '%s\n' "${paths[@]}" | grep -c '^/usr/bin/[^/]*$')" || true
+
+stripped="$target/release/stripped"
+for name in "${names[@]}"; do
+  [ -x "$stripped/$name" ] || fail "no $stripped/$name: run make package"
+done
+version="$("$stripped/rsql-agent" --version | awk '{print $2}')"
+[ -n "$version" ] || fail "cannot read the version of $stripped/rsql-agent"
 deb="$target/debian/rsql-agent_${version}-1_$(dpkg --print-architecture).deb"
 rpm="$target/generate-rpm/rsql-agent-${version}-1.$(uname -m).rpm"
 [ -f "$deb" ] || fail "no $deb: run make package"
@@ -68,9 +92,9 @@ has_line() {
 }
 
 # 0. The package's shell scripts, and this one.
-say "shellcheck: the shim, the deb maintainer scripts, the rpm scriptlets, check-package.sh"
+say "shellcheck: the shim, the deb maintainer scripts, the rpm scriptlets, check-package.sh, check-glibc.sh"
 shellcheck "$here/packaging/rsql_trigger.sh" "$here"/packaging/deb/* "$here"/packaging/rpm/*.sh \
-  "$here/packaging/check-package.sh" || fail "shellcheck found problems"
+  "$here/packaging/check-package.sh" "$here/packaging/check-glibc.sh" || fail "shellcheck found problems"
 
 # The sysusers.d line, which the rpm's %pre repeats.
 sysusers_line="$(grep -v '^#' "$here/packaging/sysusers.d/rsql-agent.conf")"
@@ -78,30 +102,36 @@ sysusers_line="$(grep -v '^#' "$here/packaging/sysusers.d/rsql-agent.conf")"
 # 1. The .rpm.
 say "rpm: $(basename "$rpm")"
 rpm_files="$(rpm -qp --qf '[%{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILEFLAGS:fflags} %{FILENAMES}\n]' "$rpm")"
+for path in "${paths[@]}"; do
+  has_line "rpm -qp --qf (mode owner flags path)" "$rpm_files" "-rwxr-xr-x root:root  $path"
+done
 for line in \
-  "-rwxr-xr-x root:root  /usr/bin/rsql-agent" \
-  "-rwxr-xr-x root:root  /usr/bin/rsql-wrapper" \
   "-rw-r--r-- root:root  $UNIT" \
   "-rw-r----- root:rsql cn $CONFIG" \
   "-rwxr-xr-x root:root  $SHIM" \
-  "-rwxr-xr-x root:root  $OWNER" \
   "-rw-r--r-- root:root  $SLICE" \
   "-rw-r--r-- root:root  $POLKIT" \
   "-rw-r--r-- root:root  $SYSUSERS" \
   "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/README.md"; do
   has_line "rpm -qp --qf (mode owner flags path)" "$rpm_files" "$line"
 done
-[ "$(rpm -qpl "$rpm" | grep -c '^/usr/bin/')" -eq 2 ] ||
-  fail "rpm: /usr/bin holds more than rsql-agent and rsql-wrapper: $(rpm -qpl "$rpm" | grep '^/usr/bin/' | tr '\n' ' ')"
+[ "$(rpm -qpl "$rpm" | grep -c '^/usr/bin/')" -eq "$in_usr_bin" ] ||
+  fail "rpm: /usr/bin holds more than the packaged binaries: $(rpm -qpl "$rpm" | grep '^/usr/bin/' | tr '\n' ' ')"
 has_line "rpm -qp --configfiles" "$(rpm -qp --configfiles "$rpm")" "$CONFIG"
 # The binaries are the copies `make package` stripped of debug info (the .deb's are checked
 # the same way once installed), so both packages hold the same bits.
 [ "$(rpm -qp --qf '%{FILEDIGESTALGO}' "$rpm")" = 8 ] || fail "rpm: file digests are not sha256"
 rpm_digests="$(rpm -qp --qf '[%{FILENAMES} %{FILEDIGESTS}\n]' "$rpm")"
-for bin in rsql-agent rsql-wrapper; do
+for i in "${!names[@]}"; do
   has_line "rpm -qp --qf (path sha256)" "$rpm_digests" \
-    "/usr/bin/$bin $(sha256sum <"$target/release/stripped/$bin" | cut -d' ' -f1)"
+    "${paths[$i]} $(sha256sum <"$stripped/${names[$i]}" | cut -d' ' -f1)"
 done
+# Its glibc requirement, which rpm's dependency generator read off the binaries' symbols:
+# libc.so.6(GLIBC_x.y)(64bit) for each version used. The highest is the real minimum.
+rpm_glibc="$(rpm -qpR "$rpm" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/^GLIBC_//' | sort -V | tail -n 1)"
+[ -n "$rpm_glibc" ] || fail "rpm: no libc.so.6(GLIBC_...) in its Requires: $(rpm -qpR "$rpm" | tr '\n' ' ')"
+[ "$(printf '%s\n%s\n' "$rpm_glibc" "$ceiling" | sort -V | tail -n 1)" = "$ceiling" ] ||
+  fail "rpm: Requires GLIBC_$rpm_glibc, above the ceiling $ceiling"
 rpm_scripts="$(rpm -qp --scripts "$rpm")"
 # The directories come from %post (cargo-generate-rpm cannot put one in the rpm).
 for marker in "rsql-agent: rpm %pre." "rsql-agent: rpm %post." "rsql-agent: rpm %preun." \
@@ -120,20 +150,28 @@ done
 # 2. The .deb.
 say "deb: $(basename "$deb")"
 deb_files="$(dpkg-deb -c "$deb" | awk '{print $1, $2, $6}')"
+for path in "${paths[@]}"; do
+  has_line "dpkg-deb -c (mode uid/gid path)" "$deb_files" "-rwxr-xr-x 0/0 .$path"
+done
 for line in \
-  "-rwxr-xr-x 0/0 ./usr/bin/rsql-agent" \
-  "-rwxr-xr-x 0/0 ./usr/bin/rsql-wrapper" \
   "-rw-r--r-- 0/0 .$UNIT" \
   "-rw-r----- 0/0 .$CONFIG" \
   "-rwxr-xr-x 0/0 .$SHIM" \
-  "-rwxr-xr-x 0/0 .$OWNER" \
   "-rw-r--r-- 0/0 .$SLICE" \
   "-rw-r--r-- 0/0 .$POLKIT" \
   "-rw-r--r-- 0/0 .$SYSUSERS"; do
   has_line "dpkg-deb -c (mode uid/gid path)" "$deb_files" "$line"
 done
-[ "$(grep -c ' ./usr/bin/.' <<<"$deb_files")" -eq 2 ] ||
-  fail "deb: /usr/bin holds more than rsql-agent and rsql-wrapper"
+[ "$(grep -c ' ./usr/bin/.' <<<"$deb_files")" -eq "$in_usr_bin" ] ||
+  fail "deb: /usr/bin holds more than the packaged binaries"
+# Depends: libc6 (>= the newest glibc symbol version the binaries use), as agent/Cargo.toml
+# writes it (dpkg-shlibdeps would read the build host's glibc instead).
+deb_depends="$(dpkg-deb -f "$deb" Depends)"
+deb_libc6="$(sed -n 's/^\(.*, \)\{0,1\}libc6 (>= \([0-9][0-9.]*\)).*/\2/p' <<<"$deb_depends")"
+[ -n "$deb_libc6" ] || fail "deb: Depends has no libc6 (>= ...): $deb_depends"
+# The rpm's generator read its minimum off the binaries: the .deb must state the same one.
+[ "$deb_libc6" = "$rpm_glibc" ] ||
+  fail "deb: Depends on libc6 (>= $deb_libc6), but the binaries need GLIBC_$rpm_glibc (the rpm's Requires)"
 [ "$(dpkg-deb -f "$deb" Package Version)" = "$(printf 'Package: rsql-agent\nVersion: %s-1' "$version")" ] ||
   fail "deb: Package or Version is not rsql-agent $version-1"
 has_line "dpkg-deb -I conffiles" "$(dpkg-deb -I "$deb" conffiles)" "$CONFIG"
@@ -147,7 +185,7 @@ if dpkg-query -W rsql-agent >/dev/null 2>&1; then
   fail "a package rsql-agent is already known to dpkg ($(dpkg-query -W -f='${Status}' rsql-agent)): not touching it; purge it or run this elsewhere"
 fi
 # A manual install, or the leftovers of one: the purge below would delete its state.
-for path in /usr/bin/rsql-agent /usr/bin/rsql-wrapper "$UNIT" /etc/rsql-agent /usr/libexec/rsql-agent \
+for path in "${paths[@]}" "$UNIT" /etc/rsql-agent /usr/libexec/rsql-agent \
   /var/lib/rsql-agent /var/log/rsql-agent /opt/rsql/rsql_scripts; do
   [ ! -e "$path" ] || fail "$path already exists outside any package: not touching it"
 done
@@ -209,20 +247,21 @@ say "dpkg -i $(basename "$deb")"
 installed=1
 dpkg -i "$deb"
 [ "$(status)" = "install ok installed" ] || fail "after dpkg -i, status is '$(status)'"
-[ "$(/usr/bin/rsql-agent --version)" = "rsql-agent $version" ] ||
-  fail "/usr/bin/rsql-agent --version says '$(/usr/bin/rsql-agent --version)'"
-[ "$(/usr/bin/rsql-wrapper --version)" = "rsql-wrapper $version" ] ||
-  fail "/usr/bin/rsql-wrapper --version says '$(/usr/bin/rsql-wrapper --version)'"
-[ "$("$OWNER" --version)" = "rsql-job-owner $version" ] ||
-  fail "$OWNER --version says '$("$OWNER" --version)'"
 check_user "dpkg -i"
-for bin in rsql-agent rsql-wrapper; do
-  cmp -s "/usr/bin/$bin" "$target/release/stripped/$bin" ||
-    fail "/usr/bin/$bin is not $target/release/stripped/$bin"
-  sections="$(readelf -S -W "/usr/bin/$bin")"
-  ! grep -qE ' \.debug_(info|line|str) ' <<<"$sections" || fail "/usr/bin/$bin still has debug info"
-  grep -q ' \.symtab ' <<<"$sections" || fail "/usr/bin/$bin lost its symbol table"
+for i in "${!names[@]}"; do
+  bin="${paths[$i]}"
+  # Every packaged binary answers --version with its name and the package's version.
+  [ "$("$bin" --version)" = "${names[$i]} $version" ] ||
+    fail "$bin --version says '$("$bin" --version)'"
+  cmp -s "$bin" "$stripped/${names[$i]}" || fail "$bin is not $stripped/${names[$i]}"
+  sections="$(readelf -S -W "$bin")"
+  ! grep -qE ' \.debug_(info|line|str) ' <<<"$sections" || fail "$bin still has debug info"
+  grep -q ' \.symtab ' <<<"$sections" || fail "$bin lost its symbol table"
 done
+# The glibc ceiling, on the installed binaries.
+glibc_report="$(GLIBC_CEILING="$ceiling" bash "$here/packaging/check-glibc.sh" "${paths[@]}")" ||
+  fail "a packaged binary needs a glibc newer than $ceiling"
+printf '%s\n' "$glibc_report"
 expect_perms /etc/rsql-agent "755 root:root"
 expect_perms "$CONFIG" "640 root:rsql"
 expect_perms /opt/rsql/rsql_scripts "755 root:root"
@@ -285,7 +324,7 @@ check_config_as_rsql
 say "dpkg -r rsql-agent (the config must stay)"
 dpkg -r rsql-agent
 [ "$(status)" = "deinstall ok config-files" ] || fail "after dpkg -r, status is '$(status)'"
-for path in /usr/bin/rsql-agent /usr/bin/rsql-wrapper "$UNIT" "$SHIM" "$OWNER" "$SLICE" "$POLKIT" "$SYSUSERS"; do
+for path in "${paths[@]}" "$UNIT" "$SHIM" "$SLICE" "$POLKIT" "$SYSUSERS"; do
   [ ! -e "$path" ] || fail "$path is still there after dpkg -r"
 done
 [ -f "$CONFIG" ] || fail "dpkg -r removed the conffile $CONFIG"
@@ -358,10 +397,10 @@ remove_scriptlet_dirs
 scriptlets=0
 
 say "ok"
-say "  $(basename "$deb"): $(du -h "$deb" | cut -f1), Depends: $(dpkg-deb -f "$deb" Depends)"
-glibc="$(rpm -qpR "$rpm" | grep -o 'GLIBC_[0-9.]*' | sort -V | tail -n 1)"
+say "  $(basename "$deb"): $(du -h "$deb" | cut -f1), Depends: $deb_depends"
 libs="$(rpm -qpR "$rpm" | grep -o '^[a-z_]*\.so\.[0-9]*()' | tr -d '()' | sort -u | tr '\n' ' ')"
-say "  $(basename "$rpm"): $(du -h "$rpm" | cut -f1), Requires: /bin/sh ${libs}(newest symbol $glibc)"
+say "  $(basename "$rpm"): $(du -h "$rpm" | cut -f1), Requires: /bin/sh ${libs}(newest symbol GLIBC_$rpm_glibc)"
+while read -r line; do say "  ${line#check-glibc: }"; done <<<"$glibc_report"
 say "  installed, checked (check-config as root and rsql, shim, $verified), reinstalled, removed, purged"
 say "  $fallback"
 say "  rpm scriptlets: user from %pre, directories from %post, empty directories gone after %postun"

@@ -1,6 +1,8 @@
 //! packaging/bootstrap.sh (the EC2 user data): the dry run prints the documented actions
-//! (package install, EFS mount with the NFSv4.1 options, fstab, config, systemctl), the
-//! config it writes is a valid agent config, and the scripts are shellcheck-clean.
+//! (package install, EFS mount with the NFSv4.1 options, fstab, config, systemctl), picks the
+//! package and the installer by distribution (the `/etc/os-release` fixtures in
+//! `tests/fixtures/os-release/`), the config it writes is a valid agent config, and the
+//! scripts are shellcheck-clean.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -12,12 +14,17 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// Runs the dry run; returns (exit status ok, stderr) — every dry-run action goes to stderr.
-fn dry_run(args: &[&str]) -> (bool, String) {
+/// Runs the dry run as on the host that `os_release` (a file in tests/fixtures/os-release/)
+/// describes; returns (exit status ok, stderr) — every dry-run action goes to stderr.
+fn dry_run_on(os_release: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new("bash")
         .arg(repo().join("packaging/bootstrap.sh"))
         .arg("--dry-run")
         .args(args)
+        .env(
+            "BOOTSTRAP_OS_RELEASE",
+            repo().join("tests/fixtures/os-release").join(os_release),
+        )
         .output()
         .expect("run bash");
     (
@@ -25,6 +32,19 @@ fn dry_run(args: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// The dry run on a Debian 12 host.
+fn dry_run(args: &[&str]) -> (bool, String) {
+    dry_run_on("debian-12", args)
+}
+
+/// What a fleet's user data passes: both packages, for bootstrap to pick from.
+const BOTH: [&str; 4] = [
+    "--package",
+    "https://example.invalid/rsql-agent_0.1.0-1_amd64.deb",
+    "--package",
+    "https://example.invalid/rsql-agent-0.1.0-1.x86_64.rpm",
+];
 
 #[test]
 fn dry_run_prints_every_action() {
@@ -92,15 +112,18 @@ fn dry_run_prints_every_action() {
 
 #[test]
 fn dry_run_reads_the_config_from_ssm_and_installs_rpms() {
-    let (ok, out) = dry_run(&[
-        "--package",
-        "/tmp/rsql-agent-0.1.0-1.x86_64.rpm",
-        "--config-parameter",
-        "/rsql-agent/config",
-    ]);
+    let (ok, out) = dry_run_on(
+        "rhel-8",
+        &[
+            "--package",
+            "/tmp/rsql-agent-0.1.0-1.x86_64.rpm",
+            "--config-parameter",
+            "/rsql-agent/config",
+        ],
+    );
     assert!(ok, "dry run failed:\n{out}");
     assert!(
-        out.contains("install -y -q /tmp/rsql-agent-0.1.0-1.x86_64.rpm"),
+        out.contains("+ dnf install -y -q /tmp/rsql-agent-0.1.0-1.x86_64.rpm"),
         "{out}"
     );
     assert!(
@@ -109,6 +132,102 @@ fn dry_run_reads_the_config_from_ssm_and_installs_rpms() {
     );
     assert!(!out.contains("mount -t nfs4"), "no --efs, no mount:\n{out}");
     assert!(out.contains("+ systemctl enable --now rsql-agent"), "{out}");
+}
+
+#[test]
+fn the_package_and_the_installer_follow_the_distribution() {
+    let deb = "/var/tmp/rsql-agent_0.1.0-1_amd64.deb";
+    let rpm = "/var/tmp/rsql-agent-0.1.0-1.x86_64.rpm";
+    // (fixture, the name it prints, the package, the install command): the glibc 2.17
+    // packages install on all of them; yum where the distribution has no dnf.
+    for (os_release, name, package, install) in [
+        ("amzn-2", "Amazon Linux 2", rpm, format!("+ yum install -y -q {rpm}")),
+        ("centos-7", "CentOS Linux 7 (Core)", rpm, format!("+ yum install -y -q {rpm}")),
+        (
+            "rhel-8",
+            "Red Hat Enterprise Linux 8.10 (Ootpa)",
+            rpm,
+            format!("+ dnf install -y -q {rpm}"),
+        ),
+        ("amzn-2023", "Amazon Linux 2023.6.20250107", rpm, format!("+ dnf install -y -q {rpm}")),
+        (
+            "debian-12",
+            "Debian GNU/Linux 12 (bookworm)",
+            deb,
+            format!("+ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold {deb}"),
+        ),
+        (
+            "ubuntu-22.04",
+            "Ubuntu 22.04.5 LTS",
+            deb,
+            format!("+ env DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold {deb}"),
+        ),
+    ] {
+        let mut args = BOTH.to_vec();
+        args.extend(["--region", "us-east-1", "--efs", "fs-12345678"]);
+        let (ok, out) = dry_run_on(os_release, &args);
+        assert!(ok, "{os_release}: dry run failed:\n{out}");
+        let url = format!("https://example.invalid/{}", &package["/var/tmp/".len()..]);
+        let installer = if package == deb {
+            "apt-get"
+        } else {
+            install.split(' ').nth(1).unwrap()
+        };
+        assert!(
+            out.contains(&format!("+ host: {name}; package: {url}, with {installer}")),
+            "{os_release}: {out}"
+        );
+        assert!(
+            out.contains(&format!("+ curl -fsSL --retry 5 -o {package} {url}")),
+            "{os_release}: {out}"
+        );
+        assert!(out.contains(&install), "{os_release}: no `{install}` in:\n{out}");
+        let other = if package == deb { rpm } else { deb };
+        assert!(!out.contains(other), "{os_release}: the other package too:\n{out}");
+        // The NFS client, when this machine lacks one, comes from the same installer.
+        if out.contains("nfs-") {
+            let nfs = if package == deb {
+                "apt-get install -y -q nfs-common"
+            } else {
+                &format!("+ {installer} install -y -q nfs-utils")
+            };
+            assert!(out.contains(nfs), "{os_release}: no `{nfs}` in:\n{out}");
+        }
+        assert!(out.contains("+ systemctl enable --now rsql-agent"), "{os_release}: {out}");
+    }
+}
+
+#[test]
+fn a_package_of_the_wrong_kind_is_refused() {
+    let (ok, out) = dry_run_on(
+        "amzn-2",
+        &["--package", "/tmp/rsql-agent_0.1.0-1_amd64.deb"],
+    );
+    assert!(!ok);
+    assert!(
+        out.contains(
+            "this host is Amazon Linux 2, which installs .rpm packages: no --package is a .rpm"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("install -y"), "{out}");
+    let (ok, out) = dry_run_on(
+        "debian-12",
+        &["--package", "/tmp/rsql-agent-0.1.0-1.x86_64.rpm"],
+    );
+    assert!(!ok);
+    assert!(out.contains("which installs .deb packages"), "{out}");
+    // Two of one kind: which one is meant?
+    let (ok, out) = dry_run_on("rhel-8", &["--package", "a.rpm", "--package", "b.rpm"]);
+    assert!(!ok);
+    assert!(out.contains("more than one .rpm --package"), "{out}");
+    // No os-release it knows: one package is installed by its kind, two are refused.
+    let (ok, out) = dry_run_on("does-not-exist", &BOTH);
+    assert!(!ok);
+    assert!(
+        out.contains("cannot tell which --package fits this host"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -129,6 +248,8 @@ fn scripts_are_shellcheck_clean() {
         .arg(repo().join("packaging/bootstrap.sh"))
         .arg(repo().join("packaging/check-systemd.sh"))
         .arg(repo().join("packaging/check-package.sh"))
+        .arg(repo().join("packaging/check-glibc.sh"))
+        .arg(repo().join("packaging/fetch-rust-aarch64.sh"))
         .arg(repo().join("packaging/rsql_trigger.sh"))
         .args(["postinst", "prerm", "postrm"].map(|f| repo().join("packaging/deb").join(f)))
         .args(
