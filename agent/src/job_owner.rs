@@ -414,7 +414,9 @@ mod tests {
         let job_dir = JobDir::new(dir.path());
         job_dir.write_job(&sample_job(PROTOCOL)).expect("write");
         assert_eq!(job_dir.read_job().expect("read"), sample_job(PROTOCOL));
-        job_dir.write_job(&sample_job(PROTOCOL + 1)).expect("write newer");
+        job_dir
+            .write_job(&sample_job(PROTOCOL + 1))
+            .expect("write newer");
         let err = job_dir.read_job().expect_err("refused");
         assert!(
             matches!(err, JobDirError::Protocol { found, .. } if found == PROTOCOL + 1),
