@@ -397,20 +397,9 @@ pub async fn wait_execution(
     execution_arn: &str,
     timeout: Duration,
 ) -> DescribeExecutionOutput {
-    let sfn = aws_sdk_sfn::Client::new(config);
     let deadline = Instant::now() + timeout;
     loop {
-        let out = sfn
-            .describe_execution()
-            .execution_arn(execution_arn)
-            .send()
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "DescribeExecution {execution_arn}: {}",
-                    DisplayErrorContext(&e)
-                )
-            });
+        let out = describe(config, execution_arn).await;
         if *out.status() != ExecutionStatus::Running {
             return out;
         }

@@ -704,7 +704,15 @@ async fn sigterm_hands_the_jobs_off_and_takes_no_new_message() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_sigterm_exits_at_once_and_loses_no_outcome() {
     let world = World::new().await;
-    write_script(&world.scripts, "quick.sh", "echo done");
+    let go = world.scripts.join("go");
+    write_script(
+        &world.scripts,
+        "quick.sh",
+        &format!(
+            "while [ ! -e {go} ]; do sleep 0.05; done\necho done",
+            go = go.display()
+        ),
+    );
     // AWS is unreachable during the shutdown, so the outbox cannot deliver: the first
     // SIGTERM gives it a few seconds, the second ends the wait.
     let proxy = Proxy::start(world.moto.addr());
@@ -718,7 +726,9 @@ async fn a_second_sigterm_exits_at_once_and_loses_no_outcome() {
     agent.wait_for_log("receiving jobs", WAIT);
     let exec = world.start(&sm, "stuck_1", "quick.sh", &[]).await;
     agent.wait_for_log("job started", WAIT);
+    // Cut first, then let the job end: its outcome cannot be delivered.
     proxy.cut();
+    std::fs::write(&go, "").expect("let the job end");
     rsql_agent_tests::agent::wait_until("the outcome in the outbox", WAIT, || {
         agent.pending_callbacks() == 1
     });

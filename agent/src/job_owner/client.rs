@@ -139,7 +139,12 @@ fn read_reply(stream: &UnixStream, path: &std::path::Path) -> Result<Reply, Clie
             path: path.to_path_buf(),
             source,
         })?;
-    let reply: Reply = serde_json::from_str(text.trim()).map_err(|e| ClientError::BadReply {
+    parse_reply(text.trim().as_bytes(), path)
+}
+
+/// One reply line (without its newline): the owner's answer, or why it is not one.
+fn parse_reply(text: &[u8], path: &std::path::Path) -> Result<Reply, ClientError> {
+    let reply: Reply = serde_json::from_slice(text).map_err(|e| ClientError::BadReply {
         path: path.to_path_buf(),
         detail: if text.is_empty() {
             "the connection closed".into()
@@ -233,19 +238,5 @@ async fn exchange(
         }
         text.push(byte[0]);
     }
-    let reply: Reply = serde_json::from_slice(&text).map_err(|e| ClientError::BadReply {
-        path: path.to_path_buf(),
-        detail: if text.is_empty() {
-            "the connection closed".into()
-        } else {
-            e.to_string()
-        },
-    })?;
-    if !reply.ok {
-        return Err(ClientError::Refused {
-            path: path.to_path_buf(),
-            error: reply.error.unwrap_or_default(),
-        });
-    }
-    Ok(reply)
+    parse_reply(&text, path)
 }

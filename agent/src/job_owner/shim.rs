@@ -308,27 +308,10 @@ async fn supervise(
                     error: Some(e.to_string()),
                 },
             );
-            let outcome = Outcome::Failed(Failure {
-                error: ErrorName::ScriptFailed,
-                cause: FailureCause {
-                    message: format!("the job could not be started: {}", crate::error_chain(&e)),
-                    ..FailureCause::default()
-                },
-            });
-            let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-            return Ok((
-                outcome.clone(),
-                ExitRecord {
-                    protocol: PROTOCOL,
-                    outcome: serde_json::to_value(&outcome).unwrap_or_default(),
-                    exit_code: None,
-                    signal: None,
-                    started_at: now.clone(),
-                    ended_at: now,
-                    duration_ms: 0,
-                    stray_processes_killed: 0,
-                    pipes_forced_closed: false,
-                },
+            return Ok(ended_early(
+                ErrorName::ScriptFailed,
+                format!("the job could not be started: {}", crate::error_chain(&e)),
+                started_at,
             ));
         }
     };
@@ -392,27 +375,10 @@ async fn supervise(
         Ok(run) => run,
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "lost the job's supervision");
-            let outcome = Outcome::Failed(Failure {
-                error: ErrorName::Interrupted,
-                cause: FailureCause {
-                    message: format!("the job's owner lost its supervision: {e}"),
-                    ..FailureCause::default()
-                },
-            });
-            let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-            return Ok((
-                outcome.clone(),
-                ExitRecord {
-                    protocol: PROTOCOL,
-                    outcome: serde_json::to_value(&outcome).unwrap_or_default(),
-                    exit_code: None,
-                    signal: None,
-                    started_at: humantime::format_rfc3339_millis(started_at).to_string(),
-                    ended_at: now,
-                    duration_ms: 0,
-                    stray_processes_killed: 0,
-                    pipes_forced_closed: false,
-                },
+            return Ok(ended_early(
+                ErrorName::Interrupted,
+                format!("the job's owner lost its supervision: {e}"),
+                started_at,
             ));
         }
     };
@@ -439,6 +405,30 @@ async fn supervise(
         pipes_forced_closed: run.pipes_forced_closed,
     };
     Ok((outcome, exit))
+}
+
+/// The outcome and exit record of a job that ended without a run to classify (it could not
+/// be started, or its supervision was lost).
+fn ended_early(error: ErrorName, message: String, started_at: SystemTime) -> (Outcome, ExitRecord) {
+    let outcome = Outcome::Failed(Failure {
+        error,
+        cause: FailureCause {
+            message,
+            ..FailureCause::default()
+        },
+    });
+    let exit = ExitRecord {
+        protocol: PROTOCOL,
+        outcome: serde_json::to_value(&outcome).unwrap_or_default(),
+        exit_code: None,
+        signal: None,
+        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
+        ended_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        duration_ms: 0,
+        stray_processes_killed: 0,
+        pipes_forced_closed: false,
+    };
+    (outcome, exit)
 }
 
 async fn accept(
