@@ -32,6 +32,7 @@
 
 pub mod attempt;
 pub mod aws;
+pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod fsutil;
