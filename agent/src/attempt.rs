@@ -496,6 +496,8 @@ pub fn build_launch(
         log,
         job_id: job_id(spec, attempt_id),
         inherit_fd: None,
+        // The job's owner process sets one up where the host offers it (see `job_owner`).
+        cgroup: None,
     }
 }
 

@@ -25,6 +25,11 @@
 //!   carrying the job's marker (those are killed and counted as strays), and the pipes are
 //!   read for at most `pipe_drain` more; a grandchild that still holds them open after that
 //!   cannot hold the job (`pipes_forced_closed`).
+//! - With a cgroup of its own ([`Launch::cgroup`], set up by the job's owner process), the
+//!   job's first process moves into it before exec. SIGKILL, at the kill grace or at the
+//!   end, is also `cgroup.kill`, which no descendant escapes, marker or not; the job has
+//!   ended when the cgroup is empty, and what it used ([`RunOutcome::usage`]) is read then.
+//!   Its members replace the /proc search for the marker.
 //! - The agent is a child subreaper, so killed descendants become its zombies. It reaps only
 //!   pids it knows belong to a job (group members and marker carriers, remembered with their
 //!   start times), never with `waitpid(-1)`, and never a leader tokio is still waiting for.
@@ -58,6 +63,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::cgroup::{Payload, Usage};
 use crate::joblog::{JobLog, JobLogError, Stream};
 
 /// The environment variable that marks every process of a job.
@@ -93,6 +99,11 @@ const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the end-of-job sweep waits for killed processes to die and be reaped before it
 /// leaves the rest to a later sweep.
 const REAP_WAIT: Duration = Duration::from_secs(1);
+
+/// How long the end-of-job sweep waits for a killed job's cgroup to empty before it reports
+/// the job anyway (a process in uninterruptible sleep, on a hung NFS mount say, dies only
+/// when the kernel lets it).
+const CGROUP_EMPTY_WAIT: Duration = Duration::from_secs(10);
 
 /// After the drain bound, how long the last queued chunks, the sweep and the final fsync may
 /// still take before the outcome is delivered regardless (a wedged disk must not wedge the
@@ -193,6 +204,8 @@ pub struct RunOutcome {
     /// Something still held stdout or stderr open `pipe_drain` after the leader exited and
     /// everything findable was killed; the agent stopped reading.
     pub pipes_forced_closed: bool,
+    /// What the job used, from its cgroup; all `None` without one.
+    pub usage: Usage,
 }
 
 /// Everything needed to start one job.
@@ -216,6 +229,10 @@ pub struct Launch {
     /// process), so the lock lives exactly as long as any process of the job; see
     /// `job_owner`. `None`: nothing is inherited.
     pub inherit_fd: Option<std::os::fd::RawFd>,
+    /// The job's own cgroup (see `cgroup`), set up by the job's owner process: the job
+    /// starts in it, ends when it is empty, and is killed through it. `None`: the process
+    /// group and marker sweep only.
+    pub cgroup: Option<Payload>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -232,6 +249,7 @@ impl std::fmt::Debug for Launch {
             .field("log", &self.log)
             .field("job_id", &self.job_id)
             .field("inherit_fd", &self.inherit_fd)
+            .field("cgroup", &self.cgroup.as_ref().map(Payload::path))
             .finish()
     }
 }
@@ -379,6 +397,7 @@ impl Supervisor {
             kill_grace: launch.kill_grace,
             pipe_drain: launch.pipe_drain,
             log_path: log_path.clone(),
+            cgroup: launch.cgroup,
         };
         let job_id = job.job_id.clone();
         runtime.spawn(supervise(job, child, launch.log, stop_rx, result_tx));
@@ -463,6 +482,7 @@ fn build_command(launch: &Launch) -> std::process::Command {
 
     let agent_pid = std::process::id() as i32;
     let inherit_fd = launch.inherit_fd;
+    let cgroup_procs = launch.cgroup.as_ref().map(Payload::procs_fd);
     let child_setup = move || -> io::Result<()> {
         // Runs in the forked child before exec: only async-signal-safe calls (prctl,
         // getppid, sigaction) and no allocation.
@@ -493,11 +513,21 @@ fn build_command(launch: &Launch) -> std::process::Command {
                 return Err(io::Error::last_os_error());
             }
         }
+        if let Some(fd) = cgroup_procs {
+            // Into the job's cgroup before exec, so not one instruction of the job runs
+            // outside it (what CLONE_INTO_CGROUP does at the clone, which std's Command
+            // cannot ask for). `0` means the writing process.
+            // SAFETY: write(2) of a static one-byte buffer to a descriptor the parent keeps
+            // open until the spawn returns; async-signal-safe, no allocation.
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         Ok(())
     };
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid,
-    // sigaction, fcntl) and does not allocate or take locks, which is what pre_exec requires of
-    // code running between fork and exec in a multi-threaded process.
+    // sigaction, fcntl, write) and does not allocate or take locks, which is what pre_exec
+    // requires of code running between fork and exec in a multi-threaded process.
     unsafe {
         command.pre_exec(child_setup);
     }
@@ -581,6 +611,52 @@ struct Job {
     kill_grace: Duration,
     pipe_drain: Duration,
     log_path: PathBuf,
+    cgroup: Option<Payload>,
+}
+
+impl Job {
+    /// SIGKILL to the job's process group and, with a cgroup, to every process in it.
+    fn kill_all(&self, pgid: i32) {
+        signal_group(&self.job_id, pgid, Signal::SIGKILL);
+        if let Some(cgroup) = &self.cgroup {
+            if let Err(e) = cgroup.kill() {
+                tracing::warn!(job_id = %self.job_id, cgroup = %cgroup.path().display(), error = %e, "cannot kill the job's cgroup");
+            }
+        }
+    }
+
+    /// Looks for the job's live processes in the background (to reap them later): its
+    /// cgroup's members, or the carriers of its marker.
+    fn census(&self, marker: &[u8]) -> JoinHandle<HashMap<i32, u64>> {
+        match &self.cgroup {
+            Some(cgroup) => {
+                let cgroup = cgroup.clone();
+                tokio::task::spawn_blocking(move || procs::census_pids(cgroup.pids()))
+            }
+            None => {
+                let marker = marker.to_vec();
+                tokio::task::spawn_blocking(move || procs::census(&marker))
+            }
+        }
+    }
+
+    /// Kills and reaps everything left of the job once its leader has exited, in the
+    /// background: through its cgroup (and its end is when that is empty), or by group and
+    /// marker.
+    fn sweep(&self, marker: Vec<u8>, known: HashMap<i32, u64>) -> JoinHandle<procs::Sweep> {
+        let pgid = self.pid as i32;
+        match &self.cgroup {
+            Some(cgroup) => {
+                let cgroup = cgroup.clone();
+                tokio::task::spawn_blocking(move || {
+                    procs::sweep_cgroup(&cgroup, pgid, known, REAP_WAIT, CGROUP_EMPTY_WAIT)
+                })
+            }
+            None => tokio::task::spawn_blocking(move || {
+                procs::sweep(&marker, pgid, pgid, known, REAP_WAIT)
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -598,10 +674,11 @@ struct Termination {
     kill_at: Option<Instant>,
 }
 
-/// Kills the job's process group if the supervising task is dropped before it finished
-/// (runtime shutdown, panic): nothing of a job may outlive its supervision.
+/// Kills the job's process group (and cgroup) if the supervising task is dropped before it
+/// finished (runtime shutdown, panic): nothing of a job may outlive its supervision.
 struct GroupGuard {
     pgid: i32,
+    cgroup: Option<Payload>,
     armed: bool,
 }
 
@@ -609,6 +686,9 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         if self.armed {
             let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+            if let Some(cgroup) = &self.cgroup {
+                let _ = cgroup.kill();
+            }
         }
     }
 }
@@ -745,7 +825,11 @@ async fn supervise(
 ) {
     let pgid = job.pid as i32;
     let job_id = job.job_id.as_str();
-    let mut guard = GroupGuard { pgid, armed: true };
+    let mut guard = GroupGuard {
+        pgid,
+        cgroup: job.cgroup.clone(),
+        armed: true,
+    };
     let marker = format!("{JOB_ID_ENV}={}", job.job_id).into_bytes();
     let mut out = Pipe::new(child.stdout.take(), Stream::Stdout);
     let mut err = Pipe::new(child.stderr.take(), Stream::Stderr);
@@ -802,7 +886,7 @@ async fn supervise(
                 }
                 Some(t) => {
                     tracing::info!(job_id, pid = job.pid, pgid, grace = ?job.kill_grace, "job outlived its kill grace; sending SIGKILL");
-                    signal_group(job_id, pgid, Signal::SIGKILL);
+                    job.kill_all(pgid);
                     t.last_signal = Signal::SIGKILL;
                     t.kill_at = None;
                 }
@@ -812,10 +896,7 @@ async fn supervise(
             }
             read = out.read(), if out.can_read() => out.took(read, job_id),
             read = err.read(), if err.can_read() => err.took(read, job_id),
-            _ = census_tick.tick(), if census.is_none() => {
-                let marker = marker.clone();
-                census = Some(tokio::task::spawn_blocking(move || procs::census(&marker)));
-            }
+            _ = census_tick.tick(), if census.is_none() => census = Some(job.census(&marker)),
             found = join_running(&mut census), if census.is_some() => {
                 census = None;
                 if let Ok(found) = found {
@@ -849,7 +930,7 @@ async fn supervise(
                             pgid,
                             "second stop request; sending SIGKILL"
                         );
-                        signal_group(job_id, pgid, Signal::SIGKILL);
+                        job.kill_all(pgid);
                         t.last_signal = Signal::SIGKILL;
                         t.kill_at = None;
                     }
@@ -870,10 +951,7 @@ async fn supervise(
             known.extend(found);
         }
     }
-    let sweep_marker = marker.clone();
-    let mut sweeper = tokio::task::spawn_blocking(move || {
-        procs::sweep(&sweep_marker, pgid, pgid, known, REAP_WAIT)
-    });
+    let mut sweeper = job.sweep(marker, known);
     let mut swept: Option<procs::Sweep> = None;
     // checked: a caller may pass Duration::MAX to mean "no bound", which must not panic.
     let drain_until = exited.checked_add(job.pipe_drain).unwrap_or(far_future);
@@ -957,6 +1035,7 @@ async fn supervise(
                 log_path: job.log_path.clone(),
                 stray_processes_killed: swept.strays_killed,
                 pipes_forced_closed: forced,
+                usage: swept.usage,
             })
         }
         Err(source) => Err(SupervisorError::Wait {
@@ -1092,6 +1171,7 @@ mod tests {
             log,
             job_id: "x".into(),
             inherit_fd: None,
+            cgroup: None,
         };
         let shown = format!("{launch:?}");
         assert!(shown.contains("RSPASSWORD"));

@@ -90,6 +90,7 @@ impl Fixture {
             log,
             job_id,
             inherit_fd: None,
+            cgroup: None,
         }
     }
 

@@ -286,6 +286,7 @@ async fn supervise(
         log,
         job_id: plan.job_id.clone(),
         inherit_fd: Some(held.as_fd().as_raw_fd()),
+        cgroup: None,
     };
     // The supervisor reads these from this process's environment; the owner may have been
     // started with systemd's, so the agent sent its own.

@@ -3,8 +3,9 @@
 //! A job's processes are found two ways: by process group (everything that stayed in the
 //! leader's group) and by the `RSQL_AGENT_JOB_ID=<job id>` entry every job inherits in its
 //! environment (descendants that left the group with `setsid` or `setpgid`). A descendant
-//! that both left the group and cleared its environment cannot be found this way; a cgroup
-//! per job would be needed for that.
+//! that both left the group and cleared its environment cannot be found this way; that is
+//! what a job's cgroup is for, and where the job has one ([`sweep_cgroup`]) its members
+//! are the job's processes and /proc is not searched.
 //!
 //! Reaping: the agent is a child subreaper, so orphaned descendants become its children and
 //! their zombies are its to collect. It must never call `waitpid(-1)`, which would steal
@@ -25,6 +26,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::spawner;
+use crate::cgroup::{Payload, Usage};
 
 /// How many times the marker scan repeats while it keeps finding new processes (a process
 /// can fork between being found and being killed).
@@ -171,10 +173,65 @@ pub(super) fn kill_orphaned_jobs() -> usize {
 /// What a sweep did.
 #[derive(Debug, Clone, Default)]
 pub(super) struct Sweep {
-    /// Processes outside the job's group that carried its marker and were killed.
+    /// Processes outside the job's group (found by marker, or in its cgroup) that were
+    /// killed.
     pub(super) strays_killed: usize,
     /// Job processes still not reaped when the sweep stopped waiting; left for later.
     pub(super) left_dying: usize,
+    /// What the job used, read from its cgroup once empty; `None`s without one.
+    pub(super) usage: Usage,
+}
+
+/// The live ones among `pids` (a cgroup's members), with their start times.
+pub(super) fn census_pids(pids: Vec<i32>) -> HashMap<i32, u64> {
+    let me = std::process::id() as i32;
+    pids.into_iter()
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| {
+            let stat = read_stat(pid)?;
+            (stat.state != b'Z').then_some((pid, stat.start_time))
+        })
+        .collect()
+}
+
+/// Kills everything in the job's cgroup once its leader has exited, waits (at most
+/// `empty_wait`) until the cgroup is empty, which is when the job has ended, reaps what
+/// became ours, and reads what the job used. Members outside the leader's group are
+/// counted as strays.
+pub(super) fn sweep_cgroup(
+    cgroup: &Payload,
+    pgid: i32,
+    mut known: HashMap<i32, u64>,
+    reap_wait: Duration,
+    empty_wait: Duration,
+) -> Sweep {
+    let mut report = Sweep::default();
+    for (pid, start_time) in census_pids(cgroup.pids()) {
+        known.insert(pid, start_time);
+        if let Some(stat) = read_stat(pid).filter(|s| s.pgrp != pgid) {
+            report.strays_killed += 1;
+            tracing::warn!(
+                pid,
+                pgid = stat.pgrp,
+                sid = stat.session,
+                job_pgid = pgid,
+                "killing a job process that escaped its process group (it is in the job's cgroup)"
+            );
+        }
+    }
+    if let Err(e) = cgroup.kill() {
+        tracing::warn!(cgroup = %cgroup.path().display(), error = %e, "cannot kill the job's cgroup");
+    }
+    if !cgroup.wait_empty(empty_wait) {
+        tracing::warn!(
+            cgroup = %cgroup.path().display(),
+            wait = ?empty_wait,
+            "the job's cgroup still holds processes after cgroup.kill; reporting the job anyway"
+        );
+    }
+    report.left_dying = reap(known, reap_wait);
+    report.usage = cgroup.usage();
+    report
 }
 
 /// Kills everything left of a job whose leader has exited, then reaps what becomes ours.
@@ -245,7 +302,14 @@ pub(super) fn sweep(
         }
     }
 
-    let deadline = Instant::now() + reap_wait;
+    report.left_dying = reap(known, reap_wait);
+    report
+}
+
+/// Reaps the job processes in `known` as they die, for at most `wait`; remembers the rest
+/// for a later attempt and returns how many that is.
+fn reap(mut known: HashMap<i32, u64>, wait: Duration) -> usize {
+    let deadline = Instant::now() + wait;
     loop {
         reap_known(&mut known);
         if known.is_empty() || Instant::now() >= deadline {
@@ -253,7 +317,7 @@ pub(super) fn sweep(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    report.left_dying = known.len();
+    let left = known.len();
     if !known.is_empty() {
         let mut registry = spawner::children();
         for (pid, start_time) in known {
@@ -261,7 +325,7 @@ pub(super) fn sweep(
         }
     }
     reap_pending();
-    report
+    left
 }
 
 /// Reaps the pids in `known` that are now zombies of this process, and forgets the ones that
