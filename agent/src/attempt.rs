@@ -358,6 +358,8 @@ impl AttemptContext {
             log_file: Some(log_file.display().to_string()),
             attempt,
             duration_ms: None,
+            cpu_ms: None,
+            max_rss_mb: None,
             ssm_command_id: spec.ssm_command_id.clone(),
             stage: request.stage.clone(),
         };
@@ -441,6 +443,8 @@ impl AttemptContext {
         record.log_group = request.log_group.clone();
         record.log_stream = request.log_stream.clone();
         record.duration_ms = Some(duration_ms);
+        record.cpu_ms = outcome.cpu_ms();
+        record.max_rss_mb = outcome.max_rss_mb();
         self.audit.record_job(&record)?;
 
         Ok((
@@ -535,6 +539,7 @@ pub fn classify_run(facts: &RunFacts<'_>, run: &supervisor::RunOutcome) -> Outco
             log_stream: facts.log_stream.clone(),
             log_file: Some(log_file.display().to_string()),
         },
+        usage: run.usage,
     })
 }
 

@@ -1424,6 +1424,8 @@ fn interrupted_record(
         log_file: None,
         attempt: previous.attempt,
         duration_ms: None,
+        cpu_ms: None,
+        max_rss_mb: None,
         ssm_command_id: spec.ssm_command_id.clone(),
         stage: None,
     }
@@ -1447,6 +1449,8 @@ mod tests {
             log_group: Some("/rsql".into()),
             log_stream: Some("ex-1/load.sh".into()),
             log_file: Some("/var/log/rsql-agent/jobs/x.log".into()),
+            cpu_ms: Some(830),
+            max_rss_mb: None,
         });
         let failed = failure(ErrorName::ScriptFailed, "exit 3".into());
         for (outcome, run_state) in [

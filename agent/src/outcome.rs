@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cgroup::Usage;
 use crate::joblog::SqlError;
 use crate::supervisor::{Ending, StopReason};
 
@@ -76,6 +77,14 @@ pub struct SuccessOutput {
     pub log_group: Option<String>,
     pub log_stream: Option<String>,
     pub log_file: Option<String>,
+    /// CPU time of the whole job, every process it started included, in ms; absent when it
+    /// was not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
+    /// Peak memory of the whole job, in MiB; only where the job's cgroup has the memory
+    /// controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rss_mb: Option<u32>,
 }
 
 /// `SendTaskFailure` cause, serialized as JSON.
@@ -89,7 +98,21 @@ pub struct FailureCause {
     pub log_group: Option<String>,
     pub log_stream: Option<String>,
     pub log_file: Option<String>,
+    /// Why, where the error name alone does not say: `"oom"` for an `Rsql.Killed` job the
+    /// OOM killer ended. (A boxed `str` and a `u32` below keep an `Outcome` small enough to
+    /// travel by value in the daemon's enums.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Box<str>>,
+    /// As in [`SuccessOutput::cpu_ms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_ms: Option<u64>,
+    /// As in [`SuccessOutput::max_rss_mb`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rss_mb: Option<u32>,
 }
+
+/// [`FailureCause::reason`] of a job the OOM killer ended.
+pub const REASON_OOM: &str = "oom";
 
 /// A failure as reported to Step Functions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +153,24 @@ impl Outcome {
         match self {
             Outcome::Completed(out) => Some(out.exit_code),
             Outcome::Failed(f) => f.cause.exit_code,
+            Outcome::Cancelled { .. } => None,
+        }
+    }
+
+    /// The job's CPU time in ms, where it was measured (for the audit).
+    pub fn cpu_ms(&self) -> Option<u64> {
+        match self {
+            Outcome::Completed(out) => out.cpu_ms,
+            Outcome::Failed(f) => f.cause.cpu_ms,
+            Outcome::Cancelled { .. } => None,
+        }
+    }
+
+    /// The job's peak memory in MiB, where it was measured (for the audit).
+    pub fn max_rss_mb(&self) -> Option<u32> {
+        match self {
+            Outcome::Completed(out) => out.max_rss_mb,
+            Outcome::Failed(f) => f.cause.max_rss_mb,
             Outcome::Cancelled { .. } => None,
         }
     }
@@ -225,6 +266,8 @@ pub struct Finished<'a> {
     pub sql_error: Option<SqlError>,
     pub stderr_tail: String,
     pub log: LogLocation,
+    /// What the job used, and whether the OOM killer took part of it (its cgroup).
+    pub usage: Usage,
 }
 
 /// SQLSTATE class 08 is "connection exception".
@@ -261,6 +304,7 @@ pub fn classify(done: Finished<'_>) -> Outcome {
         Some(e) => (e.sql_state.clone(), Some(e.message.clone())),
         None => (None, None),
     };
+    let usage = done.usage;
     let cause = |exit_code: Option<i32>, signal: Option<i32>, message: String| FailureCause {
         exit_code,
         signal: signal.map(signal_name),
@@ -270,7 +314,19 @@ pub fn classify(done: Finished<'_>) -> Outcome {
         log_group: done.log.log_group.clone(),
         log_stream: done.log.log_stream.clone(),
         log_file: done.log.log_file.clone(),
+        reason: None,
+        cpu_ms: usage.cpu_ms,
+        max_rss_mb: mib(usage.max_rss_mb),
     };
+    if let Some(message) = oom_message(done.ending, &usage) {
+        return Outcome::Failed(Failure {
+            error: ErrorName::Killed,
+            cause: FailureCause {
+                reason: Some(REASON_OOM.into()),
+                ..cause(done.ending.exit_code(), done.ending.signal(), message)
+            },
+        });
+    }
     match *done.ending {
         Ending::Exited { code: 0 } => Outcome::Completed(SuccessOutput {
             job_name: done.job_name.to_string(),
@@ -282,6 +338,8 @@ pub fn classify(done: Finished<'_>) -> Outcome {
             log_group: done.log.log_group.clone(),
             log_stream: done.log.log_stream.clone(),
             log_file: done.log.log_file.clone(),
+            cpu_ms: usage.cpu_ms,
+            max_rss_mb: mib(usage.max_rss_mb),
         }),
         // The script itself exited, but with the code a shell gives when a command it ran
         // died of SIGKILL: rsql under a wrapper script, taken by the OOM killer. That is the
@@ -293,9 +351,12 @@ pub fn classify(done: Finished<'_>) -> Outcome {
             cause: cause(
                 Some(SHELL_SAW_SIGKILL),
                 Some(libc::SIGKILL),
-                format!(
-                    "script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which the agent did not send (the OOM killer? see journalctl -k)"
-                ),
+                if usage.max_rss_mb.is_some() {
+                    // The memory controller watched the job and counted no OOM kill.
+                    format!("script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which neither the agent nor the OOM killer sent")
+                } else {
+                    format!("script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which the agent did not send (the OOM killer? see journalctl -k)")
+                },
             ),
         }),
         Ending::Exited { code } => {
@@ -353,6 +414,53 @@ pub fn classify(done: Finished<'_>) -> Outcome {
         } => Outcome::Cancelled {
             message: "the task was closed upstream; the job was stopped".to_string(),
         },
+    }
+}
+
+/// The message of a job the OOM killer ended, or `None` when it did not. Its cgroup's
+/// `memory.events` counted a kill and the job failed because of it: it died of a signal, or
+/// exited non-zero (a shell whose command was killed). A job that completed anyway, or that
+/// the agent itself was ending (timeout, stop), is what it is.
+fn oom_message(ending: &Ending, usage: &Usage) -> Option<String> {
+    let failed = matches!(ending, Ending::Signaled { .. })
+        || matches!(ending, Ending::Exited { code } if *code != 0);
+    if usage.oom_kills == 0 || !failed {
+        return None;
+    }
+    let kills = usage.oom_kills;
+    let peak = usage
+        .max_rss_mb
+        .map(|mb| format!(" (peak {mb} MiB)"))
+        .unwrap_or_default();
+    Some(match usage.memory_max {
+        Some(max) => format!(
+            "killed by the OOM killer: the job reached its memory limit of {} (memory.max, \
+             from [jobs] memory_max or the message's memory_max_mb){peak}; {kills} process(es) \
+             killed",
+            format_bytes(max)
+        ),
+        None => format!(
+            "killed by the OOM killer: the job has no memory limit of its own, so the host (or \
+             an enclosing cgroup's limit) ran out of memory{peak}; {kills} process(es) killed"
+        ),
+    })
+}
+
+/// MiB as reported: 4 PiB would not fit, and no host has that.
+fn mib(value: Option<u64>) -> Option<u32> {
+    value.map(|mb| u32::try_from(mb).unwrap_or(u32::MAX))
+}
+
+/// Bytes for people: whole MiB or GiB where exact, else MiB with a fraction.
+fn format_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1024 * 1024;
+    const GIB: u64 = 1024 * MIB;
+    if bytes.is_multiple_of(GIB) {
+        format!("{} GiB", bytes / GIB)
+    } else if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes ({:.1} MiB)", bytes as f64 / MIB as f64)
     }
 }
 
@@ -454,6 +562,7 @@ mod tests {
             sql_error,
             stderr_tail: "tail".to_string(),
             log: LogLocation::default(),
+            usage: Usage::default(),
         })
     }
 
@@ -596,6 +705,126 @@ mod tests {
         assert!(err.to_string().contains("exploded"), "{err}");
         let err = serde_json::from_str::<Outcome>(r#"{"message":"x"}"#).unwrap_err();
         assert!(err.to_string().contains("status"), "{err}");
+    }
+
+    fn with_usage(ending: &Ending, usage: Usage) -> Outcome {
+        classify(Finished {
+            job_name: "j.sh",
+            workflow_execution_id: "ex",
+            instance_id: "i-1",
+            ending,
+            duration_ms: 5,
+            timeout_secs: 10,
+            sql_error: None,
+            stderr_tail: String::new(),
+            log: LogLocation::default(),
+            usage,
+        })
+    }
+
+    /// The cgroup files of a job whose rsql grew past a 512 MiB `memory.max`
+    /// (`memory.oom.group = 1`: the script went with it).
+    fn oom_usage() -> Usage {
+        crate::cgroup::files::usage_from(
+            Some("usage_usec 2500400\nuser_usec 2100000\nsystem_usec 400400\n"),
+            Some("536870912\n"),
+            Some("low 0\nhigh 0\nmax 1893\noom 2\noom_kill 2\noom_group_kill 1\n"),
+            Some(512 * 1024 * 1024),
+        )
+    }
+
+    #[test]
+    fn an_oom_kill_is_rsql_killed_with_reason_oom_naming_the_limit() {
+        for ending in [Ending::Signaled { signal: 9 }, Ending::Exited { code: 137 }] {
+            let Outcome::Failed(f) = with_usage(&ending, oom_usage()) else {
+                panic!("an OOM kill is a failure")
+            };
+            assert_eq!(f.error, ErrorName::Killed, "{ending:?}");
+            assert_eq!(f.cause.reason.as_deref(), Some("oom"));
+            assert!(f.cause.message.contains("512 MiB"), "{}", f.cause.message);
+            assert!(
+                f.cause.message.contains("memory.max"),
+                "{}",
+                f.cause.message
+            );
+            let cause: serde_json::Value = serde_json::from_str(&f.cause_json()).unwrap();
+            assert_eq!(cause["reason"], "oom");
+            assert_eq!(cause["cpu_ms"], 2500);
+            assert_eq!(cause["max_rss_mb"], 512);
+        }
+        // Without a limit of its own, the message says the host ran out.
+        let Outcome::Failed(f) = with_usage(
+            &Ending::Signaled { signal: 9 },
+            Usage {
+                memory_max: None,
+                ..oom_usage()
+            },
+        ) else {
+            panic!()
+        };
+        assert_eq!(f.cause.reason.as_deref(), Some("oom"));
+        assert!(
+            f.cause.message.contains("no memory limit"),
+            "{}",
+            f.cause.message
+        );
+    }
+
+    #[test]
+    fn an_oom_count_does_not_override_what_the_agent_did_or_a_success() {
+        assert!(matches!(
+            with_usage(&Ending::Exited { code: 0 }, oom_usage()),
+            Outcome::Completed(_)
+        ));
+        let Outcome::Failed(f) = with_usage(&Ending::TimedOut { signal: 9 }, oom_usage()) else {
+            panic!()
+        };
+        assert_eq!(f.error, ErrorName::Timeout);
+        assert_eq!(f.cause.reason, None);
+        // A SIGKILL nobody counted as an OOM kill is Killed without a reason; where the
+        // memory controller watched, the message says it was not the OOM killer.
+        let watched = Usage {
+            oom_kills: 0,
+            ..oom_usage()
+        };
+        let Outcome::Failed(f) = with_usage(&Ending::Exited { code: 137 }, watched) else {
+            panic!()
+        };
+        assert_eq!(
+            (f.error, f.cause.reason.as_deref()),
+            (ErrorName::Killed, None)
+        );
+        assert!(
+            f.cause.message.contains("nor the OOM killer"),
+            "{}",
+            f.cause.message
+        );
+        let cause = f.cause_json();
+        assert!(!cause.contains("\"reason\""), "{cause}");
+    }
+
+    #[test]
+    fn cpu_and_memory_reach_the_success_output_only_when_measured() {
+        let Outcome::Completed(out) = with_usage(&Ending::Exited { code: 0 }, oom_usage()) else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&out.output_json()).unwrap();
+        assert_eq!(v["cpu_ms"], 2500);
+        assert_eq!(v["max_rss_mb"], 512);
+        let cpu_only = Usage {
+            cpu_ms: Some(7),
+            ..Usage::default()
+        };
+        let Outcome::Completed(out) = with_usage(&Ending::Exited { code: 0 }, cpu_only) else {
+            panic!()
+        };
+        let v: serde_json::Value = serde_json::from_str(&out.output_json()).unwrap();
+        assert_eq!(v["cpu_ms"], 7);
+        assert!(v.get("max_rss_mb").is_none(), "{v}");
+        // An outcome recorded before these fields existed still reads back.
+        let old = r#"{"job_name":"j","workflow_execution_id":"e","status":"completed","exit_code":0,"duration_ms":1,"instance_id":"i","log_group":null,"log_stream":null,"log_file":null}"#;
+        let back: Outcome = serde_json::from_str(old).unwrap();
+        assert_eq!(back.cpu_ms(), None);
     }
 
     #[test]

@@ -329,6 +329,8 @@ fn audit_record(execution: &str, status: &str, attempt: u32) -> JobAuditRecord {
         log_file: None,
         attempt,
         duration_ms: finished.then_some(1234),
+        cpu_ms: None,
+        max_rss_mb: None,
         ssm_command_id: None,
         stage: None,
     }

@@ -332,6 +332,8 @@ fn running_record(shared: &Shared, job: &JobFile, spec: &JobSpec) -> JobAuditRec
         log_file: Some(job.log_file.display().to_string()),
         attempt: job.attempt,
         duration_ms: None,
+        cpu_ms: None,
+        max_rss_mb: None,
         ssm_command_id: spec.ssm_command_id.clone(),
         stage: None,
     }
@@ -666,6 +668,8 @@ fn final_record(
         log_file: Some(job.log_file.display().to_string()),
         attempt: job.attempt,
         duration_ms: exit.map(|e| e.duration_ms),
+        cpu_ms: outcome.cpu_ms(),
+        max_rss_mb: outcome.max_rss_mb(),
         ssm_command_id: job.ssm_command_id.clone(),
         stage: None,
     }

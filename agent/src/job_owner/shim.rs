@@ -261,6 +261,19 @@ enum Control {
     Stop(StopReason),
 }
 
+/// CPU time of this process's reaped children, in ms. An owner runs one job and, as a child
+/// subreaper, reaps the job's orphans too: without a cgroup this is the job's CPU, short of
+/// processes that were never reaped.
+fn reaped_cpu_ms() -> Option<u64> {
+    let usage =
+        nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN).ok()?;
+    let ms = |t: nix::sys::time::TimeVal| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1000
+            + u64::try_from(t.tv_usec()).unwrap_or(0) / 1000
+    };
+    Some(ms(usage.user_time()) + ms(usage.system_time()))
+}
+
 async fn supervise(
     dir: &JobDir,
     job: &JobFile,
@@ -383,6 +396,10 @@ async fn supervise(
             ));
         }
     };
+    let mut run = run;
+    if run.usage.cpu_ms.is_none() {
+        run.usage.cpu_ms = reaped_cpu_ms();
+    }
     let outcome = classify_run(
         &RunFacts {
             job_name: &job.job_name,

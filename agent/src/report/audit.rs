@@ -43,6 +43,12 @@ pub struct JobAuditRecord {
     pub attempt: u32,
     #[serde(default)]
     pub duration_ms: Option<u64>,
+    /// CPU time of the whole job in ms (see `outcome::SuccessOutput::cpu_ms`).
+    #[serde(default)]
+    pub cpu_ms: Option<u64>,
+    /// Peak memory of the whole job in MiB, where the memory controller measured it.
+    #[serde(default)]
+    pub max_rss_mb: Option<u32>,
     #[serde(default)]
     pub ssm_command_id: Option<String>,
     /// The stage description, for local workflow runs.
@@ -224,6 +230,8 @@ mod tests {
             log_file: None,
             attempt: 1,
             duration_ms: None,
+            cpu_ms: None,
+            max_rss_mb: None,
             ssm_command_id: None,
             stage: None,
         }

@@ -1015,6 +1015,8 @@ mod tests {
             log_file: None,
             attempt: 1,
             duration_ms: Some(5),
+            cpu_ms: None,
+            max_rss_mb: None,
             ssm_command_id: None,
             stage: None,
         }

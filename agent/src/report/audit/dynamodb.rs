@@ -192,6 +192,12 @@ pub fn item(record: &JobAuditRecord) -> HashMap<String, AttributeValue> {
     if let Some(ms) = record.duration_ms {
         item.insert("duration_ms".to_string(), number(ms));
     }
+    if let Some(ms) = record.cpu_ms {
+        item.insert("cpu_ms".to_string(), number(ms));
+    }
+    if let Some(mb) = record.max_rss_mb {
+        item.insert("max_rss_mb".to_string(), number(mb));
+    }
     item
 }
 
@@ -217,6 +223,8 @@ mod tests {
             log_file: None,
             attempt: 2,
             duration_ms: Some(5000),
+            cpu_ms: None,
+            max_rss_mb: None,
             ssm_command_id: None,
             stage: None,
         };
@@ -242,9 +250,22 @@ mod tests {
             "log_file",
             "ssm_command_id",
             "stage",
+            "cpu_ms",
+            "max_rss_mb",
         ] {
             assert!(!item.contains_key(absent), "{absent} should be left out");
         }
         assert_eq!(item.len(), 12);
+        let measured = item_of(JobAuditRecord {
+            cpu_ms: Some(1042),
+            max_rss_mb: Some(87),
+            ..record
+        });
+        assert_eq!(measured["cpu_ms"], AttributeValue::N("1042".into()));
+        assert_eq!(measured["max_rss_mb"], AttributeValue::N("87".into()));
+    }
+
+    fn item_of(record: JobAuditRecord) -> HashMap<String, AttributeValue> {
+        item(&record)
     }
 }
