@@ -88,6 +88,9 @@ struct RawJobs {
     log_max_total_mb: Option<i64>,
     pipe_drain: Option<String>,
     launcher: Option<crate::job_owner::launch::LauncherChoice>,
+    cgroup: Option<crate::cgroup::CgroupChoice>,
+    cgroup_parent: Option<PathBuf>,
+    memory_max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,6 +205,14 @@ pub struct JobSettings {
     pub pipe_drain: Duration,
     /// How job owner processes are started (`job_owner::launch`).
     pub launcher: crate::job_owner::launch::LauncherChoice,
+    /// Whether jobs get a cgroup of their own where one is available (`cgroup`).
+    pub cgroup: crate::cgroup::CgroupChoice,
+    /// The delegated cgroup v2 directory job cgroups are made in when owners are not
+    /// systemd units; `None`: such jobs get no cgroup.
+    pub cgroup_parent: Option<PathBuf>,
+    /// `memory.max` of every job, in bytes (a message may ask for less, never more);
+    /// needs the memory controller.
+    pub memory_max: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -434,6 +445,14 @@ impl Config {
                 Duration::from_secs(2),
             )?,
             launcher: raw.jobs.launcher.unwrap_or_default(),
+            cgroup: raw.jobs.cgroup.unwrap_or_default(),
+            cgroup_parent: raw.jobs.cgroup_parent,
+            memory_max: match raw.jobs.memory_max {
+                None => None,
+                Some(text) => {
+                    Some(parse_size(&text).map_err(|reason| invalid("jobs.memory_max", reason))?)
+                }
+            },
         };
 
         let sqs = match raw.intake.sqs {
@@ -582,6 +601,14 @@ impl Config {
                 ),
             ));
         }
+        if let Some(parent) = &self.jobs.cgroup_parent {
+            if !parent.is_absolute() {
+                return Err(invalid(
+                    "jobs.cgroup_parent",
+                    format!("{} must be an absolute path", parent.display()),
+                ));
+            }
+        }
         if let Some(sqs) = &self.sqs {
             if !(sqs.queue_url.starts_with("https://") || sqs.queue_url.starts_with("http://")) {
                 return Err(invalid(
@@ -664,6 +691,36 @@ fn per_user_state_dir() -> PathBuf {
     std::env::temp_dir().join("rsql-agent")
 }
 
+/// The smallest `memory_max` accepted: below this not even bash and rsql start.
+pub const MIN_MEMORY_MAX: u64 = 16 * 1024 * 1024;
+
+/// Parses a memory size as systemd writes one: bytes, or a whole number with `K`, `M`, `G`
+/// or `T` (powers of 1024), at least [`MIN_MEMORY_MAX`].
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let (digits, unit) = match trimmed.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => trimmed.split_at(at),
+        None => (trimmed, ""),
+    };
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("{text:?} is not a size like \"512M\" or \"4G\"")),
+    };
+    let bytes = digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("{text:?} is not a size like \"512M\" or \"4G\""))?;
+    if bytes < MIN_MEMORY_MAX {
+        return Err(format!("{text:?} is less than 16M"));
+    }
+    Ok(bytes)
+}
+
 /// Parses human-readable durations such as `30s`, `6h` or `1h 30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
@@ -719,6 +776,51 @@ secret_id = "redshift/etl"
         assert_eq!(config.lock.dir, PathBuf::from("/mnt/efs/rsql-agent/locks"));
         assert_eq!(config.audit.job_table.as_deref(), Some("rsql-job-audit"));
         assert_eq!(config.cloudwatch.unwrap().log_group, "/ops/rsql-logs/");
+    }
+
+    #[test]
+    fn cgroup_keys_parse_and_sizes_are_checked() {
+        let dir = scripts();
+        let text = format!(
+            "[jobs]\nscript_dir = \"{}\"\ncgroup = \"off\"\n\
+             cgroup_parent = \"/sys/fs/cgroup/rsql-jobs\"\nmemory_max = \"2G\"\n",
+            dir.path().display()
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.jobs.cgroup, crate::cgroup::CgroupChoice::Off);
+        assert_eq!(
+            config.jobs.cgroup_parent.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/rsql-jobs"))
+        );
+        assert_eq!(config.jobs.memory_max, Some(2 << 30));
+        let defaults = parse(&format!(
+            "[jobs]\nscript_dir = \"{}\"\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        assert_eq!(defaults.jobs.cgroup, crate::cgroup::CgroupChoice::Auto);
+        assert_eq!(defaults.jobs.memory_max, None);
+
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1073741824"), Ok(1 << 30));
+        assert_eq!(parse_size(" 4 g "), Ok(4 << 30));
+        for bad in ["lots", "1.5G", "-1G", "4GB", "1K", ""] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        let err = parse(&format!(
+            "[jobs]\nscript_dir = \"{}\"\nmemory_max = \"a lot\"\n",
+            dir.path().display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("jobs.memory_max"), "{err}");
+        let err = parse(&format!(
+            "[jobs]\nscript_dir = \"{}\"\ncgroup_parent = \"rsql-jobs\"\n",
+            dir.path().display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("jobs.cgroup_parent"), "{err}");
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct JobSpec {
     pub lock_key: String,
     /// Set when the job arrived through SSM Run Command.
     pub ssm_command_id: Option<String>,
+    /// The message's `memory_max_mb`, in bytes: a lower memory limit than `[jobs]
+    /// memory_max` for this job (a higher one is cut to the configured limit).
+    pub memory_max: Option<u64>,
 }
 
 // Hand-written: the full task token is a secret that must not reach a log.
@@ -61,6 +64,7 @@ impl std::fmt::Debug for JobSpec {
             .field("heartbeat", &self.heartbeat)
             .field("lock_key", &self.lock_key)
             .field("ssm_command_id", &self.ssm_command_id)
+            .field("memory_max", &self.memory_max)
             .finish()
     }
 }
@@ -93,7 +97,7 @@ pub enum JobError {
     },
     #[error("field `{field}`: {reason}")]
     BadValue { field: &'static str, reason: String },
-    #[error("unknown field `{0}` (known fields: task_token, workflow_id, workflow_execution_id, job_name, args, timeout_seconds, heartbeat_seconds, lock_key, ssm_command_id)")]
+    #[error("unknown field `{0}` (known fields: task_token, workflow_id, workflow_execution_id, job_name, args, timeout_seconds, heartbeat_seconds, lock_key, ssm_command_id, memory_max_mb)")]
     UnknownField(String),
     #[error("fields `{0}` and `{1}` are aliases; give only one")]
     Duplicate(&'static str, &'static str),
@@ -158,6 +162,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "heartbeat_seconds",
     "lock_key",
     "ssm_command_id",
+    "memory_max_mb",
 ];
 
 impl JobSpec {
@@ -282,6 +287,7 @@ impl JobSpec {
         if let Some(id) = &ssm_command_id {
             check_text("ssm_command_id", id, MAX_ID_LEN)?;
         }
+        let memory_max = memory_mb(map, "memory_max_mb")?;
         Ok(JobSpec {
             task_token,
             workflow_id,
@@ -293,6 +299,7 @@ impl JobSpec {
             heartbeat,
             lock_key,
             ssm_command_id,
+            memory_max,
         })
     }
 }
@@ -370,6 +377,30 @@ fn required_id(map: &Map<String, Value>, field: &'static str) -> Result<String, 
     }
     check_text(field, &value, MAX_ID_LEN)?;
     Ok(value)
+}
+
+/// A whole number of MiB, at least `config::MIN_MEMORY_MAX`, as bytes.
+fn memory_mb(map: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, JobError> {
+    const MIB: u64 = 1024 * 1024;
+    let min_mb = crate::config::MIN_MEMORY_MAX / MIB;
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(mb) if mb >= min_mb => mb.checked_mul(MIB).map(Some).ok_or(JobError::BadValue {
+                field,
+                reason: format!("{mb} MiB is more than any host has"),
+            }),
+            _ => Err(JobError::BadValue {
+                field,
+                reason: format!("must be a whole number of MiB, at least {min_mb}, got {n}"),
+            }),
+        },
+        Some(other) => Err(JobError::WrongType {
+            field,
+            expected: "a whole number of MiB",
+            got: kind(other),
+        }),
+    }
 }
 
 /// A whole number of seconds, strictly positive.
@@ -561,6 +592,32 @@ mod tests {
             spec.script,
             f.scripts().canonicalize().unwrap().join("job.sh")
         );
+    }
+
+    #[test]
+    fn a_message_may_carry_its_own_memory_limit_in_whole_mib() {
+        let f = Fixture::new();
+        let with = |value: serde_json::Value| {
+            let mut body: serde_json::Value = serde_json::from_str(&msg("job.sh")).unwrap();
+            body["memory_max_mb"] = value;
+            f.parse(&body.to_string())
+        };
+        assert_eq!(
+            with(serde_json::json!(512)).unwrap().memory_max,
+            Some(512 << 20)
+        );
+        assert_eq!(f.parse(&msg("job.sh")).unwrap().memory_max, None);
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(8),
+            serde_json::json!(1.5),
+            serde_json::json!(-1),
+            serde_json::json!("512M"),
+        ] {
+            let err = with(bad.clone()).expect_err("refused");
+            assert!(err.to_string().contains("memory_max_mb"), "{bad}: {err}");
+            assert_eq!(err.task_token.as_deref(), Some("tok-123"));
+        }
     }
 
     #[test]

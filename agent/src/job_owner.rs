@@ -115,6 +115,10 @@ pub struct LaunchPlan {
     pub pipe_drain_ms: u64,
     /// The marker id of the attempt (`supervisor::JOB_ID_ENV`); also the directory's name.
     pub job_id: String,
+    /// The job's own cgroup, where the host offers one (see `cgroup`); `None` (and in the
+    /// files of agents that predate it): the process group and marker sweep only.
+    #[serde(default)]
+    pub cgroup: Option<crate::cgroup::CgroupPlan>,
 }
 
 /// `job.json`: everything the owner needs to run the job, and everything a later agent needs
@@ -173,6 +177,10 @@ pub struct OwnerRecord {
     /// The job's leader, once started.
     #[serde(default)]
     pub job_pid: Option<u32>,
+    /// The job's payload cgroup, once set up: where an agent finds what is left of the job
+    /// if this owner dies.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
 }
 
 impl OwnerRecord {
@@ -404,6 +412,12 @@ mod tests {
                 kill_grace_ms: 1000,
                 pipe_drain_ms: 1000,
                 job_id: "abc-1".into(),
+                cgroup: Some(crate::cgroup::CgroupPlan {
+                    placement: crate::cgroup::Placement::Under {
+                        parent: "/sys/fs/cgroup/rsql-jobs".into(),
+                    },
+                    memory_max: Some(1 << 30),
+                }),
             },
         }
     }
@@ -441,6 +455,7 @@ mod tests {
             start_time: start,
             boot_id: boot_id(),
             job_pid: None,
+            cgroup: None,
         };
         assert!(alive.is_alive());
         let reused = OwnerRecord {

@@ -231,6 +231,17 @@ fn check_config(path: &Path) -> u8 {
             if let Some(socket) = &config.socket {
                 println!("  socket:     {}", socket.path.display());
             }
+            // What jobs would get from cgroups, for owners started the way `run` would
+            // start them from here (under systemd's ExecStartPre: as units).
+            let launcher = rsql_agent::job_owner::launch::Launcher::choose(
+                config.jobs.launcher,
+                config.jobs.kill_grace,
+            );
+            println!(
+                "  cgroups:    {} (job owners started by: {})",
+                launcher.cgroup_capability(&config.jobs).describe(),
+                launcher.name()
+            );
             exit::OK
         }
         Err(e) => {

@@ -22,6 +22,9 @@ pub const RELOADABLE: &[&str] = &[
     "jobs.log_retention",
     "jobs.log_max_total_mb",
     "jobs.pipe_drain",
+    "jobs.cgroup",
+    "jobs.cgroup_parent",
+    "jobs.memory_max",
     "lock.retention",
 ];
 
@@ -69,6 +72,9 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
     live!("jobs.log_retention", jobs.log_retention);
     live!("jobs.log_max_total_mb", jobs.log_max_total_bytes);
     live!("jobs.pipe_drain", jobs.pipe_drain);
+    live!("jobs.cgroup", jobs.cgroup);
+    live!("jobs.cgroup_parent", jobs.cgroup_parent);
+    live!("jobs.memory_max", jobs.memory_max);
     live!("lock.retention", lock.retention);
 
     restart!("agent.state_dir", agent.state_dir);

@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use crate::attempt::{AttemptContext, AttemptError};
 use crate::aws::{self, AwsClients};
+use crate::cgroup::Level;
 use crate::config::Config;
 use crate::identity;
+use crate::job_owner::launch::Launcher;
 use crate::signals::{Controls, SignalError};
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,34 @@ pub struct Parts {
     pub instance_id_source: identity::Source,
 }
 
+/// Says at start what jobs get from cgroups here (see `cgroup`): nothing, v2 without the
+/// memory controller, or all of it; and, where that falls short of the config, what is
+/// lost.
+fn log_job_cgroups(config: &Config) {
+    let launcher = Launcher::choose(config.jobs.launcher, config.jobs.kill_grace);
+    let found = launcher.cgroup_capability(&config.jobs);
+    let level = found.level();
+    let detail = found.describe();
+    match level {
+        Level::Full => {
+            tracing::info!(cgroups = %level, launcher = launcher.name(), "job cgroups: {detail}")
+        }
+        Level::V2WithoutMemory if config.jobs.memory_max.is_some() => tracing::warn!(
+            cgroups = %level,
+            launcher = launcher.name(),
+            "job cgroups: {detail}; [jobs] memory_max cannot be enforced"
+        ),
+        Level::V2WithoutMemory => {
+            tracing::info!(cgroups = %level, launcher = launcher.name(), "job cgroups: {detail}")
+        }
+        Level::None => tracing::warn!(
+            cgroups = %level,
+            launcher = launcher.name(),
+            "job cgroups: {detail}; falling back to the process group and marker sweep"
+        ),
+    }
+}
+
 /// Builds the parts for `config`. Must run inside the tokio runtime.
 pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
     // First, so a SIGTERM or SIGHUP during start-up is seen by the job runner instead of
@@ -42,6 +72,7 @@ pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
     // subreaper either, or the owners it launches would be re-parented to it.
     let attempts = AttemptContext::new(config.clone(), None, instance_id.clone())
         .map_err(StartError::StateDirs)?;
+    log_job_cgroups(config);
     Ok(Parts {
         controls,
         clients,

@@ -311,6 +311,10 @@ fn prepare(
             kill_grace_ms: config.jobs.kill_grace.as_millis() as u64,
             pipe_drain_ms: config.jobs.pipe_drain.as_millis() as u64,
             job_id: crate::attempt::job_id(spec, &attempt_id),
+            cgroup: shared
+                .owners
+                .launcher
+                .cgroup_plan(&config.jobs, spec.memory_max),
         },
     })
 }

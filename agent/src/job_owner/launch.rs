@@ -9,6 +9,10 @@
 //!   for tests. The owner's parent becomes init (or the nearest subreaper above the agent),
 //!   never the agent.
 //!
+//! The launcher also decides where a job's cgroup comes from (see `cgroup`): a systemd job
+//! unit is delegated its own cgroup (`Delegate=yes`, with memory and CPU accounting); a
+//! directly started owner makes one under `[jobs] cgroup_parent`, when that is set.
+//!
 //! Must not touch: what the owner does once started (see `shim`).
 
 use std::io;
@@ -20,6 +24,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::JobDir;
+use crate::cgroup::{self, Capability, CgroupChoice, CgroupPlan, Placement};
+use crate::config::JobSettings;
 
 /// The systemd slice every job owner unit runs in.
 pub const SLICE: &str = "rsql-jobs.slice";
@@ -108,6 +114,52 @@ impl Launcher {
         }
     }
 
+    /// Where jobs started by this launcher get their cgroup, or why they get none.
+    pub fn cgroup_placement(&self, jobs: &JobSettings) -> Result<Placement, String> {
+        match (jobs.cgroup, self, &jobs.cgroup_parent) {
+            (CgroupChoice::Off, _, _) => Err("[jobs] cgroup = \"off\"".to_string()),
+            (CgroupChoice::Auto, Launcher::Systemd { .. }, _) => Ok(Placement::Unit),
+            (CgroupChoice::Auto, Launcher::Direct, Some(parent)) => Ok(Placement::Under {
+                parent: parent.clone(),
+            }),
+            (CgroupChoice::Auto, Launcher::Direct, None) => Err(
+                "job owners are started directly (not as systemd units) and [jobs] \
+                 cgroup_parent is not set"
+                    .to_string(),
+            ),
+        }
+    }
+
+    /// What jobs started by this launcher will get; for the log at start and `check-config`.
+    pub fn cgroup_capability(&self, jobs: &JobSettings) -> Capability {
+        match self.cgroup_placement(jobs) {
+            Ok(placement) => cgroup::detect(&placement),
+            Err(reason) => Capability::None { reason },
+        }
+    }
+
+    /// The cgroup the owner of a job with `memory_max` (the message's) sets up, if any. The
+    /// limit is the lower of the message's and `[jobs] memory_max`: a message may ask for
+    /// less memory than the host allows a job, never more.
+    pub fn cgroup_plan(&self, jobs: &JobSettings, memory_max: Option<u64>) -> Option<CgroupPlan> {
+        let placement = self.cgroup_placement(jobs).ok()?;
+        let memory_max = match (jobs.memory_max, memory_max) {
+            (Some(limit), Some(asked)) if asked > limit => {
+                tracing::warn!(
+                    asked,
+                    limit,
+                    "the message asks for more memory than [jobs] memory_max; the configured limit applies"
+                );
+                Some(limit)
+            }
+            (limit, asked) => asked.or(limit),
+        };
+        Some(CgroupPlan {
+            placement,
+            memory_max,
+        })
+    }
+
     /// Starts `program --job-dir DIR` for `dir`, with `env` (the agent's inherited variables
     /// and its log filter), and returns once it runs. The owner then waits for the agent's
     /// start request on its socket.
@@ -170,6 +222,11 @@ impl Launcher {
                 stop_timeout.as_secs().max(1)
             ),
             "--property=SyslogIdentifier=rsql-job-owner".into(),
+            // The unit's cgroup is the job's (see `cgroup`): the owner may make sub-cgroups
+            // in it, with every controller, and memory and CPU are accounted per job.
+            "--property=Delegate=yes".into(),
+            "--property=MemoryAccounting=yes".into(),
+            "--property=CPUAccounting=yes".into(),
         ];
         if let Some(user) = user {
             argv.push(format!("--uid={user}"));
@@ -273,6 +330,9 @@ mod tests {
             "--property=After=rsql-agent.service",
             "--property=KillMode=mixed",
             "--property=TimeoutStopSec=60",
+            "--property=Delegate=yes",
+            "--property=MemoryAccounting=yes",
+            "--property=CPUAccounting=yes",
             "--uid=rsql",
             "--setenv=PATH=/usr/bin",
         ] {
@@ -291,6 +351,59 @@ mod tests {
                 "/var/lib/rsql-agent/owners/abc-1"
             ]
         );
+    }
+
+    fn jobs(cgroup: CgroupChoice, parent: Option<&str>, memory_max: Option<u64>) -> JobSettings {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = crate::config::Config::defaults_for_user(dir.path()).expect("defaults");
+        config.jobs.cgroup = cgroup;
+        config.jobs.cgroup_parent = parent.map(std::path::PathBuf::from);
+        config.jobs.memory_max = memory_max;
+        config.jobs
+    }
+
+    #[test]
+    fn job_cgroups_come_from_the_unit_or_the_configured_parent() {
+        let systemd = Launcher::Systemd {
+            user: None,
+            stop_timeout: Duration::from_secs(60),
+        };
+        let auto = jobs(CgroupChoice::Auto, Some("/sys/fs/cgroup/rsql-jobs"), None);
+        assert_eq!(systemd.cgroup_placement(&auto), Ok(Placement::Unit));
+        assert_eq!(
+            Launcher::Direct.cgroup_placement(&auto),
+            Ok(Placement::Under {
+                parent: "/sys/fs/cgroup/rsql-jobs".into()
+            })
+        );
+        let no_parent = jobs(CgroupChoice::Auto, None, None);
+        let why = Launcher::Direct.cgroup_placement(&no_parent).unwrap_err();
+        assert!(why.contains("cgroup_parent"), "{why}");
+        assert_eq!(Launcher::Direct.cgroup_plan(&no_parent, None), None);
+        let off = jobs(CgroupChoice::Off, Some("/sys/fs/cgroup/rsql-jobs"), None);
+        assert!(systemd.cgroup_plan(&off, None).is_none());
+        assert_eq!(
+            systemd.cgroup_capability(&off).level(),
+            crate::cgroup::Level::None
+        );
+    }
+
+    #[test]
+    fn a_message_may_lower_the_memory_limit_but_never_raise_it() {
+        const GIB: u64 = 1 << 30;
+        let limited = jobs(CgroupChoice::Auto, Some("/cg"), Some(4 * GIB));
+        let plan = |jobs: &JobSettings, asked| {
+            Launcher::Direct
+                .cgroup_plan(jobs, asked)
+                .expect("a plan")
+                .memory_max
+        };
+        assert_eq!(plan(&limited, None), Some(4 * GIB));
+        assert_eq!(plan(&limited, Some(GIB)), Some(GIB));
+        assert_eq!(plan(&limited, Some(8 * GIB)), Some(4 * GIB));
+        let unlimited = jobs(CgroupChoice::Auto, Some("/cg"), None);
+        assert_eq!(plan(&unlimited, Some(GIB)), Some(GIB));
+        assert_eq!(plan(&unlimited, None), None);
     }
 
     #[test]

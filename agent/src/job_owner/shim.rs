@@ -5,14 +5,18 @@
 //! 1. reads `job.json`, writes `owner.json` (pid and start time), listens on `owner.sock`;
 //! 2. waits (at most [`START_TIMEOUT`]) for the agent's start request, which carries the
 //!    locked lock file and the secret environment; without one it exits and runs nothing;
-//! 3. records `running` in the lock state under its own pid, starts the job through the
-//!    [`Supervisor`] (which makes this process a child subreaper) with the lock descriptor
-//!    inherited by the job, and answers the agent with the job's pid;
+//! 3. records `running` in the lock state under its own pid; where `job.json` asks for it,
+//!    makes the job's cgroup and moves itself into its `supervisor` leaf (see
+//!    `crate::cgroup`; if that fails, it says so and runs the job without); starts the job
+//!    through the [`Supervisor`] (which makes this process a child subreaper) in the
+//!    cgroup's `payload` leaf, with the lock descriptor inherited by the job, and answers
+//!    the agent with the job's pid;
 //! 4. while the job runs: renews the lease, answers `stop`/`status` on its socket (from any
 //!    agent, so a restarted agent can adopt it), and treats SIGTERM (a systemd stop at host
 //!    shutdown) as a stop that reports `Rsql.Interrupted`;
-//! 5. when the job has ended (the supervisor has swept its processes): classifies it, writes
-//!    `exit.json` durably, records the outcome in the lock state, releases the lock, exits.
+//! 5. when the job has ended (the supervisor has swept its processes; with a cgroup: the
+//!    payload is empty): classifies it, with what it used, writes `exit.json` durably,
+//!    records the outcome in the lock state, releases the lock, removes the cgroup, exits.
 //!
 //! It runs on a current-thread tokio runtime: the same supervisor code as every other job
 //! (one implementation of pipes, timeouts and sweeps) on one thread, with no AWS SDK in the
@@ -36,6 +40,7 @@ use super::{
     PROTOCOL,
 };
 use crate::attempt::{classify_run, record_outcome, RunFacts};
+use crate::cgroup::JobCgroup;
 use crate::joblog::{JobLog, JobLogError};
 use crate::lock::{JobLock, LockError, LockState};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
@@ -121,6 +126,7 @@ pub fn run(dir: &JobDir) -> Result<(), ShimError> {
         start_time: supervisor::process_start_time(me).unwrap_or(0),
         boot_id: boot_id(),
         job_pid: None,
+        cgroup: None,
     };
     dir.write_owner(&owner)?;
     let socket = dir.socket();
@@ -146,12 +152,15 @@ pub fn run(dir: &JobDir) -> Result<(), ShimError> {
     );
     held.write_state(&state).map_err(ShimError::Lock)?;
 
+    let cgroup = set_up_cgroup(&job);
+    owner.cgroup = cgroup.as_ref().map(|c| c.payload().path().to_path_buf());
+    let launch = build_launch(&job, &held, env, cgroup.as_ref())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(ShimError::Runtime)?;
     let (outcome, exit) = runtime.block_on(supervise(
-        dir, &job, &mut owner, &mut held, first, listener, env,
+        dir, &job, &mut owner, &mut held, first, listener, launch,
     ))?;
 
     dir.write_exit(&exit)?;
@@ -165,6 +174,9 @@ pub fn run(dir: &JobDir) -> Result<(), ShimError> {
         tracing::warn!(error = %crate::error_chain(&e), "cannot release the job's lock cleanly");
     }
     let _ = std::fs::remove_file(&socket);
+    if let Some(cgroup) = cgroup {
+        cgroup.finish();
+    }
     tracing::info!(
         job_name = %job.job_name,
         status = outcome.status(),
@@ -261,6 +273,65 @@ enum Control {
     Stop(StopReason),
 }
 
+/// Sets up the job's own cgroup where `job.json` asks for one; without it (none asked
+/// for, or it cannot be made) the job runs with the process group and marker sweep only,
+/// and the log says so.
+fn set_up_cgroup(job: &JobFile) -> Option<JobCgroup> {
+    let Some(plan) = &job.launch.cgroup else {
+        tracing::info!("no cgroup for this job: its processes are found by process group and marker variable only");
+        return None;
+    };
+    match JobCgroup::set_up(plan, &job.launch.job_id) {
+        Ok(cgroup) => {
+            tracing::info!(
+                cgroup = %cgroup.path().display(),
+                controllers = %cgroup.controllers().join(" "),
+                memory_max = ?cgroup.payload().has_memory().then_some(plan.memory_max).flatten(),
+                "the job runs in its own cgroup"
+            );
+            if plan.memory_max.is_some() && !cgroup.payload().has_memory() {
+                tracing::warn!(
+                    "the job's memory limit is not enforced: its cgroup has no memory controller"
+                );
+            }
+            Some(cgroup)
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %crate::error_chain(&e),
+                "cannot give the job a cgroup of its own; falling back to the process group and marker sweep"
+            );
+            None
+        }
+    }
+}
+
+/// The job's [`Launch`]: `job.json`'s plan, the secret `env` from the start request, the
+/// lock's descriptor for every process of the job to inherit, and its cgroup.
+fn build_launch(
+    job: &JobFile,
+    held: &JobLock,
+    env: Vec<(String, String)>,
+    cgroup: Option<&JobCgroup>,
+) -> Result<Launch, ShimError> {
+    let plan = &job.launch;
+    let mut all_env = plan.env.clone();
+    all_env.extend(env);
+    Ok(Launch {
+        program: plan.program.clone(),
+        args: plan.args.clone(),
+        cwd: plan.cwd.clone(),
+        env: all_env,
+        timeout: Duration::from_millis(plan.timeout_ms),
+        kill_grace: Duration::from_millis(plan.kill_grace_ms),
+        pipe_drain: Duration::from_millis(plan.pipe_drain_ms),
+        log: JobLog::open(&job.log_file).map_err(ShimError::Log)?,
+        job_id: plan.job_id.clone(),
+        inherit_fd: Some(held.as_fd().as_raw_fd()),
+        cgroup: cgroup.map(|c| c.payload().clone()),
+    })
+}
+
 /// CPU time of this process's reaped children, in ms. An owner runs one job and, as a child
 /// subreaper, reaps the job's orphans too: without a cgroup this is the job's CPU, short of
 /// processes that were never reaped.
@@ -281,26 +352,10 @@ async fn supervise(
     held: &mut JobLock,
     first: UnixStream,
     listener: UnixListener,
-    env: Vec<(String, String)>,
+    launch: Launch,
 ) -> Result<(Outcome, ExitRecord), ShimError> {
     let supervisor = Supervisor::for_one_job().map_err(ShimError::Supervisor)?;
-    let log = JobLog::open(&job.log_file).map_err(ShimError::Log)?;
     let plan = &job.launch;
-    let mut all_env = plan.env.clone();
-    all_env.extend(env);
-    let launch = Launch {
-        program: plan.program.clone(),
-        args: plan.args.clone(),
-        cwd: plan.cwd.clone(),
-        env: all_env,
-        timeout: Duration::from_millis(plan.timeout_ms),
-        kill_grace: Duration::from_millis(plan.kill_grace_ms),
-        pipe_drain: Duration::from_millis(plan.pipe_drain_ms),
-        log,
-        job_id: plan.job_id.clone(),
-        inherit_fd: Some(held.as_fd().as_raw_fd()),
-        cgroup: None,
-    };
     // The supervisor reads these from this process's environment; the owner may have been
     // started with systemd's, so the agent sent its own.
     for (name, value) in &plan.inherited_env {
