@@ -350,6 +350,24 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JobDirError> {
     })
 }
 
+/// How long the agent waits for a dead owner's job cgroup to empty once it is killed.
+const LEFTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Kills what is left of the job of `dir`, whose owner died: everything in its cgroup (as
+/// `owner.json` names it), then every process still carrying its marker (a job without a
+/// cgroup, or one its owner had not set up yet). Returns how many it killed.
+pub fn kill_leftovers(dir: &JobDir) -> usize {
+    let in_cgroup = dir
+        .read_owner()
+        .ok()
+        .flatten()
+        .and_then(|owner| owner.cgroup)
+        .map_or(0, |payload| {
+            crate::cgroup::kill_leftovers(&payload, LEFTOVER_WAIT)
+        });
+    in_cgroup + crate::supervisor::kill_job_processes(&dir.job_id())
+}
+
 /// This host's boot id, which tells a pid from before a reboot apart from one after it.
 pub fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")

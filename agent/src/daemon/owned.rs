@@ -637,8 +637,8 @@ async fn kill_leftovers(dir: &JobDir) -> (Option<crate::job_owner::OwnerRecord>,
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    let job_id = dir.job_id();
-    let killed = tokio::task::spawn_blocking(move || supervisor::kill_job_processes(&job_id))
+    let leftovers = dir.clone();
+    let killed = tokio::task::spawn_blocking(move || crate::job_owner::kill_leftovers(&leftovers))
         .await
         .unwrap_or(0);
     (owner, killed)
