@@ -36,6 +36,8 @@ pub struct AgentConfig {
     pub log_group: Option<String>,
     /// Extra TOML appended verbatim (e.g. a `[database]` table).
     pub extra: String,
+    /// Extra lines for the `[jobs]` table (e.g. `cgroup_parent = "..."`).
+    pub jobs_extra: String,
     /// `[jobs] on_interrupted` (`"fail"` or `"rerun"`); absent when `None`.
     pub on_interrupted: Option<String>,
     /// Extra environment for the agent process (e.g. `NOTIFY_SOCKET`).
@@ -59,6 +61,7 @@ impl AgentConfig {
             job_table: None,
             log_group: None,
             extra: String::new(),
+            jobs_extra: String::new(),
             on_interrupted: None,
             env: Vec::new(),
         }
@@ -95,7 +98,7 @@ impl AgentConfig {
         let mut text = format!(
             "[agent]\nstate_dir = \"{state}\"\nmax_concurrent_jobs = {max}\ninstance_id = \"{id}\"\nshutdown_grace = \"{sg}\"\n\
              [jobs]\nscript_dir = \"{scripts}\"\nlog_dir = \"{state}/jobs\"\ndefault_timeout = \"10m\"\n\
-             kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n{oi}{sqs}\
+             kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n{oi}{je}{sqs}\
              [lock]\ndir = \"{locks}\"\n",
             state = state_dir.display(),
             max = self.max_concurrent_jobs,
@@ -114,6 +117,7 @@ impl AgentConfig {
                 )
             },
             locks = lock_dir.display(),
+            je = self.jobs_extra,
             oi = self
                 .on_interrupted
                 .as_ref()

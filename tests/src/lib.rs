@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod bins;
+pub mod cgroup;
 pub mod moto;
 pub mod pg;
 pub mod proxy;
