@@ -413,6 +413,20 @@ struct ShipState {
     log_stream: String,
     #[serde(flatten)]
     position: Position,
+    /// The batch being sent, recorded before the send: if the process dies before the new
+    /// position is saved, the next start asks CloudWatch whether that batch arrived instead
+    /// of sending it twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    in_flight: Option<InFlight>,
+}
+
+/// What identifies a batch sent but not yet recorded as acknowledged: where shipping stands
+/// after it, and its last event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct InFlight {
+    end: Position,
+    last_timestamp_ms: i64,
+    last_message: String,
 }
 
 fn save_state(path: &Path, state: &ShipState) -> Result<(), ShipperError> {
@@ -550,6 +564,7 @@ impl Shipper {
             log_group: self.inner.log_group.clone(),
             log_stream: log_stream.to_string(),
             position: Position::default(),
+            in_flight: None,
         };
         let path = self.state_path(log_file);
         save_state(&path, &state)?;
@@ -656,6 +671,15 @@ async fn run_shipment(
     caught_up: watch::Sender<bool>,
 ) {
     ensure_stream(inner, &state.log_group, &state.log_stream).await;
+    if let Some(in_flight) = state.in_flight.take() {
+        if last_event_is(inner, &state, &in_flight).await {
+            tracing::info!(
+                offset = in_flight.end.offset,
+                "the batch in flight when shipping stopped had arrived; not sending it again"
+            );
+            state.position = in_flight.end;
+        }
+    }
     let poll = (inner.flush_interval / 4).clamp(MIN_POLL, MAX_POLL);
     let mut open_failures = 0u32;
     let mut tail = loop {
@@ -732,8 +756,23 @@ async fn run_shipment(
         }
         let due = deadline.is_some_and(|d| Instant::now() >= d);
         if !batch.is_empty() && (full || due || (ended_before_fill && drained)) {
+            if let Some(last) = batch.events().last() {
+                state.in_flight = Some(InFlight {
+                    end: batch.end(),
+                    last_timestamp_ms: last.timestamp_ms,
+                    last_message: last.message.clone(),
+                });
+                let path = state_path.clone();
+                let ahead = state.clone();
+                match tokio::task::spawn_blocking(move || save_state(&path, &ahead)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the batch in flight"),
+                    Err(e) => tracing::warn!(error = %e, "cannot record the batch in flight"),
+                }
+            }
             put(inner, &state, &batch).await;
             state.position = batch.end();
+            state.in_flight = None;
             batch.clear();
             deadline = None;
             let saved = {
@@ -832,6 +871,30 @@ async fn ensure_stream(inner: &Inner, group: &str, stream: &str) {
 }
 
 /// Sends one batch until CloudWatch acknowledges it.
+/// Whether the stream's newest event is the last event of `in_flight` (then that batch
+/// arrived). An error answers `false`: sending a batch twice is better than losing it.
+async fn last_event_is(inner: &Inner, state: &ShipState, in_flight: &InFlight) -> bool {
+    let newest = inner
+        .client
+        .get_log_events()
+        .log_group_name(&state.log_group)
+        .log_stream_name(&state.log_stream)
+        .start_from_head(false)
+        .limit(1)
+        .send()
+        .await;
+    match newest {
+        Ok(out) => out.events().last().is_some_and(|e| {
+            e.timestamp() == Some(in_flight.last_timestamp_ms)
+                && e.message() == Some(in_flight.last_message.as_str())
+        }),
+        Err(e) => {
+            tracing::warn!(error = %aws_sdk_cloudwatchlogs::error::DisplayErrorContext(&e), "cannot ask CloudWatch whether the last batch arrived; sending it again");
+            false
+        }
+    }
+}
+
 async fn put(inner: &Inner, state: &ShipState, batch: &Batch) {
     let mut failures = 0u32;
     loop {
@@ -1147,6 +1210,14 @@ mod tests {
                 offset: 42,
                 skip: 3,
             },
+            in_flight: Some(InFlight {
+                end: Position {
+                    offset: 4096,
+                    skip: 0,
+                },
+                last_timestamp_ms: 1_764_460_000_123,
+                last_message: "line 7".into(),
+            }),
         };
         save_state(&path, &state).expect("save");
         assert_eq!(load_state(&path).expect("load"), state);
