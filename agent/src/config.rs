@@ -46,7 +46,7 @@ pub enum ConfigError {
     },
 }
 
-/// The file as written, before validation. Field names are the contract in DESIGN.md.
+/// The file as written, before validation. Field names are the configuration contract in the README; never rename them.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {

@@ -1,6 +1,6 @@
 //! The job message contract: parsing and validating one job, from any intake.
 //!
-//! Owns: the JSON message format of DESIGN.md (with the legacy aliases `token` and `script`),
+//! Owns: the JSON job message format (the README's "The job message") (with the legacy aliases `token` and `script`),
 //! every rule that makes a message runnable (sizes, types, script path confinement), and
 //! recovering the task token from a message that is otherwise unusable, so that even a
 //! broken message gets its `Rsql.InvalidJob` callback.

@@ -1,6 +1,6 @@
 //! What to do with a job once its lock is ours: run it, replay its recorded outcome, or report
-//! that its owner died. Owns the rules of DESIGN.md ("The lock stops a second run and
-//! remembers the outcome") as one pure function; it touches no file and no clock.
+//! that its owner died. Owns the rules by which the lock stops a second run and
+//! remembers the outcome (the README's "The fleet lock") as one pure function; it touches no file and no clock.
 
 use serde::{Deserialize, Serialize};
 
