@@ -388,7 +388,7 @@ async fn supervise(
     if let Err(e) = dir.write_owner(owner) {
         tracing::warn!(error = %crate::error_chain(&e), "cannot record the job's pid");
     }
-    let (control_tx, mut control_rx) = mpsc::channel::<Control>(16);
+    let (control_tx, control_rx) = mpsc::channel::<Control>(16);
     let job_pid = handle.pid();
     let first = tokio::net::UnixStream::from_std({
         let _ = first.set_nonblocking(true);
@@ -407,17 +407,82 @@ async fn supervise(
         let _ = first.write_all(&line).await;
         tokio::spawn(serve_connection(first, control_tx.clone(), job_pid));
     }
+    let run = watch_job(
+        handle,
+        held,
+        listener,
+        control_tx,
+        control_rx,
+        job.lease_interval_ms,
+    )
+    .await;
+    let run = match run {
+        Ok(run) => run,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "lost the job's supervision");
+            return Ok(ended_early(
+                ErrorName::Interrupted,
+                format!("the job's owner lost its supervision: {e}"),
+                started_at,
+            ));
+        }
+    };
+    let mut run = run;
+    if run.usage.cpu_ms.is_none() {
+        run.usage.cpu_ms = reaped_cpu_ms();
+    }
+    Ok(exit_of(job, &run))
+}
+
+/// The classified outcome of a finished run and its exit record.
+fn exit_of(job: &JobFile, run: &supervisor::RunOutcome) -> (Outcome, ExitRecord) {
+    let outcome = classify_run(
+        &RunFacts {
+            job_name: &job.job_name,
+            workflow_execution_id: &job.workflow_execution_id,
+            instance_id: &job.instance_id,
+            timeout: Duration::from_millis(job.launch.timeout_ms),
+            log_group: job.log_group.clone(),
+            log_stream: job.log_stream.clone(),
+        },
+        run,
+    );
+    let exit = ExitRecord {
+        protocol: PROTOCOL,
+        outcome: serde_json::to_value(&outcome).unwrap_or_default(),
+        exit_code: run.ending.exit_code(),
+        signal: run.ending.signal(),
+        started_at: humantime::format_rfc3339_millis(run.started_at).to_string(),
+        ended_at: humantime::format_rfc3339_millis(run.ended_at).to_string(),
+        duration_ms: run.duration.as_millis() as u64,
+        stray_processes_killed: run.stray_processes_killed,
+        pipes_forced_closed: run.pipes_forced_closed,
+    };
+    (outcome, exit)
+}
+
+/// Until the job has ended: answers agents on the socket, passes their stops on, renews
+/// the lease, and treats SIGTERM/SIGINT (a systemd stop) as a stop.
+async fn watch_job(
+    handle: supervisor::JobHandle,
+    held: &mut JobLock,
+    listener: UnixListener,
+    control_tx: mpsc::Sender<Control>,
+    mut control_rx: mpsc::Receiver<Control>,
+    lease_interval_ms: u64,
+) -> Result<supervisor::RunOutcome, SupervisorError> {
+    let job_pid = handle.pid();
     let _ = listener.set_nonblocking(true);
     let listener = tokio::net::UnixListener::from_std(listener).ok();
     let stopper = handle.stopper();
     let wait = handle.wait();
     tokio::pin!(wait);
-    let mut lease = tokio::time::interval(Duration::from_millis(job.lease_interval_ms.max(100)));
+    let mut lease = tokio::time::interval(Duration::from_millis(lease_interval_ms.max(100)));
     lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     lease.tick().await;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
-    let run = loop {
+    loop {
         tokio::select! {
             run = &mut wait => break run,
             accepted = accept(listener.as_ref()) => {
@@ -439,45 +504,7 @@ async fn supervise(
             }
             Some(()) = recv_signal(int.as_mut()) => stopper.stop(StopReason::Shutdown),
         }
-    };
-    let run = match run {
-        Ok(run) => run,
-        Err(e) => {
-            tracing::error!(error = %crate::error_chain(&e), "lost the job's supervision");
-            return Ok(ended_early(
-                ErrorName::Interrupted,
-                format!("the job's owner lost its supervision: {e}"),
-                started_at,
-            ));
-        }
-    };
-    let mut run = run;
-    if run.usage.cpu_ms.is_none() {
-        run.usage.cpu_ms = reaped_cpu_ms();
     }
-    let outcome = classify_run(
-        &RunFacts {
-            job_name: &job.job_name,
-            workflow_execution_id: &job.workflow_execution_id,
-            instance_id: &job.instance_id,
-            timeout: Duration::from_millis(plan.timeout_ms),
-            log_group: job.log_group.clone(),
-            log_stream: job.log_stream.clone(),
-        },
-        &run,
-    );
-    let exit = ExitRecord {
-        protocol: PROTOCOL,
-        outcome: serde_json::to_value(&outcome).unwrap_or_default(),
-        exit_code: run.ending.exit_code(),
-        signal: run.ending.signal(),
-        started_at: humantime::format_rfc3339_millis(run.started_at).to_string(),
-        ended_at: humantime::format_rfc3339_millis(run.ended_at).to_string(),
-        duration_ms: run.duration.as_millis() as u64,
-        stray_processes_killed: run.stray_processes_killed,
-        pipes_forced_closed: run.pipes_forced_closed,
-    };
-    Ok((outcome, exit))
 }
 
 /// The outcome and exit record of a job that ended without a run to classify (it could not

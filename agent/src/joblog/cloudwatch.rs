@@ -671,32 +671,9 @@ async fn run_shipment(
     caught_up: watch::Sender<bool>,
 ) {
     ensure_stream(inner, &state.log_group, &state.log_stream).await;
-    if let Some(in_flight) = state.in_flight.take() {
-        if last_event_is(inner, &state, &in_flight).await {
-            tracing::info!(
-                offset = in_flight.end.offset,
-                "the batch in flight when shipping stopped had arrived; not sending it again"
-            );
-            state.position = in_flight.end;
-        }
-    }
+    settle_in_flight(inner, &mut state).await;
     let poll = (inner.flush_interval / 4).clamp(MIN_POLL, MAX_POLL);
-    let mut open_failures = 0u32;
-    let mut tail = loop {
-        match Tail::open(&state.log_file, state.position) {
-            Ok(tail) => break Some(tail),
-            Err(JobLogError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-                tracing::warn!(log_file = %state.log_file.display(), "the job log is gone; stopping its shipment");
-                break None;
-            }
-            Err(e) => {
-                let delay = inner.policy.delay(open_failures);
-                open_failures = open_failures.saturating_add(1);
-                tracing::warn!(error = %e, "cannot open the job log for shipping; trying again");
-                tokio::time::sleep(delay).await;
-            }
-        }
-    };
+    let mut tail = open_tail(inner, &state).await;
     let mut batch = Batch::default();
     let mut deadline: Option<Instant> = None;
     let mut ended = *job_ended.borrow();
@@ -756,36 +733,8 @@ async fn run_shipment(
         }
         let due = deadline.is_some_and(|d| Instant::now() >= d);
         if !batch.is_empty() && (full || due || (ended_before_fill && drained)) {
-            if let Some(last) = batch.events().last() {
-                state.in_flight = Some(InFlight {
-                    end: batch.end(),
-                    last_timestamp_ms: last.timestamp_ms,
-                    last_message: last.message.clone(),
-                });
-                let path = state_path.clone();
-                let ahead = state.clone();
-                match tokio::task::spawn_blocking(move || save_state(&path, &ahead)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the batch in flight"),
-                    Err(e) => tracing::warn!(error = %e, "cannot record the batch in flight"),
-                }
-            }
-            put(inner, &state, &batch).await;
-            state.position = batch.end();
-            state.in_flight = None;
-            batch.clear();
+            send_batch(inner, &state_path, &mut state, &mut batch).await;
             deadline = None;
-            let saved = {
-                let path = state_path.clone();
-                let state = state.clone();
-                tokio::task::spawn_blocking(move || save_state(&path, &state)).await
-            };
-            match saved {
-                Ok(Ok(())) => {}
-                // Shipping goes on; a restart before the next save resends from the last one.
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the shipped position"),
-                Err(e) => tracing::warn!(error = %e, "cannot record the shipped position"),
-            }
             continue;
         }
         if batch.is_empty() && drained && ended_before_fill {
@@ -871,6 +820,71 @@ async fn ensure_stream(inner: &Inner, group: &str, stream: &str) {
 }
 
 /// Sends one batch until CloudWatch acknowledges it.
+/// Asks CloudWatch whether the batch recorded in flight by an earlier run arrived; if it
+/// did, shipping resumes after it instead of sending it again.
+async fn settle_in_flight(inner: &Inner, state: &mut ShipState) {
+    let Some(in_flight) = state.in_flight.take() else {
+        return;
+    };
+    if last_event_is(inner, state, &in_flight).await {
+        tracing::info!(
+            offset = in_flight.end.offset,
+            "the batch in flight when shipping stopped had arrived; not sending it again"
+        );
+        state.position = in_flight.end;
+    }
+}
+
+/// Opens the job log at the shipped position, retrying until it can; `None` when the file
+/// is gone.
+async fn open_tail(inner: &Inner, state: &ShipState) -> Option<Tail> {
+    let mut open_failures = 0u32;
+    loop {
+        match Tail::open(&state.log_file, state.position) {
+            Ok(tail) => break Some(tail),
+            Err(JobLogError::Read { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                tracing::warn!(log_file = %state.log_file.display(), "the job log is gone; stopping its shipment");
+                break None;
+            }
+            Err(e) => {
+                let delay = inner.policy.delay(open_failures);
+                open_failures = open_failures.saturating_add(1);
+                tracing::warn!(error = %e, "cannot open the job log for shipping; trying again");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Sends one batch: recorded in flight first, then sent, then the new position saved.
+async fn send_batch(inner: &Inner, state_path: &Path, state: &mut ShipState, batch: &mut Batch) {
+    if let Some(last) = batch.events().last() {
+        state.in_flight = Some(InFlight {
+            end: batch.end(),
+            last_timestamp_ms: last.timestamp_ms,
+            last_message: last.message.clone(),
+        });
+        save_logged(state_path, state, "cannot record the batch in flight").await;
+    }
+    put(inner, state, batch).await;
+    state.position = batch.end();
+    state.in_flight = None;
+    batch.clear();
+    // Shipping goes on if this fails; a restart before the next save resends from the last.
+    save_logged(state_path, state, "cannot record the shipped position").await;
+}
+
+/// Saves the shipment state on a blocking thread; a failure is logged with `what`.
+async fn save_logged(state_path: &Path, state: &ShipState, what: &'static str) {
+    let path = state_path.to_path_buf();
+    let state = state.clone();
+    match tokio::task::spawn_blocking(move || save_state(&path, &state)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "{what}"),
+        Err(e) => tracing::warn!(error = %e, "{what}"),
+    }
+}
+
 /// Whether the stream's newest event is the last event of `in_flight` (then that batch
 /// arrived). An error answers `false`: sending a batch twice is better than losing it.
 async fn last_event_is(inner: &Inner, state: &ShipState, in_flight: &InFlight) -> bool {
