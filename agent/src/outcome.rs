@@ -551,7 +551,13 @@ impl SuccessOutput {
 mod tests {
     use super::*;
 
-    fn finished(ending: &Ending, sql_error: Option<SqlError>) -> Outcome {
+    /// A 5 ms run of `j.sh` with a 10 s timeout, classified.
+    fn classified(
+        ending: &Ending,
+        sql_error: Option<SqlError>,
+        stderr_tail: &str,
+        usage: Usage,
+    ) -> Outcome {
         classify(Finished {
             job_name: "j.sh",
             workflow_execution_id: "ex",
@@ -560,10 +566,14 @@ mod tests {
             duration_ms: 5,
             timeout_secs: 10,
             sql_error,
-            stderr_tail: "tail".to_string(),
+            stderr_tail: stderr_tail.to_string(),
             log: LogLocation::default(),
-            usage: Usage::default(),
+            usage,
         })
+    }
+
+    fn finished(ending: &Ending, sql_error: Option<SqlError>) -> Outcome {
+        classified(ending, sql_error, "tail", Usage::default())
     }
 
     #[test]
@@ -708,18 +718,7 @@ mod tests {
     }
 
     fn with_usage(ending: &Ending, usage: Usage) -> Outcome {
-        classify(Finished {
-            job_name: "j.sh",
-            workflow_execution_id: "ex",
-            instance_id: "i-1",
-            ending,
-            duration_ms: 5,
-            timeout_secs: 10,
-            sql_error: None,
-            stderr_tail: String::new(),
-            log: LogLocation::default(),
-            usage,
-        })
+        classified(ending, None, "", usage)
     }
 
     /// The cgroup files of a job whose rsql grew past a 512 MiB `memory.max`

@@ -433,3 +433,31 @@ pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool)
     }
     panic!("timed out after {timeout:?} waiting for {what}");
 }
+
+/// The AWS emulator with one job queue and an empty script directory: the world most
+/// system tests start from. Test files wrap it (with `Deref`) to add their own helpers.
+#[derive(Debug)]
+pub struct QueueWorld {
+    pub moto: moto::Moto,
+    pub sdk: aws_config::SdkConfig,
+    pub queue_url: String,
+    pub scripts: PathBuf,
+    _scripts_dir: tempfile::TempDir,
+}
+
+impl QueueWorld {
+    /// Starts moto and creates a queue named after `prefix`.
+    pub async fn new(prefix: &str) -> QueueWorld {
+        let moto = moto::Moto::start();
+        let sdk = moto.sdk_config().await;
+        let queue_url = moto::create_queue(&sdk, &moto::unique_name(prefix)).await;
+        let (dir, scripts) = script_dir();
+        QueueWorld {
+            moto,
+            sdk,
+            queue_url,
+            scripts,
+            _scripts_dir: dir,
+        }
+    }
+}

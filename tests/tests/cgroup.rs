@@ -15,10 +15,12 @@ use aws_config::SdkConfig;
 use aws_sdk_sfn::types::ExecutionStatus;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rsql_agent_tests::agent::{process_alive, script_dir, write_script, Agent, AgentConfig};
+use rsql_agent_tests::agent::{
+    process_alive, script_dir, write_script, Agent, AgentConfig, QueueWorld,
+};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::cgroup::TestCgroup;
-use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::moto;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -35,27 +37,18 @@ wait_group_leader() { while [ "$(field "$1" 5)" != "$1" ]; do sleep 0.01; done; 
 describe() { echo "$1 $(field "$1" 5) $(field "$1" 6) $(tr '\0' '\n' < "/proc/$1/environ" | grep -c '^RSQL_AGENT_JOB_ID=')"; }
 "#;
 
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
-    queue_url: String,
-    _scripts_dir: tempfile::TempDir,
-    scripts: PathBuf,
+struct World(QueueWorld);
+
+impl std::ops::Deref for World {
+    type Target = QueueWorld;
+    fn deref(&self) -> &QueueWorld {
+        &self.0
+    }
 }
 
 impl World {
     async fn new() -> World {
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let queue_url = moto::create_queue(&sdk, &moto::unique_name("cgroup")).await;
-        let (dir, scripts) = script_dir();
-        World {
-            moto,
-            sdk,
-            queue_url,
-            _scripts_dir: dir,
-            scripts,
-        }
+        World(QueueWorld::new("cgroup").await)
     }
 
     /// An agent whose job owners make each job's cgroup under `parent`.

@@ -7,39 +7,29 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aws_config::SdkConfig;
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rsql_agent_tests::agent::{
-    process_alive, script_dir, start_time, wait_until, write_script, Agent, AgentConfig,
+    process_alive, start_time, wait_until, write_script, Agent, AgentConfig, QueueWorld,
 };
-use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::moto;
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
-    queue_url: String,
-    _scripts_dir: tempfile::TempDir,
-    scripts: PathBuf,
+struct World(QueueWorld);
+
+impl std::ops::Deref for World {
+    type Target = QueueWorld;
+    fn deref(&self) -> &QueueWorld {
+        &self.0
+    }
 }
 
 impl World {
     async fn new() -> World {
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let queue_url = moto::create_queue(&sdk, &moto::unique_name("jobs")).await;
-        let (dir, scripts) = script_dir();
-        World {
-            moto,
-            sdk,
-            queue_url,
-            _scripts_dir: dir,
-            scripts,
-        }
+        World(QueueWorld::new("jobs").await)
     }
 
     fn config(&self) -> AgentConfig {
