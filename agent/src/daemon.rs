@@ -1077,7 +1077,6 @@ async fn run_delivery(
     };
     let first = match shared.attempts.acquire(&spec, &token_hash) {
         Ok(Acquired { held, decision }) => {
-            let other_token = held.previous().is_some_and(|p| p.token_hash != token_hash);
             match &decision {
                 Decision::Replay(state) => {
                     tracing::info!(state = ?state.state, "the job already finished: replaying its recorded outcome")
@@ -1088,10 +1087,7 @@ async fn run_delivery(
                 Decision::Run { .. } => {}
             }
             effects.held = Some(held);
-            delivery::Event::Locked {
-                decision,
-                other_token,
-            }
+            delivery::Event::Locked { decision }
         }
         Err(AttemptError::Busy { holder, state, .. }) => {
             // Another runner has it now; this copy comes back later to find it finished,

@@ -19,8 +19,14 @@ use rsql_agent_tests::pg::TestPg;
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(120);
-/// HeartbeatSeconds of every job task: short, so a dead agent's task times out quickly.
+/// `HeartbeatSeconds` of the stack: the agents heartbeat running jobs every second. Job
+/// tasks have no heartbeat timeout, so it is far below the queue waits some tests build.
 const HEARTBEAT_SECONDS: u64 = 3;
+/// The agents' `[intake.sqs] visibility_timeout`: how long a dead host's message stays
+/// hidden before another agent finds its runner gone.
+const VISIBILITY_SECONDS: u64 = 10;
+/// The ASL's Retry `IntervalSeconds` for `Rsql.Interrupted`.
+const RETRY_INTERVAL_SECONDS: u64 = 5;
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -85,16 +91,27 @@ impl World {
 
     /// One agent of the fleet: one job at a time, so a parallel stage spreads over both.
     fn agent(&self, pg: &TestPg, instance_id: &str) -> Agent {
-        let mut config = AgentConfig::new(&self.queue_url, &self.scripts).database(pg);
-        config.instance_id = instance_id.to_string();
-        config.job_table = Some(self.job_table.clone());
-        config.max_concurrent_jobs = 1;
-        config.heartbeat_interval = "1s".to_string();
-        // The fleet shares one lock directory, as on EFS.
-        config.lock_dir = Some(self.locks.path().to_path_buf());
+        let mut config = self.agent_config(instance_id, 1).database(pg);
         // Live logs, one stream per job attempt.
         config.log_group = Some(self.log_group.clone());
         Agent::start(config, &self.moto.endpoint())
+    }
+
+    /// An agent of the fleet with `slots` slots, for jobs that need no database.
+    fn fleet_agent(&self, instance_id: &str, slots: usize) -> Agent {
+        Agent::start(self.agent_config(instance_id, slots), &self.moto.endpoint())
+    }
+
+    fn agent_config(&self, instance_id: &str, slots: usize) -> AgentConfig {
+        let mut config = AgentConfig::new(&self.queue_url, &self.scripts);
+        config.instance_id = instance_id.to_string();
+        config.job_table = Some(self.job_table.clone());
+        config.max_concurrent_jobs = slots;
+        config.heartbeat_interval = "1s".to_string();
+        config.visibility_timeout = format!("{VISIBILITY_SECONDS}s");
+        // The fleet shares one lock directory, as on EFS.
+        config.lock_dir = Some(self.locks.path().to_path_buf());
+        config
     }
 
     /// Runs `rsql-agent ARGS` against moto (blocking; call inside `block_in_place`).
@@ -497,11 +514,24 @@ async fn disabled_stage_runs_nothing_and_the_workflow_succeeds() {
 async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
     let pg = tokio::task::block_in_place(TestPg::start);
     let world = World::new().await;
-    // A slow stage-2 job that inserts script 4's row only at its end.
+    // A slow stage-2 job that inserts script 4's row only at its end. Each run notes its
+    // start time and its processes; a run that finds a process of an earlier run alive
+    // notes an overlap.
+    let marks = tempfile::tempdir().unwrap();
+    let (starts, pids) = (marks.path().join("starts"), marks.path().join("pids"));
     write_script(
         &world.scripts,
         "rsql_blog_slow_4.sh",
-        "echo slow job starting\nsleep 6\nexec \"$(dirname \"$0\")/rsql_blog_script_4.sh\"",
+        &format!(
+            "for p in $(cat '{pids}' 2>/dev/null); do kill -0 \"$p\" 2>/dev/null && echo \"overlap $p\" >> '{starts}'; done\n\
+             echo $$ >> '{pids}'\n\
+             echo \"start $(date +%s%N)\" >> '{starts}'\n\
+             echo slow job starting\n\
+             sleep 6 & echo $! >> '{pids}'; wait $!\n\
+             exec \"$(dirname \"$0\")/rsql_blog_script_4.sh\"",
+            pids = pids.display(),
+            starts = starts.display()
+        ),
     );
     let dir = tempfile::tempdir().unwrap();
     let file = config_copy(dir.path(), "blog_retry_workflow", |c| {
@@ -542,6 +572,7 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
         .expect("the victim is one of ours");
     agent.kill();
     agent.kill_owners();
+    let killed_at = std::time::SystemTime::now();
 
     let out = world.wait(&arn, &agents.values().collect::<Vec<_>>()).await;
     assert_eq!(
@@ -594,6 +625,26 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
         let item = world.job(job, "blog_retry_1").await.unwrap();
         assert_eq!(s(&item, "execution_status"), "completed");
     }
+    // The retry never overlapped a living process of the dead run, and it started within
+    // the documented bound: the message's visibility timeout (nobody extends it any more),
+    // then the Retry's interval, with margin for a loaded machine.
+    let text = std::fs::read_to_string(&starts).unwrap();
+    assert!(!text.contains("overlap"), "{text}");
+    let runs: Vec<u128> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("start ")?.parse().ok())
+        .collect();
+    assert_eq!(runs.len(), 2, "{text}");
+    let killed_ns = killed_at
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let after = Duration::from_nanos((runs[1] - killed_ns) as u64);
+    let bound = Duration::from_secs(VISIBILITY_SECONDS + RETRY_INTERVAL_SECONDS + 15);
+    assert!(
+        after <= bound,
+        "the retry started {after:?} after the host died (bound {bound:?})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -761,5 +812,206 @@ async fn commands_give_clear_errors() {
             "no workflow audit item for scheduled_1"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A workflow config of `stages` (`"parallel"` or `"sequential"`, scripts), in `dir`.
+fn workflow_file(dir: &Path, workflow_id: &str, stages: &[(&str, &[String])]) -> PathBuf {
+    let config = json!({
+        "workflow_id": workflow_id,
+        "workflow_description": "queue-wait test",
+        "workflow_stages": stages.iter().enumerate().map(|(i, (kind, scripts))| json!({
+            "execution_flag": "y",
+            "execution_type": kind,
+            "stage_description": format!("stage {}", i + 1),
+            "scripts": scripts,
+        })).collect::<Vec<_>>(),
+    });
+    let path = dir.join(format!("{workflow_id}.json"));
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+/// A job that notes `<execution id> <job name>` in `starts` when it starts, then sleeps.
+fn counting_job(world: &World, name: &str, starts: &Path, seconds: u32) -> String {
+    write_script(
+        &world.scripts,
+        name,
+        &format!(
+            "echo \"$RSQL_WORKFLOW_EXECUTION_ID $RSQL_JOB_NAME\" >> '{}'\nsleep {seconds}",
+            starts.display()
+        ),
+    );
+    name.to_string()
+}
+
+/// How often each `<execution id> <job name>` started.
+fn start_counts(starts: &Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in std::fs::read_to_string(starts).unwrap_or_default().lines() {
+        *counts.entry(line.to_string()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// How many tasks the execution scheduled for each job (a retry schedules another).
+async fn tasks_per_job(world: &World, arn: &str) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for event in moto::execution_history(&world.sdk, arn).await {
+        if let Some(p) = event
+            .task_scheduled_event_details()
+            .and_then(|d| serde_json::from_str::<Value>(d.parameters()).ok())
+        {
+            if let Some(job) = p["MessageBody"]["job_name"].as_str() {
+                *counts.entry(job.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stage_wider_than_the_fleet_waits_for_slots_and_runs_each_job_once() {
+    let world = World::new().await;
+    let marks = tempfile::tempdir().unwrap();
+    let starts = marks.path().join("starts");
+    // Five 9 s jobs on two one-slot agents: the last one waits 18 s in the queue, six
+    // times the heartbeat period. The ideal is three rounds: 27 s.
+    let jobs: Vec<String> = (1..=5)
+        .map(|i| counting_job(&world, &format!("wide_{i}.sh"), &starts, 9))
+        .collect();
+    let file = workflow_file(marks.path(), "wide_workflow", &[("parallel", &jobs)]);
+    let agents = [
+        world.fleet_agent("i-0wide-a", 1),
+        world.fleet_agent("i-0wide-b", 1),
+    ];
+    world.put_config(&file);
+    let arn = world.start("wide_workflow", "wide_1");
+    let out = world.wait(&arn, &agents.iter().collect::<Vec<_>>()).await;
+    assert_eq!(
+        *out.status(),
+        ExecutionStatus::Succeeded,
+        "{:?} {:?}\n{}",
+        out.error(),
+        out.cause(),
+        logs(&agents.iter().collect::<Vec<_>>())
+    );
+    // Each job started exactly once, and no task timed out and was retried.
+    let counts = start_counts(&starts);
+    for job in &jobs {
+        assert_eq!(counts.get(&format!("wide_1 {job}")), Some(&1), "{counts:?}");
+    }
+    assert_eq!(counts.len(), jobs.len(), "{counts:?}");
+    let tasks = tasks_per_job(&world, &arn).await;
+    assert!(tasks.values().all(|n| *n == 1), "retries: {tasks:?}");
+    // End to end within 15 % of the ideal three rounds.
+    let took = out
+        .stop_date()
+        .and_then(|stop| {
+            let start = out.start_date();
+            Some(Duration::from_millis(
+                (stop.to_millis().ok()? - start.to_millis().ok()?) as u64,
+            ))
+        })
+        .expect("start and stop dates");
+    let ideal = Duration::from_secs(27);
+    eprintln!("the wide stage took {took:?} end to end (ideal {ideal:?})");
+    assert!(
+        took <= ideal.mul_f64(1.15),
+        "took {took:?}, ideal {ideal:?}\n{}",
+        logs(&agents.iter().collect::<Vec<_>>())
+    );
+    // Every job was audited completed.
+    for job in &jobs {
+        let item = world.job(job, "wide_1").await.expect("audit item");
+        assert_eq!(s(&item, "execution_status"), "completed", "{item:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_overlapping_workflows_on_one_fleet_run_every_job_once() {
+    let world = World::new().await;
+    let marks = tempfile::tempdir().unwrap();
+    let starts = marks.path().join("starts");
+    let jobs = |prefix: &str, range: std::ops::RangeInclusive<u32>| -> Vec<String> {
+        range
+            .map(|i| counting_job(&world, &format!("{prefix}_{i}.sh"), &starts, 2 + i % 2))
+            .collect()
+    };
+    let workflows = [
+        (
+            "night_a",
+            vec![
+                ("sequential", jobs("a", 1..=2)),
+                ("parallel", jobs("a", 3..=6)),
+            ],
+        ),
+        (
+            "night_b",
+            vec![
+                ("parallel", jobs("b", 1..=6)),
+                ("sequential", jobs("b", 7..=7)),
+            ],
+        ),
+        (
+            "night_c",
+            vec![
+                ("parallel", jobs("c", 1..=4)),
+                ("parallel", jobs("c", 5..=7)),
+            ],
+        ),
+    ];
+    let agents = [
+        world.fleet_agent("i-0night-a", 2),
+        world.fleet_agent("i-0night-b", 2),
+    ];
+    let mut expected = BTreeSet::new();
+    let mut executions = Vec::new();
+    for (i, (id, stages)) in workflows.iter().enumerate() {
+        let stages: Vec<(&str, &[String])> =
+            stages.iter().map(|(k, s)| (*k, s.as_slice())).collect();
+        world.put_config(&workflow_file(marks.path(), id, &stages));
+        let execution = format!("{id}_run");
+        for (_, scripts) in &stages {
+            for job in *scripts {
+                expected.insert(format!("{execution} {job}"));
+            }
+        }
+        // Overlapping starts: the second and third arrive while the first is running.
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+        }
+        executions.push(world.start(id, &execution));
+    }
+    assert_eq!(expected.len(), 20);
+    for arn in &executions {
+        let out = world.wait(arn, &agents.iter().collect::<Vec<_>>()).await;
+        assert_eq!(
+            *out.status(),
+            ExecutionStatus::Succeeded,
+            "{arn}: {:?} {:?}\n{}",
+            out.error(),
+            out.cause(),
+            logs(&agents.iter().collect::<Vec<_>>())
+        );
+        let tasks = tasks_per_job(&world, arn).await;
+        assert!(tasks.values().all(|n| *n == 1), "{arn} retried: {tasks:?}");
+    }
+    let counts = start_counts(&starts);
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "jobs that ran twice: {twice:?}");
+    assert_eq!(
+        counts.keys().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "every job ran, and nothing else"
+    );
+    // Both agents took part.
+    for agent in &agents {
+        assert!(
+            agent.log().contains("job started"),
+            "{} ran nothing:\n{}",
+            agent.config.instance_id,
+            agent.log()
+        );
     }
 }

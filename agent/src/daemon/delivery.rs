@@ -4,8 +4,8 @@
 //! without any AWS at all.
 //!
 //! ```text
-//!  parsed ──lock──▶ locked ──────────────▶ handed over ──(owner watched; see `owned`)
-//!    │  busy: elsewhere │ other token ran before: check the task ─closed─▶ acknowledged (stale copy)
+//!  parsed ──lock──▶ locked ──check the task──open──▶ handed over ──(owner watched; see `owned`)
+//!    │  busy: elsewhere │                  └──closed──▶ acknowledged (stale copy, never run)
 //!    │                  │ replay / interrupted
 //!    ▼                  ▼
 //!  left          finished(outcome) ──store──▶ stored ──delete──▶ acknowledged
@@ -23,8 +23,10 @@ use super::failure;
 pub(crate) enum Step {
     /// The message is valid and has a token; nothing is held yet.
     Parsed,
-    /// Lock held; the decision is to run, but another token ran the job before: ask whether
-    /// this copy's task is still open first.
+    /// Lock held and the decision is to run: ask Step Functions whether this copy's task is
+    /// still open first. A task that waited in the queue may have been closed meanwhile
+    /// (its execution stopped, or timed out and retried under a new token), and a job must
+    /// never start for a closed task.
     CheckingTask { attempt: u32 },
     /// Lock held and the decision is to run this attempt: hand it to an owner process.
     HandingOver { attempt: u32 },
@@ -44,11 +46,8 @@ pub(crate) enum Step {
 // One event at a time, matched at once: boxing the decision would only clutter the callers.
 #[allow(clippy::large_enum_variant)]
 pub(crate) enum Event {
-    /// The lock was taken; `other_token`: the state found was written under another token.
-    Locked {
-        decision: Decision,
-        other_token: bool,
-    },
+    /// The lock was taken.
+    Locked { decision: Decision },
     /// A live holder has the lock.
     Busy { holder: String },
     /// The lock could not be taken at all (an I/O error on the lock directory).
@@ -111,19 +110,10 @@ pub(crate) fn on(step: &Step, event: Event, origin: Origin) -> (Step, Vec<Effect
             }
             Origin::Sqs => (Step::Left, vec![]),
         },
-        (
-            Step::Parsed,
-            Event::Locked {
-                decision,
-                other_token,
-            },
-        ) => match decision {
-            Decision::Run { attempt } if other_token => {
-                (Step::CheckingTask { attempt }, vec![E::CheckTask])
-            }
-            Decision::Run { attempt } => {
-                (Step::HandingOver { attempt }, vec![E::HandOver { attempt }])
-            }
+        (Step::Parsed, Event::Locked { decision }) => match decision {
+            // Every run, first or retry, is preceded by one look at its task: the cost is a
+            // SendTaskHeartbeat per job, the gain that a closed task never runs its SQL.
+            Decision::Run { attempt } => (Step::CheckingTask { attempt }, vec![E::CheckTask]),
             Decision::Replay(state) => {
                 let outcome = recorded_outcome(&state);
                 (
@@ -142,11 +132,12 @@ pub(crate) fn on(step: &Step, event: Event, origin: Origin) -> (Step, Vec<Effect
                 )
             }
         },
-        // A stale copy of a task Step Functions already closed (its attempt timed out and
-        // was retried under a new token): never run the job again for it.
+        // A stale copy of a task Step Functions already closed (its execution was stopped,
+        // or its attempt timed out and was retried under a new token): never run the job
+        // for it, and report nothing (nobody can be told).
         (Step::CheckingTask { .. }, Event::TaskClosed(true)) => (
             Step::Acknowledged(Some(Outcome::Cancelled {
-                message: "the task was already closed: the job was not run again".into(),
+                message: "the task was already closed: the job was not run".into(),
             })),
             vec![E::Delete, E::Release],
         ),
@@ -302,24 +293,33 @@ mod tests {
         }
     }
 
-    fn locked(decision: Decision, other_token: bool) -> Event {
-        Event::Locked {
-            decision,
-            other_token,
+    fn locked(decision: Decision) -> Event {
+        Event::Locked { decision }
+    }
+
+    #[tokio::test]
+    async fn a_first_run_looks_at_its_task_once_then_is_handed_over() {
+        for origin in [Origin::Sqs, Origin::Local] {
+            let mut fake = Fake::default();
+            let got = drive(&mut fake, locked(Decision::Run { attempt: 1 }), origin).await;
+            assert_eq!(got, Ok(1));
+            assert_eq!(fake.done, ["check_task"], "{origin:?}");
         }
     }
 
     #[tokio::test]
-    async fn a_first_run_is_handed_over_with_nothing_else_done() {
-        let mut fake = Fake::default();
-        let got = drive(
-            &mut fake,
-            locked(Decision::Run { attempt: 1 }, false),
-            Origin::Sqs,
-        )
-        .await;
-        assert_eq!(got, Ok(1));
-        assert!(fake.done.is_empty(), "{:?}", fake.done);
+    async fn a_first_run_whose_task_closed_while_it_waited_in_the_queue_never_starts() {
+        let mut fake = Fake {
+            closed: true,
+            ..Fake::default()
+        };
+        let got = drive(&mut fake, locked(Decision::Run { attempt: 1 }), Origin::Sqs).await;
+        assert!(matches!(
+            got,
+            Err(Step::Acknowledged(Some(Outcome::Cancelled { .. })))
+        ));
+        assert_eq!(fake.done, ["check_task", "delete", "release"]);
+        assert!(fake.stored.is_empty(), "nothing is audited as run");
     }
 
     #[tokio::test]
@@ -328,12 +328,7 @@ mod tests {
             closed: true,
             ..Fake::default()
         };
-        let got = drive(
-            &mut fake,
-            locked(Decision::Run { attempt: 3 }, true),
-            Origin::Sqs,
-        )
-        .await;
+        let got = drive(&mut fake, locked(Decision::Run { attempt: 3 }), Origin::Sqs).await;
         assert!(matches!(
             got,
             Err(Step::Acknowledged(Some(Outcome::Cancelled { .. })))
@@ -344,12 +339,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_whose_task_is_open_runs_as_the_next_attempt() {
         let mut fake = Fake::default();
-        let got = drive(
-            &mut fake,
-            locked(Decision::Run { attempt: 2 }, true),
-            Origin::Sqs,
-        )
-        .await;
+        let got = drive(&mut fake, locked(Decision::Run { attempt: 2 }), Origin::Sqs).await;
         assert_eq!(got, Ok(2));
         assert_eq!(fake.done, ["check_task"]);
     }
@@ -362,12 +352,7 @@ mod tests {
             store_ok: true,
             ..Fake::default()
         };
-        let got = drive(
-            &mut fake,
-            locked(Decision::Replay(previous), false),
-            Origin::Sqs,
-        )
-        .await;
+        let got = drive(&mut fake, locked(Decision::Replay(previous)), Origin::Sqs).await;
         assert_eq!(got, Err(Step::Acknowledged(Some(done.clone()))));
         assert_eq!(fake.stored, [done]);
         assert_eq!(fake.done, ["store", "delete", "release"]);
@@ -382,7 +367,7 @@ mod tests {
         };
         let got = drive(
             &mut fake,
-            locked(Decision::Interrupted(previous), false),
+            locked(Decision::Interrupted(previous)),
             Origin::Sqs,
         )
         .await;
@@ -406,12 +391,7 @@ mod tests {
     async fn nothing_is_acknowledged_when_the_outcome_cannot_be_stored() {
         let previous = state("t", RunState::Completed, None);
         let mut fake = Fake::default();
-        let got = drive(
-            &mut fake,
-            locked(Decision::Replay(previous), false),
-            Origin::Sqs,
-        )
-        .await;
+        let got = drive(&mut fake, locked(Decision::Replay(previous)), Origin::Sqs).await;
         assert_eq!(got, Err(Step::Left));
         assert_eq!(fake.done, ["store", "release"]);
     }
