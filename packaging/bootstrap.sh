@@ -8,6 +8,7 @@
 #                [--config-parameter NAME]         config from SSM Parameter Store (SecureString ok)
 #                [--queue-url URL] [--log-group G] [--job-table T] [--workflow-table T]
 #                [--secret-id ID] [--script-dir DIR]  config from flags (when no --config-parameter)
+#                [--fleet NAME]                    the Fleet dimension of the metrics (stack FleetName)
 #                [--efs fs-XXXX|DNS] [--region R]  EFS for the fleet lock, mounted at /mnt/efs
 #                [--dry-run]                       print each action instead of doing it
 #
@@ -24,10 +25,10 @@ readonly SERVICE=rsql-agent
 readonly OS_RELEASE="${BOOTSTRAP_OS_RELEASE:-/etc/os-release}"
 
 packages=() package="" config_parameter="" queue_url="" log_group="" job_table="" workflow_table=""
-secret_id="" script_dir=/opt/rsql/rsql_scripts efs="" region="" dry_run=0
+secret_id="" script_dir=/opt/rsql/rsql_scripts efs="" region="" dry_run=0 fleet=""
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -46,6 +47,7 @@ while [ $# -gt 0 ]; do
     --workflow-table) workflow_table="${2:?--workflow-table needs a value}"; shift 2 ;;
     --secret-id) secret_id="${2:?--secret-id needs a value}"; shift 2 ;;
     --script-dir) script_dir="${2:?--script-dir needs a value}"; shift 2 ;;
+    --fleet) fleet="${2:?--fleet needs a value}"; shift 2 ;;
     --efs) efs="${2:?--efs needs a value}"; shift 2 ;;
     --region) region="${2:?--region needs a value}"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
@@ -54,7 +56,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#packages[@]} -gt 0 ] || die "--package is required"
-for value in "$queue_url" "$log_group" "$job_table" "$workflow_table" "$secret_id" "$script_dir"; do
+for value in "$queue_url" "$log_group" "$job_table" "$workflow_table" "$secret_id" "$script_dir" "$fleet"; do
   case "$value" in
     *'"'* | *\\* | *$'\n'*) die "a quote, backslash or newline is not allowed in a config value: $value" ;;
   esac
@@ -257,6 +259,10 @@ config_text() {
   if [ -n "$log_group" ]; then
     echo "[logs.cloudwatch]"
     echo "log_group = $(toml_string "$log_group")"
+  fi
+  if [ -n "$fleet" ]; then
+    echo "[metrics]"
+    echo "fleet = $(toml_string "$fleet")"
   fi
   if [ -n "$job_table" ] || [ -n "$workflow_table" ]; then
     echo "[report.audit]"

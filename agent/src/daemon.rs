@@ -132,6 +132,9 @@ struct Shared {
     owners: owned::Owners,
     /// This process's claim on `state_dir`, held for the daemon's life.
     _owner: StateDirOwner,
+    /// Job-end and gauge metrics; set by [`Daemon::run`] when `[logs.cloudwatch]` is set
+    /// and `[metrics] enabled` (a standalone run writes none).
+    metrics: std::sync::OnceLock<crate::metrics::Metrics>,
 }
 
 impl Shared {
@@ -237,6 +240,7 @@ impl Daemon {
                 database,
                 shipper,
                 _owner: owner,
+                metrics: std::sync::OnceLock::new(),
             }),
             policy: RetryPolicy {
                 max: Duration::from_secs(10),
@@ -273,6 +277,14 @@ impl Daemon {
                 "delivering outcomes left in the outbox by an earlier run"
             );
         }
+        open_metrics(&shared);
+        let mut metrics_tick = tokio::time::interval(
+            shared
+                .metrics
+                .get()
+                .map_or(Duration::from_secs(3600), |m| m.interval()),
+        );
+        metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let background = Background::start(&shared, self.policy);
         let (socket_task, mut submit_rx) = open_socket(&shared)?;
         let has_socket = socket_task.is_some();
@@ -318,6 +330,7 @@ impl Daemon {
                 },
                 // From the main loop itself, so a wedged loop stops feeding the watchdog.
                 _ = keepalive.tick() => self.notifier.alive(&lp.status()),
+                _ = metrics_tick.tick(), if shared.metrics.get().is_some() => lp.write_gauges(),
                 Some(_) = lp.jobs.join_next(), if !lp.jobs.is_empty() => {}
                 Some(asked) = ctl_rx.recv() => lp.on_control(asked, &self.notifier),
                 _ = sleep_until_some(lp.retry_at), if lp.retry_at.is_some() => lp.retry_at = None,
@@ -382,6 +395,52 @@ impl Background {
             housekeeping,
         }
     }
+}
+
+/// Starts the metrics file and its shipment, when there is a log group to ship to and
+/// `[metrics] enabled`. A failure costs the metrics, never the jobs.
+fn open_metrics(shared: &Shared) {
+    let (Some(shipper), true) = (&shared.shipper, shared.config.metrics.enabled) else {
+        return;
+    };
+    match crate::metrics::Metrics::open(
+        &shared.config.metrics,
+        &shared.attempts.live().jobs.log_dir,
+        &shared.attempts.instance_id,
+        shipper,
+    ) {
+        Ok(metrics) => {
+            let _ = shared.metrics.set(metrics);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot write metrics; jobs run without them"),
+    }
+}
+
+/// Writes a job's end to the metrics (when they are on).
+fn job_end_metrics(
+    shared: &Shared,
+    spec: (&str, &str, &str),
+    outcome: &Outcome,
+    duration_ms: Option<u64>,
+    queue_wait_ms: Option<u64>,
+) {
+    let Some(metrics) = shared.metrics.get() else {
+        return;
+    };
+    let (workflow_id, workflow_execution_id, job_name) = spec;
+    let status = match outcome {
+        Outcome::Completed(_) => crate::metrics::JobStatus::Completed,
+        Outcome::Failed(f) => crate::metrics::JobStatus::Failed(f.error.as_str()),
+        Outcome::Cancelled { .. } => crate::metrics::JobStatus::Cancelled,
+    };
+    metrics.job_end(&crate::metrics::JobEnd {
+        workflow_id,
+        workflow_execution_id,
+        job_name,
+        status,
+        duration_ms,
+        queue_wait_ms,
+    });
 }
 
 /// Resumes the CloudWatch shipments an earlier run left, except those of jobs still running
@@ -476,6 +535,17 @@ impl Loop {
 
     fn status(&self) -> Status {
         status(&self.shared, &self.jobs, &self.slots)
+    }
+
+    fn write_gauges(&self) {
+        if let Some(metrics) = self.shared.metrics.get() {
+            let status = self.status();
+            metrics.gauges(&crate::metrics::Gauges {
+                running_jobs: status.running,
+                free_slots: status.free,
+                outbox_depth: status.outbox,
+            });
+        }
     }
 
     /// Watches the jobs an earlier agent left (see `adopt_scan`).
@@ -685,6 +755,11 @@ impl Loop {
             let _ = tokio::time::timeout(left.min(Duration::from_secs(1)), task).await;
         }
         background.housekeeping.abort();
+        if let Some(metrics) = shared.metrics.get() {
+            self.write_gauges();
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            metrics.finish(left.min(Duration::from_millis(500))).await;
+        }
         if let Some(task) = control_task {
             task.abort();
         }
@@ -1178,6 +1253,20 @@ impl delivery::Effects for LiveEffects<'_> {
     }
 
     async fn store(&mut self, outcome: &Outcome, interrupted: Option<&LockState>) -> bool {
+        if interrupted.is_some() {
+            // A run that died with its host ends here, on whichever agent found it.
+            job_end_metrics(
+                self.shared,
+                (
+                    &self.spec.workflow_id,
+                    &self.spec.workflow_execution_id,
+                    &self.spec.job_name,
+                ),
+                outcome,
+                None,
+                None,
+            );
+        }
         let audit = interrupted
             .map(|previous| interrupted_record(self.shared, self.spec, previous, outcome));
         let token = match outcome {

@@ -96,6 +96,9 @@ pub struct SqsReceipt {
     pub receipt_handle: String,
     pub message_id: String,
     pub receive_count: u32,
+    /// The message's `SentTimestamp` (ms since the epoch), for the job's queue wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at_ms: Option<u64>,
 }
 
 /// How the job's processes are started: the parts of [`crate::supervisor::Launch`] that are

@@ -401,7 +401,7 @@ impl JobLog {
 }
 
 /// `2026-11-25T19:42:19Z` → `20261125T194219Z`.
-fn compact_utc(at: SystemTime) -> String {
+pub(crate) fn compact_utc(at: SystemTime) -> String {
     humantime::format_rfc3339_seconds(at)
         .to_string()
         .chars()

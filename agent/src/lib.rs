@@ -43,6 +43,7 @@ pub mod job_owner;
 pub mod joblog;
 pub mod lock;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod orchestrate;
 pub mod outcome;

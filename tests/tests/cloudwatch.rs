@@ -171,14 +171,36 @@ impl World {
 }
 
 /// Shipments the agent has not finished yet (its index in `state_dir/shipper`).
+/// Job-log shipments only: the agent's own metrics stream ships for as long as it runs.
 fn shipments_left(agent: &Agent) -> usize {
     std::fs::read_dir(agent.state_dir.join("shipper"))
         .map(|dir| {
             dir.filter_map(Result::ok)
                 .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                .filter(|e| {
+                    let state: serde_json::Value = std::fs::read(e.path())
+                        .ok()
+                        .and_then(|b| serde_json::from_slice(&b).ok())
+                        .unwrap_or_default();
+                    !state["log_stream"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with(METRICS_PREFIX))
+                })
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// The prefix of the agent's metrics streams, as the README documents it.
+const METRICS_PREFIX: &str = "rsql-agent-metrics/";
+
+/// The recorded `PutLogEvents` of one stream.
+fn puts_to(proxy: &Proxy, stream: &str) -> Vec<RecordedRequest> {
+    proxy
+        .requests_for("PutLogEvents")
+        .into_iter()
+        .filter(|r| r.body_json().is_some_and(|b| b["logStreamName"] == stream))
+        .collect()
 }
 
 /// The job's local log file (the only one under its workflow execution's directory).
@@ -370,7 +392,7 @@ async fn thirty_megabytes_arrive_whole_and_in_order_in_batches_within_the_limits
         assert!(pair[0].0 <= pair[1].0, "events out of order");
     }
 
-    let puts = proxy.requests_for("PutLogEvents");
+    let puts = puts_to(&proxy, &stream);
     assert!(puts.len() >= 30, "{} batches for 30 MB", puts.len());
     let sent = assert_within_limits(&puts);
     // Nothing was sent twice.
@@ -473,4 +495,132 @@ async fn an_agent_killed_while_shipping_is_cut_resumes_without_losing_or_repeati
         "{}",
         agent.log()
     );
+}
+
+/// The rules of CloudWatch's embedded metric format that decide whether a record becomes
+/// metrics: `_aws.Timestamp` in ms; each directive a namespace, dimension sets naming
+/// top-level string members (at most 30 per set), and metrics naming top-level numbers.
+/// Returns the metric names.
+fn emf_metrics(record: &serde_json::Value) -> Vec<String> {
+    let aws = &record["_aws"];
+    assert!(
+        aws["Timestamp"]
+            .as_i64()
+            .is_some_and(|t| t > 1_600_000_000_000),
+        "{record}"
+    );
+    let mut names = Vec::new();
+    for d in aws["CloudWatchMetrics"].as_array().expect("directives") {
+        assert_eq!(d["Namespace"], "RsqlAgent", "{record}");
+        for set in d["Dimensions"].as_array().expect("dimension sets") {
+            let set = set.as_array().expect("a dimension set");
+            assert!(!set.is_empty() && set.len() <= 30, "{record}");
+            for dim in set {
+                let dim = dim.as_str().expect("a dimension name");
+                assert!(record[dim].is_string(), "dimension {dim} missing: {record}");
+            }
+        }
+        for m in d["Metrics"].as_array().expect("metrics") {
+            let name = m["Name"].as_str().expect("a metric name");
+            assert!(record[name].is_number(), "metric {name} missing: {record}");
+            names.push(name.to_string());
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_metrics_arrive_in_the_log_group_as_embedded_metric_records() {
+    let world = World::new().await;
+    write_script(&world.scripts, "fine.sh", "echo fine");
+    write_script(&world.scripts, "broken.sh", "echo broken >&2\nexit 3");
+    let mut config = world.config();
+    config
+        .extra
+        .push_str("[metrics]\nfleet = \"night-fleet\"\n");
+    let agent = Agent::start(config, &world.moto.endpoint());
+    let fine = world.run(30, "metrics_1", "fine.sh").await;
+    let broken = world.run(30, "metrics_1", "broken.sh").await;
+    for exec in [&fine, &broken] {
+        let out = moto::wait_execution(&world.sdk, exec, WAIT).await;
+        assert_ne!(*out.status(), ExecutionStatus::Running, "{}", agent.log());
+    }
+    // One metrics stream for this agent run, found by its documented prefix.
+    let mut records: Vec<serde_json::Value> = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while records
+        .iter()
+        .filter(|r| r.get("JobName").is_some())
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "metrics never arrived: {records:?}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(found) = world
+            .logs()
+            .describe_log_streams()
+            .log_group_name(&world.log_group)
+            .log_stream_name_prefix(METRICS_PREFIX)
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let streams: Vec<String> = found
+            .log_streams()
+            .iter()
+            .filter_map(|s| s.log_stream_name().map(str::to_string))
+            .collect();
+        assert!(streams.len() <= 1, "one stream per agent run: {streams:?}");
+        let Some(stream) = streams.first() else {
+            continue;
+        };
+        assert!(
+            stream.starts_with(&format!("{METRICS_PREFIX}{}/", agent.config.instance_id)),
+            "{stream}"
+        );
+        records = world
+            .messages(stream)
+            .await
+            .iter()
+            .map(|m| serde_json::from_str(m).expect("every metrics event is one JSON record"))
+            .collect();
+    }
+    for record in &records {
+        assert_eq!(record["Fleet"], "night-fleet", "{record}");
+        emf_metrics(record);
+    }
+    let completed = records
+        .iter()
+        .find(|r| r["JobName"] == "fine.sh")
+        .expect("the completed job's record");
+    assert_eq!(
+        emf_metrics(completed),
+        ["JobsCompleted", "JobDurationMs", "QueueWaitMs"]
+    );
+    assert_eq!(completed["JobsCompleted"], 1);
+    assert_eq!(completed["WorkflowId"], "cloudwatch_test");
+    // An SQS job's queue wait: from the message being sent to the job's start.
+    let wait = completed["QueueWaitMs"].as_u64().expect("QueueWaitMs");
+    assert!(wait < WAIT.as_millis() as u64, "{completed}");
+    let failed = records
+        .iter()
+        .find(|r| r["JobName"] == "broken.sh")
+        .expect("the failed job's record");
+    assert_eq!(emf_metrics(failed)[0], "JobsFailed");
+    assert_eq!(failed["ErrorName"], "Rsql.ScriptFailed", "{failed}");
+    // The gauges: written at the start and every interval.
+    let gauges = records
+        .iter()
+        .find(|r| r.get("OutboxDepth").is_some())
+        .expect("a gauges record");
+    assert_eq!(
+        emf_metrics(gauges),
+        ["RunningJobs", "FreeSlots", "OutboxDepth"]
+    );
+    assert_eq!(gauges["FreeSlots"], agent.config.max_concurrent_jobs);
 }

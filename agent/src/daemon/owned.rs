@@ -283,6 +283,7 @@ fn prepare(
                 receipt_handle: d.receipt_handle.clone(),
                 message_id: d.message_id.clone(),
                 receive_count: d.receive_count,
+                sent_at_ms: d.sent_at_ms,
             }),
             _ => None,
         },
@@ -393,6 +394,7 @@ pub(super) fn source_of(job: &JobFile) -> Source {
             receipt_handle: r.receipt_handle.clone(),
             body: String::new(),
             receive_count: r.receive_count,
+            sent_at_ms: r.sent_at_ms,
         }),
         None => Source::Local,
     }
@@ -477,6 +479,17 @@ pub(super) async fn watch_job(
         exit_code = outcome.exit_code(),
         duration_ms = exit.as_ref().map(|e| e.duration_ms),
         "job finished"
+    );
+    super::job_end_metrics(
+        &shared,
+        (&job.workflow_id, &job.workflow_execution_id, &job.job_name),
+        &outcome,
+        exit.as_ref().map(|e| e.duration_ms),
+        humantime::parse_rfc3339(&job.started_at)
+            .ok()
+            .and_then(|started| {
+                crate::metrics::queue_wait_ms(job.sqs.as_ref().and_then(|r| r.sent_at_ms), started)
+            }),
     );
     let record = final_record(&shared, &job, &outcome, exit.as_ref());
     if let Err(e) = shared.attempts.audit.record_job(&record) {

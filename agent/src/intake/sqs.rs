@@ -31,6 +31,9 @@ pub struct Delivery {
     pub body: String,
     /// How many times SQS has handed this message out, this time included.
     pub receive_count: u32,
+    /// When the message was sent (its `SentTimestamp`, ms since the epoch): for a Step
+    /// Functions job, when its task was scheduled. A job's queue wait starts here.
+    pub sent_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +73,7 @@ impl SqsIntake {
             .wait_time_seconds(self.settings.wait_time.as_secs() as i32)
             .visibility_timeout(self.settings.visibility_timeout.as_secs() as i32)
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .send()
             .await
             .map_err(|e| self.err("ReceiveMessage", e))?;
@@ -83,11 +87,16 @@ impl SqsIntake {
                     .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(1);
+                let sent_at_ms = m
+                    .attributes()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::SentTimestamp))
+                    .and_then(|t| t.parse().ok());
                 Some(Delivery {
                     message_id: m.message_id.unwrap_or_default(),
                     receipt_handle: m.receipt_handle?,
                     body: m.body.unwrap_or_default(),
                     receive_count,
+                    sent_at_ms,
                 })
             })
             .collect())
