@@ -428,6 +428,7 @@ struct AwsWorld {
     job_table: String,
     state_machine: String,
     locks: tempfile::TempDir,
+    log_group: String,
 }
 
 impl AwsWorld {
@@ -472,6 +473,7 @@ impl AwsWorld {
             job_table,
             state_machine,
             locks: tempfile::tempdir().unwrap(),
+            log_group: format!("/ops/rsql-logs/{}", moto::unique_name("report")),
         }
     }
 
@@ -482,6 +484,8 @@ impl AwsWorld {
         config.max_concurrent_jobs = 1;
         config.heartbeat_interval = "1s".to_string();
         config.lock_dir = Some(self.locks.path().to_path_buf());
+        // Live logs: one stream per attempt, which the report names.
+        config.log_group = Some(self.log_group.clone());
         Agent::start(config, &self.world.moto.endpoint())
     }
 
@@ -602,6 +606,7 @@ async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
         assert_eq!(bars[0].attr("data-status"), "completed", "{job}");
         assert_eq!(bars[0].attr("fill"), completed, "{job}");
         let title = bars[0].title();
+        assert!(!s(&item, "log_stream").is_empty(), "{item:?}");
         for needle in [
             format!("instance: {}", s(&item, "instance_id")),
             format!("log: {}", s(&item, "log_stream")),
@@ -635,4 +640,72 @@ async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
             rows[0]
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_workflow_on_the_state_machine_report_shows_the_failed_task() {
+    let pg = tokio::task::block_in_place(TestPg::start);
+    let aws = AwsWorld::new().await;
+    let _a = aws.agent(&pg, "i-0report-a");
+    let _b = aws.agent(&pg, "i-0report-b");
+    aws.execute(
+        "blog_failure_workflow.json",
+        "blog_failure_workflow",
+        "blog_report_aws_fail",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let html = dir.path().join("report.html");
+    aws.report("blog_report_aws_fail", "html", &html);
+    let r = render(&html, "failure-aws");
+    assert!(r.dom.contains("data-execution-status=\"FAILED\""));
+
+    let item = aws
+        .job_item("rsql_blog_script_fail.sh", "blog_report_aws_fail")
+        .await;
+    let bars = r.bars_of("rsql_blog_script_fail.sh");
+    assert_eq!(bars.len(), 1, "Rsql.ScriptFailed is not retried");
+    assert_eq!(bars[0].attr("data-status"), "failed");
+    assert_eq!(bars[0].attr("data-error"), "Rsql.ScriptFailed");
+    assert_eq!(
+        bars[0].attr("fill"),
+        r.legend_colour("failed", "Rsql.ScriptFailed")
+    );
+    let title = bars[0].title();
+    for needle in [
+        "sql_state: 42P01".to_string(),
+        format!("instance: {}", s(&item, "instance_id")),
+        format!("log: {}", s(&item, "log_stream")),
+    ] {
+        assert!(title.contains(&needle), "{needle:?} not in {title:?}");
+    }
+    // Stage 3 never ran.
+    for job in ["rsql_blog_script_5.sh", "rsql_blog_script_6.sh"] {
+        assert!(r.bars_of(job).is_empty(), "{job}");
+    }
+    let error = chromium::elements(&r.dom, "p", "error");
+    assert!(
+        error.len() == 1 && error[0].inner.contains("Rsql.ScriptFailed"),
+        "{error:?}"
+    );
+
+    let text_file = dir.path().join("report.txt");
+    aws.report("blog_report_aws_fail", "text", &text_file);
+    let text = std::fs::read_to_string(&text_file).unwrap();
+    let rows = text_rows(&text, "rsql_blog_script_fail.sh");
+    assert!(
+        rows.len() == 1
+            && rows[0].contains("failed: Rsql.ScriptFailed")
+            && rows[0].contains("42P01"),
+        "{text}"
+    );
+    // Both views hold the same attempts.
+    let text_attempts = BLOG
+        .iter()
+        .map(|(_, j)| *j)
+        .chain(["rsql_blog_script_fail.sh"])
+        .flat_map(|j| text_rows(&text, j))
+        .filter(|row| !row.contains("not run"))
+        .count();
+    assert_eq!(text_attempts, r.bars.len(), "{text}");
 }

@@ -124,7 +124,8 @@ svg text{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',san
 table{border-collapse:collapse;width:100%;margin-top:22px;font-size:12.5px;font-variant-numeric:tabular-nums}
 th{text-align:left;color:var(--muted);font-weight:600;border-bottom:2px solid var(--line);padding:4px 8px}
 td{border-bottom:1px solid var(--line);padding:4px 8px;vertical-align:top}
-td.status{white-space:nowrap}
+td{white-space:nowrap}
+td.log{white-space:normal}
 td.log{word-break:break-all;color:#495057}
 tr.stage td{background:var(--band);font-weight:600}
 .chip{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:6px;vertical-align:-1px}
@@ -179,9 +180,9 @@ fn header(out: &mut String, t: &Timeline, path: &CriticalPath) {
             .iter()
             .map(|(_, j)| format!("<b>{}</b>", esc(j)))
             .collect();
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<p class=\"critical\" data-critical-path=\"{}\">Critical path: {} &nbsp;<span style=\"color:var(--muted)\">{} of {}{}</span></p>\n",
+            "<p class=\"critical\" data-critical-path=\"{}\">Critical path: {} &nbsp;<span style=\"color:var(--muted)\">{} of {}{}</span></p>",
             esc(&path.jobs.iter().map(|(_, j)| j.as_str()).collect::<Vec<_>>().join(" ")),
             chain.join(" → "),
             format_duration(path.length_ms),
@@ -194,11 +195,11 @@ fn header(out: &mut String, t: &Timeline, path: &CriticalPath) {
         );
     }
     if let Some(error) = &t.error {
-        let cause = t.cause.as_deref().unwrap_or_default();
+        let cause = readable_cause(t.cause.as_deref().unwrap_or_default());
         let cause: String = cause.chars().take(400).collect();
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<p class=\"error\"><b>{}</b>{}</p>\n",
+            "<p class=\"error\"><b>{}</b>{}</p>",
             esc(error),
             if cause.is_empty() {
                 String::new()
@@ -208,6 +209,29 @@ fn header(out: &mut String, t: &Timeline, path: &CriticalPath) {
         );
     }
     out.push_str("</header>\n");
+}
+
+/// The agent's JSON cause (`{exit_code, sql_state, message, ...}`) as a sentence; any other
+/// cause as it is.
+pub(crate) fn readable_cause(cause: &str) -> String {
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(cause) else {
+        return cause.to_string();
+    };
+    let Some(message) = json["message"].as_str() else {
+        return cause.to_string();
+    };
+    let mut text = String::new();
+    if let Some(state) = json["sql_state"].as_str() {
+        let _ = write!(text, "[{state}] ");
+    }
+    text.push_str(message);
+    if let Some(code) = json["exit_code"].as_i64() {
+        let _ = write!(text, " (exit code {code})");
+    }
+    if let Some(stream) = json["log_stream"].as_str() {
+        let _ = write!(text, "; log stream {stream}");
+    }
+    text
 }
 
 fn legend(out: &mut String, t: &Timeline) {
@@ -338,9 +362,9 @@ fn chart(out: &mut String, t: &Timeline, path: &CriticalPath) {
         );
         tick += step;
     }
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<line x1=\"{GUTTER}\" y1=\"{AXIS}\" x2=\"{:.1}\" y2=\"{AXIS}\" stroke=\"#ced4da\"/></g>\n",
+        "<line x1=\"{GUTTER}\" y1=\"{AXIS}\" x2=\"{:.1}\" y2=\"{AXIS}\" stroke=\"#ced4da\"/></g>",
         WIDTH - RIGHT
     );
 
@@ -591,17 +615,17 @@ fn details(out: &mut String, t: &Timeline) {
     );
     let dash = || "-".to_string();
     for stage in &t.stages {
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "<tr class=\"stage\"><td colspan=\"10\">Stage {} · {}</td></tr>\n",
+            "<tr class=\"stage\"><td colspan=\"10\">Stage {} · {}</td></tr>",
             stage.number,
             esc(&stage.description)
         );
         for job in &stage.jobs {
             if job.attempts.is_empty() {
-                let _ = write!(
+                let _ = writeln!(
                     out,
-                    "<tr class=\"attempt\" data-job=\"{}\" data-status=\"{}\"><td>{}</td><td>-</td><td colspan=\"8\" style=\"color:#868e96\">{}</td></tr>\n",
+                    "<tr class=\"attempt\" data-job=\"{}\" data-status=\"{}\"><td>{}</td><td>-</td><td colspan=\"8\" style=\"color:#868e96\">{}</td></tr>",
                     esc(&job.job_name),
                     if stage.enabled { "not_run" } else { "disabled" },
                     esc(&job.job_name),
@@ -609,11 +633,11 @@ fn details(out: &mut String, t: &Timeline) {
                 );
             }
             for a in &job.attempts {
-                let _ = write!(
+                let _ = writeln!(
                     out,
                     "<tr class=\"attempt\" data-job=\"{}\" data-status=\"{}\"><td>{}</td><td>{}</td>\
                      <td class=\"status\"><span class=\"chip\" style=\"background:{}\"></span>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-                     <td>{}</td><td>{}</td><td>{}</td><td class=\"log\">{}</td></tr>\n",
+                     <td>{}</td><td>{}</td><td>{}</td><td class=\"log\">{}</td></tr>",
                     esc(&job.job_name),
                     a.outcome.key(),
                     esc(&job.job_name),
@@ -677,6 +701,17 @@ mod tests {
         assert!(!html.contains("wf/ex/<b>"));
         assert!(!html.contains("<script"));
         assert!(html.contains("data-critical-path=\"a.sh b.sh\""));
+    }
+
+    #[test]
+    fn the_agents_cause_reads_as_a_sentence() {
+        assert_eq!(
+            readable_cause(
+                r#"{"exit_code":31,"sql_state":"42P01","message":"relation \"t\" does not exist","log_stream":"wf/s"}"#
+            ),
+            "[42P01] relation \"t\" does not exist (exit code 31); log stream wf/s"
+        );
+        assert_eq!(readable_cause("(no cause given)"), "(no cause given)");
     }
 
     #[test]

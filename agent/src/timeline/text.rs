@@ -79,7 +79,10 @@ pub fn render(t: &Timeline) -> String {
             "error:         {error}{}",
             t.cause
                 .as_deref()
-                .map(|c| format!(": {}", c.chars().take(300).collect::<String>()))
+                .map(|c| {
+                    let cause = super::html::readable_cause(c);
+                    format!(": {}", cause.chars().take(300).collect::<String>())
+                })
                 .unwrap_or_default()
         );
     }
