@@ -11,7 +11,8 @@
 //!   task's output or cause says; their start on an instance is not recorded anywhere.
 //!
 //! An attempt whose task never closed was cancelled when the execution ended (a sibling
-//! failed, or the execution was stopped), or is still running.
+//! failed, or the execution was stopped), or is still running, unless its job audit says
+//! how the job itself ended (a job can complete after its Map iteration was aborted).
 //!
 //! Must not touch: anything but reads.
 
@@ -268,9 +269,23 @@ pub fn apply_audit(attempts: &mut [Attempt], item: &Value) {
     attempt.sql_state = s("sql_state").or(attempt.sql_state.take());
     attempt.message = s("error_message").or(attempt.message.take());
     attempt.log = s("log_stream").or(attempt.log.take());
-    if s("execution_status").as_deref() == Some("cancelled") && attempt.outcome == Outcome::Running
-    {
-        attempt.outcome = Outcome::Cancelled;
+    // A task the history never closed (its Map iteration was aborted when a sibling failed,
+    // or the execution was stopped): what the job itself did is the audit's to say.
+    if matches!(attempt.outcome, Outcome::Running | Outcome::Cancelled) {
+        match s("execution_status").as_deref() {
+            Some("completed") => attempt.outcome = Outcome::Completed,
+            Some("cancelled") => attempt.outcome = Outcome::Cancelled,
+            Some("failed") => {
+                attempt.outcome = Outcome::from_error(
+                    s("error_message")
+                        .as_deref()
+                        .and_then(|m| m.split(':').next())
+                        .filter(|e| e.starts_with("Rsql.") || e.starts_with("States."))
+                        .unwrap_or("Rsql.ScriptFailed"),
+                )
+            }
+            _ => {}
+        }
     }
 }
 
@@ -576,10 +591,17 @@ mod tests {
     #[test]
     fn an_open_task_is_cancelled_when_the_execution_ended_and_running_before() {
         let events = vec![ev(10, 9, 1_000, scheduled("a"))];
-        assert_eq!(
-            attempts_from_history(&events, Some(5_000))["a"][0].outcome,
-            Outcome::Cancelled
-        );
+        let mut ended = attempts_from_history(&events, Some(5_000));
+        assert_eq!(ended["a"][0].outcome, Outcome::Cancelled);
+        // Unless its job completed before the agent heard the task was closed.
+        let item = serde_json::json!({
+            "execution_start_ts": "1970-01-01T00:00:01.200Z",
+            "execution_end_ts": "1970-01-01T00:00:01.900Z",
+            "execution_status": "completed",
+        });
+        apply_audit(ended.get_mut("a").unwrap(), &item);
+        assert_eq!(ended["a"][0].outcome, Outcome::Completed);
+        assert_eq!(ended["a"][0].ended, Some(1_900));
         let running = attempts_from_history(&events, None);
         assert_eq!(running["a"][0].outcome, Outcome::Running);
         assert_eq!(running["a"][0].ended, None);
