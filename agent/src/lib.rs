@@ -55,6 +55,7 @@ pub mod signals;
 pub mod slots;
 pub mod startup;
 pub mod supervisor;
+pub mod timeline;
 pub mod workflow;
 
 /// An error and its sources on one line (`outer: inner: root`), each said once: a message

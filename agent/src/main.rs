@@ -9,7 +9,7 @@
 //! | 2  | bad command-line usage |
 //! | 65 | the workflow file is not a valid workflow config, or names a job that cannot run |
 //! | 66 | an input file (workflow, config) does not exist or cannot be read |
-//! | 69 | a named AWS resource does not exist: a table, a workflow in the config table, the state machine or the execution |
+//! | 69 | a named AWS resource does not exist: a table, a workflow in the config table, the state machine or the execution; or `workflow report` finds no such execution in the local audit |
 //! | 70 | internal error (a bug: please report it with the log) |
 //! | 74 | the agent cannot write its state, audit or log directories |
 //! | 75 | a job is already running elsewhere (its lock is held), or another agent owns the state directory; try again later |
@@ -143,6 +143,33 @@ enum WorkflowCommand {
         #[arg(long)]
         workflow_table: Option<String>,
     },
+    /// Write a timeline of one execution: every job attempt on a time axis, grouped by
+    /// stage, with queue waits, retries and the critical path. With --state-machine, an
+    /// execution on AWS (its history and the job audit table); without, a local
+    /// `workflow run` execution (the local audit under the config's state_dir).
+    Report {
+        /// The execution id: on AWS the execution's name or its full ARN.
+        execution_id: String,
+        /// The state machine's ARN (AWS executions).
+        #[arg(long, requires = "job_table", conflicts_with = "config")]
+        state_machine: Option<String>,
+        /// The job audit table (the agents' `[report.audit] job_table`).
+        #[arg(long, requires = "state_machine")]
+        job_table: Option<String>,
+        /// The workflow audit table; by default the one the state machine writes.
+        #[arg(long, requires = "state_machine")]
+        workflow_table: Option<String>,
+        /// Agent config of a local run (its state_dir holds the audit); without it, the
+        /// defaults `workflow run` uses without one.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// html (one self-contained file) or text.
+        #[arg(long, default_value = "html", value_parser = ["html", "text"])]
+        format: String,
+        /// Write here; without it, to standard output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -193,6 +220,27 @@ fn main() -> ExitCode {
             &state_machine,
             &job_table,
             workflow_table.as_deref(),
+        ),
+        Command::Workflow(WorkflowCommand::Report {
+            execution_id,
+            state_machine,
+            job_table,
+            workflow_table,
+            config,
+            format,
+            output,
+        }) => workflow_report(
+            &execution_id,
+            match (state_machine, job_table) {
+                (Some(sm), Some(jt)) => ReportSource::Aws {
+                    state_machine: sm,
+                    job_table: jt,
+                    workflow_table,
+                },
+                _ => ReportSource::Local { config },
+            },
+            &format,
+            output.as_deref(),
         ),
     };
     ExitCode::from(code)
@@ -517,6 +565,93 @@ fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) ->
     })
 }
 
+enum ReportSource {
+    Aws {
+        state_machine: String,
+        job_table: String,
+        workflow_table: Option<String>,
+    },
+    Local {
+        config: Option<PathBuf>,
+    },
+}
+
+/// `rsql-agent workflow report`: 0 when written; 69 when the execution is unknown; 66/78 for
+/// a bad config; 74 when the file cannot be written; 76 for a failed AWS call.
+fn workflow_report(
+    execution_id: &str,
+    source: ReportSource,
+    format: &str,
+    output: Option<&Path>,
+) -> u8 {
+    use rsql_agent::timeline;
+    let timeline = match source {
+        ReportSource::Aws {
+            state_machine,
+            job_table,
+            workflow_table,
+        } => match orchestrate::timeline(
+            execution_id,
+            &state_machine,
+            &job_table,
+            workflow_table.as_deref(),
+        ) {
+            Ok(t) => t,
+            Err(code) => return code,
+        },
+        ReportSource::Local { config } => {
+            let config = match config {
+                Some(path) => Config::load(&path),
+                None => Config::defaults_for_user(Path::new(".")),
+            };
+            let config = match config {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("rsql-agent: {}", error_chain(&e));
+                    return config_exit(&e);
+                }
+            };
+            match timeline::local::load(&config.agent.state_dir, execution_id) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("rsql-agent: {}", error_chain(&e));
+                    return match e {
+                        timeline::local::LocalReportError::NoExecution { .. } => exit::UNAVAILABLE,
+                        timeline::local::LocalReportError::Audit(_) => exit::IO,
+                    };
+                }
+            }
+        }
+    };
+    let rendered = match format {
+        "text" => timeline::text::render(&timeline),
+        _ => timeline::html::render(&timeline),
+    };
+    match output {
+        None => {
+            print!("{rendered}");
+            exit::OK
+        }
+        Some(path) => match std::fs::write(path, rendered) {
+            Ok(()) => {
+                let (done, total) = timeline.completed_jobs();
+                eprintln!(
+                    "wrote {}: workflow {}, execution {}, {}, {done}/{total} jobs completed",
+                    path.display(),
+                    timeline.workflow_id,
+                    timeline.execution_id,
+                    timeline.status
+                );
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("rsql-agent: cannot write {}: {e}", path.display());
+                exit::IO
+            }
+        },
+    }
+}
+
 fn clock() -> String {
     let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     // 2026-11-25T19:42:19.123Z -> 19:42:19.123
@@ -665,6 +800,20 @@ mod orchestrate {
             }
             Err(code) => code,
         }
+    }
+
+    pub fn timeline(
+        execution_id: &str,
+        state_machine: &str,
+        job_table: &str,
+        workflow_table: Option<&str>,
+    ) -> Result<rsql_agent::timeline::Timeline, u8> {
+        run(async {
+            Orchestrator::from_env()
+                .await
+                .timeline(state_machine, execution_id, job_table, workflow_table)
+                .await
+        })
     }
 
     pub fn status(

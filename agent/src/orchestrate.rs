@@ -443,7 +443,75 @@ impl Orchestrator {
         })
     }
 
-    async fn job_item(
+    pub(crate) fn sfn(&self) -> &aws_sdk_sfn::Client {
+        &self.sfn
+    }
+
+    /// `DescribeExecution`, its errors said the way the commands say them.
+    pub(crate) async fn describe_execution(
+        &self,
+        execution_arn: &str,
+    ) -> Result<aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput, OrchestrateError>
+    {
+        self.sfn
+            .describe_execution()
+            .execution_arn(execution_arn)
+            .send()
+            .await
+            .map_err(|e| {
+                let (code, detail) = describe(&e);
+                match code.as_deref() {
+                    Some("ExecutionDoesNotExist") => OrchestrateError::NoExecution {
+                        execution: execution_arn.to_string(),
+                        detail,
+                    },
+                    Some("InvalidArn") => OrchestrateError::Invalid {
+                        what: format!("execution ARN {execution_arn:?}"),
+                        detail,
+                    },
+                    _ => OrchestrateError::Aws {
+                        what: format!("DescribeExecution {execution_arn}"),
+                        detail,
+                    },
+                }
+            })
+    }
+
+    /// The workflow audit item of one execution, from `workflow_table` or the table the
+    /// state machine writes.
+    pub(crate) async fn workflow_audit(
+        &self,
+        state_machine_arn: &str,
+        execution_id: &str,
+        workflow_id: &str,
+        workflow_table: Option<&str>,
+    ) -> Result<Option<Value>, OrchestrateError> {
+        let table = self
+            .table_of(state_machine_arn, WORKFLOW_AUDIT_STATE, workflow_table)
+            .await?;
+        let out = self
+            .dynamodb
+            .get_item()
+            .table_name(&table)
+            .key(
+                "workflow_execution_id",
+                AttributeValue::S(execution_id.to_string()),
+            )
+            .key("workflow_id", AttributeValue::S(workflow_id.to_string()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| {
+                dynamo_error(
+                    &e,
+                    &table,
+                    format!("GetItem of the workflow audit from {table:?}"),
+                )
+            })?;
+        Ok(out.item.map(|item| item_to_json(&item)))
+    }
+
+    pub(crate) async fn job_item(
         &self,
         table: &str,
         job_name: &str,

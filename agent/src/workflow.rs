@@ -366,6 +366,7 @@ impl Runner {
                 execution_end_ts: end,
                 rsql_jobs: all_jobs.clone(),
                 error_message: error,
+                workflow_stages: Some(workflow.workflow_stages.clone()),
             };
         self.audit
             .record_workflow(&workflow_record("running", None, None))?;

@@ -68,6 +68,10 @@ pub struct WorkflowAuditRecord {
     pub rsql_jobs: Vec<String>,
     #[serde(default)]
     pub error_message: Option<String>,
+    /// The workflow's stages as the run had them, so that `workflow report` can group the
+    /// jobs by stage in config order (older records lack it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow_stages: Option<Vec<crate::workflow::Stage>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +144,30 @@ impl LocalAudit {
             }
         }
         Ok(latest)
+    }
+
+    /// Every job record of one workflow execution, oldest first: each attempt's `running`
+    /// record and its final one.
+    pub fn job_records_of(
+        &self,
+        workflow_execution_id: &str,
+    ) -> Result<Vec<JobAuditRecord>, AuditError> {
+        Ok(read_all::<JobAuditRecord>(&self.jobs_path())?
+            .into_iter()
+            .filter(|r| r.workflow_execution_id == workflow_execution_id)
+            .collect())
+    }
+
+    /// Every record of one workflow execution, oldest first (a resumed execution has one
+    /// pair per run).
+    pub fn workflow_records_of(
+        &self,
+        workflow_execution_id: &str,
+    ) -> Result<Vec<WorkflowAuditRecord>, AuditError> {
+        Ok(read_all::<WorkflowAuditRecord>(&self.workflows_path())?
+            .into_iter()
+            .filter(|r| r.workflow_execution_id == workflow_execution_id)
+            .collect())
     }
 
     /// The latest record of one workflow execution.
