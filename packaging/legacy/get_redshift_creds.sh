@@ -1,3 +1,4 @@
+# shellcheck shell=sh
 # get_redshift_creds.sh: rsql-agent's drop-in for the helper of the same name that scripts
 # written for the replaced SSM framework source on their first line:
 #

@@ -66,7 +66,8 @@ mod exit {
     /// `run`: the config file does not exist or cannot be read.
     pub const NO_INPUT: u8 = 66;
     /// `submit`: the agent cannot be reached: no socket, nobody listening, or no reply in
-    /// time.
+    /// time. The legacy form: no agent, and the job could not run here either (its task
+    /// was failed as `Rsql.Interrupted` when AWS could be reached; stderr says).
     pub const UNREACHABLE: u8 = 69;
     /// `run`: internal error (the async runtime, the signal handlers, the supervisor).
     pub const SOFTWARE: u8 = 70;
@@ -245,9 +246,9 @@ fn legacy(args: &[OsString]) -> u8 {
     };
     match run_job(run) {
         RunEnd::Settled(code) => code,
-        RunEnd::NotSettled(code, reason) => {
+        RunEnd::NotSettled(_, reason) => {
             fail_unrun_task(&token, &socket, &reason);
-            code
+            exit::UNREACHABLE
         }
     }
 }
