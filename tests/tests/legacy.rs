@@ -679,3 +679,42 @@ fn scripts_check_finds_what_would_fail_and_passes_what_would_run() {
         assert!(out.contains(expected), "no {expected:?} in:\n{out}");
     }
 }
+
+#[test]
+fn the_drop_in_creds_helper_maps_the_agents_variables_and_refuses_another_secret() {
+    let source = |secret: &str, resolved: Option<&str>| {
+        let mut command = Command::new("bash");
+        command
+            .arg("-c")
+            .arg("source \"$1\"/get_redshift_creds.sh \"$2\" && echo \"$HOST $PORT $USER $DB\" && bash -c 'echo \"$RSPASSWORD\"'")
+            .arg("job")
+            .arg(drop_in_dir())
+            .arg(secret)
+            .envs([
+                ("RSQL_HOST", "cluster.example"),
+                ("RSQL_PORT", "5439"),
+                ("RSQL_USER", "etl"),
+                ("RSQL_DB", "dev"),
+                ("RSPASSWORD", "pw-from-agent"),
+            ]);
+        if let Some(resolved) = resolved {
+            command.env("RSQL_SECRET_ID", resolved);
+        }
+        let out = command.output().expect("bash");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = source("rsql/blog", Some("rsql/blog"));
+    assert!(ok, "{stderr}");
+    // Exported, so that rsql (a child) sees the password.
+    assert_eq!(stdout, "cluster.example 5439 etl dev\npw-from-agent\n");
+    let (ok, _, _) = source("any", None);
+    assert!(ok, "static [database] settings serve any secret id");
+    let (ok, stdout, stderr) = source("rsql/other", Some("rsql/blog"));
+    assert!(!ok, "{stdout}");
+    assert!(stderr.contains("rsql/other"), "{stderr}");
+    assert!(stderr.contains("[database] secret_id"), "{stderr}");
+}
