@@ -112,7 +112,10 @@ const LEGACY_ARGS: [&str; 11] = [
     version,
     about = "Hand an RSQL job to the running rsql-agent, or run one standalone (SSM Run Command entry point)",
     after_help = "Legacy form: rsql-wrapper TOKEN WORKFLOW_ID WORKFLOW_EXECUTION_ID SCRIPT_PATH \
-INSTANCE_ID SECRET_ID LOG_PATH AUDIT_TABLE LOG_GROUP INSTANCE_CODE_DIR REGION [SCRIPT_ARGS...]\n\n\
+INSTANCE_ID SECRET_ID LOG_PATH AUDIT_TABLE LOG_GROUP INSTANCE_CODE_DIR REGION [SCRIPT_ARGS...] \
+(submits; with no agent reachable, runs the job here or fails its task). The script gets \
+INSTANCE_CODE_DIR and SECRET_ID as $1 and $2, then SCRIPT_ARGS. \
+`rsql-wrapper run [--config PATH] TOKEN ... REGION [SCRIPT_ARGS...]` runs it here.\n\n\
 Exit codes: 0 accepted (submit) or completed (run), 1 job failed (run), 2 usage, \
 3 rejected as invalid, 66 config unreadable, 69 agent not reachable, 70 internal error, \
 74 state not writable, 75 busy or running elsewhere (retry), 76 outcome not yet delivered, \
@@ -772,6 +775,29 @@ mod tests {
             Some("load.sh")
         );
         assert_eq!(legacy_job_name("/", "/opt"), None);
+    }
+
+    #[test]
+    fn run_takes_the_legacy_positional_arguments_after_its_options() {
+        let os = |args: &[&str]| args.iter().map(OsString::from).collect::<Vec<_>>();
+        let (options, positional) = legacy_run_form(&os(&[
+            "--config",
+            "/etc/a.toml",
+            "--report-timeout-seconds=30",
+            "tok",
+            "wf",
+        ]))
+        .expect("the legacy form")
+        .expect("valid options");
+        assert_eq!(options.config.as_deref(), Some(Path::new("/etc/a.toml")));
+        assert_eq!(options.report_timeout_seconds, Some(30));
+        assert_eq!(positional, os(&["tok", "wf"]));
+        // The option form, and help, are clap's.
+        assert!(legacy_run_form(&os(&["--config", "c", "--task-token", "t"])).is_none());
+        assert!(legacy_run_form(&os(&["--help"])).is_none());
+        assert!(legacy_run_form(&os(&[])).is_none());
+        let bad = legacy_run_form(&os(&["--log-format", "xml", "tok"])).expect("legacy");
+        assert!(bad.unwrap_err().contains("--log-format"));
     }
 
     #[test]
