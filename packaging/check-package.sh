@@ -37,6 +37,7 @@ case "$target" in /*) ;; *) target="$here/$target" ;; esac
 CONFIG=/etc/rsql-agent/agent.toml
 UNIT=/usr/lib/systemd/system/rsql-agent.service
 SHIM=/usr/libexec/rsql-agent/rsql_trigger.sh
+CREDS=/usr/libexec/rsql-agent/legacy/get_redshift_creds.sh
 SLICE=/usr/lib/systemd/system/rsql-jobs.slice
 POLKIT=/usr/share/polkit-1/rules.d/50-rsql-agent.rules
 SYSUSERS=/usr/lib/sysusers.d/rsql-agent.conf
@@ -93,7 +94,8 @@ has_line() {
 
 # 0. The package's shell scripts, and this one.
 say "shellcheck: the shim, the deb maintainer scripts, the rpm scriptlets, check-package.sh, check-glibc.sh"
-shellcheck "$here/packaging/rsql_trigger.sh" "$here"/packaging/deb/* "$here"/packaging/rpm/*.sh \
+shellcheck "$here/packaging/rsql_trigger.sh" "$here/packaging/legacy/get_redshift_creds.sh" \
+  "$here"/packaging/deb/* "$here"/packaging/rpm/*.sh \
   "$here/packaging/check-package.sh" "$here/packaging/check-glibc.sh" || fail "shellcheck found problems"
 
 # The sysusers.d line, which the rpm's %pre repeats.
@@ -109,6 +111,7 @@ for line in \
   "-rw-r--r-- root:root  $UNIT" \
   "-rw-r----- root:rsql cn $CONFIG" \
   "-rwxr-xr-x root:root  $SHIM" \
+  "-rw-r--r-- root:root  $CREDS" \
   "-rw-r--r-- root:root  $SLICE" \
   "-rw-r--r-- root:root  $POLKIT" \
   "-rw-r--r-- root:root  $SYSUSERS" \
@@ -157,6 +160,7 @@ for line in \
   "-rw-r--r-- 0/0 .$UNIT" \
   "-rw-r----- 0/0 .$CONFIG" \
   "-rwxr-xr-x 0/0 .$SHIM" \
+  "-rw-r--r-- 0/0 .$CREDS" \
   "-rw-r--r-- 0/0 .$SLICE" \
   "-rw-r--r-- 0/0 .$POLKIT" \
   "-rw-r--r-- 0/0 .$SYSUSERS"; do
@@ -284,9 +288,17 @@ if [ "$rc" -ne 2 ] || ! grep -q 'Usage: rsql-wrapper' "$work/shim.out"; then
   cat "$work/shim.out" >&2
   fail "$SHIM with no arguments exited $rc, expected rsql-wrapper's usage error (2)"
 fi
-# The 11 legacy arguments reach rsql-wrapper's legacy form, which finds no agent: 69.
+# The drop-in creds helper legacy scripts source: it maps the agent's variables.
+creds_out="$(RSQL_HOST=h RSQL_PORT=5439 RSQL_USER=u RSQL_DB=d RSPASSWORD=p bash -c \
+  '. "$1" secret && echo "$HOST $PORT $USER $DB"' creds "$CREDS")" || fail "sourcing $CREDS failed"
+[ "$creds_out" = "h 5439 u d" ] || fail "$CREDS set '$creds_out', expected 'h 5439 u d'"
+# The 11 legacy arguments reach rsql-wrapper's legacy form, which finds no agent, cannot run
+# the job here (no config) and cannot fail its task (no AWS here): 69.
 rc=0
-RSQL_AGENT_SOCKET="$work/no-agent.sock" "$SHIM" token wf exec-1 /opt/rsql/rsql_scripts/job.sh \
+RSQL_AGENT_SOCKET="$work/no-agent.sock" RSQL_AGENT_CONFIG="$work/no-config.toml" \
+  AWS_ENDPOINT_URL=http://127.0.0.1:9 AWS_ACCESS_KEY_ID=x AWS_SECRET_ACCESS_KEY=x \
+  AWS_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true \
+  "$SHIM" token wf exec-1 /opt/rsql/rsql_scripts/job.sh \
   i-0 secret /var/log/job.log audit /rsql/logs /opt/rsql/rsql_scripts us-east-1 \
   >"$work/shim.out" 2>&1 || rc=$?
 [ "$rc" -eq 69 ] || {
@@ -324,7 +336,7 @@ check_config_as_rsql
 say "dpkg -r rsql-agent (the config must stay)"
 dpkg -r rsql-agent
 [ "$(status)" = "deinstall ok config-files" ] || fail "after dpkg -r, status is '$(status)'"
-for path in "${paths[@]}" "$UNIT" "$SHIM" "$SLICE" "$POLKIT" "$SYSUSERS"; do
+for path in "${paths[@]}" "$UNIT" "$SHIM" "$CREDS" "$SLICE" "$POLKIT" "$SYSUSERS"; do
   [ ! -e "$path" ] || fail "$path is still there after dpkg -r"
 done
 [ -f "$CONFIG" ] || fail "dpkg -r removed the conffile $CONFIG"

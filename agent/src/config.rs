@@ -102,6 +102,16 @@ struct RawJobs {
     cgroup: Option<crate::cgroup::CgroupChoice>,
     cgroup_parent: Option<PathBuf>,
     memory_max: Option<String>,
+    legacy: Option<RawLegacy>,
+}
+
+/// `[jobs.legacy]`: see [`crate::legacy`].
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLegacy {
+    instance_code_dir: Option<PathBuf>,
+    secret_id: Option<String>,
+    workflows: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -163,6 +173,19 @@ struct RawReport {
 struct RawAudit {
     job_table: Option<String>,
     workflow_table: Option<String>,
+    format: Option<AuditFormat>,
+}
+
+/// `[report.audit] format`: which values the DynamoDB job audit item carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuditFormat {
+    /// `execution_status` `running|completed|failed|cancelled`, ISO 8601 UTC timestamps.
+    #[default]
+    Standard,
+    /// The replaced framework's values, for dashboards written against its table:
+    /// `triggered|successful|failed` and `%m-%d-%y-%H-%M-%S` (UTC) timestamps.
+    Legacy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,6 +305,8 @@ pub struct JobSettings {
     /// `memory.max` of every job, in bytes (a message may ask for less, never more);
     /// needs the memory controller.
     pub memory_max: Option<u64>,
+    /// `[jobs.legacy]`: the leading arguments of scripts written for the replaced framework.
+    pub legacy: Option<crate::legacy::LegacySettings>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -316,6 +341,7 @@ pub struct CloudWatchSettings {
 pub struct AuditSettings {
     pub job_table: Option<String>,
     pub workflow_table: Option<String>,
+    pub format: AuditFormat,
 }
 
 /// Connection settings handed to every job as `RSQL_HOST`, `RSQL_PORT`, `RSQL_USER`,
@@ -522,6 +548,13 @@ impl Config {
                     Some(parse_size(&text).map_err(|reason| invalid("jobs.memory_max", reason))?)
                 }
             },
+            legacy: raw.jobs.legacy.map(|l| crate::legacy::LegacySettings {
+                instance_code_dir: l
+                    .instance_code_dir
+                    .unwrap_or_else(|| PathBuf::from(crate::legacy::DROP_IN_DIR)),
+                secret_id: l.secret_id,
+                workflows: l.workflows,
+            }),
         };
 
         let sqs = match raw.intake.sqs {
@@ -577,6 +610,7 @@ impl Config {
             Some(a) => AuditSettings {
                 job_table: a.job_table,
                 workflow_table: a.workflow_table,
+                format: a.format.unwrap_or_default(),
             },
         };
         let database = match raw.database {
@@ -591,6 +625,12 @@ impl Config {
                 secret_ttl: duration("database.secret_ttl", db.secret_ttl, DEFAULT_SECRET_TTL)?,
             },
         };
+        let mut jobs = jobs;
+        if let Some(legacy) = jobs.legacy.as_mut() {
+            if legacy.secret_id.is_none() {
+                legacy.secret_id = database.secret_id.clone();
+            }
+        }
         Ok(Config {
             source: path.map(Path::to_path_buf),
             agent,
@@ -714,6 +754,25 @@ impl Config {
                     "logs.cloudwatch.flush_interval",
                     "must be more than 0s".to_string(),
                 ));
+            }
+        }
+        if let Some(legacy) = &self.jobs.legacy {
+            if !legacy.instance_code_dir.is_absolute() {
+                return Err(invalid(
+                    "jobs.legacy.instance_code_dir",
+                    format!(
+                        "{} must be an absolute path",
+                        legacy.instance_code_dir.display()
+                    ),
+                ));
+            }
+            if let Some(list) = &legacy.workflows {
+                if list.is_empty() || list.iter().any(|w| w.trim().is_empty()) {
+                    return Err(invalid(
+                        "jobs.legacy.workflows",
+                        "must list workflow ids (leave it out for every workflow)".to_string(),
+                    ));
+                }
             }
         }
         if self.database.password.is_some() && self.database.secret_id.is_some() {
@@ -892,6 +951,45 @@ secret_id = "redshift/etl"
         .unwrap_err()
         .to_string();
         assert!(err.contains("jobs.cgroup_parent"), "{err}");
+    }
+
+    #[test]
+    fn legacy_section_and_audit_format_parse_and_unknown_keys_are_named() {
+        let dir = scripts();
+        let base = format!("[jobs]\nscript_dir = \"{}\"\n", dir.path().display());
+        let plain = parse(&base).unwrap();
+        assert_eq!(plain.jobs.legacy, None);
+        assert_eq!(plain.audit.format, AuditFormat::Standard);
+
+        let config = parse(&format!(
+            "{base}[jobs.legacy]\nsecret_id = \"rsql/blog\"\nworkflows = [\"blog_test_workflow\"]\n\
+             [report.audit]\njob_table = \"t\"\nformat = \"legacy\"\n"
+        ))
+        .unwrap();
+        let legacy = config.jobs.legacy.unwrap();
+        assert_eq!(
+            legacy.instance_code_dir,
+            PathBuf::from(crate::legacy::DROP_IN_DIR)
+        );
+        assert_eq!(legacy.secret_id.as_deref(), Some("rsql/blog"));
+        assert!(legacy.applies_to("blog_test_workflow"));
+        assert_eq!(config.audit.format, AuditFormat::Legacy);
+
+        for (extra, key) in [
+            (
+                "[jobs.legacy]\ninstance_code_dirs = \"/x\"\n",
+                "instance_code_dirs",
+            ),
+            (
+                "[jobs.legacy]\ninstance_code_dir = \"rel\"\n",
+                "jobs.legacy.instance_code_dir",
+            ),
+            ("[jobs.legacy]\nworkflows = []\n", "jobs.legacy.workflows"),
+            ("[report.audit]\nformat = \"old\"\n", "format"),
+        ] {
+            let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

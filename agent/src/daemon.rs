@@ -197,11 +197,9 @@ impl Daemon {
         let owner = StateDirOwner::claim(&config.agent.state_dir, role)?;
         let sqs = config.sqs.clone();
         let outbox = Outbox::open(&config.agent.state_dir)?;
-        let audit_table = config
-            .audit
-            .job_table
-            .as_ref()
-            .map(|t| JobAuditTable::new(clients.dynamodb.clone(), t.clone()));
+        let audit_table = config.audit.job_table.as_ref().map(|t| {
+            JobAuditTable::new(clients.dynamodb.clone(), t.clone()).with_format(config.audit.format)
+        });
         let shipper = match &config.cloudwatch {
             Some(settings) => Some(Shipper::new(
                 clients.logs.clone(),

@@ -45,6 +45,10 @@ pub struct JobSpec {
     /// The message's `memory_max_mb`, in bytes: a lower memory limit than `[jobs]
     /// memory_max` for this job (a higher one is cut to the configured limit).
     pub memory_max: Option<u64>,
+    /// The message's `legacy_args`: `[instance_code_dir, secret_id]`, the script's `$1` and
+    /// `$2` before `args`, as the replaced framework's trigger gave them (see
+    /// [`crate::legacy`]).
+    pub legacy_args: Option<[String; 2]>,
 }
 
 // Hand-written: the full task token is a secret that must not reach a log.
@@ -65,6 +69,7 @@ impl std::fmt::Debug for JobSpec {
             .field("lock_key", &self.lock_key)
             .field("ssm_command_id", &self.ssm_command_id)
             .field("memory_max", &self.memory_max)
+            .field("legacy_args", &self.legacy_args)
             .finish()
     }
 }
@@ -97,7 +102,7 @@ pub enum JobError {
     },
     #[error("field `{field}`: {reason}")]
     BadValue { field: &'static str, reason: String },
-    #[error("unknown field `{0}` (known fields: task_token, workflow_id, workflow_execution_id, job_name, args, timeout_seconds, heartbeat_seconds, lock_key, ssm_command_id, memory_max_mb)")]
+    #[error("unknown field `{0}` (known fields: task_token, workflow_id, workflow_execution_id, job_name, args, timeout_seconds, heartbeat_seconds, lock_key, ssm_command_id, memory_max_mb, legacy_args)")]
     UnknownField(String),
     #[error("fields `{0}` and `{1}` are aliases; give only one")]
     Duplicate(&'static str, &'static str),
@@ -120,6 +125,11 @@ pub enum JobError {
     },
     #[error("job_name {job_name:?} is not a regular file")]
     NotAFile { job_name: String },
+    #[error(
+        "job_name {job_name:?}: line {line} ends in CRLF: {}",
+        crate::legacy::CRLF_HELP
+    )]
+    CrlfLineEndings { job_name: String, line: usize },
     #[error("script directory {script_dir} cannot be resolved: {source}")]
     ScriptDir {
         script_dir: PathBuf,
@@ -163,6 +173,7 @@ const KNOWN_FIELDS: &[&str] = &[
     "lock_key",
     "ssm_command_id",
     "memory_max_mb",
+    "legacy_args",
 ];
 
 impl JobSpec {
@@ -232,6 +243,7 @@ impl JobSpec {
             aliased_string(map, "job_name", "script")?.ok_or(JobError::Missing("job_name"))?;
         check_text("job_name", &job_name, MAX_ID_LEN)?;
         let script = resolve_script(rules.script_dir, &job_name)?;
+        check_line_endings(&script, &job_name)?;
 
         let args = match map.get("args") {
             None | Some(Value::Null) => Vec::new(),
@@ -288,6 +300,7 @@ impl JobSpec {
             check_text("ssm_command_id", id, MAX_ID_LEN)?;
         }
         let memory_max = memory_mb(map, "memory_max_mb")?;
+        let legacy_args = legacy_args(map)?;
         Ok(JobSpec {
             task_token,
             workflow_id,
@@ -300,6 +313,7 @@ impl JobSpec {
             lock_key,
             ssm_command_id,
             memory_max,
+            legacy_args,
         })
     }
 }
@@ -377,6 +391,55 @@ fn required_id(map: &Map<String, Value>, field: &'static str) -> Result<String, 
     }
     check_text(field, &value, MAX_ID_LEN)?;
     Ok(value)
+}
+
+/// `legacy_args`: exactly two strings, `[instance_code_dir, secret_id]`.
+fn legacy_args(map: &Map<String, Value>) -> Result<Option<[String; 2]>, JobError> {
+    const FIELD: &str = "legacy_args";
+    let items = match map.get(FIELD) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(JobError::WrongType {
+                field: FIELD,
+                expected: "an array of two strings [instance_code_dir, secret_id]",
+                got: kind(other),
+            })
+        }
+    };
+    match items.as_slice() {
+        [Value::String(code_dir), Value::String(secret)] => {
+            check_text(FIELD, code_dir, MAX_ARG_LEN)?;
+            check_text(FIELD, secret, MAX_ARG_LEN)?;
+            Ok(Some([code_dir.clone(), secret.clone()]))
+        }
+        _ => Err(JobError::BadValue {
+            field: FIELD,
+            reason: format!(
+                "must be two strings [instance_code_dir, secret_id], got {} element(s)",
+                items.len()
+            ),
+        }),
+    }
+}
+
+/// A script with CRLF line endings fails under any shell in ways nobody can read; refuse it
+/// up front with the reason. Only the first MiB is read: a script is text, and a longer one
+/// with CRLF in its head is found all the same.
+fn check_line_endings(script: &Path, job_name: &str) -> Result<(), JobError> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    // An unreadable script is left to the run itself to report, with the real error.
+    if let Ok(file) = std::fs::File::open(script) {
+        let _ = file.take(1 << 20).read_to_end(&mut head);
+    }
+    match crate::legacy::first_crlf_line(&head) {
+        Some(line) => Err(JobError::CrlfLineEndings {
+            job_name: job_name.to_string(),
+            line,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// A whole number of MiB, at least `config::MIN_MEMORY_MAX`, as bytes.
@@ -618,6 +681,37 @@ mod tests {
             assert!(err.to_string().contains("memory_max_mb"), "{bad}: {err}");
             assert_eq!(err.task_token.as_deref(), Some("tok-123"));
         }
+    }
+
+    #[test]
+    fn legacy_args_are_two_strings_and_crlf_scripts_are_refused_with_the_fix() {
+        let f = Fixture::new();
+        let mut body: serde_json::Value = serde_json::from_str(&msg("job.sh")).unwrap();
+        body["legacy_args"] = serde_json::json!(["/opt/code", "rsql/blog"]);
+        let spec = f.parse(&body.to_string()).unwrap();
+        assert_eq!(
+            spec.legacy_args,
+            Some(["/opt/code".to_string(), "rsql/blog".to_string()])
+        );
+        assert_eq!(f.parse(&msg("job.sh")).unwrap().legacy_args, None);
+        for bad in [serde_json::json!(["/opt/code"]), serde_json::json!("x")] {
+            body["legacy_args"] = bad.clone();
+            let err = f.parse(&body.to_string()).expect_err("refused");
+            assert!(err.to_string().contains("legacy_args"), "{bad}: {err}");
+        }
+
+        std::fs::write(f.scripts().join("dos.sh"), "#!/bin/bash\r\nexit 0\r\n").unwrap();
+        let err = f.parse(&msg("dos.sh")).unwrap_err();
+        assert!(
+            matches!(err.error, JobError::CrlfLineEndings { line: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("numeric argument required"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("sed -i"), "{err}");
+        assert_eq!(err.task_token.as_deref(), Some("tok-123"));
     }
 
     #[test]

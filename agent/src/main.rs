@@ -88,6 +88,25 @@ enum Command {
     /// machine (packaging/aws/workflow.asl.json) on AWS.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
+    /// Job scripts: check a folder of them before a migration.
+    #[command(subcommand)]
+    Scripts(ScriptsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ScriptsCommand {
+    /// Check every script in DIR for what would fail under the agent (CRLF endings, an
+    /// interpreter that is missing or not the one that would run it, legacy arguments that
+    /// are not configured, rsql commands the stand-in lacks, reserved \exit codes). One line a
+    /// finding: FILE:LINE: error|warning: what; fix: how. Exits 1 when any error is found.
+    Check {
+        /// The folder of scripts (searched recursively).
+        dir: PathBuf,
+        /// The agent config whose [jobs] interpreter and [jobs.legacy] apply; without it,
+        /// /bin/bash and no legacy arguments.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -196,6 +215,9 @@ fn main() -> ExitCode {
                 resume,
             },
         ),
+        Command::Scripts(ScriptsCommand::Check { dir, config }) => {
+            scripts_check(&dir, config.as_deref())
+        }
         Command::Workflow(WorkflowCommand::PutConfig { file, table }) => {
             orchestrate::put_config(&file, &table)
         }
@@ -430,6 +452,49 @@ fn daemon_run(path: &Path) -> u8 {
     })
 }
 
+/// `rsql-agent scripts check`: findings on stdout, one a line, then a summary.
+fn scripts_check(dir: &Path, config_path: Option<&Path>) -> u8 {
+    use rsql_agent::scripts_check::{check_dir, CheckSettings};
+    let settings = match config_path {
+        None => CheckSettings {
+            interpreter: PathBuf::from("/bin/bash"),
+            legacy: None,
+        },
+        Some(path) => match Config::load(path) {
+            Ok(config) => CheckSettings {
+                interpreter: config.jobs.interpreter.clone(),
+                legacy: config.jobs.legacy.clone(),
+            },
+            Err(e) => {
+                eprintln!("rsql-agent: {}", error_chain(&e));
+                return config_exit(&e);
+            }
+        },
+    };
+    let report = match check_dir(dir, &settings) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("rsql-agent: {}", error_chain(&e));
+            return exit::NO_INPUT;
+        }
+    };
+    for finding in &report.findings {
+        println!("{finding}");
+    }
+    let errors = report.errors();
+    println!(
+        "{} script(s) checked in {}: {errors} error(s), {} warning(s)",
+        report.scripts,
+        dir.display(),
+        report.findings.len() - errors
+    );
+    if errors > 0 {
+        exit::JOB_FAILED
+    } else {
+        exit::OK
+    }
+}
+
 fn start_exit(e: &StartError) -> u8 {
     match e {
         StartError::Signals(_) => exit::SOFTWARE,
@@ -489,13 +554,28 @@ fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) ->
                 return exit::IO;
             }
         };
-        let runner = match Runner::new(config.clone(), attempts, Arc::new(print_progress)) {
+        let mut runner = match Runner::new(config.clone(), attempts, Arc::new(print_progress)) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("rsql-agent: {}", error_chain(&e));
                 return exit::IO;
             }
         };
+        // `[database] secret_id`: resolved once, as the daemon does, from Secrets Manager.
+        if config.database.secret_id.is_some() {
+            let sdk = rsql_agent::aws::load_config().await;
+            let database = rsql_agent::secrets::DatabaseEnv::new(
+                config.database.clone(),
+                Some(rsql_agent::aws::AwsClients::new(&sdk).secrets),
+            );
+            match database.job_env().await {
+                Ok(env) => runner = runner.with_database_env(env),
+                Err(e) => {
+                    eprintln!("rsql-agent: {}", error_chain(&e));
+                    return exit::UNAVAILABLE;
+                }
+            }
+        }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -2,7 +2,7 @@
 //!
 //! Owns: reading `[database] secret_id` in the usual Redshift secret shape (`username`,
 //! `password`, `host`, `port`, `dbname`), caching it, and producing the job environment
-//! (`RSQL_*` and `RSPASSWORD`). The password lives only in memory and in the job's
+//! (`RSQL_*`, `RSPASSWORD`, and `RSQL_SECRET_ID` naming the secret they came from). The password lives only in memory and in the job's
 //! environment: no `Debug`, log line, audit item or callback ever carries it.
 //!
 //! Must not touch: jobs or reporting.
@@ -25,17 +25,18 @@ pub enum SecretError {
     Shape { secret_id: String },
 }
 
+// The `db_*` aliases are the names the replaced framework's secrets used.
 #[derive(Deserialize)]
 struct RedshiftSecret {
-    #[serde(default)]
+    #[serde(default, alias = "db_user_name")]
     username: Option<String>,
     #[serde(default)]
     password: Option<String>,
-    #[serde(default)]
+    #[serde(default, alias = "db_host_name")]
     host: Option<String>,
     #[serde(default, deserialize_with = "port_from_number_or_string")]
     port: Option<u16>,
-    #[serde(default)]
+    #[serde(default, alias = "db_dbname")]
     dbname: Option<String>,
 }
 
@@ -131,7 +132,10 @@ impl DatabaseEnv {
             secret_id: None,
             secret_ttl: self.settings.secret_ttl,
         };
-        let env = merged.job_env();
+        let mut env = merged.job_env();
+        // Which secret these are: the drop-in get_redshift_creds.sh refuses a script that asks
+        // for another one rather than hand it the wrong database.
+        env.push(("RSQL_SECRET_ID".to_string(), secret_id.clone()));
         tracing::debug!(secret_id = %secret_id, "database secret fetched");
         *cache = Some((Instant::now(), env.clone()));
         Ok(env)

@@ -266,6 +266,9 @@ pub struct Runner {
     attempts: Arc<AttemptContext>,
     audit: LocalAudit,
     progress: ProgressFn,
+    /// The database environment of every job, when the caller resolved it (`[database]
+    /// secret_id`); `None`: `[database]` as configured.
+    database_env: Option<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Runner {
@@ -288,7 +291,15 @@ impl Runner {
             attempts,
             audit,
             progress,
+            database_env: None,
         })
+    }
+
+    /// Gives every job `env` as its database environment (the credentials of `[database]
+    /// secret_id`, resolved by the caller, which holds the AWS clients).
+    pub fn with_database_env(mut self, env: Vec<(String, String)>) -> Runner {
+        self.database_env = Some(env);
+        self
     }
 
     /// Runs the workflow. `shutdown` turning true stops the running jobs (reported
@@ -437,6 +448,7 @@ impl Runner {
                 let permits = permits.clone();
                 let mut shutdown = shutdown.clone();
                 let description = stage.stage_description.clone();
+                let database_env = self.database_env.clone();
                 let not_run = skipped(JobStatus::NotRun, None);
                 running.spawn(async move {
                     // A job waiting for a slot does not start once a sibling has failed or
@@ -453,6 +465,7 @@ impl Runner {
                     }
                     let mut request = AttemptRequest::new(spec);
                     request.stage = Some(description.clone());
+                    request.env = database_env;
                     let progress_started = progress.clone();
                     let result: AttemptResult = attempts
                         .run_local(request, shutdown, move |log_file: &Path| {

@@ -251,6 +251,7 @@ fn scripts_are_shellcheck_clean() {
         .arg(repo().join("packaging/check-glibc.sh"))
         .arg(repo().join("packaging/fetch-rust-aarch64.sh"))
         .arg(repo().join("packaging/rsql_trigger.sh"))
+        .arg(repo().join("packaging/legacy/get_redshift_creds.sh"))
         .args(["postinst", "prerm", "postrm"].map(|f| repo().join("packaging/deb").join(f)))
         .args(
             [

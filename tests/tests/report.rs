@@ -553,7 +553,7 @@ async fn outbox_entries_survive_a_restart_and_are_delivered_once() {
         .collect();
     assert_eq!(sent.len(), 1, "{sent:?}");
     assert_eq!(sent[0]["taskToken"], token_1.as_str());
-    assert_eq!(proxy.requests_for("PutItem").len(), 2);
+    assert_eq!(proxy.requests_for("UpdateItem").len(), 2);
 
     stop.send(()).expect("worker alive");
     let exit = tokio::time::timeout(DEADLINE, worker)

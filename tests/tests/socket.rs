@@ -63,10 +63,14 @@ impl World {
         std::fs::create_dir(scripts.join("etl")).unwrap();
         std::fs::set_permissions(scripts.join("etl"), std::fs::Permissions::from_mode(0o755))
             .unwrap();
+        // The old trigger's `$instance_code_dir $secret_id`, then the extra arguments.
         write_script(
             &scripts.join("etl"),
             "legacy.sh",
-            "[ \"$#\" = 2 ] && [ \"$1\" = alpha ] && [ \"$2\" = \"beta two\" ] || { echo \"bad args: $*\" >&2; exit 7; }\necho legacy ok",
+            "[ \"$#\" = 4 ] || { echo \"bad args: $*\" >&2; exit 7; }\n\
+             case \"$2\" in arn:aws:secretsmanager:*redshift-abc) ;; *) echo \"bad secret: $2\" >&2; exit 7;; esac\n\
+             [ \"$3\" = alpha ] && [ \"$4\" = \"beta two\" ] || { echo \"bad args: $*\" >&2; exit 7; }\n\
+             [ -d \"$1\" ] || { echo \"no code dir: $1\" >&2; exit 7; }\necho legacy ok",
         );
         write_script(&scripts, "sleepy.sh", "sleep 30");
         let run_dir = tempfile::tempdir().unwrap();

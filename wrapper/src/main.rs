@@ -17,11 +17,19 @@
 //!   workflow id, workflow execution id, script path, instance id, secret id, log path, audit
 //!   table, log group, instance code dir, region), then the script's arguments. It submits
 //!   the same job: `job_name` is the script path relative to the instance code dir (the
-//!   agent's script dir), or the script's file name when it is not under that dir. Arguments
-//!   5 to 9 and 11 are accepted and ignored (the agent's config decides them); each is named
-//!   on stderr.
+//!   agent's script dir), or the script's file name when it is not under that dir. As the old
+//!   trigger did, the script gets the instance code dir and the secret id as `$1` and `$2`,
+//!   then the extra arguments (the message's `legacy_args`). Arguments 5, 7 to 9 and 11 are
+//!   accepted and ignored (the agent's config decides them); each is named on stderr.
+//!   When no agent is reachable, the legacy form runs the job here as `run` does (with
+//!   `$RSQL_AGENT_CONFIG`, else the default config); when it cannot even do that, it fails
+//!   the task as `Rsql.Interrupted`, so that no execution waits for its timeout.
+//! - `rsql-wrapper run [--config PATH] ...` with the 11 legacy positional arguments instead of
+//!   the job options: the legacy job, run here.
 //!
 //! The socket is `--socket`, else `$RSQL_AGENT_SOCKET`, else `/run/rsql-agent/agent.sock`.
+//! The config of `run` is `--config`, else `$RSQL_AGENT_CONFIG`, else
+//! `/etc/rsql-agent/agent.toml`.
 //!
 //! Exit codes: see [`exit`].
 
@@ -58,7 +66,8 @@ mod exit {
     /// `run`: the config file does not exist or cannot be read.
     pub const NO_INPUT: u8 = 66;
     /// `submit`: the agent cannot be reached: no socket, nobody listening, or no reply in
-    /// time.
+    /// time. The legacy form: no agent, and the job could not run here either (its task
+    /// was failed as `Rsql.Interrupted` when AWS could be reached; stderr says).
     pub const UNREACHABLE: u8 = 69;
     /// `run`: internal error (the async runtime, the signal handlers, the supervisor).
     pub const SOFTWARE: u8 = 70;
@@ -103,7 +112,10 @@ const LEGACY_ARGS: [&str; 11] = [
     version,
     about = "Hand an RSQL job to the running rsql-agent, or run one standalone (SSM Run Command entry point)",
     after_help = "Legacy form: rsql-wrapper TOKEN WORKFLOW_ID WORKFLOW_EXECUTION_ID SCRIPT_PATH \
-INSTANCE_ID SECRET_ID LOG_PATH AUDIT_TABLE LOG_GROUP INSTANCE_CODE_DIR REGION [SCRIPT_ARGS...]\n\n\
+INSTANCE_ID SECRET_ID LOG_PATH AUDIT_TABLE LOG_GROUP INSTANCE_CODE_DIR REGION [SCRIPT_ARGS...] \
+(submits; with no agent reachable, runs the job here or fails its task). The script gets \
+INSTANCE_CODE_DIR and SECRET_ID as $1 and $2, then SCRIPT_ARGS. \
+`rsql-wrapper run [--config PATH] TOKEN ... REGION [SCRIPT_ARGS...]` runs it here.\n\n\
 Exit codes: 0 accepted (submit) or completed (run), 1 job failed (run), 2 usage, \
 3 rejected as invalid, 66 config unreadable, 69 agent not reachable, 70 internal error, \
 74 state not writable, 75 busy or running elsewhere (retry), 76 outcome not yet delivered, \
@@ -136,9 +148,10 @@ struct Run {
     #[command(flatten)]
     job: JobArgs,
     /// The agent config: script dir, state and log dirs, lock dir, audit table, CloudWatch,
-    /// database. Any intake it configures is ignored.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// database. Any intake it configures is ignored. [default: $RSQL_AGENT_CONFIG, else
+    /// /etc/rsql-agent/agent.toml]
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
     /// After the job, how long to keep trying to deliver its callback and audit.
     #[arg(long, value_name = "SECONDS", default_value_t = 300)]
     report_timeout_seconds: u64,
@@ -148,7 +161,7 @@ struct Run {
 }
 
 /// The job, as both `submit` and `run` take it.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 struct JobArgs {
     /// The Step Functions task token.
     #[arg(long, value_name = "T")]
@@ -172,6 +185,9 @@ struct JobArgs {
     /// Arguments for the script.
     #[arg(last = true, value_name = "ARGS")]
     args: Vec<String>,
+    /// The legacy form's `[instance_code_dir, secret_id]`, the script's `$1` and `$2`.
+    #[arg(skip)]
+    legacy_args: Option<[String; 2]>,
 }
 
 fn main() -> ExitCode {
@@ -181,11 +197,19 @@ fn main() -> ExitCode {
         if !subcommand && !first.starts_with('-') {
             return ExitCode::from(legacy(&argv[1..]));
         }
+        if first == "run" {
+            if let Some(form) = legacy_run_form(&argv[2..]) {
+                return ExitCode::from(match form {
+                    Ok((options, positional)) => legacy_run(options, &positional),
+                    Err(message) => usage(&message),
+                });
+            }
+        }
     }
     let cli = Cli::parse();
     ExitCode::from(match cli.command {
-        Command::Submit(submit) => submit_job(submit),
-        Command::Run(run) => run_job(run),
+        Command::Submit(submit) => submit_job(submit).0,
+        Command::Run(run) => run_job(run).code(),
     })
 }
 
@@ -195,47 +219,165 @@ fn usage(message: &str) -> u8 {
     exit::USAGE
 }
 
-/// The legacy `rsql_trigger.sh` form, mapped onto `submit`.
+/// The legacy `rsql_trigger.sh` form, mapped onto `submit`; with no agent reachable, onto
+/// `run`, and failing that, onto a failed task.
 fn legacy(args: &[OsString]) -> u8 {
+    let job = match legacy_job(args) {
+        Ok(job) => job,
+        Err(code) => return code,
+    };
+    let socket = default_socket();
+    let (code, job) = submit_job(Submit {
+        job,
+        socket: Some(socket.clone()),
+    });
+    if code != exit::UNREACHABLE {
+        return code;
+    }
+    eprintln!(
+        "rsql-wrapper: no agent at {}: running the job here, standalone, with {}",
+        socket.display(),
+        config_path(None).display()
+    );
+    let config = None;
+    let token = job.task_token.clone();
+    let run = Run {
+        job,
+        config,
+        report_timeout_seconds: 300,
+        log_format: "text".to_string(),
+    };
+    match run_job(run) {
+        RunEnd::Settled(code) => code,
+        RunEnd::NotSettled(_, reason) => {
+            fail_unrun_task(&token, &socket, &reason);
+            exit::UNREACHABLE
+        }
+    }
+}
+
+/// `rsql-wrapper run [OPTIONS] TOKEN ... REGION [SCRIPT_ARGS...]`: `None` when `args` (after
+/// `run`) is the option form; else the options and the positional arguments.
+#[allow(clippy::type_complexity)]
+fn legacy_run_form(args: &[OsString]) -> Option<Result<(RunOptions, Vec<OsString>), String>> {
+    let mut options = RunOptions::default();
+    let mut i = 0;
+    while i < args.len() {
+        let Some(arg) = args[i].to_str() else {
+            break;
+        };
+        let (name, inline) = match arg.split_once('=') {
+            Some((name, value)) if name.starts_with("--") => (name, Some(value.to_string())),
+            _ => (arg, None),
+        };
+        if !matches!(
+            name,
+            "--config" | "--report-timeout-seconds" | "--log-format"
+        ) {
+            break;
+        }
+        let value = match inline {
+            Some(value) => value,
+            None => {
+                i += 1;
+                match args.get(i).and_then(|v| v.to_str()) {
+                    Some(value) => value.to_string(),
+                    None => return Some(Err(format!("{name} needs a value"))),
+                }
+            }
+        };
+        match name {
+            "--config" => options.config = Some(PathBuf::from(value)),
+            "--report-timeout-seconds" => match value.parse() {
+                Ok(n) => options.report_timeout_seconds = Some(n),
+                Err(_) => {
+                    return Some(Err(format!(
+                        "--report-timeout-seconds {value:?} is not a whole number"
+                    )))
+                }
+            },
+            _ if value == "text" || value == "json" => options.log_format = Some(value),
+            _ => return Some(Err(format!("--log-format {value:?}: give text or json"))),
+        }
+        i += 1;
+    }
+    let rest = &args[i..];
+    let first = rest.first()?.to_str().unwrap_or("x");
+    if first.starts_with('-') {
+        return None;
+    }
+    Some(Ok((options, rest.to_vec())))
+}
+
+/// The options `run` takes before the legacy positional arguments.
+#[derive(Debug, Default)]
+struct RunOptions {
+    config: Option<PathBuf>,
+    report_timeout_seconds: Option<u64>,
+    log_format: Option<String>,
+}
+
+/// `rsql-wrapper run` with the legacy positional arguments.
+fn legacy_run(options: RunOptions, args: &[OsString]) -> u8 {
+    let job = match legacy_job(args) {
+        Ok(job) => job,
+        Err(code) => return code,
+    };
+    let run = Run {
+        job,
+        config: options.config,
+        report_timeout_seconds: options.report_timeout_seconds.unwrap_or(300),
+        log_format: options.log_format.unwrap_or_else(|| "text".to_string()),
+    };
+    match run_job(run) {
+        RunEnd::Settled(code) | RunEnd::NotSettled(code, _) => code,
+    }
+}
+
+/// The job the legacy positional arguments describe, or the usage error's exit code.
+fn legacy_job(args: &[OsString]) -> Result<JobArgs, u8> {
     let mut text = Vec::with_capacity(args.len());
     for (i, arg) in args.iter().enumerate() {
         match arg.to_str() {
             Some(s) => text.push(s.to_string()),
             None => {
                 let name = LEGACY_ARGS.get(i).copied().unwrap_or("script argument");
-                return usage(&format!(
+                return Err(usage(&format!(
                     "legacy argument {} ({name}) is not valid UTF-8",
                     i + 1
-                ));
+                )));
             }
         }
     }
     if text.len() < LEGACY_ARGS.len() {
         let missing = LEGACY_ARGS[text.len()];
-        return usage(&format!(
+        return Err(usage(&format!(
             "unknown subcommand {:?}; as the legacy rsql_trigger.sh form it needs {} positional \
              arguments but got {}: missing argument {} ({missing})",
             text[0],
             LEGACY_ARGS.len(),
             text.len(),
             text.len() + 1
-        ));
+        )));
     }
     for (i, name) in LEGACY_ARGS.iter().enumerate().take(3) {
         if text[i].is_empty() {
-            return usage(&format!("legacy argument {} ({name}) is empty", i + 1));
+            return Err(usage(&format!(
+                "legacy argument {} ({name}) is empty",
+                i + 1
+            )));
         }
     }
     let job_name = match legacy_job_name(&text[3], &text[9]) {
         Some(name) => name,
         None => {
-            return usage(&format!(
+            return Err(usage(&format!(
                 "legacy argument 4 (script path) {:?} names no script",
                 text[3]
-            ))
+            )))
         }
     };
-    for i in [4usize, 5, 6, 7, 8, 10] {
+    for i in [4usize, 6, 7, 8, 10] {
         eprintln!(
             "rsql-wrapper: legacy argument {} ({}) = {:?} ignored: the agent's config decides it",
             i + 1,
@@ -244,22 +386,81 @@ fn legacy(args: &[OsString]) -> u8 {
         );
     }
     eprintln!(
-        "rsql-wrapper: legacy script path {:?} submitted as job_name {job_name:?}",
-        text[3]
+        "rsql-wrapper: legacy script path {:?} is job_name {job_name:?}; the script gets \
+         legacy arguments 10 (instance code dir) {:?} and 6 (secret id) {:?} as $1 and $2",
+        text[3], text[9], text[5]
     );
-    submit_job(Submit {
-        job: JobArgs {
-            task_token: text[0].clone(),
-            workflow_id: text[1].clone(),
-            workflow_execution_id: text[2].clone(),
-            job_name,
-            ssm_command_id: None,
-            timeout_seconds: None,
-            heartbeat_seconds: None,
-            args: text[11..].to_vec(),
-        },
-        socket: None,
+    Ok(JobArgs {
+        task_token: text[0].clone(),
+        workflow_id: text[1].clone(),
+        workflow_execution_id: text[2].clone(),
+        job_name,
+        ssm_command_id: None,
+        timeout_seconds: None,
+        heartbeat_seconds: None,
+        args: text[11..].to_vec(),
+        legacy_args: Some([text[9].clone(), text[5].clone()]),
     })
+}
+
+/// Fails a task nobody will run, so that its execution does not wait for its timeout:
+/// `Rsql.Interrupted` (the host's runner is missing; a retry may find it back). One attempt
+/// with a bounded wait; whether it worked is said on stderr.
+fn fail_unrun_task(token: &str, socket: &Path, reason: &str) {
+    let message = format!(
+        "the job was not started: no rsql-agent is reachable at {} and it cannot run here \
+         standalone: {reason}",
+        socket.display()
+    );
+    let cause = json!({
+        "exit_code": null, "signal": null, "sql_state": null,
+        "message": message, "stderr_tail": "", "log_group": null, "log_stream": null,
+    })
+    .to_string();
+    let error = ErrorName::Interrupted.as_str();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rsql-wrapper: cannot start the async runtime to fail the task: {e}");
+            return;
+        }
+    };
+    let sent = runtime.block_on(async {
+        let sdk = rsql_agent::aws::load_config().await;
+        let sfn = rsql_agent::report::stepfunctions::StepFunctions::new(
+            rsql_agent::aws::AwsClients::new(&sdk).sfn,
+        );
+        tokio::time::timeout(REPLY_TIMEOUT * 3, sfn.fail(token, error, &cause)).await
+    });
+    match sent {
+        Ok(Ok(())) => eprintln!("rsql-wrapper: the task was failed as {error}: {message}"),
+        Ok(Err(e)) => eprintln!(
+            "rsql-wrapper: cannot fail the task as {error}: {}",
+            rsql_agent::error_chain(&e)
+        ),
+        Err(_) => eprintln!("rsql-wrapper: cannot fail the task as {error}: no answer in time"),
+    }
+}
+
+/// `--config`, else `$RSQL_AGENT_CONFIG`, else the default.
+fn config_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| {
+            std::env::var_os("RSQL_AGENT_CONFIG")
+                .filter(|c| !c.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+fn default_socket() -> PathBuf {
+    std::env::var_os("RSQL_AGENT_SOCKET")
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 /// The script path relative to the instance code dir (the agent's script dir); a path
@@ -299,15 +500,16 @@ fn job_message(job: JobArgs) -> Value {
     if let Some(seconds) = job.heartbeat_seconds {
         message["heartbeat_seconds"] = Value::from(seconds);
     }
+    if let Some(legacy) = job.legacy_args {
+        message["legacy_args"] = json!(legacy);
+    }
     message
 }
 
-fn submit_job(submit: Submit) -> u8 {
-    let socket = submit
-        .socket
-        .or_else(|| std::env::var_os("RSQL_AGENT_SOCKET").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
-    let job = job_message(submit.job);
+/// Submits the job; hands it back with the exit code, for a fallback.
+fn submit_job(submit: Submit) -> (u8, JobArgs) {
+    let socket = submit.socket.unwrap_or_else(default_socket);
+    let job = job_message(submit.job.clone());
     let reply = match exchange(&socket, &job) {
         Ok(reply) => reply,
         Err(e) => {
@@ -315,9 +517,13 @@ fn submit_job(submit: Submit) -> u8 {
                 "rsql-wrapper: the agent is not reachable at {}: {e}",
                 socket.display()
             );
-            return exit::UNREACHABLE;
+            return (exit::UNREACHABLE, submit.job);
         }
     };
+    (submit_reply(&reply), submit.job)
+}
+
+fn submit_reply(reply: &Value) -> u8 {
     if reply["accepted"].as_bool() == Some(true) {
         println!(
             "accepted: job {} (task {}) runs under rsql-agent",
@@ -335,22 +541,41 @@ fn submit_job(submit: Submit) -> u8 {
     }
 }
 
+/// How a `run` ended: with its task settled (reported, stored for reporting, or another
+/// runner's), or with the exit code and the reason nothing was reported.
+enum RunEnd {
+    Settled(u8),
+    NotSettled(u8, String),
+}
+
+impl RunEnd {
+    fn code(&self) -> u8 {
+        match self {
+            RunEnd::Settled(code) | RunEnd::NotSettled(code, _) => *code,
+        }
+    }
+}
+
 /// `rsql-wrapper run`: the job runs here under the agent's library; reports go out before
 /// the process exits.
-fn run_job(run: Run) -> u8 {
+fn run_job(run: Run) -> RunEnd {
     rsql_agent::logging::init(&run.log_format, "info");
-    let config = match Config::load(&run.config) {
+    let config = match Config::load(&config_path(run.config.clone())) {
         Ok(config) => Arc::new(config),
         Err(e) => {
-            eprintln!("rsql-wrapper: {}", error_chain(&e));
-            return match e {
-                ConfigError::Read { .. } => exit::NO_INPUT,
-                ConfigError::Parse { .. } | ConfigError::Invalid { .. } => exit::CONFIG,
-            };
+            let reason = error_chain(&e);
+            eprintln!("rsql-wrapper: {reason}");
+            return RunEnd::NotSettled(
+                match e {
+                    ConfigError::Read { .. } => exit::NO_INPUT,
+                    ConfigError::Parse { .. } | ConfigError::Invalid { .. } => exit::CONFIG,
+                },
+                reason,
+            );
         }
     };
     if let Some(message) = wrong_user(&config.agent.state_dir) {
-        return usage(&message);
+        return RunEnd::NotSettled(usage(&message), message);
     }
     let body = job_message(run.job).to_string();
     let report_timeout = Duration::from_secs(run.report_timeout_seconds);
@@ -362,18 +587,22 @@ fn run_job(run: Run) -> u8 {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rsql-wrapper: cannot start the async runtime: {e}");
-            return exit::SOFTWARE;
+            return RunEnd::NotSettled(exit::SOFTWARE, format!("no async runtime: {e}"));
         }
     };
     runtime.block_on(async move {
         let parts = match rsql_agent::startup::open(&config).await {
             Ok(p) => p,
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot start");
-                return match e {
-                    StartError::Signals(_) => exit::SOFTWARE,
-                    StartError::StateDirs(_) => exit::IO,
-                };
+                let reason = error_chain(&e);
+                tracing::error!(error = %reason, "cannot start");
+                return RunEnd::NotSettled(
+                    match e {
+                        StartError::Signals(_) => exit::SOFTWARE,
+                        StartError::StateDirs(_) => exit::IO,
+                    },
+                    reason,
+                );
             }
         };
         let daemon = match Daemon::standalone(
@@ -385,18 +614,22 @@ fn run_job(run: Run) -> u8 {
             Ok(d) => d,
             Err(e @ DaemonError::Owner(OwnerError::InUse { .. })) => {
                 tracing::error!(error = %error_chain(&e), "cannot run the job here; with an agent running, use `rsql-wrapper submit`");
-                return exit::BUSY;
+                return RunEnd::NotSettled(exit::BUSY, error_chain(&e));
             }
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
-                return exit::IO;
+                return RunEnd::NotSettled(exit::IO, error_chain(&e));
             }
         };
         match daemon.run_one(body.as_bytes(), parts.controls, report_timeout).await {
-            Ok(one) => one_job_exit(&one),
+            Ok(OneJob::NotStored) => RunEnd::NotSettled(
+                one_job_exit(&OneJob::NotStored),
+                "the job's outcome could not be stored".to_string(),
+            ),
+            Ok(one) => RunEnd::Settled(one_job_exit(&one)),
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot store the job's report");
-                exit::IO
+                RunEnd::NotSettled(exit::IO, error_chain(&e))
             }
         }
     })
@@ -542,6 +775,29 @@ mod tests {
             Some("load.sh")
         );
         assert_eq!(legacy_job_name("/", "/opt"), None);
+    }
+
+    #[test]
+    fn run_takes_the_legacy_positional_arguments_after_its_options() {
+        let os = |args: &[&str]| args.iter().map(OsString::from).collect::<Vec<_>>();
+        let (options, positional) = legacy_run_form(&os(&[
+            "--config",
+            "/etc/a.toml",
+            "--report-timeout-seconds=30",
+            "tok",
+            "wf",
+        ]))
+        .expect("the legacy form")
+        .expect("valid options");
+        assert_eq!(options.config.as_deref(), Some(Path::new("/etc/a.toml")));
+        assert_eq!(options.report_timeout_seconds, Some(30));
+        assert_eq!(positional, os(&["tok", "wf"]));
+        // The option form, and help, are clap's.
+        assert!(legacy_run_form(&os(&["--config", "c", "--task-token", "t"])).is_none());
+        assert!(legacy_run_form(&os(&["--help"])).is_none());
+        assert!(legacy_run_form(&os(&[])).is_none());
+        let bad = legacy_run_form(&os(&["--log-format", "xml", "tok"])).expect("legacy");
+        assert!(bad.unwrap_err().contains("--log-format"));
     }
 
     #[test]

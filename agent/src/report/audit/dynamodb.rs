@@ -1,8 +1,12 @@
 //! The job audit table in DynamoDB, in the legacy layout: key `job_name` (hash) +
 //! `workflow_execution_id` (range), one item per job of a workflow execution.
 //!
-//! Owns: turning a [`JobAuditRecord`] into an item and the conditional write that keeps a
-//! replay from rolling a final status back. A write is accepted when
+//! Owns: turning a [`JobAuditRecord`] into an item (in the configured
+//! [`AuditFormat`]) and the conditional write that keeps a replay from rolling a final status
+//! back. The write is an `UpdateItem`: it sets the record's attributes and removes the agent's
+//! own optional attributes the record leaves out (an earlier attempt's error must not linger on
+//! a retry's item), so attributes that others write (the replaced framework's invoke Lambda
+//! writes `ssm_command_id` first) survive. A write is accepted when
 //! - no item exists yet, or the item predates the `attempt` attribute (legacy writers), or
 //! - the item belongs to an earlier attempt (a Step Functions Retry starts over), or
 //! - the item is the same attempt and still `running` (running -> running is an idempotent
@@ -20,10 +24,11 @@ use std::collections::HashMap;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{BoxError, SdkError};
-use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 
 use super::JobAuditRecord;
+use crate::config::AuditFormat;
 use crate::report::retry::{classify, ErrorClass};
 
 /// The condition described in the module doc. `attribute_not_exists(job_name)` is "no item".
@@ -81,7 +86,24 @@ impl DynamoAuditError {
 pub struct JobAuditTable {
     client: aws_sdk_dynamodb::Client,
     table: String,
+    format: AuditFormat,
 }
+
+/// The agent's own optional attributes: removed from the item when a record leaves them out.
+/// `ssm_command_id` is not among them: the old invoke Lambda writes it.
+const OWN_OPTIONAL: &[&str] = &[
+    "execution_end_ts",
+    "exit_code",
+    "error_message",
+    "sql_state",
+    "log_group",
+    "log_stream",
+    "log_file",
+    "duration_ms",
+    "cpu_ms",
+    "max_rss_mb",
+    "stage",
+];
 
 impl JobAuditTable {
     /// `client` is the process's client (see [`crate::aws::AwsClients`]); `table` is
@@ -90,7 +112,14 @@ impl JobAuditTable {
         JobAuditTable {
             client,
             table: table.into(),
+            format: AuditFormat::Standard,
         }
+    }
+
+    /// Writes items in `format` (`[report.audit] format`).
+    pub fn with_format(mut self, format: AuditFormat) -> JobAuditTable {
+        self.format = format;
+        self
     }
 
     pub fn table_name(&self) -> &str {
@@ -100,15 +129,22 @@ impl JobAuditTable {
     /// Writes `record` unless the table already holds this attempt's final state or a later
     /// attempt (then [`AuditWrite::AlreadyNewer`]). One attempt.
     pub async fn put(&self, record: &JobAuditRecord) -> Result<AuditWrite, DynamoAuditError> {
+        let update = Update::of(item(record, self.format));
         let result = self
             .client
-            .put_item()
+            .update_item()
             .table_name(&self.table)
-            .set_item(Some(item(record)))
+            .set_key(Some(update.key))
+            .update_expression(update.expression)
+            .set_expression_attribute_names(Some(update.names))
+            .set_expression_attribute_values(Some(update.values))
             .condition_expression(CONDITION)
             .expression_attribute_names("#attempt", "attempt")
             .expression_attribute_values(":attempt", number(record.attempt))
-            .expression_attribute_values(":running", AttributeValue::S("running".to_string()))
+            .expression_attribute_values(
+                ":running",
+                AttributeValue::S(status_name("running", self.format).to_string()),
+            )
             // Only to say in the log what the replay lost to; the decision is DynamoDB's.
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
@@ -118,11 +154,11 @@ impl JobAuditTable {
             Err(SdkError::ServiceError(service))
                 if matches!(
                     service.err(),
-                    PutItemError::ConditionalCheckFailedException(_)
+                    UpdateItemError::ConditionalCheckFailedException(_)
                 ) =>
             {
                 let existing = match service.err() {
-                    PutItemError::ConditionalCheckFailedException(e) => e.item(),
+                    UpdateItemError::ConditionalCheckFailedException(e) => e.item(),
                     _ => None,
                 };
                 Ok(AuditWrite::AlreadyNewer {
@@ -140,7 +176,7 @@ impl JobAuditTable {
         }
     }
 
-    fn error(&self, err: SdkError<PutItemError, HttpResponse>) -> DynamoAuditError {
+    fn error(&self, err: SdkError<UpdateItemError, HttpResponse>) -> DynamoAuditError {
         let failed = classify(&err);
         match failed.class {
             ErrorClass::Retryable => DynamoAuditError::Retryable {
@@ -162,10 +198,101 @@ fn number(n: impl ToString) -> AttributeValue {
     AttributeValue::N(n.to_string())
 }
 
+/// An `UpdateItem` that makes the item hold exactly an item's attributes, except attributes
+/// that others write.
+struct Update {
+    key: HashMap<String, AttributeValue>,
+    expression: String,
+    names: HashMap<String, String>,
+    values: HashMap<String, AttributeValue>,
+}
+
+impl Update {
+    fn of(mut item: HashMap<String, AttributeValue>) -> Update {
+        let mut key = HashMap::new();
+        for name in ["job_name", "workflow_execution_id"] {
+            if let Some(value) = item.remove(name) {
+                key.insert(name.to_string(), value);
+            }
+        }
+        let mut attributes: Vec<_> = item.into_iter().collect();
+        attributes.sort_by(|a, b| a.0.cmp(&b.0));
+        let (mut names, mut values) = (HashMap::new(), HashMap::new());
+        let mut set = Vec::new();
+        for (i, (name, value)) in attributes.iter().enumerate() {
+            set.push(format!("#s{i} = :s{i}"));
+            names.insert(format!("#s{i}"), name.clone());
+            values.insert(format!(":s{i}"), value.clone());
+        }
+        let mut remove = Vec::new();
+        for (i, name) in OWN_OPTIONAL
+            .iter()
+            .filter(|n| !attributes.iter().any(|(a, _)| a == *n))
+            .enumerate()
+        {
+            remove.push(format!("#r{i}"));
+            names.insert(format!("#r{i}"), name.to_string());
+        }
+        let mut expression = format!("SET {}", set.join(", "));
+        if !remove.is_empty() {
+            expression.push_str(&format!(" REMOVE {}", remove.join(", ")));
+        }
+        Update {
+            key,
+            expression,
+            names,
+            values,
+        }
+    }
+}
+
+/// `execution_status` as `format` writes it. Legacy: `running` is the old `triggered`,
+/// `completed` is `successful`, and a cancelled job (its task closed upstream) is `failed`,
+/// the only other final value the old dashboards know.
+pub fn status_name(status: &str, format: AuditFormat) -> &str {
+    match (format, status) {
+        (AuditFormat::Standard, status) => status,
+        (AuditFormat::Legacy, "running") => "triggered",
+        (AuditFormat::Legacy, "completed") => "successful",
+        (AuditFormat::Legacy, "cancelled") => "failed",
+        (AuditFormat::Legacy, status) => status,
+    }
+}
+
+/// A timestamp as `format` writes it: the record's ISO 8601 UTC, or for the legacy format
+/// `%m-%d-%y-%H-%M-%S` in UTC (a timestamp that does not parse is kept as it is).
+pub fn timestamp(iso: &str, format: AuditFormat) -> String {
+    if format == AuditFormat::Standard {
+        return iso.to_string();
+    }
+    let Ok(at) = humantime::parse_rfc3339_weak(iso.trim_end_matches('Z')) else {
+        return iso.to_string();
+    };
+    // "YYYY-MM-DDTHH:MM:SSZ"
+    let text = humantime::format_rfc3339_seconds(at).to_string();
+    let part = |range: std::ops::Range<usize>| text.get(range).unwrap_or("00");
+    format!(
+        "{}-{}-{}-{}-{}-{}",
+        part(5..7),
+        part(8..10),
+        part(2..4),
+        part(11..13),
+        part(14..16),
+        part(17..19)
+    )
+}
+
 /// The item for a record: the legacy attribute names, `None` fields left out (DynamoDB has
-/// no use for nulls and the legacy readers test for absence), numbers as `N`.
-pub fn item(record: &JobAuditRecord) -> HashMap<String, AttributeValue> {
+/// no use for nulls and the legacy readers test for absence), numbers as `N`; the status and
+/// timestamps in `format`.
+pub fn item(record: &JobAuditRecord, format: AuditFormat) -> HashMap<String, AttributeValue> {
     let mut item = HashMap::new();
+    let status = status_name(&record.execution_status, format).to_string();
+    let start = timestamp(&record.execution_start_ts, format);
+    let end = record
+        .execution_end_ts
+        .as_deref()
+        .map(|ts| timestamp(ts, format));
     let mut s = |name: &str, value: Option<&String>| {
         if let Some(value) = value {
             item.insert(name.to_string(), AttributeValue::S(value.clone()));
@@ -174,9 +301,9 @@ pub fn item(record: &JobAuditRecord) -> HashMap<String, AttributeValue> {
     s("job_name", Some(&record.job_name));
     s("workflow_execution_id", Some(&record.workflow_execution_id));
     s("workflow_id", Some(&record.workflow_id));
-    s("execution_status", Some(&record.execution_status));
-    s("execution_start_ts", Some(&record.execution_start_ts));
-    s("execution_end_ts", record.execution_end_ts.as_ref());
+    s("execution_status", Some(&status));
+    s("execution_start_ts", Some(&start));
+    s("execution_end_ts", end.as_ref());
     s("instance_id", Some(&record.instance_id));
     s("error_message", record.error_message.as_ref());
     s("sql_state", record.sql_state.as_ref());
@@ -228,7 +355,7 @@ mod tests {
             ssm_command_id: None,
             stage: None,
         };
-        let item = item(&record);
+        let item = item(&record, AuditFormat::Standard);
         assert_eq!(
             item["job_name"],
             AttributeValue::S("rsql_blog_script_1.sh".into())
@@ -266,6 +393,56 @@ mod tests {
     }
 
     fn item_of(record: JobAuditRecord) -> HashMap<String, AttributeValue> {
-        item(&record)
+        item(&record, AuditFormat::Standard)
+    }
+
+    #[test]
+    fn legacy_format_writes_the_old_values_and_timestamps() {
+        let legacy = |status: &str| status_name(status, AuditFormat::Legacy).to_string();
+        assert_eq!(legacy("running"), "triggered");
+        assert_eq!(legacy("completed"), "successful");
+        assert_eq!(legacy("failed"), "failed");
+        assert_eq!(legacy("cancelled"), "failed");
+        assert_eq!(status_name("completed", AuditFormat::Standard), "completed");
+        assert_eq!(
+            timestamp("2026-03-07T21:04:05.678Z", AuditFormat::Legacy),
+            "03-07-26-21-04-05"
+        );
+        assert_eq!(
+            timestamp("2026-03-07T21:04:05.678Z", AuditFormat::Standard),
+            "2026-03-07T21:04:05.678Z"
+        );
+    }
+
+    #[test]
+    fn the_update_sets_the_record_and_removes_only_the_agents_own_leftovers() {
+        let mut item = HashMap::new();
+        for (k, v) in [
+            ("job_name", "j"),
+            ("workflow_execution_id", "e"),
+            ("execution_status", "running"),
+            ("error_message", "x"),
+        ] {
+            item.insert(k.to_string(), AttributeValue::S(v.to_string()));
+        }
+        let update = Update::of(item);
+        assert_eq!(update.key.len(), 2);
+        let set = update.expression.split(" REMOVE ").next().unwrap();
+        assert_eq!(set.matches(" = ").count(), 2, "{}", update.expression);
+        let removed: Vec<&String> = update
+            .names
+            .iter()
+            .filter(|(k, _)| k.starts_with("#r"))
+            .map(|(_, v)| v)
+            .collect();
+        assert!(removed.iter().any(|n| *n == "exit_code"), "{removed:?}");
+        assert!(
+            !removed.iter().any(|n| *n == "error_message"),
+            "{removed:?}"
+        );
+        assert!(
+            !removed.iter().any(|n| *n == "ssm_command_id"),
+            "{removed:?}"
+        );
     }
 }

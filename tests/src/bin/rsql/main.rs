@@ -31,6 +31,8 @@
 //!   `rsql: ERROR: unknown command \name` and the script goes on, as psql does.
 //! - `SET`/`RESET` of Redshift-only settings (`query_group`, `wlm_query_slot_count`, ...)
 //!   succeed without reaching the server; other `SET`s run for real.
+//! - `CREATE TABLE` loses its Redshift-only attributes before it reaches the server
+//!   (`ENCODE`, `DISTKEY`, `DISTSTYLE`, `SORTKEY`, `BACKUP NO`; the list is in `ddl`).
 //! - Row results print as a psql-style aligned table with a `(N rows)` footer; other commands
 //!   print their tag (`INSERT 0 1`), unless `-q`.
 //!
@@ -49,6 +51,7 @@
 
 mod cond;
 mod db;
+mod ddl;
 mod run;
 mod split;
 mod vars;

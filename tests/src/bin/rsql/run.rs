@@ -168,7 +168,9 @@ impl<D: Database, O: Write, E: Write> Interpreter<D, O, E> {
                 tag: tag.to_string(),
                 count: 0,
             }]),
-            None => self.db.execute(sql),
+            None => self
+                .db
+                .execute(&crate::ddl::strip_redshift_table_attributes(sql)),
         };
         let elapsed = started.elapsed();
         let exit = match executed {
