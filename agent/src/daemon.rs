@@ -403,7 +403,7 @@ fn open_metrics(shared: &Shared) {
     };
     match crate::metrics::Metrics::open(
         &shared.config.metrics,
-        &shared.attempts.live().jobs.log_dir,
+        &shared.config.agent.state_dir,
         &shared.attempts.instance_id,
         shipper,
     ) {

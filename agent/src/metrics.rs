@@ -1,6 +1,6 @@
 //! Metrics for alarms and dashboards, as CloudWatch Embedded Metric Format (EMF) records.
 //!
-//! Owns: the shape of every metric record, the agent's metrics file under `[jobs] log_dir`,
+//! Owns: the shape of every metric record, the agent's metrics files under `state_dir/metrics`,
 //! and that file's shipment to a stream of the job log group. CloudWatch turns each record
 //! into metrics as it arrives, so metrics cost no `PutMetricData` call, no extra IAM right
 //! and no extra connection: they ride the shipper that already tails job logs.
@@ -35,7 +35,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::MetricsSettings;
 use crate::joblog::cloudwatch::{Shipment, Shipper, ShipperError};
-use crate::joblog::{JobLog, JobLogError, LogName, Stream};
+use crate::joblog::{JobLog, JobLogError, Stream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -217,6 +217,24 @@ pub fn stream_name(instance_id: &str, started_at: SystemTime) -> String {
     )
 }
 
+/// How long the metrics files of earlier runs are kept (they are shipped within seconds).
+pub const KEEP_FILES: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn remove_old_files(dir: &Path, now: SystemTime) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| now.duration_since(at).is_ok_and(|age| age > KEEP_FILES));
+        if old && entry.path().extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// The agent's metrics: a local file of EMF records, shipped to the job log group.
 #[derive(Debug)]
 pub struct Metrics {
@@ -227,24 +245,24 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Opens this run's metrics file under `log_dir` (`_metrics/metrics.<start>.<pid>.log`)
-    /// and starts shipping it. Must be called inside the tokio runtime.
+    /// Opens this run's metrics file, `state_dir/metrics/<start>.<pid>.log` (out of the job
+    /// log directory, which holds job logs only), removes files of earlier runs older than
+    /// [`KEEP_FILES`], and starts shipping the new one. Must be called inside the tokio
+    /// runtime, after the shipper has resumed what earlier runs left unshipped.
     pub fn open(
         settings: &MetricsSettings,
-        log_dir: &Path,
+        state_dir: &Path,
         instance_id: &str,
         shipper: &Shipper,
     ) -> Result<Metrics, MetricsError> {
         let started_at = SystemTime::now();
-        let log = JobLog::create(
-            log_dir,
-            &LogName {
-                workflow_execution_id: "_metrics".into(),
-                job_name: "metrics".into(),
-                started_at,
-                attempt_id: std::process::id().to_string(),
-            },
-        )?;
+        let dir = state_dir.join("metrics");
+        remove_old_files(&dir, started_at);
+        let log = JobLog::open(&dir.join(format!(
+            "{}.{}.log",
+            crate::joblog::compact_utc(started_at),
+            std::process::id()
+        )))?;
         let shipment = shipper.start(log.path(), &stream_name(instance_id, started_at))?;
         tracing::info!(
             file = %log.path().display(),
