@@ -820,8 +820,16 @@ impl Config {
 /// Pseudo filesystems a log or state directory must never be on (statfs `f_type`): proc,
 /// sysfs, cgroup v1/v2, debugfs, tracefs, securityfs, pstore, configfs, bpf.
 const PSEUDO_FS: [i64; 10] = [
-    0x9fa0, 0x6265_6572, 0x0027_e0eb, 0x6367_7270, 0x6462_6720, 0x7472_6163, 0x7363_6673,
-    0x6165_676c, 0x6265_6570, 0xcafe_4a11,
+    0x9fa0,
+    0x6265_6572,
+    0x0027_e0eb,
+    0x6367_7270,
+    0x6462_6720,
+    0x7472_6163,
+    0x7363_6673,
+    0x6165_676c,
+    0x6265_6570,
+    0xcafe_4a11,
 ];
 
 /// `dir`, or its nearest existing ancestor (the agent creates the rest), is on a writable,
@@ -846,10 +854,7 @@ fn real_writable_fs(dir: &Path) -> Result<(), String> {
     }
     let vfs = nix::sys::statvfs::statvfs(probe)
         .map_err(|e| format!("{} cannot be examined: {e}", probe.display()))?;
-    if vfs
-        .flags()
-        .contains(nix::sys::statvfs::FsFlags::ST_RDONLY)
-    {
+    if vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
         return Err(format!(
             "{} is on a read-only filesystem ({} is mounted read-only)",
             dir.display(),
@@ -870,7 +875,12 @@ fn parse_detail(text: &str, error: &toml::de::Error) -> String {
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = text[line_start..].lines().next().unwrap_or("");
     let column = before[line_start..].chars().count() + 1;
-    let key = line.split('=').next().unwrap_or("").trim().to_ascii_lowercase();
+    let key = line
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     let secret = ["password", "secret", "token"]
         .iter()
         .any(|k| key.contains(k) && !key.ends_with("secret_id") && !key.ends_with("secret_ttl"));

@@ -1426,6 +1426,7 @@ fn interrupted_record(
         duration_ms: None,
         cpu_ms: None,
         max_rss_mb: None,
+        log_complete: None,
         ssm_command_id: spec.ssm_command_id.clone(),
         stage: None,
     }
@@ -1451,6 +1452,7 @@ mod tests {
             log_file: Some("/var/log/rsql-agent/jobs/x.log".into()),
             cpu_ms: Some(830),
             max_rss_mb: None,
+            log_complete: None,
         });
         let failed = failure(ErrorName::ScriptFailed, "exit 3".into());
         for (outcome, run_state) in [

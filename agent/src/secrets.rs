@@ -202,9 +202,14 @@ impl DatabaseEnv {
             serde_json::from_str(text).map_err(|_| SecretError::Shape {
                 secret_id: secret_id.clone(),
             })?;
-        for field in [&secret.password, &secret.username, &secret.host, &secret.dbname]
-            .into_iter()
-            .flatten()
+        for field in [
+            &secret.password,
+            &secret.username,
+            &secret.host,
+            &secret.dbname,
+        ]
+        .into_iter()
+        .flatten()
         {
             remember(field);
         }

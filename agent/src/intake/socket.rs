@@ -83,7 +83,9 @@ pub enum SocketError {
     NotASocket { path: PathBuf },
     #[error("another process is listening on {path}")]
     InUse { path: PathBuf },
-    #[error("refusing the socket directory: {0} (whoever can write it can listen in the agent's place)")]
+    #[error(
+        "refusing the socket directory: {0} (whoever can write it can listen in the agent's place)"
+    )]
     Untrusted(#[source] crate::trust::Untrusted),
     #[error("cannot bind the socket {path}: {source}")]
     Bind {
@@ -189,7 +191,9 @@ impl SocketIntake {
                         let line = format!(
                             "{}\n",
                             rejected(
-                                &format!("busy: {cap} connections are already open; try again later"),
+                                &format!(
+                                    "busy: {cap} connections are already open; try again later"
+                                ),
                                 true
                             )
                         );

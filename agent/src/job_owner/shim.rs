@@ -363,6 +363,8 @@ async fn supervise(
         // runtime is current-thread and the supervisor's spawner has not forked yet.
         unsafe { std::env::set_var(name, value) };
     }
+    // The password this job gets is masked in everything this process writes about it.
+    crate::secrets::remember_env(&launch.env);
     let started_at = SystemTime::now();
     let handle = match supervisor.start(launch) {
         Ok(handle) => handle,

@@ -198,6 +198,9 @@ pub fn item(record: &JobAuditRecord) -> HashMap<String, AttributeValue> {
     if let Some(mb) = record.max_rss_mb {
         item.insert("max_rss_mb".to_string(), number(mb));
     }
+    if let Some(complete) = record.log_complete {
+        item.insert("log_complete".to_string(), AttributeValue::Bool(complete));
+    }
     item
 }
 
@@ -225,6 +228,7 @@ mod tests {
             duration_ms: Some(5000),
             cpu_ms: None,
             max_rss_mb: None,
+            log_complete: None,
             ssm_command_id: None,
             stage: None,
         };
