@@ -56,8 +56,10 @@ pub fn init(format: &str, default_level: &str) {
             return;
         }
     }
+    // Colours only for a person at a terminal: in a file they are escape sequences.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(|| MaskingWriter(io::stderr()));
     if format == "json" {
         builder.json().init();
