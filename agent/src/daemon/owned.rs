@@ -477,6 +477,7 @@ pub(super) async fn watch_job(
         status = outcome.status(),
         exit_code = outcome.exit_code(),
         duration_ms = exit.as_ref().map(|e| e.duration_ms),
+        error = outcome.error_message(),
         "job finished"
     );
     let record = final_record(&shared, &job, &outcome, exit.as_ref());
