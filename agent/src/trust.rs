@@ -139,7 +139,7 @@ fn check_one(
 ) -> Result<(), Untrusted> {
     let mode = meta.mode() & 0o7777;
     let sticky_root_dir = meta.is_dir() && mode & 0o1000 != 0 && meta.uid() == 0;
-    if mode & 0o002 != 0 && !(sticky_root_dir && !is_target) {
+    if mode & 0o002 != 0 && (is_target || !sticky_root_dir) {
         return Err(Untrusted {
             path: path.to_path_buf(),
             problem: format!("is writable by every user (mode {mode:o})"),
