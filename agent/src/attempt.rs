@@ -360,6 +360,7 @@ impl AttemptContext {
             duration_ms: None,
             cpu_ms: None,
             max_rss_mb: None,
+            log_complete: None,
             ssm_command_id: spec.ssm_command_id.clone(),
             stage: request.stage.clone(),
         };
@@ -445,6 +446,7 @@ impl AttemptContext {
         record.duration_ms = Some(duration_ms);
         record.cpu_ms = outcome.cpu_ms();
         record.max_rss_mb = outcome.max_rss_mb();
+        record.log_complete = outcome.log_complete();
         self.audit.record_job(&record)?;
 
         Ok((
@@ -540,7 +542,9 @@ pub fn classify_run(facts: &RunFacts<'_>, run: &supervisor::RunOutcome) -> Outco
             log_file: Some(log_file.display().to_string()),
         },
         usage: run.usage,
+        log_complete: run.log_complete,
     })
+    .masked()
 }
 
 /// Sets a lock state record to the final state `outcome` means, with the outcome to replay.
@@ -552,6 +556,6 @@ pub fn record_outcome(state: &mut LockState, outcome: &Outcome) {
         Outcome::Cancelled { .. } => RunState::Cancelled,
     };
     state.exit_code = outcome.exit_code();
-    state.outcome = serde_json::to_value(outcome).ok();
+    state.outcome = serde_json::to_value(outcome.masked()).ok();
     state.updated_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
 }

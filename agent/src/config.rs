@@ -7,7 +7,7 @@
 //! Must not touch: AWS clients, the network, or any job. `check-config` runs exactly this
 //! code and nothing else, so systemd's `ExecStartPre` can call it.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,12 +32,10 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path} is not valid: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: Box<toml::de::Error>,
-    },
+    /// `detail` is the parser's message and position, never the text of a line that sets a
+    /// secret key (the TOML error would otherwise quote the password).
+    #[error("config file {path} is not valid: {detail}")]
+    Parse { path: PathBuf, detail: String },
     #[error("config file {path}: key `{key}`: {reason}")]
     Invalid {
         path: PathBuf,
@@ -399,6 +397,9 @@ impl DatabaseSettings {
     /// config has no `[database]` table, so a workflow can run with no config file at all.
     fn from_process_env() -> DatabaseSettings {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(password) = var("RSPASSWORD") {
+            crate::secrets::remember(&password);
+        }
         DatabaseSettings {
             host: var("RSQL_HOST"),
             port: var("RSQL_PORT").and_then(|p| p.parse().ok()),
@@ -430,8 +431,11 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            detail: parse_detail(text, &source),
         })?;
+        if let Some(password) = raw.database.as_ref().and_then(|d| d.password.as_deref()) {
+            crate::secrets::remember(password);
+        }
         let config = Config::from_raw(raw, Some(path), None)?;
         config.validate()?;
         Ok(config)
@@ -440,7 +444,9 @@ impl Config {
     /// Built-in defaults for running with no config file: state under a per-user directory
     /// and scripts from `script_dir`.
     pub fn defaults_for_user(script_dir: &Path) -> Result<Config, ConfigError> {
-        let config = Config::from_raw(RawConfig::default(), None, Some(script_dir))?;
+        // A directory named on the command line is relative to where the command runs.
+        let script_dir = std::path::absolute(script_dir).unwrap_or_else(|_| script_dir.into());
+        let config = Config::from_raw(RawConfig::default(), None, Some(&script_dir))?;
         config.validate()?;
         Ok(config)
     }
@@ -667,17 +673,8 @@ impl Config {
                 format!("{} is not a directory", script_dir.display()),
             ));
         }
-        // Anyone who can write the script directory can run code as the agent's user.
-        if meta.permissions().mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
-            return Err(invalid(
-                "jobs.script_dir",
-                format!(
-                    "{} is world-writable (mode {:o}); anyone could plant a job there",
-                    script_dir.display(),
-                    meta.permissions().mode() & 0o7777
-                ),
-            ));
-        }
+        self.check_paths()?;
+        self.check_durations()?;
         if self.agent.max_concurrent_jobs > 256 {
             return Err(invalid(
                 "agent.max_concurrent_jobs",
@@ -693,32 +690,6 @@ impl Config {
                     humantime::format_duration(self.jobs.default_timeout)
                 ),
             ));
-        }
-        if self.jobs.kill_grace > Duration::from_secs(3600) {
-            return Err(invalid("jobs.kill_grace", "must be at most 1h".to_string()));
-        }
-        if self.jobs.heartbeat_interval < Duration::from_secs(1) {
-            return Err(invalid(
-                "jobs.heartbeat_interval",
-                "must be at least 1s".to_string(),
-            ));
-        }
-        if !self.jobs.interpreter.is_absolute() {
-            return Err(invalid(
-                "jobs.interpreter",
-                format!(
-                    "{} must be an absolute path",
-                    self.jobs.interpreter.display()
-                ),
-            ));
-        }
-        if let Some(parent) = &self.jobs.cgroup_parent {
-            if !parent.is_absolute() {
-                return Err(invalid(
-                    "jobs.cgroup_parent",
-                    format!("{} must be an absolute path", parent.display()),
-                ));
-            }
         }
         if let Some(sqs) = &self.sqs {
             if !(sqs.queue_url.starts_with("https://") || sqs.queue_url.starts_with("http://")) {
@@ -784,6 +755,172 @@ impl Config {
         Ok(())
     }
 
+    /// Every path is absolute; the scripts, their directories and the interpreter can be
+    /// changed by nobody but root and the agent's user; the log and state directories are on
+    /// a writable, real filesystem.
+    fn check_paths(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: self.source.clone().unwrap_or_default(),
+            key,
+            reason,
+        };
+        let mut paths: Vec<(&'static str, &Path)> = vec![
+            ("agent.state_dir", &self.agent.state_dir),
+            ("jobs.script_dir", &self.jobs.script_dir),
+            ("jobs.log_dir", &self.jobs.log_dir),
+            ("jobs.interpreter", &self.jobs.interpreter),
+            ("lock.dir", &self.lock.dir),
+        ];
+        if let Some(parent) = &self.jobs.cgroup_parent {
+            paths.push(("jobs.cgroup_parent", parent));
+        }
+        if let Some(socket) = &self.socket {
+            paths.push(("intake.socket.path", &socket.path));
+        }
+        for (key, path) in paths {
+            if !path.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{} must be absolute (a relative path would be resolved from the \
+                         agent's working directory, not from the config file)",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+        let trusted = crate::trust::trusted_uids();
+        // Anyone who can change a script, a directory above it or the interpreter can run
+        // code as the agent's user (root, often).
+        crate::trust::check_tree(&self.jobs.script_dir, &trusted).map_err(|e| {
+            invalid(
+                "jobs.script_dir",
+                format!("{e} (anyone who can change it could plant code the agent runs)"),
+            )
+        })?;
+        let interpreter = &self.jobs.interpreter;
+        match std::fs::metadata(interpreter) {
+            Ok(meta) if meta.is_file() && meta.permissions().mode() & 0o111 != 0 => {}
+            Ok(_) => {
+                return Err(invalid(
+                    "jobs.interpreter",
+                    format!("{} is not an executable file", interpreter.display()),
+                ))
+            }
+            Err(e) => {
+                return Err(invalid(
+                    "jobs.interpreter",
+                    format!("{} cannot be used: {e}", interpreter.display()),
+                ))
+            }
+        }
+        crate::trust::check(interpreter, &trusted).map_err(|e| {
+            invalid(
+                "jobs.interpreter",
+                format!("{e} (anyone who can change it could run code as the agent)"),
+            )
+        })?;
+        for (key, dir) in [
+            ("agent.state_dir", &self.agent.state_dir),
+            ("jobs.log_dir", &self.jobs.log_dir),
+        ] {
+            real_writable_fs(dir).map_err(|reason| invalid(key, reason))?;
+        }
+        Ok(())
+    }
+
+    /// Each duration within bounds that keep the agent working; the error says why.
+    fn check_durations(&self) -> Result<(), ConfigError> {
+        const SECOND: Duration = Duration::from_secs(1);
+        const MINUTE: Duration = Duration::from_secs(60);
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        let mut checks: Vec<(&'static str, Duration, Duration, Duration, &'static str)> = vec![
+            (
+                "agent.shutdown_grace",
+                self.agent.shutdown_grace,
+                Duration::ZERO,
+                HOUR,
+                "systemd and the ASG lifecycle hook wait for the agent only so long",
+            ),
+            (
+                "jobs.kill_grace",
+                self.jobs.kill_grace,
+                Duration::ZERO,
+                HOUR,
+                "a job that ignores SIGTERM longer than that is hung, and holds its slot",
+            ),
+            (
+                "jobs.heartbeat_interval",
+                self.jobs.heartbeat_interval,
+                SECOND,
+                10 * MINUTE,
+                "heartbeats keep the task, the SQS message and the lock lease alive; a slower \
+                 one lets them expire under a running job",
+            ),
+            (
+                "jobs.log_retention",
+                self.jobs.log_retention,
+                HOUR,
+                3650 * DAY,
+                "a shorter retention deletes logs the shipper may still be sending",
+            ),
+            (
+                "jobs.pipe_drain",
+                self.jobs.pipe_drain,
+                Duration::ZERO,
+                10 * MINUTE,
+                "a job's end waits that long for a grandchild that holds its output open",
+            ),
+            (
+                "lock.retention",
+                self.lock.retention,
+                14 * DAY,
+                3650 * DAY,
+                "a finished job's state must outlive every redelivery of its message (SQS keeps \
+                 a message up to 14 days), or a redelivery runs the job a second time",
+            ),
+            (
+                "database.secret_ttl",
+                self.database.secret_ttl,
+                SECOND,
+                DAY,
+                "a rotated password must reach the jobs within a day",
+            ),
+        ];
+        if let Some(cw) = &self.cloudwatch {
+            checks.push((
+                "logs.cloudwatch.flush_interval",
+                cw.flush_interval,
+                Duration::from_millis(1),
+                MINUTE,
+                "lines must reach CloudWatch while the job runs",
+            ));
+            checks.push((
+                "logs.cloudwatch.final_flush_timeout",
+                cw.final_flush_timeout,
+                Duration::ZERO,
+                10 * MINUTE,
+                "a job's report waits that long for its last lines",
+            ));
+        }
+        for (key, value, min, max, why) in checks {
+            if value < min || value > max {
+                return Err(ConfigError::Invalid {
+                    path: self.source.clone().unwrap_or_default(),
+                    key,
+                    reason: format!(
+                        "must be between {} and {}, got {}: {why}",
+                        humantime::format_duration(min),
+                        humantime::format_duration(max),
+                        humantime::format_duration(value)
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A file that holds a password must not be readable by other users.
     fn check_secret_file_mode(&self, path: &Path) -> Result<(), ConfigError> {
         if self.database.password.is_none() {
@@ -808,6 +945,85 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Pseudo filesystems a log or state directory must never be on (statfs `f_type`): proc,
+/// sysfs, cgroup v1/v2, debugfs, tracefs, securityfs, pstore, configfs, bpf.
+const PSEUDO_FS: [i64; 10] = [
+    0x9fa0,
+    0x6265_6572,
+    0x0027_e0eb,
+    0x6367_7270,
+    0x6462_6720,
+    0x7472_6163,
+    0x7363_6673,
+    0x6165_676c,
+    0x6265_6570,
+    0xcafe_4a11,
+];
+
+/// `dir`, or its nearest existing ancestor (the agent creates the rest), is on a writable,
+/// real filesystem.
+fn real_writable_fs(dir: &Path) -> Result<(), String> {
+    let mut probe = dir;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(parent) => probe = parent,
+            None => break,
+        }
+    }
+    let fs = nix::sys::statfs::statfs(probe)
+        .map_err(|e| format!("{} cannot be examined: {e}", probe.display()))?;
+    let kind = fs.filesystem_type().0 as i64;
+    if PSEUDO_FS.contains(&kind) {
+        return Err(format!(
+            "{} is on a kernel pseudo filesystem (type {kind:#x}), not a real one; use a \
+             directory under /var",
+            dir.display()
+        ));
+    }
+    let vfs = nix::sys::statvfs::statvfs(probe)
+        .map_err(|e| format!("{} cannot be examined: {e}", probe.display()))?;
+    if vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY) {
+        return Err(format!(
+            "{} is on a read-only filesystem ({} is mounted read-only)",
+            dir.display(),
+            probe.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The message of a TOML error and where it is, quoting the line only when it does not set a
+/// secret key (`password`, or any key with `secret`/`token` in its name).
+fn parse_detail(text: &str, error: &toml::de::Error) -> String {
+    let Some(span) = error.span() else {
+        return error.message().to_string();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let column = before[line_start..].chars().count() + 1;
+    let key = line
+        .split('=')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let secret = ["password", "secret", "token"]
+        .iter()
+        .any(|k| key.contains(k) && !key.ends_with("secret_id") && !key.ends_with("secret_ttl"));
+    if secret {
+        return format!(
+            "line {line_no}, column {column}: the value of `{key}` is not valid (not shown: it is secret; \
+             a password is a quoted string)"
+        );
+    }
+    format!(
+        "line {line_no}, column {column}: {}\n  | {line}",
+        error.message()
+    )
 }
 
 /// `$XDG_STATE_HOME/rsql-agent`, else `~/.local/state/rsql-agent`, else a temp dir.
@@ -1022,7 +1238,8 @@ secret_id = "redshift/etl"
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let text = format!("[jobs]\nscript_dir = \"{}\"\n", dir.path().display());
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("world-writable"), "{err}");
+        assert!(err.contains("writable by every user"), "{err}");
+        assert!(err.contains("chmod o-w"), "{err}");
     }
 
     #[test]

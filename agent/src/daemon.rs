@@ -78,6 +78,8 @@ pub enum DaemonError {
 }
 
 /// What [`Daemon::run_one`] did with its job.
+// One per job, moved a handful of times: an `Outcome` by value costs nothing measurable.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum OneJob {
     /// The job ran, or its recorded outcome was replayed, and this is the outcome.
@@ -103,6 +105,8 @@ pub enum OneJob {
 }
 
 /// What became of one delivery, for [`Daemon::run_one`]; the loop does not need it.
+// As for `OneJob`: one per job.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Delivered {
     /// The outcome is durable: in the outbox when there was anything to send.
@@ -1509,6 +1513,7 @@ fn interrupted_record(
         duration_ms: None,
         cpu_ms: None,
         max_rss_mb: None,
+        log_complete: None,
         ssm_command_id: spec.ssm_command_id.clone(),
         stage: None,
     }
@@ -1534,6 +1539,7 @@ mod tests {
             log_file: Some("/var/log/rsql-agent/jobs/x.log".into()),
             cpu_ms: Some(830),
             max_rss_mb: None,
+            log_complete: None,
         });
         let failed = failure(ErrorName::ScriptFailed, "exit 3".into());
         for (outcome, run_state) in [

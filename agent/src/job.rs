@@ -130,6 +130,11 @@ pub enum JobError {
         crate::legacy::CRLF_HELP
     )]
     CrlfLineEndings { job_name: String, line: usize },
+    #[error("job_name {job_name:?} is not safe to run: {problem}")]
+    Untrusted {
+        job_name: String,
+        problem: crate::trust::Untrusted,
+    },
     #[error("script directory {script_dir} cannot be resolved: {source}")]
     ScriptDir {
         script_dir: PathBuf,
@@ -546,6 +551,15 @@ pub fn resolve_script(script_dir: &Path, job_name: &str) -> Result<PathBuf, JobE
     if !resolved.is_file() {
         return Err(JobError::NotAFile {
             job_name: job_name.to_string(),
+        });
+    }
+    // Checked again for every job, not only at start: a script or directory someone made
+    // writable since then could hold planted code.
+    // As named (symlinks on the way, by their owners) and as resolved, up to `/`.
+    if let Err(problem) = crate::trust::check(&root.join(job_name), &crate::trust::trusted_uids()) {
+        return Err(JobError::Untrusted {
+            job_name: job_name.to_string(),
+            problem,
         });
     }
     Ok(resolved)

@@ -58,6 +58,7 @@ pub mod slots;
 pub mod startup;
 pub mod supervisor;
 pub mod timeline;
+pub mod trust;
 pub mod workflow;
 
 /// An error and its sources on one line (`outer: inner: root`), each said once: a message

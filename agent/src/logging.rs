@@ -9,6 +9,14 @@
 //! upper-cased: so the daemon's `job` span gives `JOB_NAME`, `WORKFLOW_EXECUTION_ID` and
 //! `TOKEN_HASH`, and `journalctl -u rsql-agent JOB_NAME=...` finds one job's lines.
 //!
+//! Also owns what no sink may carry, whatever the level:
+//! - the AWS SDK's request and response dumps (they hold message bodies, task tokens
+//!   included): [`SDK_BODY_TARGETS`] are capped at `debug` even under `RSQL_AGENT_LOG=trace`;
+//! - secret values the process knows: every line passes through `secrets::mask`;
+//! - control characters in field values and messages of the text format: written as escapes
+//!   (`\n`, `\u{1b}`), so a newline or an ANSI sequence in a job's field cannot forge a
+//!   line. The JSON format escapes them by itself; the journal keeps each field apart.
+//!
 //! Must not touch: what is logged. A send that fails is dropped (logging is never part of the
 //! data path); the job's own output goes to the job log, not here.
 
@@ -38,8 +46,7 @@ pub const FILTER_ENV: &str = "RSQL_AGENT_LOG";
 /// answers), else `format` (`text` or `json`) on stderr. `default_level` applies when
 /// `RSQL_AGENT_LOG` is unset or invalid.
 pub fn init(format: &str, default_level: &str) {
-    let filter =
-        || EnvFilter::try_from_env(FILTER_ENV).unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = || filter(std::env::var(FILTER_ENV).ok().as_deref(), default_level);
     let stderr_is_journal = stderr_is_journal(std::env::var(JOURNAL_STREAM_ENV).ok().as_deref());
     if stderr_is_journal {
         if let Ok(layer) = JournalLayer::connect(Path::new(JOURNAL_SOCKET)) {
@@ -49,14 +56,94 @@ pub fn init(format: &str, default_level: &str) {
             return;
         }
     }
+    // Colours only for a person at a terminal: in a file they are escape sequences.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter())
-        .with_writer(io::stderr);
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
+        .with_writer(|| MaskingWriter(io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {
-        builder.init();
+        builder.fmt_fields(escaping_fields()).init();
     }
+}
+
+/// The SDK's targets whose `trace` events dump whole HTTP requests, responses and parsed
+/// outputs (an SQS message body, a task token, a secret's value).
+pub const SDK_BODY_TARGETS: [&str; 6] = [
+    "aws_smithy_runtime::client::orchestrator",
+    "aws_sigv4",
+    "aws_smithy_http_client",
+    "hyper",
+    "hyper_util",
+    "h2",
+];
+
+/// The filter from `RSQL_AGENT_LOG` (else `default_level`), with [`SDK_BODY_TARGETS`] capped
+/// at `debug` whatever it says: added last, these directives win over the variable's.
+pub fn filter(spec: Option<&str>, default_level: &str) -> EnvFilter {
+    let mut filter = spec
+        .and_then(|s| EnvFilter::try_new(s).ok())
+        .unwrap_or_else(|| EnvFilter::new(default_level));
+    for target in SDK_BODY_TARGETS {
+        if let Ok(directive) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
+/// Writes each formatted line with the process's known secrets masked.
+#[derive(Debug)]
+pub struct MaskingWriter<W: io::Write>(pub W);
+
+impl<W: io::Write> io::Write for MaskingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // The formatter hands over one whole line per event.
+        match std::str::from_utf8(buf) {
+            Ok(text) => self.0.write_all(crate::secrets::mask(text).as_bytes())?,
+            Err(_) => self.0.write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// The text format's field formatter: `name=value`, the message bare, with control
+/// characters escaped.
+pub fn escaping_fields(
+) -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + Send + Sync + 'static {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        let raw = format!("{value:?}");
+        let text = escape_controls(&raw);
+        if field.name() == "message" {
+            write!(writer, "{text}")
+        } else {
+            write!(writer, "{}={text}", field.name())
+        }
+    })
+    .delimited(" ")
+}
+
+/// `text` with every control character (newline, carriage return, escape, ...) written as
+/// a Rust escape; tabs are kept.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// The documented check (systemd.exec(5), `$JOURNAL_STREAM`): the variable is `device:inode`
@@ -211,6 +298,7 @@ pub fn field_name(name: &str) -> String {
 /// Appends one field in the native protocol: `NAME=value\n`, or, when the value holds a
 /// newline, `NAME\n` + little-endian u64 length + value + `\n`.
 pub fn put_field(buf: &mut Vec<u8>, name: &str, value: &str) {
+    let value = &*crate::secrets::mask(value);
     buf.extend_from_slice(name.as_bytes());
     if value.contains('\n') {
         buf.push(b'\n');

@@ -85,6 +85,10 @@ pub struct SuccessOutput {
     /// controller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rss_mb: Option<u32>,
+    /// `Some(false)` when the job's log could not be fully written (a full disk); absent
+    /// when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_complete: Option<bool>,
 }
 
 /// `SendTaskFailure` cause, serialized as JSON.
@@ -109,6 +113,9 @@ pub struct FailureCause {
     /// As in [`SuccessOutput::max_rss_mb`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rss_mb: Option<u32>,
+    /// As in [`SuccessOutput::log_complete`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_complete: Option<bool>,
 }
 
 /// [`FailureCause::reason`] of a job the OOM killer ended.
@@ -167,6 +174,15 @@ impl Outcome {
     }
 
     /// The job's peak memory in MiB, where it was measured (for the audit).
+    /// `Some(false)` when the job's log is missing lines.
+    pub fn log_complete(&self) -> Option<bool> {
+        match self {
+            Outcome::Completed(out) => out.log_complete,
+            Outcome::Failed(f) => f.cause.log_complete,
+            Outcome::Cancelled { .. } => None,
+        }
+    }
+
     pub fn max_rss_mb(&self) -> Option<u32> {
         match self {
             Outcome::Completed(out) => out.max_rss_mb,
@@ -177,14 +193,15 @@ impl Outcome {
 
     /// A one-line description for audit `error_message` and progress output.
     pub fn error_message(&self) -> Option<String> {
-        match self {
+        let text = match self {
             Outcome::Completed(_) => None,
             Outcome::Failed(f) => Some(match &f.cause.sql_state {
                 Some(state) => format!("{}: [{}] {}", f.error, state, f.cause.message),
                 None => format!("{}: {}", f.error, f.cause.message),
             }),
             Outcome::Cancelled { message } => Some(message.clone()),
-        }
+        };
+        text.map(|t| crate::secrets::mask(&t).into_owned())
     }
 }
 
@@ -268,6 +285,8 @@ pub struct Finished<'a> {
     pub log: LogLocation,
     /// What the job used, and whether the OOM killer took part of it (its cgroup).
     pub usage: Usage,
+    /// Whether every line of the job reached its log file.
+    pub log_complete: bool,
 }
 
 /// SQLSTATE class 08 is "connection exception".
@@ -317,6 +336,7 @@ pub fn classify(done: Finished<'_>) -> Outcome {
         reason: None,
         cpu_ms: usage.cpu_ms,
         max_rss_mb: mib(usage.max_rss_mb),
+        log_complete: (!done.log_complete).then_some(false),
     };
     if let Some(message) = oom_message(done.ending, &usage) {
         return Outcome::Failed(Failure {
@@ -340,6 +360,7 @@ pub fn classify(done: Finished<'_>) -> Outcome {
             log_file: done.log.log_file.clone(),
             cpu_ms: usage.cpu_ms,
             max_rss_mb: mib(usage.max_rss_mb),
+            log_complete: (!done.log_complete).then_some(false),
         }),
         // The script itself exited, but with the code a shell gives when a command it ran
         // died of SIGKILL: rsql under a wrapper script, taken by the OOM killer. That is the
@@ -498,6 +519,15 @@ impl Failure {
     /// The `cause` JSON, always valid JSON and within [`MAX_CAUSE_CHARS`]: the stderr tail
     /// shrinks first, then the message.
     pub fn cause_json(&self) -> String {
+        let masked = mask_cause(&self.cause);
+        let this = Failure {
+            error: self.error,
+            cause: masked,
+        };
+        this.cause_json_unmasked()
+    }
+
+    fn cause_json_unmasked(&self) -> String {
         let mut cause = self.cause.clone();
         let fits = |c: &FailureCause| {
             let json = serde_json::to_string(c).unwrap_or_default();
@@ -535,6 +565,7 @@ impl SuccessOutput {
     /// only bites on absurd ids; it never fails.
     pub fn output_json(&self) -> String {
         let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string());
+        let json = crate::secrets::mask(&json).into_owned();
         if json.len() <= MAX_OUTPUT_BYTES {
             return json;
         }
@@ -543,7 +574,25 @@ impl SuccessOutput {
         out.workflow_execution_id = truncate_chars(&out.workflow_execution_id, 1024);
         out.log_stream = out.log_stream.map(|s| truncate_chars(&s, 1024));
         out.log_file = out.log_file.map(|s| truncate_chars(&s, 1024));
-        serde_json::to_string(&out).unwrap_or_else(|_| "{}".to_string())
+        crate::secrets::mask(&serde_json::to_string(&out).unwrap_or_else(|_| "{}".to_string()))
+            .into_owned()
+    }
+}
+
+/// `cause` with every secret the process knows written as `***` (see `secrets::mask`).
+fn mask_cause(cause: &FailureCause) -> FailureCause {
+    let mut value = serde_json::to_value(cause).unwrap_or_default();
+    crate::secrets::mask_json(&mut value);
+    serde_json::from_value(value).unwrap_or_else(|_| cause.clone())
+}
+
+impl Outcome {
+    /// This outcome with every secret the process knows written as `***`: the one form that
+    /// leaves the process (callbacks, audit, lock state).
+    pub fn masked(&self) -> Outcome {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        crate::secrets::mask_json(&mut value);
+        serde_json::from_value(value).unwrap_or_else(|_| self.clone())
     }
 }
 
@@ -569,6 +618,7 @@ mod tests {
             stderr_tail: stderr_tail.to_string(),
             log: LogLocation::default(),
             usage,
+            log_complete: true,
         })
     }
 

@@ -59,6 +59,24 @@ fn log_job_cgroups(config: &Config) {
     }
 }
 
+/// Raises the soft open-file limit to the hard one: the socket intake takes a quarter of it
+/// at most (`intake::socket::max_connections`), the rest is the budget of everything else.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    // glibc's select() and some libraries misbehave above this; systemd uses the same cap.
+    let wanted = hard.min(512 * 1024);
+    if wanted > soft {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+            tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            return;
+        }
+    }
+    tracing::debug!(open_files = wanted.max(soft), "open-file limit");
+}
+
 /// Builds the parts for `config`. Must run inside the tokio runtime.
 pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
     // First, so a SIGTERM or SIGHUP during start-up is seen by the job runner instead of
@@ -73,6 +91,7 @@ pub async fn open(config: &Arc<Config>) -> Result<Parts, StartError> {
     let attempts = AttemptContext::new(config.clone(), None, instance_id.clone())
         .map_err(StartError::StateDirs)?;
     log_job_cgroups(config);
+    raise_open_file_limit();
     Ok(Parts {
         controls,
         clients,

@@ -122,9 +122,12 @@ pub enum SupervisorError {
     InvalidEnvName { name: String },
     #[error("the job id must be non-empty and free of NUL bytes")]
     InvalidJobId,
-    #[error("cannot start {program} (log {log_path})")]
+    #[error("cannot start {program}{detail} (log {log_path})")]
     Spawn {
         program: PathBuf,
+        /// What the OS error means here, when the error alone would mislead (see
+        /// [`spawn_detail`]); empty otherwise.
+        detail: String,
         log_path: PathBuf,
         #[source]
         source: io::Error,
@@ -206,6 +209,9 @@ pub struct RunOutcome {
     pub pipes_forced_closed: bool,
     /// What the job used, from its cgroup; all `None` without one.
     pub usage: Usage,
+    /// Every byte the job printed reached its log file (false: a write failed, a full disk
+    /// most often, or the writer did not finish in time).
+    pub log_complete: bool,
 }
 
 /// Everything needed to start one job.
@@ -362,6 +368,7 @@ impl Supervisor {
         let started_at = SystemTime::now();
         let child = spawner::spawn(command, runtime.clone()).map_err(|e| match e {
             spawner::SpawnerError::Spawn(source) => SupervisorError::Spawn {
+                detail: spawn_detail(&launch.program, &source),
                 program: launch.program.clone(),
                 log_path: log_path.clone(),
                 source,
@@ -373,6 +380,7 @@ impl Supervisor {
             // happened yet; treat it as a failed spawn rather than guess.
             return Err(SupervisorError::Spawn {
                 program: launch.program.clone(),
+                detail: String::new(),
                 log_path,
                 source: io::Error::other("the child has no pid"),
             });
@@ -783,6 +791,44 @@ fn signal_group(job_id: &str, pgid: i32, signal: Signal) {
     }
 }
 
+/// Says which file an exec error is about when the program itself exists: ENOENT or EACCES
+/// for an existing script means the interpreter its `#!` line names is missing or not
+/// executable, which the bare OS error ("No such file or directory") hides.
+pub fn spawn_detail(program: &Path, error: &io::Error) -> String {
+    let errno = error.raw_os_error();
+    if !matches!(
+        errno,
+        Some(libc::ENOENT) | Some(libc::EACCES) | Some(libc::ENOEXEC)
+    ) {
+        return String::new();
+    }
+    if !program.exists() {
+        return format!(": {} does not exist", program.display());
+    }
+    let Some(interpreter) = shebang_interpreter(program) else {
+        return String::new();
+    };
+    let problem = match std::fs::metadata(&interpreter) {
+        Err(e) => format!("cannot be used: {e}"),
+        Ok(meta) if !meta.is_file() => "is not a file".to_string(),
+        Ok(_) => "is not executable".to_string(),
+    };
+    format!(
+        ": its interpreter {} (named on its #! line) {problem}",
+        interpreter.display()
+    )
+}
+
+/// The interpreter a script's `#!` line names, if it has one.
+fn shebang_interpreter(script: &Path) -> Option<PathBuf> {
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(script).ok()?.read(&mut head).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = line.split(|b| *b == b'\n').next()?;
+    let text = String::from_utf8_lossy(line);
+    text.split_whitespace().next().map(PathBuf::from)
+}
+
 /// Appends everything from the queue to the log; flushes whenever the queue runs dry so a
 /// tailing reader sees output as soon as the child goes quiet; fsyncs at the end.
 fn write_log(mut log: JobLog, mut queue: mpsc::Receiver<Chunk>) -> Result<(), JobLogError> {
@@ -1004,14 +1050,21 @@ async fn supervise(
             "some job processes were still dying; they will be reaped later"
         );
     }
-    match tokio::time::timeout_at(give_up_at.into(), &mut writer).await {
-        Ok(Ok(Ok(()))) => {}
+    let log_complete = match tokio::time::timeout_at(give_up_at.into(), &mut writer).await {
+        Ok(Ok(Ok(()))) => true,
         Ok(Ok(Err(e))) => {
-            tracing::error!(job_id, path = %job.log_path.display(), error = %e, "the job log is incomplete");
+            tracing::error!(job_id, path = %job.log_path.display(), error = %crate::error_chain(&e), "the job log is incomplete");
+            false
         }
-        Ok(Err(e)) => tracing::error!(job_id, error = %e, "the job log writer failed"),
-        Err(_) => tracing::error!(job_id, "the job log writer did not finish in time"),
-    }
+        Ok(Err(e)) => {
+            tracing::error!(job_id, error = %e, "the job log writer failed");
+            false
+        }
+        Err(_) => {
+            tracing::error!(job_id, "the job log writer did not finish in time");
+            false
+        }
+    };
     // The group has been killed and swept; the guard's job is done.
     guard.armed = false;
 
@@ -1036,6 +1089,7 @@ async fn supervise(
                 stray_processes_killed: swept.strays_killed,
                 pipes_forced_closed: forced,
                 usage: swept.usage,
+                log_complete,
             })
         }
         Err(source) => Err(SupervisorError::Wait {

@@ -42,6 +42,10 @@ pub struct AgentConfig {
     pub on_interrupted: Option<String>,
     /// Extra environment for the agent process (e.g. `NOTIFY_SOCKET`).
     pub env: Vec<(String, String)>,
+    /// `--log-format` (`text` when `None`).
+    pub log_format: Option<String>,
+    /// Starts the agent with this open-file limit, soft and hard.
+    pub open_files: Option<u64>,
 }
 
 impl AgentConfig {
@@ -64,6 +68,8 @@ impl AgentConfig {
             jobs_extra: String::new(),
             on_interrupted: None,
             env: Vec::new(),
+            log_format: None,
+            open_files: None,
         }
     }
 
@@ -181,7 +187,25 @@ impl Agent {
             bins::rsql_dir().display(),
             std::env::var("PATH").unwrap_or_default()
         );
-        let child = Command::new(bins::agent())
+        let mut command = Command::new(bins::agent());
+        if let Some(format) = &self.config.log_format {
+            command.args(["--log-format", format]);
+        }
+        if let Some(limit) = self.config.open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe and touches no memory of the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        limit,
+                        limit,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bins;
 pub mod cgroup;
 pub mod chromium;
+pub mod host;
 pub mod moto;
 pub mod pg;
 pub mod proxy;

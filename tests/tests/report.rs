@@ -331,6 +331,7 @@ fn audit_record(execution: &str, status: &str, attempt: u32) -> JobAuditRecord {
         duration_ms: finished.then_some(1234),
         cpu_ms: None,
         max_rss_mb: None,
+        log_complete: None,
         ssm_command_id: None,
         stage: None,
     }

@@ -31,6 +31,11 @@
 //! The config of `run` is `--config`, else `$RSQL_AGENT_CONFIG`, else
 //! `/etc/rsql-agent/agent.toml`.
 //!
+//! Before `submit` sends anything it checks who listens (`SO_PEERCRED`): root, the wrapper's
+//! own user, or the agent's service user (`--agent-user`, else `$RSQL_AGENT_USER`, else
+//! `rsql` when that user exists). Anyone else gets nothing: a task token handed to an
+//! impostor lets it answer for the job.
+//!
 //! Exit codes: see [`exit`].
 
 use std::ffi::OsString;
@@ -141,6 +146,10 @@ struct Submit {
     /// The agent's socket [default: $RSQL_AGENT_SOCKET, else /run/rsql-agent/agent.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// The user the agent runs as (name or uid); only it or root may be listening
+    /// [default: $RSQL_AGENT_USER, else `rsql` when it exists].
+    #[arg(long, value_name = "USER")]
+    agent_user: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -230,6 +239,7 @@ fn legacy(args: &[OsString]) -> u8 {
     let (code, job) = submit_job(Submit {
         job,
         socket: Some(socket.clone()),
+        agent_user: None,
     });
     if code != exit::UNREACHABLE {
         return code;
@@ -506,12 +516,27 @@ fn job_message(job: JobArgs) -> Value {
     message
 }
 
-/// Submits the job; hands it back with the exit code, for a fallback.
+/// Submits the job, to a listener that is the agent (root or its user) only; hands the
+/// job back with the exit code, for a fallback.
 fn submit_job(submit: Submit) -> (u8, JobArgs) {
     let socket = submit.socket.unwrap_or_else(default_socket);
     let job = job_message(submit.job.clone());
-    let reply = match exchange(&socket, &job) {
+    let trusted = match trusted_listeners(submit.agent_user) {
+        Ok(uids) => uids,
+        Err(message) => return (usage(&message), submit.job),
+    };
+    let reply = match exchange(&socket, &job, &trusted) {
         Ok(reply) => reply,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!(
+                "rsql-wrapper: permission denied on the agent's socket {}: {e}; this user \
+                 (uid {}) may not connect: the agent's [intake.socket] allowed_uids or \
+                 allowed_groups must list it (the socket is then open to the check)",
+                socket.display(),
+                nix::unistd::getuid()
+            );
+            return (exit::REJECTED, submit.job);
+        }
         Err(e) => {
             eprintln!(
                 "rsql-wrapper: the agent is not reachable at {}: {e}",
@@ -727,8 +752,43 @@ fn one_job_exit(one: &OneJob) -> u8 {
 }
 
 /// Sends the job as one JSON line and reads the agent's one-line reply.
-fn exchange(socket: &Path, job: &Value) -> std::io::Result<Value> {
+/// The uids that may listen on the agent's socket: root, this process's user, and the agent's
+/// user (`--agent-user`, `$RSQL_AGENT_USER`, else `rsql` if it exists).
+fn trusted_listeners(agent_user: Option<String>) -> Result<Vec<u32>, String> {
+    let mut uids = vec![0, nix::unistd::getuid().as_raw()];
+    let named = agent_user.or_else(|| std::env::var("RSQL_AGENT_USER").ok());
+    let (name, required) = match named.filter(|n| !n.is_empty()) {
+        Some(name) => (name, true),
+        None => ("rsql".to_string(), false),
+    };
+    let uid = match name.parse::<u32>() {
+        Ok(uid) => Some(uid),
+        Err(_) => nix::unistd::User::from_name(&name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw()),
+    };
+    match uid {
+        Some(uid) => uids.push(uid),
+        None if required => return Err(format!("--agent-user: no user {name:?} on this host")),
+        None => {}
+    }
+    Ok(uids)
+}
+
+fn exchange(socket: &Path, job: &Value, trusted: &[u32]) -> std::io::Result<Value> {
     let mut stream = UnixStream::connect(socket)?;
+    let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(std::io::Error::from)?;
+    let listener = cred.uid();
+    if !trusted.contains(&listener) {
+        return Err(std::io::Error::other(format!(
+            "the process listening there (pid {}) runs as uid {listener}, which is neither root \
+             nor the agent's user (trusted uids: {trusted:?}); nothing was sent to it. Someone \
+             may have replaced the agent's socket: tell the operator",
+            cred.pid()
+        )));
+    }
     stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
     stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
     let mut line = job.to_string();

@@ -342,6 +342,7 @@ fn running_record(shared: &Shared, job: &JobFile, spec: &JobSpec) -> JobAuditRec
         duration_ms: None,
         cpu_ms: None,
         max_rss_mb: None,
+        log_complete: None,
         ssm_command_id: spec.ssm_command_id.clone(),
         stage: None,
     }
@@ -481,6 +482,7 @@ pub(super) async fn watch_job(
         status = outcome.status(),
         exit_code = outcome.exit_code(),
         duration_ms = exit.as_ref().map(|e| e.duration_ms),
+        error = outcome.error_message(),
         "job finished"
     );
     super::job_end_metrics(
@@ -690,6 +692,7 @@ fn final_record(
         duration_ms: exit.map(|e| e.duration_ms),
         cpu_ms: outcome.cpu_ms(),
         max_rss_mb: outcome.max_rss_mb(),
+        log_complete: outcome.log_complete(),
         ssm_command_id: job.ssm_command_id.clone(),
         stage: None,
     }

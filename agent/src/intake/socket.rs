@@ -18,8 +18,19 @@
 //!   `/proc/<pid>/status`, `Groups:`) is one of `allowed_groups` (names, or numeric gids).
 //!
 //! Anyone else is refused with the reason, and the refusal is logged with the peer's uid and
-//! pid. The file mode (0660, owner and group of the agent) is the first gate; `SO_PEERCRED`
-//! is the second.
+//! pid. `SO_PEERCRED` is the gate. The file mode only decides who can connect at all: 0660
+//! (the agent's user and group) when `allowed_uids` and `allowed_groups` are both empty, else
+//! 0666, so that every listed uid and group can reach the check (a listed uid outside the
+//! agent's group would otherwise get EACCES before the agent could say anything).
+//!
+//! The socket's directory and every directory above it must be writable by nobody but root
+//! and the agent's user (see `trust`), or [`SocketIntake::bind`] refuses: whoever can write
+//! the directory can rename the socket and listen in its place, and receive task tokens.
+//!
+//! At most [`max_connections`] connections are served at once (the fd budget: a quarter of
+//! the open-file limit, at most [`MAX_CONNECTIONS`]); a connection over the cap is answered
+//! `busy` and closed at once, so a flood of idle connections cannot take the fds the SQS
+//! intake, the job owners and the log files need.
 //!
 //! A valid job with no free job slot: the connection waits up to [`BUSY_WAIT`] for one, then
 //! is refused with `busy` (`retryable: true`); nothing is queued behind the submitter's back.
@@ -41,6 +52,19 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::SocketSettings;
 use crate::job::{JobSpec, MAX_MESSAGE_BYTES};
 
+/// The most socket connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// The connection cap: a quarter of the soft open-file limit (the rest is the budget of the
+/// SQS intake, the job owners, the log files and the AWS clients), at most
+/// [`MAX_CONNECTIONS`], at least 4.
+pub fn max_connections() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    ((soft / 4) as usize).clamp(4, MAX_CONNECTIONS)
+}
+
 /// How long a client has to send its job.
 pub const READ_DEADLINE: Duration = Duration::from_secs(5);
 /// How long a valid job waits for a free slot before it is refused as busy.
@@ -59,6 +83,10 @@ pub enum SocketError {
     NotASocket { path: PathBuf },
     #[error("another process is listening on {path}")]
     InUse { path: PathBuf },
+    #[error(
+        "refusing the socket directory: {0} (whoever can write it can listen in the agent's place)"
+    )]
+    Untrusted(#[source] crate::trust::Untrusted),
     #[error("cannot bind the socket {path}: {source}")]
     Bind {
         path: PathBuf,
@@ -115,13 +143,20 @@ impl SocketIntake {
                 path: dir.to_path_buf(),
                 source,
             })?;
+            crate::trust::check(dir, &crate::trust::trusted_uids())
+                .map_err(SocketError::Untrusted)?;
         }
         remove_stale(path)?;
         let listener = UnixListener::bind(path).map_err(|source| SocketError::Bind {
             path: path.clone(),
             source,
         })?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(
+        let mode = if settings.allowed_uids.is_empty() && settings.allowed_groups.is_empty() {
+            0o660
+        } else {
+            0o666
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
             |source| SocketError::Bind {
                 path: path.clone(),
                 source,
@@ -137,14 +172,41 @@ impl SocketIntake {
     pub async fn serve(self, validate: Validate, submit: mpsc::Sender<Submission>) {
         let settings = Arc::new(self.settings);
         let own_uid = nix::unistd::getuid().as_raw();
+        let cap = max_connections();
+        let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+        let mut last_warned: Option<tokio::time::Instant> = None;
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        // Answered and closed here, without a task: the fd is gone at once.
+                        // Said at most every 10 s: a flood must not flood the log too.
+                        if last_warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                            last_warned = Some(tokio::time::Instant::now());
+                            tracing::warn!(
+                                cap,
+                                "refusing socket connections: {cap} are already open"
+                            );
+                        }
+                        let line = format!(
+                            "{}\n",
+                            rejected(
+                                &format!(
+                                    "busy: {cap} connections are already open; try again later"
+                                ),
+                                true
+                            )
+                        );
+                        let _ = stream.try_write(line.as_bytes());
+                        drop(stream);
+                        continue;
+                    };
                     let settings = settings.clone();
                     let validate = validate.clone();
                     let submit = submit.clone();
                     tokio::spawn(async move {
                         connection(stream, &settings, own_uid, validate, submit).await;
+                        drop(permit);
                     });
                 }
                 Err(e) => {

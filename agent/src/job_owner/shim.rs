@@ -363,11 +363,23 @@ async fn supervise(
         // runtime is current-thread and the supervisor's spawner has not forked yet.
         unsafe { std::env::set_var(name, value) };
     }
+    // The password this job gets is masked in everything this process writes about it.
+    crate::secrets::remember_env(&launch.env);
     let started_at = SystemTime::now();
     let handle = match supervisor.start(launch) {
         Ok(handle) => handle,
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "the job could not be started");
+            let early = ended_early(
+                ErrorName::ScriptFailed,
+                format!("the job could not be started: {}", crate::error_chain(&e)),
+                started_at,
+            );
+            // Durable before the reply: the agent reads the exit record as soon as this
+            // connection closes, and without it would report a dead owner instead of why.
+            if let Err(e) = dir.write_exit(&early.1) {
+                tracing::error!(error = %crate::error_chain(&e), "cannot record the job's exit");
+            }
             reply(
                 first,
                 &Reply {
@@ -377,11 +389,7 @@ async fn supervise(
                     error: Some(e.to_string()),
                 },
             );
-            return Ok(ended_early(
-                ErrorName::ScriptFailed,
-                format!("the job could not be started: {}", crate::error_chain(&e)),
-                started_at,
-            ));
+            return Ok(early);
         }
     };
     owner.job_pid = Some(handle.pid());

@@ -49,6 +49,10 @@ pub struct JobAuditRecord {
     /// Peak memory of the whole job in MiB, where the memory controller measured it.
     #[serde(default)]
     pub max_rss_mb: Option<u32>,
+    /// `Some(false)` when the job's log could not be fully written (a full disk): the log
+    /// the record points at is missing lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_complete: Option<bool>,
     #[serde(default)]
     pub ssm_command_id: Option<String>,
     /// The stage description, for local workflow runs.
@@ -186,7 +190,8 @@ fn append<T: Serialize>(path: &Path, record: &T) -> Result<(), AuditError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut line = serde_json::to_vec(record).map_err(|e| err(std::io::Error::other(e)))?;
+    let line = serde_json::to_string(record).map_err(|e| err(std::io::Error::other(e)))?;
+    let mut line = crate::secrets::mask(&line).into_owned().into_bytes();
     line.push(b'\n');
     let mut file = OpenOptions::new()
         .create(true)
@@ -260,6 +265,7 @@ mod tests {
             duration_ms: None,
             cpu_ms: None,
             max_rss_mb: None,
+            log_complete: None,
             ssm_command_id: None,
             stage: None,
         }

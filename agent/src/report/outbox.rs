@@ -524,6 +524,21 @@ impl Outbox {
             }
         };
         match serde_json::from_slice::<OutboxEntry>(&bytes) {
+            // Sent, removed and claimed by its id: an entry whose id is not its file's name
+            // could never be removed after delivery, so it would be sent forever, or never.
+            Ok(entry)
+                if path.file_name().and_then(|n| n.to_str())
+                    != Some(format!("{}{ENTRY_SUFFIX}", entry.id).as_str()) =>
+            {
+                self.quarantine(
+                    path,
+                    &format!(
+                        "its id {:?} does not match its file name (expected {}{ENTRY_SUFFIX})",
+                        entry.id, entry.id
+                    ),
+                );
+                None
+            }
             Ok(entry) => Some(entry),
             Err(e) => {
                 self.quarantine(path, &e);
@@ -532,7 +547,7 @@ impl Outbox {
         }
     }
 
-    fn quarantine(&self, path: &Path, error: &serde_json::Error) {
+    fn quarantine(&self, path: &Path, error: &dyn std::fmt::Display) {
         let mut bad = path.as_os_str().to_owned();
         bad.push(BAD_SUFFIX);
         match fs::rename(path, &bad) {
@@ -542,14 +557,14 @@ impl Outbox {
                     path = %path.display(),
                     quarantined = %PathBuf::from(&bad).display(),
                     error = %error,
-                    "an outbox entry does not parse; moved aside and skipped (its report is lost \
+                    "an outbox entry is not valid; moved aside and skipped (its report is lost \
                      unless an operator repairs it and renames it back)"
                 );
             }
             Err(e) => tracing::warn!(
                 path = %path.display(),
                 error = %e,
-                "an outbox entry does not parse and cannot be moved aside; skipped"
+                "an outbox entry is not valid and cannot be moved aside; skipped"
             ),
         }
     }
@@ -1017,6 +1032,7 @@ mod tests {
             duration_ms: Some(5),
             cpu_ms: None,
             max_rss_mb: None,
+            log_complete: None,
             ssm_command_id: None,
             stage: None,
         }

@@ -263,6 +263,7 @@ mod tests {
             duration_ms: None,
             cpu_ms: None,
             max_rss_mb: None,
+            log_complete: None,
             ssm_command_id: None,
             stage: None,
         }

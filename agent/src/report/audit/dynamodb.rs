@@ -103,6 +103,7 @@ const OWN_OPTIONAL: &[&str] = &[
     "cpu_ms",
     "max_rss_mb",
     "stage",
+    "log_complete",
 ];
 
 impl JobAuditTable {
@@ -325,6 +326,9 @@ pub fn item(record: &JobAuditRecord, format: AuditFormat) -> HashMap<String, Att
     if let Some(mb) = record.max_rss_mb {
         item.insert("max_rss_mb".to_string(), number(mb));
     }
+    if let Some(complete) = record.log_complete {
+        item.insert("log_complete".to_string(), AttributeValue::Bool(complete));
+    }
     item
 }
 
@@ -352,6 +356,7 @@ mod tests {
             duration_ms: Some(5000),
             cpu_ms: None,
             max_rss_mb: None,
+            log_complete: None,
             ssm_command_id: None,
             stage: None,
         };
