@@ -213,6 +213,7 @@ async fn run(sizes: Sizes, smoke: bool) -> Value {
     let tokens = world.tokens(sizes.warmup + sizes.callback_jobs).await;
     let mut agent_cb = Vec::new();
     let mut dispatch = Vec::new();
+    let mut token_check = Vec::new();
     for (i, token) in tokens.into_iter().enumerate() {
         let marker = world.marker();
         let deletes = proxy.count_ok("DeleteMessage");
@@ -225,6 +226,10 @@ async fn run(sizes: Sizes, smoke: bool) -> Value {
         if i >= sizes.warmup {
             agent_cb.push(ms_between(stamps.end, ack));
             dispatch.push(ms_between(sent, stamps.start));
+            // The one SendTaskHeartbeat that checks the task is open before the start.
+            if let Some(ms) = proxy.first_round_trip_ms("SendTaskHeartbeat", &token) {
+                token_check.push(ms);
+            }
         }
     }
     let shipping_during_fig1 = proxy.count_ok("PutLogEvents");
@@ -271,6 +276,9 @@ async fn run(sizes: Sizes, smoke: bool) -> Value {
             "agent": Pcts::of(&dispatch).json(),
             "baseline": null,
             "baseline_note": "the old dispatch was Lambda -> SSM SendCommand -> nohup; no local equivalent",
+            "token_check": Pcts::of(&token_check).json(),
+            "token_check_share_p50": Pcts::of(&token_check).p50 / Pcts::of(&dispatch).p50,
+            "token_check_note": "the SendTaskHeartbeat round trip that checks the task is still open before each start (part of dispatch)",
             "samples": dispatch,
         }),
     );
@@ -943,6 +951,8 @@ struct Rec {
     /// Event message bytes, for PutLogEvents.
     event_bytes: u64,
     status: u16,
+    /// When the request had reached the proxy.
+    sent: SystemTime,
     acked: Option<SystemTime>,
 }
 
@@ -1004,6 +1014,15 @@ impl TimingProxy {
 
     fn count_requests(&self, op: &str) -> usize {
         self.shared.lock().iter().filter(|r| r.op == op).count()
+    }
+
+    /// The round trip of the first `op` request that carried `token`.
+    fn first_round_trip_ms(&self, op: &str, token: &str) -> Option<f64> {
+        self.shared
+            .lock()
+            .iter()
+            .find(|r| r.op == op && r.token.as_deref() == Some(token))
+            .and_then(|r| Some(ms_between(r.sent, r.acked?)))
     }
 
     fn count_ok(&self, op: &str) -> usize {
@@ -1260,6 +1279,7 @@ fn relay(client: TcpStream, shared: Arc<ProxyShared>) {
                                 token,
                                 event_bytes,
                                 status: 0,
+                                sent: SystemTime::now(),
                                 acked: None,
                             });
                             pending
@@ -1599,6 +1619,19 @@ fn print_table(r: &Value) {
             "".into(),
         ]);
     }
+    let t = &f["dispatch_ms"]["token_check"];
+    rows.push([
+        "2. of which: task-open check p50 (ms)".into(),
+        n(&t["p50"]),
+        "n/a".into(),
+        format!(
+            "{:.0}% of dispatch",
+            f["dispatch_ms"]["token_check_share_p50"]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+                * 100.0
+        ),
+    ]);
     let c = &f["agent_cpu_per_job_ms"];
     rows.push([
         format!("3. agent CPU per job (ms, {} jobs)", c["jobs"]),
