@@ -12,7 +12,7 @@
 #                [--efs fs-XXXX|DNS] [--region R]  EFS for the fleet lock, mounted at /mnt/efs
 #                [--dry-run]                       print each action instead of doing it
 #
-# The mount uses the options the README documents for the lock (NFSv4.1; never nolock or
+# The mount uses the options docs/operations.md documents for the lock (NFSv4.1; never nolock or
 # local_lock): nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport.
 # BOOTSTRAP_OS_RELEASE names another os-release file to read (the tests' fixtures).
 set -euo pipefail

@@ -44,7 +44,8 @@ pub enum ConfigError {
     },
 }
 
-/// The file as written, before validation. Field names are the configuration contract in the README; never rename them.
+/// The file as written, before validation. Field names are the configuration contract
+/// (docs/configuration.md); never rename them.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {

@@ -1,9 +1,9 @@
 //! The job message contract: parsing and validating one job, from any intake.
 //!
-//! Owns: the JSON job message format (the README's "The job message") (with the legacy aliases `token` and `script`),
-//! every rule that makes a message runnable (sizes, types, script path confinement), and
-//! recovering the task token from a message that is otherwise unusable, so that even a
-//! broken message gets its `Rsql.InvalidJob` callback.
+//! Owns: the JSON job message format of docs/contract.md, "The job message" (with the legacy
+//! aliases `token` and `script`), every rule that makes a message runnable (sizes, types,
+//! script path confinement), and recovering the task token from a message that is otherwise
+//! unusable, so that even a broken message gets its `Rsql.InvalidJob` callback.
 //!
 //! Must not touch: processes, locks, AWS. A [`JobSpec`] is plain data; the intakes decide
 //! what to do with it.

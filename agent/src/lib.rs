@@ -6,29 +6,33 @@
 //! ## Data path
 //!
 //! ```text
-//!  SQS message ──┐
-//!  socket submit ├─▶ job::JobSpec::parse ──bad──▶ Rsql.InvalidJob (failure callback when a token exists)
-//!  local workflow┘          │
-//!                           ▼
-//!                   lock::LockDir::acquire  ──duplicate──▶ replay the recorded outcome
-//!                           │
-//!                           ▼
-//!                   audit: running   (conditional write)
-//!                           │
-//!                           ▼
-//!                   supervisor::Supervisor::start  (own process group, timeout, kill_grace)
-//!                      │  stdout/stderr ─▶ joblog file (timestamped, durable)
-//!                      │                        └─▶ CloudWatch shipper (tails the file)
-//!                      │  every tick: SendTaskHeartbeat + ChangeMessageVisibility + lock lease
-//!                      ▼
-//!                   outcome ─▶ outbox (fsync) ─▶ SendTaskSuccess/Failure + audit: final
-//!                           │
-//!                           ▼
-//!                   delete the SQS message, release the lock
+//!  SQS message     intake::sqs::SqsIntake ─────┐
+//!  socket submit   intake::socket::SocketIntake┼─▶ job::JobSpec::parse ──bad──▶ Rsql.InvalidJob
+//!  local workflow  workflow::Runner ───────────┘        │   (a failure callback when a token exists)
+//!                                                       ▼
+//!      lock::LockDir::try_acquire, lock::decision::decide ──finished──▶ replay the recorded outcome
+//!                                                       │
+//!                                                       ▼
+//!      audit: running (report::audit::dynamodb::JobAuditTable, a conditional write)
+//!                                                       │
+//!                                                       ▼
+//!      job_owner::client::start ─▶ rsql-job-owner (job_owner::shim::run)
+//!         │  supervisor::Supervisor::start: own process group and cgroup, timeout, kill_grace
+//!         │  stdout/stderr ─▶ joblog::JobLog (timestamped, durable)
+//!         │                      └─▶ joblog::cloudwatch::Shipper (tails the file)
+//!         │  every tick: SendTaskHeartbeat + ChangeMessageVisibility + lock lease
+//!         ▼
+//!      outcome::classify ─▶ report::outbox::Outbox (fsync)
+//!                       ─▶ SendTaskSuccess/Failure + audit: final
+//!                                                       │
+//!                                                       ▼
+//!      delete the SQS message; the owner has released the lock
 //! ```
 //!
 //! Each stage has its own module; the supervisor and the job log know nothing about where a
-//! job came from, so the daemon, the socket intake and the local workflow runner share them.
+//! job came from, so the daemon, the socket intake and the local workflow runner share them
+//! (a local workflow runs each job in its own process, without an owner). The README has the
+//! same picture and what every module owns; docs/contract.md has what goes in and out.
 
 pub mod attempt;
 pub mod aws;

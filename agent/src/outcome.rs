@@ -1,5 +1,5 @@
-//! What a job attempt amounted to, in the words of the contract: the error names, the
-//! success output and the failure cause sent to Step Functions.
+//! What a job attempt amounted to, in the words of the contract (docs/contract.md): the error
+//! names, the success output and the failure cause sent to Step Functions.
 //!
 //! Owns: classifying a supervisor [`Ending`] plus the SQL error found in the job log into an
 //! [`Outcome`], and fitting outputs and causes inside the Step Functions size limits by
@@ -20,7 +20,7 @@ pub const MAX_CAUSE_CHARS: usize = 32_768;
 /// `SendTaskSuccess.output` is at most this many bytes.
 pub const MAX_OUTPUT_BYTES: usize = 262_144;
 
-/// The error names of the contract. Workflows `Retry` and `Catch` on these strings.
+/// The error names of the contract (docs/contract.md, "The error names"). Workflows `Retry` and `Catch` on these strings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorName {
     #[serde(rename = "Rsql.ScriptFailed")]

@@ -46,8 +46,8 @@ async fn next_token(config: &SdkConfig, queue_url: &str) -> String {
     body["task_token"].as_str().expect("task_token").to_string()
 }
 
-/// Asserts that Step Functions treats `token` as closed, with one of the answers the design
-/// lists for a closed token.
+/// Asserts that Step Functions treats `token` as closed, with one of the answers
+/// docs/contract.md lists for a closed token.
 async fn assert_token_closed(sfn: &aws_sdk_sfn::Client, token: &str) {
     let err = sfn
         .send_task_heartbeat()

@@ -1,6 +1,7 @@
 //! What to do with a job once its lock is ours: run it, replay its recorded outcome, or report
 //! that its owner died. Owns the rules by which the lock stops a second run and
-//! remembers the outcome (the README's "The fleet lock") as one pure function; it touches no file and no clock.
+//! remembers the outcome (docs/operations.md, "The fleet lock on EFS") as one pure function;
+//! it touches no file and no clock.
 
 use serde::{Deserialize, Serialize};
 

@@ -1,8 +1,8 @@
 //! The audit trail: one record per job attempt state change and per workflow run.
 //!
-//! Owns: the audit record shapes (the legacy DynamoDB attribute names listed in the README) and the
-//! local audit, JSON lines under `state_dir/audit/`, which the local workflow runner writes
-//! and `--resume` reads. Later records for the same key supersede earlier ones; the file is
+//! Owns: the audit record shapes (the legacy DynamoDB attribute names of docs/contract.md,
+//! "The audit") and the local audit, JSON lines under `state_dir/audit/`, which the local
+//! workflow runner writes and `--resume` reads. Later records for the same key supersede earlier ones; the file is
 //! append-only so a crash never loses an earlier record.
 //!
 //! Must not touch: processes or AWS clients; the DynamoDB job table is [`dynamodb`]'s.

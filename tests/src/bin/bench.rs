@@ -1540,7 +1540,7 @@ fn method_notes() -> Value {
     })
 }
 
-/// The performance targets in the README, judged against the numbers (full mode only).
+/// The performance targets in docs/performance.md, judged against the numbers (full mode only).
 fn targets(r: &Value, smoke: bool) -> Value {
     let f = &r["figures"];
     let rows = [

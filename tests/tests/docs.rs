@@ -1,0 +1,505 @@
+//! The docs name only what exists. A newcomer follows a path or an item name from the README,
+//! `docs/` or `packaging/aws/README.md` into the code; a name that was renamed or never
+//! existed sends them nowhere.
+//!
+//! Checked, in every one of those files:
+//! - every relative link (`[text](path#anchor)`): the file exists, and an anchor into a
+//!   Markdown file names one of its headings;
+//! - every repository path written in backticks (`agent/src/daemon/owned.rs`,
+//!   `packaging/aws/stack.yaml`): it exists;
+//! - every `module::Item` of the agent crate, in backticks or in a code block
+//!   (`lock::JobLock`, `signals::Controls`, `supervisor::Supervisor::start`): the module path
+//!   is a module of `agent/src`, and its first item (and a method or variant after it) is
+//!   defined there.
+//!
+//! And the README's architecture section names every module under `agent/src`, and no
+//! module that is gone.
+//!
+//! Each test reports every broken reference at once, as `file:line: what`. Plain file reads:
+//! no network, no binaries.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Component, Path, PathBuf};
+
+/// The repository root (this crate is `tests/`).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Top-level entries whose paths the docs may name. Anything else (`state_dir/outbox`,
+/// `target/debian/...`, `bench/results.json`) is a path on a host or a build output.
+const REPO_ROOTS: &[&str] = &[
+    "agent",
+    "wrapper",
+    "tests",
+    "packaging",
+    "systemd",
+    "rsql_scripts",
+    "docs",
+    ".ci",
+    ".config",
+];
+
+/// The documents checked, relative to the repository root.
+fn documents(root: &Path) -> Vec<PathBuf> {
+    let mut docs = vec![PathBuf::from("README.md")];
+    let mut in_docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .expect("docs/ exists")
+        .map(|e| e.expect("docs/ entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .map(|p| p.strip_prefix(root).expect("under the root").to_path_buf())
+        .collect();
+    in_docs.sort();
+    docs.extend(in_docs);
+    docs.push(PathBuf::from("packaging/aws/README.md"));
+    docs
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Where a reference sits, for the report.
+struct Found {
+    line: usize,
+    text: String,
+}
+
+/// What one Markdown file refers to.
+#[derive(Default)]
+struct Refs {
+    /// Link targets, as written.
+    links: Vec<Found>,
+    /// Inline code spans.
+    spans: Vec<Found>,
+    /// Lines inside fenced code blocks.
+    code_lines: Vec<Found>,
+}
+
+fn is_fence(line: &str) -> bool {
+    line.trim_start().starts_with("```")
+}
+
+/// Splits a Markdown file into links, inline code spans and fenced code lines, each with its
+/// line number. A code span may run across a line break; it counts at its first line.
+fn scan(text: &str) -> Refs {
+    let mut refs = Refs::default();
+    let mut in_fence = false;
+    let mut span: Option<(usize, String)> = None;
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        if span.is_none() && is_fence(line) {
+            in_fence = !in_fence;
+            continue;
+        }
+        if in_fence {
+            refs.code_lines.push(Found {
+                line: number,
+                text: line.to_string(),
+            });
+            continue;
+        }
+        let mut prose = String::new();
+        for c in line.chars() {
+            match (&mut span, c) {
+                (Some(_), '`') => {
+                    let (start, body) = span.take().expect("inside a span");
+                    refs.spans.push(Found {
+                        line: start,
+                        text: body,
+                    });
+                    prose.push(' ');
+                }
+                (Some((_, body)), c) => body.push(c),
+                (None, '`') => span = Some((number, String::new())),
+                (None, c) => prose.push(c),
+            }
+        }
+        if let Some((_, body)) = &mut span {
+            body.push(' ');
+        }
+        let mut rest = prose.as_str();
+        while let Some(at) = rest.find("](") {
+            let after = &rest[at + 2..];
+            let Some(end) = after.find(')') else { break };
+            refs.links.push(Found {
+                line: number,
+                text: after[..end].trim().to_string(),
+            });
+            rest = &after[end..];
+        }
+    }
+    refs
+}
+
+/// The anchor GitHub gives a heading: lower case, punctuation dropped, spaces to hyphens.
+fn slug(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every anchor of a Markdown file, repeated headings numbered as GitHub numbers them.
+fn anchors(text: &str) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut in_fence = false;
+    for line in text.lines() {
+        if is_fence(line) {
+            in_fence = !in_fence;
+            continue;
+        }
+        if in_fence || !line.starts_with('#') {
+            continue;
+        }
+        let base = slug(line.trim_start_matches('#'));
+        let mut anchor = base.clone();
+        let mut n = 0;
+        while seen.contains(&anchor) {
+            n += 1;
+            anchor = format!("{base}-{n}");
+        }
+        seen.insert(anchor);
+    }
+    seen
+}
+
+/// `a/./b/../c` as `a/c`, without touching the filesystem.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for part in path.components() {
+        match part {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn check_link(root: &Path, doc: &Path, target: &str) -> Result<(), String> {
+    if target.contains("://") || target.starts_with("mailto:") {
+        return Ok(());
+    }
+    let (path, anchor) = match target.split_once('#') {
+        Some((path, anchor)) => (path, Some(anchor)),
+        None => (target, None),
+    };
+    let file = if path.is_empty() {
+        doc.to_path_buf()
+    } else {
+        normalize(&doc.parent().unwrap_or(Path::new("")).join(path))
+    };
+    let full = root.join(&file);
+    if !full.exists() {
+        return Err(format!(
+            "link `{target}`: {} does not exist",
+            file.display()
+        ));
+    }
+    if let Some(anchor) = anchor {
+        if file.extension().is_some_and(|e| e == "md") && !anchors(&read(&full)).contains(anchor) {
+            return Err(format!(
+                "link `{target}`: {} has no heading with the anchor #{anchor}",
+                file.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A code span that is a path inside this repository, or `None` for anything else.
+fn repo_path(span: &str) -> Option<&str> {
+    let span = span.trim();
+    let path = match span.rsplit_once(':') {
+        Some((path, line)) if !line.is_empty() && line.bytes().all(|b| b.is_ascii_digit()) => path,
+        _ => span,
+    };
+    let plain = path
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._-/".contains(c));
+    let (first, _) = path.split_once('/')?;
+    (plain && REPO_ROOTS.contains(&first)).then_some(path)
+}
+
+fn is_ident(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '_'
+}
+
+/// The `module::Item` names in a piece of text whose first segment is a module of the agent
+/// crate (`crate::` and `rsql_agent::` prefixes dropped, a trailing `()` ignored).
+fn module_paths(text: &str, root: &Path) -> Vec<Vec<String>> {
+    text.split(|c: char| !(is_ident(c) || c == ':'))
+        .filter(|token| token.contains("::"))
+        .filter_map(|token| {
+            let token = token
+                .trim_start_matches("crate::")
+                .trim_start_matches("rsql_agent::")
+                .trim_matches(':');
+            let segments: Vec<String> = token.split("::").map(str::to_string).collect();
+            if segments.len() < 2 || segments.iter().any(|s| s.is_empty()) {
+                return None;
+            }
+            module_files(root, &segments[..1])
+                .is_some()
+                .then_some(segments)
+        })
+        .collect()
+}
+
+/// The source of a module path: its file and, when it has one, its directory. `None` when
+/// the path is not a module of `agent/src`.
+fn module_files(root: &Path, module: &[String]) -> Option<(PathBuf, Option<PathBuf>)> {
+    if matches!(module, [m] if m == "lib" || m == "main") {
+        return None;
+    }
+    let mut dir = root.join("agent/src");
+    for part in &module[..module.len() - 1] {
+        dir = dir.join(part);
+    }
+    let last = module.last()?;
+    let file = [
+        dir.join(format!("{last}.rs")),
+        dir.join(last).join("mod.rs"),
+    ]
+    .into_iter()
+    .find(|f| f.is_file())?;
+    let subdir = dir.join(last);
+    Some((file, subdir.is_dir().then_some(subdir)))
+}
+
+/// Every `.rs` file of a module: its own file and everything under its directory.
+fn module_sources(file: &Path, dir: Option<&Path>) -> String {
+    let mut text = read(file);
+    let mut stack: Vec<PathBuf> = dir.map(Path::to_path_buf).into_iter().collect();
+    while let Some(dir) = stack.pop() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            .map(|e| e.expect("directory entry").path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                text.push('\n');
+                text.push_str(&read(&path));
+            }
+        }
+    }
+    text
+}
+
+const ITEM_KEYWORDS: &[&str] = &[
+    "fn", "struct", "enum", "trait", "const", "static", "type", "mod", "union",
+];
+
+/// Whether `source` defines `name` as an item (`pub fn name`, `struct name`, ...) or
+/// re-exports it (`pub use ...name`).
+fn defines_item(source: &str, name: &str) -> bool {
+    source.lines().any(|line| {
+        let tokens: Vec<&str> = line
+            .split(|c: char| !is_ident(c))
+            .filter(|t| !t.is_empty())
+            .collect();
+        let defined = tokens
+            .windows(2)
+            .any(|w| ITEM_KEYWORDS.contains(&w[0]) && w[1] == name);
+        let reexported = line.trim_start().starts_with("pub use") && tokens.contains(&name);
+        defined || reexported
+    })
+}
+
+/// Whether `source` has `name` as a method (`fn name`) or as an enum variant or field (a line
+/// that starts with it).
+fn defines_member(source: &str, name: &str) -> bool {
+    defines_item(source, name)
+        || source.lines().any(|line| {
+            let line = line.trim_start().trim_start_matches("pub ");
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.chars().next().is_none_or(|c| !is_ident(c)))
+        })
+}
+
+/// Checks one `module::Item` path; the error says what is missing.
+fn check_item(root: &Path, segments: &[String]) -> Result<(), String> {
+    let written = segments.join("::");
+    let mut depth = 1;
+    while depth < segments.len() && module_files(root, &segments[..=depth]).is_some() {
+        depth += 1;
+    }
+    let module = &segments[..depth];
+    let (file, dir) = module_files(root, module).expect("the first segment is a module");
+    let rest = &segments[depth..];
+    let Some(item) = rest.first() else {
+        return Ok(());
+    };
+    let source = module_sources(&file, dir.as_deref());
+    let place = format!(
+        "{}{}",
+        file.strip_prefix(root).unwrap_or(&file).display(),
+        dir.as_ref()
+            .map(|d| format!(" or {}/", d.strip_prefix(root).unwrap_or(d).display()))
+            .unwrap_or_default()
+    );
+    if !defines_item(&source, item) {
+        return Err(format!(
+            "`{written}`: no item `{item}` in module `{}` ({place})",
+            module.join("::")
+        ));
+    }
+    if let Some(member) = rest.get(1) {
+        if !defines_member(&source, member) {
+            return Err(format!(
+                "`{written}`: `{item}` has no method or variant `{member}` in {place}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn report(broken: &[String], what: &str) {
+    assert!(
+        broken.is_empty(),
+        "{} {what}:\n{}",
+        broken.len(),
+        broken.join("\n")
+    );
+}
+
+#[test]
+fn every_path_link_and_item_the_docs_name_exists() {
+    let root = repo();
+    let mut broken = Vec::new();
+    let mut checked = 0;
+    for doc in documents(&root) {
+        let text = read(&root.join(&doc));
+        let refs = scan(&text);
+        let at = |line: usize| format!("{}:{line}", doc.display());
+        for link in &refs.links {
+            checked += 1;
+            if let Err(e) = check_link(&root, &doc, &link.text) {
+                broken.push(format!("{}: {e}", at(link.line)));
+            }
+        }
+        for span in &refs.spans {
+            if let Some(path) = repo_path(&span.text) {
+                checked += 1;
+                if !root.join(path).exists() {
+                    broken.push(format!("{}: path `{path}` does not exist", at(span.line)));
+                }
+            }
+        }
+        let code = refs.spans.iter().chain(&refs.code_lines);
+        for found in code {
+            for segments in module_paths(&found.text, &root) {
+                checked += 1;
+                if let Err(e) = check_item(&root, &segments) {
+                    broken.push(format!("{}: {e}", at(found.line)));
+                }
+            }
+        }
+    }
+    report(&broken, "broken references in the docs");
+    // The docs do name things: a scan that found nothing would be broken itself.
+    assert!(checked > 50, "only {checked} references found in the docs");
+}
+
+/// Module paths of `agent/src`, as `a` or `a/b`: every `.rs` file but the crate roots and
+/// the binaries.
+fn agent_modules(root: &Path) -> BTreeSet<String> {
+    let src = root.join("agent/src");
+    let mut modules = BTreeSet::new();
+    let mut stack = vec![src.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("agent/src is readable") {
+            let path = entry.expect("directory entry").path();
+            let relative = path
+                .strip_prefix(&src)
+                .expect("under agent/src")
+                .to_path_buf();
+            if path.is_dir() {
+                if relative != Path::new("bin") {
+                    stack.push(path);
+                }
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let name = relative.with_extension("").to_string_lossy().into_owned();
+            let name = name.strip_suffix("/mod").unwrap_or(&name).to_string();
+            if name != "lib" && name != "main" {
+                modules.insert(name);
+            }
+        }
+    }
+    modules
+}
+
+#[test]
+fn the_readme_architecture_names_every_module() {
+    let root = repo();
+    let readme = read(&root.join("README.md"));
+    let start = readme
+        .find("\n## Architecture")
+        .expect("the README has an Architecture section");
+    let section = &readme[start + 1..];
+    let section = match section[3..].find("\n## ") {
+        Some(end) => &section[..end + 3],
+        None => section,
+    };
+    let words: HashSet<&str> = section
+        .split(|c: char| !(is_ident(c) || c == '/'))
+        .collect();
+    let modules = agent_modules(&root);
+    assert!(modules.len() > 20, "found only {modules:?} under agent/src");
+    let missing: Vec<String> = modules
+        .iter()
+        .filter(|m| !words.contains(m.as_str()))
+        .map(|m| {
+            format!(
+                "README.md: the Architecture section does not name the module `{m}` \
+                 (agent/src/{m}.rs); add it, as `{m}`, with what it owns"
+            )
+        })
+        .collect();
+    // The other way round: a module path written there (`report/retry`) that is gone.
+    let top: HashSet<&str> = modules
+        .iter()
+        .filter(|m| !m.contains('/'))
+        .map(String::as_str)
+        .collect();
+    let mut stale: Vec<String> = words
+        .iter()
+        .filter(|w| {
+            w.split_once('/')
+                .is_some_and(|(first, rest)| top.contains(first) && !rest.is_empty())
+        })
+        .filter(|w| !modules.contains(**w))
+        .map(|w| {
+            format!(
+                "README.md: the Architecture section names `{w}`, which is not a module under \
+                 agent/src (moved or renamed?)"
+            )
+        })
+        .collect();
+    stale.sort();
+    let mut broken = missing;
+    broken.extend(stale);
+    report(
+        &broken,
+        "differences between agent/src and the README's architecture",
+    );
+}
