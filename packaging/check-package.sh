@@ -115,7 +115,9 @@ for line in \
   "-rw-r--r-- root:root  $SLICE" \
   "-rw-r--r-- root:root  $POLKIT" \
   "-rw-r--r-- root:root  $SYSUSERS" \
-  "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/README.md"; do
+  "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/README.md" \
+  "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/docs/contract.md" \
+  "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/docs/operations.md"; do
   has_line "rpm -qp --qf (mode owner flags path)" "$rpm_files" "$line"
 done
 [ "$(rpm -qpl "$rpm" | grep -c '^/usr/bin/')" -eq "$in_usr_bin" ] ||
@@ -163,7 +165,9 @@ for line in \
   "-rw-r--r-- 0/0 .$CREDS" \
   "-rw-r--r-- 0/0 .$SLICE" \
   "-rw-r--r-- 0/0 .$POLKIT" \
-  "-rw-r--r-- 0/0 .$SYSUSERS"; do
+  "-rw-r--r-- 0/0 .$SYSUSERS" \
+  "-rw-r--r-- 0/0 ./usr/share/doc/rsql-agent/docs/contract.md" \
+  "-rw-r--r-- 0/0 ./usr/share/doc/rsql-agent/docs/operations.md"; do
   has_line "dpkg-deb -c (mode uid/gid path)" "$deb_files" "$line"
 done
 [ "$(grep -c ' ./usr/bin/.' <<<"$deb_files")" -eq "$in_usr_bin" ] ||
