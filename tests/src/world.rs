@@ -138,10 +138,12 @@ pub enum StateMachine {
     /// The packaged generic state machine on the job queue and the workflow tables, with
     /// this `HeartbeatSeconds` (`JobTimeoutSeconds` 120, `TaskTimeoutSlackSeconds` 60).
     Workflow { heartbeat_seconds: u64 },
-    /// One caught [`JobTask`] (heartbeat 60 s) whose message goes to a capture queue of the
-    /// test's own instead of the job queue, with this message body: the test takes the task
-    /// token from there ([`World::execution`]), as the invoke Lambda or SSM would.
-    Capture { message_body: Value },
+    /// One caught [`JobTask`] (heartbeat 60 s) whose message, the task token and
+    /// `workflow_execution_id` (the input's `execution_id`), goes to a capture queue of the
+    /// test's own instead of the job queue: the test takes the token from there
+    /// ([`World::execution`]) and hands the job over itself, as the invoke Lambda or SSM
+    /// Run Command would.
+    Capture,
 }
 
 /// What [`World::builder`] makes; see its methods.
@@ -262,9 +264,13 @@ impl WorldBuilder {
                     .await,
                 )
             }
-            Some(StateMachine::Capture { message_body }) => {
+            Some(StateMachine::Capture) => {
                 let queue = moto::create_queue(&sdk, &moto::unique_name("capture")).await;
-                let definition = JobTask::new(&queue, message_body.clone(), 60).definition();
+                let message_body = json!({
+                    "task_token.$": "$$.Task.Token",
+                    "workflow_execution_id.$": "$.execution_id"
+                });
+                let definition = JobTask::new(&queue, message_body, 60).definition();
                 let arn =
                     moto::create_state_machine(&sdk, &moto::unique_name(&self.prefix), &definition)
                         .await;
@@ -414,6 +420,12 @@ impl World {
     pub fn agent(&self, edit: impl FnOnce(&mut AgentConfig)) -> Agent {
         let mut config = self.config();
         edit(&mut config);
+        self.start_agent(config)
+    }
+
+    /// Starts an agent on `config` against moto; a socket-only agent is returned once its
+    /// socket exists.
+    pub fn start_agent(&self, config: AgentConfig) -> Agent {
         let agent = Agent::start(config, &self.moto.endpoint());
         if let Some(socket) = &self.socket {
             wait_until("the agent's socket", WAIT, || socket.exists());
