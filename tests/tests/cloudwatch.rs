@@ -105,7 +105,7 @@ async fn events(world: &World, stream: &str) -> Vec<(i64, String)> {
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
-        let page = logs(&world)
+        let page = logs(world)
             .get_log_events()
             .log_group_name(world.log_group())
             .log_stream_name(stream)
@@ -129,7 +129,7 @@ async fn events(world: &World, stream: &str) -> Vec<(i64, String)> {
 }
 
 async fn messages(world: &World, stream: &str) -> Vec<String> {
-    events(&world, stream)
+    events(world, stream)
         .await
         .into_iter()
         .map(|(_, m)| m)

@@ -722,7 +722,7 @@ async fn crash_mid_run(world: &World, on_interrupted: Option<&str>) -> (Agent, S
         &single_task(&world.queue_url, 120),
     )
     .await;
-    let exec = start(&world, &sm, "crashed_1", "once.sh", &[]).await;
+    let exec = start(world, &sm, "crashed_1", "once.sh", &[]).await;
     wait_until("the first run", WAIT, || first.exists());
     wait_until("the job's owner", WAIT, || {
         agent

@@ -77,7 +77,7 @@ fn cli(world: &World, args: &[&str]) -> Output {
 fn put_config(world: &World, file: &Path) {
     let out = tokio::task::block_in_place(|| {
         cli(
-            &world,
+            world,
             &[
                 "workflow",
                 "put-config",
@@ -94,7 +94,7 @@ fn put_config(world: &World, file: &Path) {
 fn workflow_start(world: &World, workflow_id: &str, execution_id: &str) -> String {
     let out = tokio::task::block_in_place(|| {
         cli(
-            &world,
+            world,
             &[
                 "workflow",
                 "start",
@@ -118,7 +118,7 @@ fn workflow_start(world: &World, workflow_id: &str, execution_id: &str) -> Strin
 fn workflow_status(world: &World, execution_id: &str) -> String {
     let out = tokio::task::block_in_place(|| {
         cli(
-            &world,
+            world,
             &[
                 "workflow",
                 "status",

@@ -453,7 +453,7 @@ fn cli(aws: &World, args: &[&str]) -> Output {
 async fn execute(aws: &World, workflow: &str, workflow_id: &str, execution_id: &str) -> String {
     let file = aws.scripts.join(workflow);
     let out = cli(
-        &aws,
+        aws,
         &[
             "workflow",
             "put-config",
@@ -464,7 +464,7 @@ async fn execute(aws: &World, workflow: &str, workflow_id: &str, execution_id: &
     );
     assert!(out.status.success(), "put-config: {}", show(&out));
     let out = cli(
-        &aws,
+        aws,
         &[
             "workflow",
             "start",
@@ -484,7 +484,7 @@ async fn execute(aws: &World, workflow: &str, workflow_id: &str, execution_id: &
 
 fn aws_report(aws: &World, execution: &str, format: &str, file: &Path) {
     let out = cli(
-        &aws,
+        aws,
         &[
             "workflow",
             "report",
