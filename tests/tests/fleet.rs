@@ -25,7 +25,7 @@ use rsql_agent_tests::agent::{process_alive, wait_until, write_script, Agent};
 use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
 use rsql_agent_tests::proxy::Proxy;
-use rsql_agent_tests::world::{World, WAIT};
+use rsql_agent_tests::world::{eventually_with, World, WAIT};
 use serde_json::{json, Value};
 
 /// A waitForTaskToken task that sends the job message to `queue_url`; errors are caught into
@@ -584,21 +584,20 @@ async fn sigterm_hands_the_jobs_off_and_takes_no_new_message() {
     .await;
     let a = start(&world, &sm, "drain_a", "short.sh", &[]).await;
     let b = start(&world, &sm, "drain_b", "short.sh", &[]).await;
-    let deadline = Instant::now() + WAIT;
-    while agent
-        .log()
-        .lines()
-        .filter(|l| l.contains("job started") && l.contains("rsql_agent::daemon"))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "both jobs never started:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let agent_ref = &agent;
+    eventually_with("both jobs to start", WAIT, || async move {
+        let log = agent_ref.log();
+        let started = log
+            .lines()
+            .filter(|l| l.contains("job started") && l.contains("rsql_agent::daemon"))
+            .count();
+        if started >= 2 {
+            Ok(())
+        } else {
+            Err(format!("agent log:\n{log}"))
+        }
+    })
+    .await;
     let signalled = SystemTime::now();
     agent.signal(Signal::SIGTERM);
     // A message that arrives after the signal must stay in the queue.

@@ -14,7 +14,7 @@ use rsql_agent_tests::agent::{
     process_alive, start_time, wait_until, write_script, Agent, AgentConfig,
 };
 use rsql_agent_tests::moto;
-use rsql_agent_tests::world::{World, WAIT};
+use rsql_agent_tests::world::{eventually_with, World, WAIT};
 use serde_json::json;
 
 /// moto, the job queue and an empty script directory.
@@ -120,15 +120,14 @@ fn only_owner(agent: &Agent) -> (i32, i32) {
 }
 
 async fn wait_started(agent: &Agent, pids: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while read_pids(pids).len() < 2 || agent.owners().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the job never started:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_with("the job to start", WAIT, || async move {
+        if read_pids(pids).len() < 2 || agent.owners().is_empty() {
+            Err(format!("agent log:\n{}", agent.log()))
+        } else {
+            Ok(())
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
