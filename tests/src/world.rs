@@ -32,6 +32,9 @@ use crate::moto::{self, JobTask, Moto};
 /// box is slow, and only a failing test ever waits this long.
 pub const WAIT: Duration = Duration::from_secs(120);
 
+/// How often [`eventually`] asks again.
+const POLL: Duration = Duration::from_millis(100);
+
 /// A DynamoDB item as the SDK returns it.
 pub type Item = HashMap<String, AttributeValue>;
 
@@ -80,7 +83,7 @@ where
                 if seen.is_empty() { "" } else { "; last seen: " }
             ),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(POLL).await;
     }
 }
 

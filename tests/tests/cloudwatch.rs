@@ -448,7 +448,11 @@ async fn an_agent_killed_while_shipping_is_cut_resumes_without_losing_or_repeati
     assert_eq!(printed, numbered(printed.len()));
     // Some of it reached CloudWatch before the cut, the rest only after the restart.
     let shipped_before = messages(&world, &stream).await.len();
-    assert!(shipped_before > 0 && shipped_before < printed.len());
+    assert!(
+        shipped_before > 0 && shipped_before < printed.len(),
+        "{shipped_before} of {} printed lines shipped before the cut",
+        printed.len()
+    );
 
     proxy.restore();
     agent.restart();
