@@ -12,3 +12,4 @@ pub mod host;
 pub mod moto;
 pub mod pg;
 pub mod proxy;
+pub mod world;

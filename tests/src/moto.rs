@@ -597,7 +597,8 @@ pub async fn queue_depth(config: &SdkConfig, queue_url: &str) -> (i64, i64) {
 /// task that sends `message_body` to `queue_url` and waits for the agent's callback, as the
 /// agent's workflows do. Always with `TimeoutSeconds` (see the module notes). With `catch`,
 /// a failure goes to a Pass state with the error and cause in `$.error`, so a test reads
-/// them from the output; `retry_timeouts` retries a `States.Timeout` once, under a new token.
+/// them from the output; with `retry`, the errors it lists are retried (before any catch),
+/// each attempt under a new token.
 #[derive(Debug, Clone)]
 pub struct JobTask<'a> {
     pub queue_url: &'a str,
@@ -605,7 +606,41 @@ pub struct JobTask<'a> {
     pub heartbeat_seconds: u64,
     pub timeout_seconds: u64,
     pub catch: bool,
-    pub retry_timeouts: bool,
+    pub retry: Option<Retrier>,
+}
+
+/// One `Retry` rule of a Task state.
+#[derive(Debug, Clone)]
+pub struct Retrier {
+    pub errors: Vec<String>,
+    pub interval_seconds: u64,
+    pub max_attempts: u64,
+    /// `BackoffRate`; the service's default (2.0) when `None`.
+    pub backoff_rate: Option<f64>,
+}
+
+impl Retrier {
+    /// `States.Timeout` retried once after a second: a timed-out task gets a new token.
+    pub fn timeouts_once() -> Retrier {
+        Retrier {
+            errors: vec!["States.Timeout".to_string()],
+            interval_seconds: 1,
+            max_attempts: 1,
+            backoff_rate: None,
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        let mut rule = serde_json::json!({
+            "ErrorEquals": self.errors,
+            "IntervalSeconds": self.interval_seconds,
+            "MaxAttempts": self.max_attempts
+        });
+        if let Some(rate) = self.backoff_rate {
+            rule["BackoffRate"] = serde_json::json!(rate);
+        }
+        rule
+    }
 }
 
 impl JobTask<'_> {
@@ -621,12 +656,13 @@ impl JobTask<'_> {
             heartbeat_seconds,
             timeout_seconds: 900,
             catch: true,
-            retry_timeouts: false,
+            retry: None,
         }
     }
 
-    /// The definition, as `create_state_machine` takes it.
-    pub fn definition(&self) -> String {
+    /// The `Job` state alone, e.g. for a Map's item processor: its catch goes to a state
+    /// named `Caught`, its success ends the branch.
+    pub fn state(&self) -> serde_json::Value {
         let mut job = serde_json::json!({
             "Type": "Task",
             "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
@@ -640,16 +676,19 @@ impl JobTask<'_> {
                 {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}
             ]);
         }
-        if self.retry_timeouts {
-            job["Retry"] = serde_json::json!([
-                {"ErrorEquals": ["States.Timeout"], "IntervalSeconds": 1, "MaxAttempts": 1}
-            ]);
+        if let Some(retry) = &self.retry {
+            job["Retry"] = serde_json::json!([retry.to_json()]);
         }
+        job
+    }
+
+    /// The definition, as `create_state_machine` takes it.
+    pub fn definition(&self) -> String {
         serde_json::json!({
             "Comment": "one rsql-agent job",
             "QueryLanguage": "JSONPath",
             "StartAt": "Job",
-            "States": {"Job": job, "Caught": {"Type": "Pass", "End": true}}
+            "States": {"Job": self.state(), "Caught": {"Type": "Pass", "End": true}}
         })
         .to_string()
     }

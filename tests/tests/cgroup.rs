@@ -11,19 +11,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use aws_config::SdkConfig;
 use aws_sdk_sfn::types::ExecutionStatus;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rsql_agent_tests::agent::{
-    process_alive, script_dir, write_script, Agent, AgentConfig, QueueWorld,
-};
+use rsql_agent_tests::agent::{process_alive, script_dir, write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::cgroup::TestCgroup;
 use rsql_agent_tests::moto;
+use rsql_agent_tests::world::{self, eventually_with, World, WAIT};
 use serde_json::json;
-
-const WAIT: Duration = Duration::from_secs(120);
 
 /// Bash helpers for the jobs: wait for a pid file to be written, and for a process to have
 /// left the job's session or process group, so that a job never ends before its escapee
@@ -37,57 +33,42 @@ wait_group_leader() { while [ "$(field "$1" 5)" != "$1" ]; do sleep 0.01; done; 
 describe() { echo "$1 $(field "$1" 5) $(field "$1" 6) $(tr '\0' '\n' < "/proc/$1/environ" | grep -c '^RSQL_AGENT_JOB_ID=')"; }
 "#;
 
-struct World(QueueWorld);
-
-impl std::ops::Deref for World {
-    type Target = QueueWorld;
-    fn deref(&self) -> &QueueWorld {
-        &self.0
-    }
+/// moto, the job queue and an empty script directory.
+async fn world() -> World {
+    World::builder("cgroup").build().await
 }
 
-impl World {
-    async fn new() -> World {
-        World(QueueWorld::new("cgroup").await)
-    }
+/// An agent whose job owners make each job's cgroup under `parent`.
+fn cgroup_agent(world: &World, parent: &Path) -> Agent {
+    let mut config = AgentConfig::new(&world.queue_url, &world.scripts);
+    config.jobs_extra = format!("cgroup_parent = \"{}\"\n", parent.display());
+    Agent::start(config, &world.moto.endpoint())
+}
 
-    /// An agent whose job owners make each job's cgroup under `parent`.
-    fn agent(&self, parent: &Path) -> Agent {
-        let mut config = AgentConfig::new(&self.queue_url, &self.scripts);
-        config.jobs_extra = format!("cgroup_parent = \"{}\"\n", parent.display());
-        Agent::start(config, &self.moto.endpoint())
-    }
-
-    /// Runs `job` through a caught one-task state machine; returns how the execution
-    /// ended, its output (the success output, or `$.error` with the failure) and the job's
-    /// `workflow_execution_id`.
-    async fn run(&self, job: &str) -> (ExecutionStatus, serde_json::Value, String) {
-        let body = json!({
-            "task_token.$": "$$.Task.Token",
-            "workflow_id": "cgroup_test",
-            "workflow_execution_id.$": "$.execution_id",
-            "job_name": job,
-            "timeout_seconds": 300,
-            "heartbeat_seconds": 60
-        });
-        let task = moto::JobTask::new(&self.queue_url, body, 60);
-        let sm =
-            moto::create_state_machine(&self.sdk, &moto::unique_name("cg"), &task.definition())
-                .await;
-        let execution_id = moto::unique_name("cg");
-        let input = json!({ "execution_id": execution_id });
-        let exec = moto::start_execution(&self.sdk, &sm, &input.to_string()).await;
-        let out = moto::wait_execution(&self.sdk, &exec, WAIT).await;
-        (
-            out.status().clone(),
-            moto::execution_output(&out),
-            execution_id,
-        )
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.scripts.join(name)
-    }
+/// Runs `job` through a caught one-task state machine; returns how the execution
+/// ended, its output (the success output, or `$.error` with the failure) and the job's
+/// `workflow_execution_id`.
+async fn run(world: &World, job: &str) -> (ExecutionStatus, serde_json::Value, String) {
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_id": "cgroup_test",
+        "workflow_execution_id.$": "$.execution_id",
+        "job_name": job,
+        "timeout_seconds": 300,
+        "heartbeat_seconds": 60
+    });
+    let task = moto::JobTask::new(&world.queue_url, body, 60);
+    let sm =
+        moto::create_state_machine(&world.sdk, &moto::unique_name("cg"), &task.definition()).await;
+    let execution_id = moto::unique_name("cg");
+    let input = json!({ "execution_id": execution_id });
+    let exec = moto::start_execution(&world.sdk, &sm, &input.to_string()).await;
+    let out = world.wait_execution(&exec).await;
+    (
+        out.status().clone(),
+        moto::execution_output(&out),
+        execution_id,
+    )
 }
 
 /// What a job's `describe` wrote: (pid, process group, session, marker variables left).
@@ -128,8 +109,11 @@ fn cpu_ms(value: &serde_json::Value) -> u64 {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_setsid_escapee_without_the_marker_is_gone_when_the_outcome_is_reported() {
     let cgroup = TestCgroup::new();
-    let world = World::new().await;
-    let (escapee, job) = (world.path("escapee.txt"), world.path("job.pid"));
+    let world = world().await;
+    let (escapee, job) = (
+        world.scripts.join("escapee.txt"),
+        world.scripts.join("job.pid"),
+    );
     write_script(
         &world.scripts,
         "setsid.sh",
@@ -141,8 +125,8 @@ async fn a_setsid_escapee_without_the_marker_is_gone_when_the_outcome_is_reporte
             escapee = escapee.display()
         ),
     );
-    let agent = world.agent(cgroup.path());
-    let (status, output, _) = world.run("setsid.sh").await;
+    let agent = cgroup_agent(&world, cgroup.path());
+    let (status, output, _) = run(&world, "setsid.sh").await;
     let (pid, _, session, markers) = described(&escapee);
     let alive = process_alive(pid);
     kill_quietly(pid);
@@ -175,12 +159,12 @@ async fn a_setsid_escapee_without_the_marker_is_gone_when_the_outcome_is_reporte
 #[tokio::test(flavor = "multi_thread")]
 async fn a_double_forked_escapee_in_a_process_group_of_its_own_is_gone_too() {
     let cgroup = TestCgroup::new();
-    let world = World::new().await;
+    let world = world().await;
     let (escapee, pid_file, job, job_session) = (
-        world.path("escapee.txt"),
-        world.path("escapee.pid"),
-        world.path("job.pid"),
-        world.path("job.sid"),
+        world.scripts.join("escapee.txt"),
+        world.scripts.join("escapee.pid"),
+        world.scripts.join("job.pid"),
+        world.scripts.join("job.sid"),
     );
     // The subshell and `bash -c` exit at once (a double fork: the sleep's parent becomes
     // the owner, a subreaper); `set -m` gives the sleep a process group of its own, in the
@@ -201,8 +185,8 @@ async fn a_double_forked_escapee_in_a_process_group_of_its_own_is_gone_too() {
             escapee = escapee.display()
         ),
     );
-    let agent = world.agent(cgroup.path());
-    let (status, output, _) = world.run("double.sh").await;
+    let agent = cgroup_agent(&world, cgroup.path());
+    let (status, output, _) = run(&world, "double.sh").await;
     let (pid, group, session, markers) = described(&escapee);
     let alive = process_alive(pid);
     kill_quietly(pid);
@@ -231,12 +215,12 @@ async fn a_double_forked_escapee_in_a_process_group_of_its_own_is_gone_too() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_busy_for_one_second_of_cpu_reports_about_1000_cpu_ms_everywhere() {
     let cgroup = TestCgroup::new();
-    let world = World::new().await;
+    let world = world().await;
     let table = moto::unique_name("cg-audit");
     moto::create_job_audit_table(&world.sdk, &table).await;
     // One second of CPU, not of wall clock (a busy machine must not change the figure),
     // spent in a grandchild: the job's CPU is all of its processes'.
-    let place = world.path("cgroup.txt");
+    let place = world.scripts.join("cgroup.txt");
     write_script(
         &world.scripts,
         "busy.sh",
@@ -250,7 +234,7 @@ async fn a_job_busy_for_one_second_of_cpu_reports_about_1000_cpu_ms_everywhere()
     config.jobs_extra = format!("cgroup_parent = \"{}\"\n", cgroup.path().display());
     config.job_table = Some(table.clone());
     let agent = Agent::start(config, &world.moto.endpoint());
-    let (status, output, execution_id) = world.run("busy.sh").await;
+    let (status, output, execution_id) = run(&world, "busy.sh").await;
     assert_eq!(
         status,
         ExecutionStatus::Succeeded,
@@ -277,16 +261,19 @@ async fn a_job_busy_for_one_second_of_cpu_reports_about_1000_cpu_ms_everywhere()
         .find(|r| r["execution_status"] == "completed")
         .expect("a final local audit record");
     assert_eq!(local["cpu_ms"], measured, "{local}");
-    let item = audit_item(&world.sdk, &table, &execution_id).await;
+    let item = audit_cpu_ms(&world, &table, &execution_id).await;
     assert_eq!(item, Some(measured.to_string()), "{}", agent.log());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_cgroup_the_group_and_marker_sweep_runs_and_says_so() {
-    let world = World::new().await;
+    let world = world().await;
     // Not a cgroup: what a host without a delegated hierarchy looks like to the agent.
     let plain = tempfile::tempdir().expect("a plain directory");
-    let (escapee, child) = (world.path("escapee.txt"), world.path("child.pid"));
+    let (escapee, child) = (
+        world.scripts.join("escapee.txt"),
+        world.scripts.join("child.pid"),
+    );
     // Both leftovers keep the marker, which is how the fallback finds them.
     write_script(
         &world.scripts,
@@ -303,7 +290,7 @@ echo started",
             escapee = escapee.display()
         ),
     );
-    let agent = world.agent(plain.path());
+    let agent = cgroup_agent(&world, plain.path());
     agent.wait_for_log(
         "falling back to the process group and marker sweep",
         Duration::from_secs(30),
@@ -313,7 +300,7 @@ echo started",
         "{}",
         agent.log()
     );
-    let (status, output, _) = world.run("fallback.sh").await;
+    let (status, output, _) = run(&world, "fallback.sh").await;
     let (pid, _, session, markers) = described(&escapee);
     let in_group = read_pid(&child);
     let alive = (process_alive(pid), process_alive(in_group));
@@ -337,8 +324,11 @@ echo started",
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_owner_takes_its_jobs_escapees_with_it_through_the_cgroup() {
     let cgroup = TestCgroup::new();
-    let world = World::new().await;
-    let (escapee, started) = (world.path("escapee.txt"), world.path("started"));
+    let world = world().await;
+    let (escapee, started) = (
+        world.scripts.join("escapee.txt"),
+        world.scripts.join("started"),
+    );
     write_script(
         &world.scripts,
         "orphaned.sh",
@@ -353,8 +343,8 @@ sleep 300",
             started = started.display()
         ),
     );
-    let agent = world.agent(cgroup.path());
-    let run = world.run("orphaned.sh");
+    let agent = cgroup_agent(&world, cgroup.path());
+    let run = run(&world, "orphaned.sh");
     tokio::pin!(run);
     let owner = tokio::select! {
         _ = &mut run => panic!("the job ended on its own:\n{}", agent.log()),
@@ -494,43 +484,20 @@ fn caught_cause(output: &serde_json::Value) -> serde_json::Value {
 }
 
 /// The `cpu_ms` of the job audit item of `busy.sh` in execution `name`, once it is final.
-async fn audit_item(sdk: &SdkConfig, table: &str, name: &str) -> Option<String> {
-    let client = aws_sdk_dynamodb::Client::new(sdk);
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let item = client
-            .get_item()
-            .table_name(table)
-            .key(
-                "job_name",
-                aws_sdk_dynamodb::types::AttributeValue::S("busy.sh".into()),
-            )
-            .key(
-                "workflow_execution_id",
-                aws_sdk_dynamodb::types::AttributeValue::S(name.into()),
-            )
-            .send()
-            .await
-            .expect("GetItem")
-            .item;
-        let status = item
-            .as_ref()
-            .and_then(|i| i.get("execution_status"))
-            .and_then(|v| v.as_s().ok())
-            .cloned();
-        if status.as_deref() == Some("completed") {
-            return item
-                .as_ref()
-                .and_then(|i| i.get("cpu_ms"))
-                .and_then(|v| v.as_n().ok())
-                .cloned();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no final audit item for {name}: {item:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+async fn audit_cpu_ms(world: &World, table: &str, name: &str) -> Option<String> {
+    eventually_with(
+        &format!("a final audit item for {name}"),
+        WAIT,
+        || async move {
+            match world::audit_item(&world.sdk, table, "busy.sh", name).await {
+                Some(item) if world::attr(&item, "execution_status") == Some("completed") => {
+                    Ok(item.get("cpu_ms").and_then(|v| v.as_n().ok()).cloned())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await
 }
 
 /// The pid of the owner of the agent's one job, once the job has written `started`.

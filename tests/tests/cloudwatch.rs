@@ -10,15 +10,14 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aws_config::SdkConfig;
 use aws_sdk_sfn::types::ExecutionStatus;
-use rsql_agent_tests::agent::{script_dir, wait_until, write_script, Agent, AgentConfig};
-use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::agent::{wait_until, write_script, Agent};
+use rsql_agent_tests::moto;
 use rsql_agent_tests::proxy::{Proxy, RecordedRequest};
+use rsql_agent_tests::world::{eventually_with, World, WAIT};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-const WAIT: Duration = Duration::from_secs(120);
 /// CloudWatch's `PutLogEvents` limits, as the service documents them.
 const MAX_BATCH_BYTES: usize = 1_048_576;
 const MAX_BATCH_EVENTS: usize = 10_000;
@@ -40,134 +39,101 @@ fn definition(queue_url: &str, heartbeat: u64) -> String {
     moto::JobTask::new(queue_url, body, heartbeat).definition()
 }
 
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
-    queue_url: String,
-    log_group: String,
-    _scripts_dir: tempfile::TempDir,
-    scripts: PathBuf,
+/// moto, the job queue, an empty script directory and a log group the agents create
+/// (`create_group = true`).
+async fn world() -> World {
+    World::builder("jobs").log_group().build().await
 }
 
-impl World {
-    async fn new() -> World {
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let queue_url = moto::create_queue(&sdk, &moto::unique_name("jobs")).await;
-        let (dir, scripts) = script_dir();
-        World {
-            moto,
-            sdk,
-            queue_url,
-            // The agent creates it (create_group = true).
-            log_group: format!("/ops/rsql-logs/{}", moto::unique_name("t")),
-            _scripts_dir: dir,
-            scripts,
-        }
-    }
+async fn run(world: &World, heartbeat: u64, execution_id: &str, job: &str) -> String {
+    let sm = moto::create_state_machine(
+        &world.sdk,
+        &moto::unique_name("job"),
+        &definition(&world.queue_url, heartbeat),
+    )
+    .await;
+    let input = json!({"execution_id": execution_id, "job_name": job});
+    moto::start_execution(&world.sdk, &sm, &input.to_string()).await
+}
 
-    fn config(&self) -> AgentConfig {
-        let mut config = AgentConfig::new(&self.queue_url, &self.scripts);
-        config.log_group = Some(self.log_group.clone());
-        config
-    }
+async fn status(world: &World, execution: &str) -> ExecutionStatus {
+    aws_sdk_sfn::Client::new(&world.sdk)
+        .describe_execution()
+        .execution_arn(execution)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .clone()
+}
 
-    async fn run(&self, heartbeat: u64, execution_id: &str, job: &str) -> String {
-        let sm = moto::create_state_machine(
-            &self.sdk,
-            &moto::unique_name("job"),
-            &definition(&self.queue_url, heartbeat),
-        )
-        .await;
-        let input = json!({"execution_id": execution_id, "job_name": job});
-        moto::start_execution(&self.sdk, &sm, &input.to_string()).await
-    }
+fn logs(world: &World) -> aws_sdk_cloudwatchlogs::Client {
+    aws_sdk_cloudwatchlogs::Client::new(&world.sdk)
+}
 
-    async fn status(&self, execution: &str) -> ExecutionStatus {
-        aws_sdk_sfn::Client::new(&self.sdk)
-            .describe_execution()
-            .execution_arn(execution)
+/// Polls until the job's stream exists (found by its documented prefix) and returns
+/// its name.
+async fn find_stream(world: &World, execution_id: &str, job: &str) -> String {
+    let prefix = format!("{execution_id}/{job}/");
+    let what = format!("a stream {prefix}* in {}", world.log_group());
+    let prefix = prefix.as_str();
+    eventually_with(&what, WAIT, || async move {
+        let found = logs(world)
+            .describe_log_streams()
+            .log_group_name(world.log_group())
+            .log_stream_name_prefix(prefix)
+            .send()
+            .await;
+        // Until the agent creates the group, describing it fails: keep polling.
+        let out = found.map_err(|e| format!("{e:?}"))?;
+        let names: Vec<&str> = out
+            .log_streams()
+            .iter()
+            .filter_map(|s| s.log_stream_name())
+            .collect();
+        assert!(names.len() <= 1, "one stream per attempt: {names:?}");
+        names
+            .first()
+            .map(|name| name.to_string())
+            .ok_or_else(|| "no stream yet".to_string())
+    })
+    .await
+}
+
+/// Every event of the stream, oldest first: (timestamp, message).
+async fn events(world: &World, stream: &str) -> Vec<(i64, String)> {
+    let mut out = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = logs(world)
+            .get_log_events()
+            .log_group_name(world.log_group())
+            .log_stream_name(stream)
+            .start_from_head(true)
+            .limit(10_000)
+            .set_next_token(token.clone())
             .send()
             .await
-            .unwrap()
-            .status()
-            .clone()
-    }
-
-    fn logs(&self) -> aws_sdk_cloudwatchlogs::Client {
-        aws_sdk_cloudwatchlogs::Client::new(&self.sdk)
-    }
-
-    /// Polls until the job's stream exists (found by its documented prefix) and returns
-    /// its name.
-    async fn find_stream(&self, execution_id: &str, job: &str) -> String {
-        let prefix = format!("{execution_id}/{job}/");
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let found = self
-                .logs()
-                .describe_log_streams()
-                .log_group_name(&self.log_group)
-                .log_stream_name_prefix(&prefix)
-                .send()
-                .await;
-            // Until the agent creates the group, describing it fails: keep polling.
-            if let Ok(out) = found {
-                let names: Vec<&str> = out
-                    .log_streams()
-                    .iter()
-                    .filter_map(|s| s.log_stream_name())
-                    .collect();
-                assert!(names.len() <= 1, "one stream per attempt: {names:?}");
-                if let Some(name) = names.first() {
-                    return name.to_string();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no stream {prefix}* in {}",
-                self.log_group
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            .unwrap();
+        if page.events().is_empty() {
+            return out;
         }
-    }
-
-    /// Every event of the stream, oldest first: (timestamp, message).
-    async fn events(&self, stream: &str) -> Vec<(i64, String)> {
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .logs()
-                .get_log_events()
-                .log_group_name(&self.log_group)
-                .log_stream_name(stream)
-                .start_from_head(true)
-                .limit(10_000)
-                .set_next_token(token.clone())
-                .send()
-                .await
-                .unwrap();
-            if page.events().is_empty() {
-                return out;
-            }
-            for e in page.events() {
-                out.push((
-                    e.timestamp().unwrap_or_default(),
-                    e.message().unwrap_or_default().to_string(),
-                ));
-            }
-            token = page.next_forward_token().map(str::to_string);
+        for e in page.events() {
+            out.push((
+                e.timestamp().unwrap_or_default(),
+                e.message().unwrap_or_default().to_string(),
+            ));
         }
+        token = page.next_forward_token().map(str::to_string);
     }
+}
 
-    async fn messages(&self, stream: &str) -> Vec<String> {
-        self.events(stream)
-            .await
-            .into_iter()
-            .map(|(_, m)| m)
-            .collect()
-    }
+async fn messages(world: &World, stream: &str) -> Vec<String> {
+    events(world, stream)
+        .await
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect()
 }
 
 /// Shipments the agent has not finished yet (its index in `state_dir/shipper`).
@@ -283,24 +249,24 @@ fn proxy_count_hint(_: &RecordedRequest) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_line_is_readable_in_cloudwatch_while_the_job_still_runs() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(
         &world.scripts,
         "live.sh",
         "echo 'first line'\nsleep 5\necho 'second line'",
     );
-    let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let exec = world.run(30, "live_1", "live.sh").await;
-    let stream = world.find_stream("live_1", "live.sh").await;
+    let agent = world.agent(|_| {});
+    let exec = run(&world, 30, "live_1", "live.sh").await;
+    let stream = find_stream(&world, "live_1", "live.sh").await;
     let deadline = Instant::now() + WAIT;
     loop {
-        let messages = world.messages(&stream).await;
+        let messages = messages(&world, &stream).await;
         if messages.iter().any(|m| m == "first line") {
             assert!(
                 !messages.iter().any(|m| m == "second line"),
                 "the job already ended: {messages:?}"
             );
-            assert_eq!(world.status(&exec).await, ExecutionStatus::Running);
+            assert_eq!(status(&world, &exec).await, ExecutionStatus::Running);
             break;
         }
         assert!(Instant::now() < deadline, "{}", agent.log());
@@ -309,17 +275,17 @@ async fn a_line_is_readable_in_cloudwatch_while_the_job_still_runs() {
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     let output = moto::execution_output(&out);
-    assert_eq!(output["log_group"], world.log_group.as_str(), "{output}");
+    assert_eq!(output["log_group"], world.log_group(), "{output}");
     assert_eq!(output["log_stream"], stream.as_str(), "{output}");
     // The final flush ran before the outcome was reported: the whole log is there already.
     assert_eq!(
-        world.messages(&stream).await,
+        messages(&world, &stream).await,
         vec!["first line", "second line"]
     );
     let audit = agent.local_audit();
     let last = audit.last().expect("a local audit record");
     assert_eq!(last["log_stream"], stream.as_str(), "{last}");
-    assert_eq!(last["log_group"], world.log_group.as_str(), "{last}");
+    assert_eq!(last["log_group"], world.log_group(), "{last}");
     wait_until("the shipment to finish", WAIT, || {
         shipments_left(&agent) == 0
     });
@@ -351,7 +317,7 @@ fn big_output() -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn thirty_megabytes_arrive_whole_and_in_order_in_batches_within_the_limits() {
-    let world = World::new().await;
+    let world = world().await;
     let content = big_output();
     let data = world.scripts.join("big.txt");
     std::fs::File::create(&data)
@@ -364,15 +330,15 @@ async fn thirty_megabytes_arrive_whole_and_in_order_in_batches_within_the_limits
     );
     let proxy = Proxy::start_recording(world.moto.addr());
     let agent = Agent::start(world.config(), &proxy.url());
-    let exec = world.run(60, "big_1", "big.sh").await;
+    let exec = run(&world, 60, "big_1", "big.sh").await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     wait_until("the shipment to finish", WAIT, || {
         shipments_left(&agent) == 0
     });
-    let stream = world.find_stream("big_1", "big.sh").await;
+    let stream = find_stream(&world, "big_1", "big.sh").await;
 
-    let events = world.events(&stream).await;
+    let events = events(&world, &stream).await;
     let mut rebuilt = Vec::with_capacity(content.len());
     for (_, message) in &events {
         for b in message.bytes() {
@@ -410,14 +376,14 @@ fn ticking_job(world: &World, name: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_twenty_second_outage_neither_slows_the_job_nor_loses_or_repeats_a_line() {
-    let world = World::new().await;
+    let world = world().await;
     ticking_job(&world, "tick.sh", 300);
     let proxy = Proxy::start_recording(world.moto.addr());
     let mut config = world.config();
     config.visibility_timeout = "60s".into();
     let agent = Agent::start(config, &proxy.url());
-    let exec = world.run(120, "cut_1", "tick.sh").await;
-    let stream = world.find_stream("cut_1", "tick.sh").await;
+    let exec = run(&world, 120, "cut_1", "tick.sh").await;
+    let stream = find_stream(&world, "cut_1", "tick.sh").await;
 
     cut_between_batches(&proxy);
     let cut_at = Instant::now();
@@ -446,7 +412,7 @@ async fn a_twenty_second_outage_neither_slows_the_job_nor_loses_or_repeats_a_lin
     wait_until("the shipment to finish", WAIT, || {
         shipments_left(&agent) == 0
     });
-    assert_eq!(world.messages(&stream).await, numbered(300));
+    assert_eq!(messages(&world, &stream).await, numbered(300));
     assert!(
         agent.log().contains("cannot ship log events"),
         "the outage was not noticed: {}",
@@ -456,12 +422,12 @@ async fn a_twenty_second_outage_neither_slows_the_job_nor_loses_or_repeats_a_lin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_killed_while_shipping_is_cut_resumes_without_losing_or_repeating_a_line() {
-    let world = World::new().await;
+    let world = world().await;
     ticking_job(&world, "tick.sh", 600);
     let proxy = Proxy::start_recording(world.moto.addr());
     let mut agent = Agent::start(world.config(), &proxy.url());
-    let _exec = world.run(120, "kill_1", "tick.sh").await;
-    let stream = world.find_stream("kill_1", "tick.sh").await;
+    let _exec = run(&world, 120, "kill_1", "tick.sh").await;
+    let stream = find_stream(&world, "kill_1", "tick.sh").await;
 
     cut_between_batches(&proxy);
     let log = local_log(&agent, "kill_1").expect("the job's log file");
@@ -481,15 +447,19 @@ async fn an_agent_killed_while_shipping_is_cut_resumes_without_losing_or_repeati
     assert!(printed.len() < 600, "the job ended before the kill");
     assert_eq!(printed, numbered(printed.len()));
     // Some of it reached CloudWatch before the cut, the rest only after the restart.
-    let shipped_before = world.messages(&stream).await.len();
-    assert!(shipped_before > 0 && shipped_before < printed.len());
+    let shipped_before = messages(&world, &stream).await.len();
+    assert!(
+        shipped_before > 0 && shipped_before < printed.len(),
+        "{shipped_before} of {} printed lines shipped before the cut",
+        printed.len()
+    );
 
     proxy.restore();
     agent.restart();
     wait_until("the resumed shipment to finish", WAIT, || {
         shipments_left(&agent) == 0
     });
-    assert_eq!(world.messages(&stream).await, printed);
+    assert_eq!(messages(&world, &stream).await, printed);
     assert!(
         agent.log().contains("resuming log shipment"),
         "{}",
@@ -531,7 +501,7 @@ fn emf_metrics(record: &serde_json::Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn job_metrics_arrive_in_the_log_group_as_embedded_metric_records() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(&world.scripts, "fine.sh", "echo fine");
     write_script(&world.scripts, "broken.sh", "echo broken >&2\nexit 3");
     let mut config = world.config();
@@ -539,8 +509,8 @@ async fn job_metrics_arrive_in_the_log_group_as_embedded_metric_records() {
         .extra
         .push_str("[metrics]\nfleet = \"night-fleet\"\n");
     let agent = Agent::start(config, &world.moto.endpoint());
-    let fine = world.run(30, "metrics_1", "fine.sh").await;
-    let broken = world.run(30, "metrics_1", "broken.sh").await;
+    let fine = run(&world, 30, "metrics_1", "fine.sh").await;
+    let broken = run(&world, 30, "metrics_1", "broken.sh").await;
     for exec in [&fine, &broken] {
         let out = moto::wait_execution(&world.sdk, exec, WAIT).await;
         assert_ne!(*out.status(), ExecutionStatus::Running, "{}", agent.log());
@@ -560,10 +530,9 @@ async fn job_metrics_arrive_in_the_log_group_as_embedded_metric_records() {
             agent.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let Ok(found) = world
-            .logs()
+        let Ok(found) = logs(&world)
             .describe_log_streams()
-            .log_group_name(&world.log_group)
+            .log_group_name(world.log_group())
             .log_stream_name_prefix(METRICS_PREFIX)
             .send()
             .await
@@ -583,8 +552,7 @@ async fn job_metrics_arrive_in_the_log_group_as_embedded_metric_records() {
             stream.starts_with(&format!("{METRICS_PREFIX}{}/", agent.config.instance_id)),
             "{stream}"
         );
-        records = world
-            .messages(stream)
+        records = messages(&world, stream)
             .await
             .iter()
             .map(|m| serde_json::from_str(m).expect("every metrics event is one JSON record"))

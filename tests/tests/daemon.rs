@@ -4,19 +4,15 @@
 //! Each test drives one `sqs:sendMessage.waitForTaskToken` task and checks what an operator
 //! would see: the execution's status, output or caught error, the audit item, the queue.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
-use rsql_agent_tests::agent::{process_alive, script_dir, write_script, Agent, AgentConfig};
-use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::agent::{process_alive, wait_until, write_script, Agent};
+use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
 use rsql_agent_tests::proxy::Proxy;
+use rsql_agent_tests::world::{s, World, WAIT};
 use serde_json::{json, Value};
-
-const WAIT: Duration = Duration::from_secs(90);
 
 /// One task that hands the job to the agent's queue; errors are caught into `$.error`, so
 /// a test can read the error and cause from the output.
@@ -33,133 +29,40 @@ fn definition(queue_url: &str, heartbeat: u64) -> String {
     moto::JobTask::new(queue_url, body, heartbeat).definition()
 }
 
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
-    queue_url: String,
-    table: String,
-    _scripts_dir: tempfile::TempDir,
-    scripts: std::path::PathBuf,
-}
-
-impl World {
-    async fn new() -> World {
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let queue_url = moto::create_queue(&sdk, &moto::unique_name("jobs")).await;
-        let table = moto::unique_name("rsql-job-audit");
-        moto::create_job_audit_table(&sdk, &table).await;
-        let (dir, scripts) = script_dir();
-        rsql_agent_tests::agent::copy_sample_scripts(&scripts);
-        World {
-            moto,
-            sdk,
-            queue_url,
-            table,
-            _scripts_dir: dir,
-            scripts,
-        }
-    }
-
-    fn config(&self) -> AgentConfig {
-        let mut config = AgentConfig::new(&self.queue_url, &self.scripts);
-        config.job_table = Some(self.table.clone());
-        config
-    }
-
-    async fn state_machine(&self, heartbeat: u64) -> String {
-        moto::create_state_machine(
-            &self.sdk,
-            &moto::unique_name("job"),
-            &definition(&self.queue_url, heartbeat),
-        )
+/// moto, the job queue, the sample jobs and a job audit table.
+async fn world() -> World {
+    World::builder("jobs")
+        .sample_scripts()
+        .job_table()
+        .build()
         .await
-    }
-
-    async fn start(&self, sm: &str, execution_id: &str, job: &str, timeout: u64) -> String {
-        let input = json!({
-            "execution_id": execution_id, "job_name": job, "args": [], "timeout_seconds": timeout
-        });
-        moto::start_execution(&self.sdk, sm, &input.to_string()).await
-    }
-
-    async fn audit_item(
-        &self,
-        job: &str,
-        execution_id: &str,
-    ) -> Option<HashMap<String, AttributeValue>> {
-        aws_sdk_dynamodb::Client::new(&self.sdk)
-            .get_item()
-            .table_name(&self.table)
-            .key("job_name", AttributeValue::S(job.into()))
-            .key(
-                "workflow_execution_id",
-                AttributeValue::S(execution_id.into()),
-            )
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap()
-            .item
-    }
-
-    /// Polls the audit item until its status is `status`.
-    async fn wait_audit(
-        &self,
-        job: &str,
-        execution_id: &str,
-        status: &str,
-    ) -> HashMap<String, AttributeValue> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let item = self.audit_item(job, execution_id).await;
-            if let Some(item) = &item {
-                if item
-                    .get("execution_status")
-                    .and_then(|v| v.as_s().ok())
-                    .map(String::as_str)
-                    == Some(status)
-                {
-                    return item.clone();
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "audit for {job}/{execution_id} never became {status}: {item:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn wait_queue_empty(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let depth = moto::queue_depth(&self.sdk, &self.queue_url).await;
-            if depth == (0, 0) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "queue never emptied: {depth:?}");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
 }
 
-fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {
-    item.get(key)
-        .and_then(|v| v.as_s().ok())
-        .cloned()
-        .unwrap_or_else(|| panic!("audit item has no string {key}: {item:?}"))
+async fn state_machine(world: &World, heartbeat: u64) -> String {
+    moto::create_state_machine(
+        &world.sdk,
+        &moto::unique_name("job"),
+        &definition(&world.queue_url, heartbeat),
+    )
+    .await
+}
+
+async fn start(world: &World, sm: &str, execution_id: &str, job: &str, timeout: u64) -> String {
+    let input = json!({
+        "execution_id": execution_id, "job_name": job, "args": [], "timeout_seconds": timeout
+    });
+    world.start_execution(sm, input).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sample_script_succeeds_with_contract_output_and_audit() {
     // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
     let pg = tokio::task::block_in_place(TestPg::start);
-    let world = World::new().await;
+    let world = world().await;
     let agent = Agent::start(world.config().database(&pg), &world.moto.endpoint());
-    let sm = world.state_machine(30).await;
-    let exec = world.start(&sm, "ok_1", "rsql_blog_script_1.sh", 120).await;
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let sm = state_machine(&world, 30).await;
+    let exec = start(&world, &sm, "ok_1", "rsql_blog_script_1.sh", 120).await;
+    let out = world.wait_execution(&exec).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     let output = moto::execution_output(&out);
     for key in [
@@ -186,7 +89,7 @@ async fn sample_script_succeeds_with_contract_output_and_audit() {
     assert_eq!(s(&item, "workflow_id"), "daemon_test");
     assert!(s(&item, "execution_start_ts") <= s(&item, "execution_end_ts"));
     assert_eq!(s(&item, "instance_id"), "i-0test");
-    world.wait_queue_empty().await;
+    world.wait_queue((0, 0), WAIT).await;
     assert_eq!(
         tokio::task::block_in_place(|| pg.query_i64(
             "SELECT count(*) FROM information_schema.schemata WHERE schema_name = 'rsql_blog'"
@@ -204,13 +107,11 @@ async fn sample_script_succeeds_with_contract_output_and_audit() {
 async fn sql_error_is_caught_as_script_failed_with_sql_state() {
     // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
     let pg = tokio::task::block_in_place(TestPg::start);
-    let world = World::new().await;
+    let world = world().await;
     let agent = Agent::start(world.config().database(&pg), &world.moto.endpoint());
-    let sm = world.state_machine(30).await;
-    let exec = world
-        .start(&sm, "fail_1", "rsql_blog_script_fail.sh", 120)
-        .await;
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let sm = state_machine(&world, 30).await;
+    let exec = start(&world, &sm, "fail_1", "rsql_blog_script_fail.sh", 120).await;
+    let out = world.wait_execution(&exec).await;
     let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.ScriptFailed", "{}", agent.log());
     assert_eq!(cause["sql_state"], "42P01", "{cause}");
@@ -229,16 +130,16 @@ async fn sql_error_is_caught_as_script_failed_with_sql_state() {
 /// must see the retryable Rsql.Killed, not a script failure.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_command_killed_under_the_script_is_caught_as_rsql_killed() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(
         &world.scripts,
         "oom.sh",
         "echo loading\nsh -c 'kill -KILL $$'\nstatus=$?\necho \"rsql ended with $status\"\nexit $status",
     );
-    let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(30).await;
-    let exec = world.start(&sm, "oom_1", "oom.sh", 60).await;
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let agent = world.agent(|_| {});
+    let sm = state_machine(&world, 30).await;
+    let exec = start(&world, &sm, "oom_1", "oom.sh", 60).await;
+    let out = world.wait_execution(&exec).await;
     let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Killed", "{cause} {}", agent.log());
     assert_eq!(cause["exit_code"], 137, "{cause}");
@@ -256,17 +157,17 @@ async fn a_command_killed_under_the_script_is_caught_as_rsql_killed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn job_over_its_timeout_ends_as_rsql_timeout_with_nothing_left() {
-    let world = World::new().await;
+    let world = world().await;
     let pids = world.scripts.join("pids");
     write_script(
         &world.scripts,
         "slow.sh",
         &format!("sleep 300 &\necho \"$$ $!\" > {}\nwait", pids.display()),
     );
-    let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(30).await;
-    let exec = world.start(&sm, "to_1", "slow.sh", 2).await;
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let agent = world.agent(|_| {});
+    let sm = state_machine(&world, 30).await;
+    let exec = start(&world, &sm, "to_1", "slow.sh", 2).await;
+    let out = world.wait_execution(&exec).await;
     let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Timeout", "{}", agent.log());
     assert!(cause["message"].as_str().unwrap().contains("2s"), "{cause}");
@@ -280,13 +181,13 @@ async fn job_over_its_timeout_ends_as_rsql_timeout_with_nothing_left() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn heartbeats_keep_a_long_job_alive() {
-    let world = World::new().await;
+    let world = world().await;
     // 4 x HeartbeatSeconds: without heartbeats the task would time out.
     write_script(&world.scripts, "long.sh", "sleep 12\necho done");
-    let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(3).await;
-    let exec = world.start(&sm, "hb_1", "long.sh", 60).await;
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let agent = world.agent(|_| {});
+    let sm = state_machine(&world, 3).await;
+    let exec = start(&world, &sm, "hb_1", "long.sh", 60).await;
+    let out = world.wait_execution(&exec).await;
     assert_eq!(
         *out.status(),
         ExecutionStatus::Succeeded,
@@ -309,7 +210,7 @@ async fn heartbeats_keep_a_long_job_alive() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn stop_execution_kills_the_job_and_audits_cancelled() {
-    let world = World::new().await;
+    let world = world().await;
     let pids = world.scripts.join("pids");
     write_script(
         &world.scripts,
@@ -322,9 +223,9 @@ async fn stop_execution_kills_the_job_and_audits_cancelled() {
     let mut config = world.config();
     config.kill_grace = "2s".into();
     let agent = Agent::start(config, &world.moto.endpoint());
-    let sm = world.state_machine(3).await;
-    let exec = world.start(&sm, "stop_1", "forever.sh", 600).await;
-    rsql_agent_tests::agent::wait_until("the job to start", WAIT, || {
+    let sm = state_machine(&world, 3).await;
+    let exec = start(&world, &sm, "stop_1", "forever.sh", 600).await;
+    wait_until("the job to start", WAIT, || {
         pids.exists()
             && std::fs::read_to_string(&pids)
                 .map(|t| t.split_whitespace().count() == 2)
@@ -344,14 +245,14 @@ async fn stop_execution_kills_the_job_and_audits_cancelled() {
         .collect();
     // One heartbeat interval (1s for HeartbeatSeconds 3) plus kill_grace (2s), and slack
     // for a loaded machine.
-    rsql_agent_tests::agent::wait_until(
+    wait_until(
         "the job's processes to be gone",
         Duration::from_secs(10),
         || pids.iter().all(|p| !process_alive(*p)),
     );
     assert!(stopped.elapsed() < Duration::from_secs(10));
     world.wait_audit("forever.sh", "stop_1", "cancelled").await;
-    world.wait_queue_empty().await;
+    world.wait_queue((0, 0), WAIT).await;
     assert!(agent.log().contains("closed upstream"), "{}", agent.log());
 }
 
@@ -360,7 +261,7 @@ type BodyFor = Box<dyn Fn(&str) -> String>;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_messages_with_a_token_fail_as_invalid_job_and_the_agent_keeps_running() {
-    let world = World::new().await;
+    let world = world().await;
     // The state machine sends its messages to a queue of the test's own; the test takes the
     // token from there and sends the agent a broken message carrying it.
     let capture = moto::create_queue(&world.sdk, &moto::unique_name("capture")).await;
@@ -370,7 +271,7 @@ async fn bad_messages_with_a_token_fail_as_invalid_job_and_the_agent_keeps_runni
         &definition(&capture, 60),
     )
     .await;
-    let mut agent = Agent::start(world.config(), &world.moto.endpoint());
+    let mut agent = world.agent(|_| {});
     let sqs = aws_sdk_sqs::Client::new(&world.sdk);
     let cases: Vec<(&str, BodyFor, &str)> = vec![
         (
@@ -411,9 +312,14 @@ async fn bad_messages_with_a_token_fail_as_invalid_job_and_the_agent_keeps_runni
         ),
     ];
     for (i, (what, body, needle)) in cases.iter().enumerate() {
-        let exec = world
-            .start(&sm, &format!("bad_{i}"), "rsql_blog_script_1.sh", 60)
-            .await;
+        let exec = start(
+            &world,
+            &sm,
+            &format!("bad_{i}"),
+            "rsql_blog_script_1.sh",
+            60,
+        )
+        .await;
         let message = moto::receive_one(&world.sdk, &capture, WAIT).await;
         let sent: Value = serde_json::from_str(message.body().unwrap()).unwrap();
         let token = sent["task_token"].as_str().unwrap();
@@ -423,7 +329,7 @@ async fn bad_messages_with_a_token_fail_as_invalid_job_and_the_agent_keeps_runni
             .send()
             .await
             .unwrap();
-        let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+        let out = world.wait_execution(&exec).await;
         let (error, cause) = moto::caught_error(&out);
         assert_eq!(error, "Rsql.InvalidJob", "{what}: {}", agent.log());
         // The log names the task by a short hash, never by the token itself.
@@ -452,20 +358,20 @@ async fn bad_messages_with_a_token_fail_as_invalid_job_and_the_agent_keeps_runni
         .await
         .unwrap();
     agent.wait_for_log("no usable task token", WAIT);
-    world.wait_queue_empty().await;
+    world.wait_queue((0, 0), WAIT).await;
     assert!(agent.is_running());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn outage_during_a_job_loses_nothing_and_reports_once() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(&world.scripts, "short.sh", "echo start\nsleep 3\necho end");
     let proxy = Proxy::start(world.moto.addr());
     let mut config = world.config();
     config.visibility_timeout = "20s".into();
     let agent = Agent::start(config, &proxy.url());
-    let sm = world.state_machine(120).await;
-    let exec = world.start(&sm, "out_1", "short.sh", 120).await;
+    let sm = state_machine(&world, 120).await;
+    let exec = start(&world, &sm, "out_1", "short.sh", 120).await;
     agent.wait_for_log("job started", WAIT);
     proxy.cut();
     // The job ends during the outage; keep the outage for 20 s past its end.
@@ -491,11 +397,11 @@ async fn outage_during_a_job_loses_nothing_and_reports_once() {
         "the outcome must wait in the outbox"
     );
     proxy.restore();
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let out = world.wait_execution(&exec).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     world.wait_audit("short.sh", "out_1", "completed").await;
-    world.wait_queue_empty().await;
-    rsql_agent_tests::agent::wait_until("the outbox to empty", WAIT, || agent.outbox_len() == 0);
+    world.wait_queue((0, 0), WAIT).await;
+    wait_until("the outbox to empty", WAIT, || agent.outbox_len() == 0);
     assert_eq!(
         moto::count_events(&world.sdk, &exec, HistoryEventType::TaskSucceeded).await,
         1
@@ -504,18 +410,18 @@ async fn outage_during_a_job_loses_nothing_and_reports_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn outcome_survives_an_agent_killed_before_its_callback() {
-    let world = World::new().await;
+    let world = world().await;
     // Long enough for the test to cut the network before the job ends.
     write_script(&world.scripts, "quick.sh", "sleep 2\necho quick");
     let proxy = Proxy::start(world.moto.addr());
     let mut agent = Agent::start(world.config(), &proxy.url());
-    let sm = world.state_machine(120).await;
-    let exec = world.start(&sm, "kill_1", "quick.sh", 60).await;
+    let sm = state_machine(&world, 120).await;
+    let exec = start(&world, &sm, "kill_1", "quick.sh", 60).await;
     agent.wait_for_log("job started", WAIT);
     proxy.cut();
     agent.wait_for_log("job finished", WAIT);
     // The callback waits in the outbox (the `running` audit write may wait there too).
-    rsql_agent_tests::agent::wait_until("the outcome in the outbox", WAIT, || {
+    wait_until("the outcome in the outbox", WAIT, || {
         agent.pending_callbacks() == 1
     });
     agent.kill();
@@ -529,7 +435,7 @@ async fn outcome_survives_an_agent_killed_before_its_callback() {
     assert_eq!(*status.status(), ExecutionStatus::Running);
     proxy.restore();
     agent.restart();
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let out = world.wait_execution(&exec).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     assert_eq!(moto::execution_output(&out)["job_name"], "quick.sh");
     world.wait_audit("quick.sh", "kill_1", "completed").await;
@@ -544,7 +450,7 @@ async fn outcome_survives_an_agent_killed_before_its_callback() {
 /// success, from the instance that ran it, once, and the job runs once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redelivery_ahead_of_the_runners_callback_replays_its_success() {
-    let world = World::new().await;
+    let world = world().await;
     let runs = world.scripts.join("runs");
     write_script(
         &world.scripts,
@@ -561,18 +467,18 @@ async fn a_redelivery_ahead_of_the_runners_callback_replays_its_success() {
     };
     let proxy = Proxy::start(world.moto.addr());
     let runner = Agent::start(config("i-0runner"), &proxy.url());
-    let sm = world.state_machine(120).await;
-    let exec = world.start(&sm, "replay_1", "once.sh", 60).await;
+    let sm = state_machine(&world, 120).await;
+    let exec = start(&world, &sm, "replay_1", "once.sh", 60).await;
     runner.wait_for_log("job started", WAIT);
     // The runner finishes cut off: its callback waits in its outbox, and the message it
     // could not delete comes back, to another agent.
     proxy.cut();
     runner.wait_for_log("job finished", WAIT);
-    rsql_agent_tests::agent::wait_until("the outcome in the outbox", WAIT, || {
+    wait_until("the outcome in the outbox", WAIT, || {
         runner.pending_callbacks() == 1
     });
     let other = Agent::start(config("i-0other"), &world.moto.endpoint());
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let out = world.wait_execution(&exec).await;
     assert_eq!(
         *out.status(),
         ExecutionStatus::Succeeded,
@@ -598,10 +504,10 @@ async fn a_redelivery_ahead_of_the_runners_callback_replays_its_success() {
 
     // Back online, the runner's own callback finds the task closed and is dropped.
     proxy.restore();
-    rsql_agent_tests::agent::wait_until("the runner's outbox to empty", WAIT, || {
+    wait_until("the runner's outbox to empty", WAIT, || {
         runner.pending_callbacks() == 0
     });
-    world.wait_queue_empty().await;
+    world.wait_queue((0, 0), WAIT).await;
     let runs = std::fs::read_to_string(&runs).expect("the job ran");
     assert_eq!(runs.lines().count(), 1, "the job ran more than once");
     assert_eq!(
@@ -618,7 +524,7 @@ async fn a_redelivery_ahead_of_the_runners_callback_replays_its_success() {
 async fn secret_feeds_the_connection_and_never_reaches_a_log() {
     // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
     let pg = tokio::task::block_in_place(TestPg::start);
-    let world = World::new().await;
+    let world = world().await;
     let secret_id = moto::unique_name("redshift-etl");
     aws_sdk_secretsmanager::Client::new(&world.sdk)
         .create_secret()
@@ -636,11 +542,9 @@ async fn secret_feeds_the_connection_and_never_reaches_a_log() {
     let mut config = world.config();
     config.extra = format!("[database]\nsecret_id = \"{secret_id}\"\n");
     let agent = Agent::start(config, &world.moto.endpoint());
-    let sm = world.state_machine(30).await;
-    let exec = world
-        .start(&sm, "sec_1", "rsql_blog_script_1.sh", 120)
-        .await;
-    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let sm = state_machine(&world, 30).await;
+    let exec = start(&world, &sm, "sec_1", "rsql_blog_script_1.sh", 120).await;
+    let out = world.wait_execution(&exec).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     assert_eq!(
         tokio::task::block_in_place(|| pg.query_i64(

@@ -19,118 +19,60 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aws_config::SdkConfig;
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use nix::sys::signal::Signal;
-use rsql_agent_tests::agent::{
-    process_alive, script_dir, wait_until, write_script, Agent, AgentConfig,
-};
-use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::agent::{process_alive, wait_until, write_script, Agent};
+use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
 use rsql_agent_tests::proxy::Proxy;
+use rsql_agent_tests::world::{eventually_with, World, WAIT};
 use serde_json::{json, Value};
 
-const WAIT: Duration = Duration::from_secs(60);
-
 /// A waitForTaskToken task that sends the job message to `queue_url`; errors are caught into
-/// `$.error` unless `retry` is given, in which case the listed errors are retried.
-fn task_state(queue_url: &str, heartbeat: u64, retry: Option<&[&str]>) -> Value {
-    let mut task = json!({
-        "Type": "Task",
-        "Resource": "arn:aws:states:::sqs:sendMessage.waitForTaskToken",
-        "Parameters": {
-            "QueueUrl": queue_url,
-            "MessageBody": {
-                "task_token.$": "$$.Task.Token",
-                "workflow_id": "fleet_test",
-                "workflow_execution_id.$": "$.execution_id",
-                "job_name.$": "$.job_name",
-                "args.$": "$.args",
-                "timeout_seconds": 300,
-                "heartbeat_seconds": heartbeat
-            }
-        },
-        "HeartbeatSeconds": heartbeat,
-        "TimeoutSeconds": 600,
-        "End": true
+/// `$.error` unless `retry` is given, in which case the listed errors are retried (20 times,
+/// a second apart) and nothing is caught.
+fn job_task<'a>(queue_url: &'a str, heartbeat: u64, retry: Option<&[&str]>) -> moto::JobTask<'a> {
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_id": "fleet_test",
+        "workflow_execution_id.$": "$.execution_id",
+        "job_name.$": "$.job_name",
+        "args.$": "$.args",
+        "timeout_seconds": 300,
+        "heartbeat_seconds": heartbeat
     });
-    match retry {
-        Some(errors) => {
-            task["Retry"] = json!([{
-                "ErrorEquals": errors,
-                "IntervalSeconds": 1,
-                "MaxAttempts": 20,
-                "BackoffRate": 1.0
-            }]);
-        }
-        None => {
-            task["Catch"] =
-                json!([{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}]);
-            task.as_object_mut().expect("object").remove("End");
-            task["Next"] = json!("Done");
-        }
+    let mut task = moto::JobTask {
+        timeout_seconds: 600,
+        ..moto::JobTask::new(queue_url, body, heartbeat)
+    };
+    if let Some(errors) = retry {
+        task.catch = false;
+        task.retry = Some(moto::Retrier {
+            errors: errors.iter().map(|e| e.to_string()).collect(),
+            interval_seconds: 1,
+            max_attempts: 20,
+            backoff_rate: Some(1.0),
+        });
     }
     task
 }
 
+fn task_state(queue_url: &str, heartbeat: u64, retry: Option<&[&str]>) -> Value {
+    job_task(queue_url, heartbeat, retry).state()
+}
+
 fn single_task(queue_url: &str, heartbeat: u64) -> String {
-    json!({
-        "StartAt": "Job",
-        "States": {
-            "Job": task_state(queue_url, heartbeat, None),
-            "Caught": {"Type": "Pass", "End": true},
-            "Done": {"Type": "Pass", "End": true}
-        }
-    })
-    .to_string()
+    job_task(queue_url, heartbeat, None).definition()
 }
 
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
-    queue_url: String,
-    _scripts_dir: tempfile::TempDir,
-    scripts: PathBuf,
+/// moto, the job queue and an empty script directory.
+async fn world() -> World {
+    World::builder("jobs").build().await
 }
 
-impl World {
-    async fn new() -> World {
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let queue_url = moto::create_queue(&sdk, &moto::unique_name("jobs")).await;
-        let (dir, scripts) = script_dir();
-        World {
-            moto,
-            sdk,
-            queue_url,
-            _scripts_dir: dir,
-            scripts,
-        }
-    }
-
-    fn config(&self) -> AgentConfig {
-        AgentConfig::new(&self.queue_url, &self.scripts)
-    }
-
-    async fn start(&self, sm: &str, execution_id: &str, job: &str, args: &[&str]) -> String {
-        let input = json!({"execution_id": execution_id, "job_name": job, "args": args});
-        moto::start_execution(&self.sdk, sm, &input.to_string()).await
-    }
-
-    async fn wait_queue(&self, want: (i64, i64), timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let depth = moto::queue_depth(&self.sdk, &self.queue_url).await;
-            if depth == want {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "queue depth is {depth:?}, never {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+async fn start(world: &World, sm: &str, execution_id: &str, job: &str, args: &[&str]) -> String {
+    let input = json!({"execution_id": execution_id, "job_name": job, "args": args});
+    moto::start_execution(&world.sdk, sm, &input.to_string()).await
 }
 
 fn count_in(text: &str, needle: &str) -> usize {
@@ -238,7 +180,7 @@ fn runs(client: &mut postgres::Client) -> Vec<Run> {
 async fn every_message_twice_to_three_agents_runs_each_job_once() {
     let pg = tokio::task::block_in_place(TestPg::start);
     tokio::task::block_in_place(|| create_runs_table(&pg));
-    let world = World::new().await;
+    let world = world().await;
     write_script(&world.scripts, "record.sh", RECORDING_JOB);
     // The state machine hands its messages to a queue of the test's own; the test delivers
     // each of them twice to the agents' queue, as SQS's at-least-once delivery may.
@@ -266,7 +208,7 @@ async fn every_message_twice_to_three_agents_runs_each_job_once() {
         let job = format!("dup_{i}");
         executions.push((
             job.clone(),
-            world.start(&sm, &job, "record.sh", &[&job, "1"]).await,
+            start(&world, &sm, &job, "record.sh", &[&job, "1"]).await,
         ));
     }
     let sqs = aws_sdk_sqs::Client::new(&world.sdk);
@@ -381,7 +323,7 @@ struct Kill {
 async fn agents_killed_at_random_lose_no_job_and_never_overlap_a_run() {
     let pg = tokio::task::block_in_place(TestPg::start);
     tokio::task::block_in_place(|| create_runs_table(&pg));
-    let world = World::new().await;
+    let world = world().await;
     write_script(&world.scripts, "record.sh", RECORDING_JOB);
     const JOBS: usize = 60;
     const HEARTBEAT: u64 = 5;
@@ -627,7 +569,7 @@ async fn agents_killed_at_random_lose_no_job_and_never_overlap_a_run() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_hands_the_jobs_off_and_takes_no_new_message() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(&world.scripts, "short.sh", "sleep 4\necho done");
     let proxy = Proxy::start_recording(world.moto.addr());
     let mut config = world.config();
@@ -640,23 +582,22 @@ async fn sigterm_hands_the_jobs_off_and_takes_no_new_message() {
         &single_task(&world.queue_url, 60),
     )
     .await;
-    let a = world.start(&sm, "drain_a", "short.sh", &[]).await;
-    let b = world.start(&sm, "drain_b", "short.sh", &[]).await;
-    let deadline = Instant::now() + WAIT;
-    while agent
-        .log()
-        .lines()
-        .filter(|l| l.contains("job started") && l.contains("rsql_agent::daemon"))
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "both jobs never started:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let a = start(&world, &sm, "drain_a", "short.sh", &[]).await;
+    let b = start(&world, &sm, "drain_b", "short.sh", &[]).await;
+    let agent_ref = &agent;
+    eventually_with("both jobs to start", WAIT, || async move {
+        let log = agent_ref.log();
+        let started = log
+            .lines()
+            .filter(|l| l.contains("job started") && l.contains("rsql_agent::daemon"))
+            .count();
+        if started >= 2 {
+            Ok(())
+        } else {
+            Err(format!("agent log:\n{log}"))
+        }
+    })
+    .await;
     let signalled = SystemTime::now();
     agent.signal(Signal::SIGTERM);
     // A message that arrives after the signal must stay in the queue.
@@ -703,7 +644,7 @@ async fn sigterm_hands_the_jobs_off_and_takes_no_new_message() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_sigterm_exits_at_once_and_loses_no_outcome() {
-    let world = World::new().await;
+    let world = world().await;
     let go = world.scripts.join("go");
     write_script(
         &world.scripts,
@@ -724,12 +665,12 @@ async fn a_second_sigterm_exits_at_once_and_loses_no_outcome() {
     )
     .await;
     agent.wait_for_log("receiving jobs", WAIT);
-    let exec = world.start(&sm, "stuck_1", "quick.sh", &[]).await;
+    let exec = start(&world, &sm, "stuck_1", "quick.sh", &[]).await;
     agent.wait_for_log("job started", WAIT);
     // Cut first, then let the job end: its outcome cannot be delivered.
     proxy.cut();
     std::fs::write(&go, "").expect("let the job end");
-    rsql_agent_tests::agent::wait_until("the outcome in the outbox", WAIT, || {
+    wait_until("the outcome in the outbox", WAIT, || {
         agent.pending_callbacks() == 1
     });
     agent.signal(Signal::SIGTERM);
@@ -780,7 +721,7 @@ async fn crash_mid_run(world: &World, on_interrupted: Option<&str>) -> (Agent, S
         &single_task(&world.queue_url, 120),
     )
     .await;
-    let exec = world.start(&sm, "crashed_1", "once.sh", &[]).await;
+    let exec = start(world, &sm, "crashed_1", "once.sh", &[]).await;
     wait_until("the first run", WAIT, || first.exists());
     wait_until("the job's owner", WAIT, || {
         agent
@@ -817,7 +758,7 @@ fn lines(path: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn startup_after_a_crash_reports_the_dead_run_interrupted() {
-    let world = World::new().await;
+    let world = world().await;
     let (agent, exec, runs_file) = crash_mid_run(&world, None).await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     let (error, cause) = moto::caught_error(&out);
@@ -835,7 +776,7 @@ async fn startup_after_a_crash_reports_the_dead_run_interrupted() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn startup_after_a_crash_reruns_the_job_when_configured() {
-    let world = World::new().await;
+    let world = world().await;
     let (agent, exec, runs_file) = crash_mid_run(&world, Some("rerun")).await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
@@ -857,7 +798,7 @@ async fn startup_after_a_crash_reruns_the_job_when_configured() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn systemd_hears_ready_status_watchdog_and_stopping_in_order() {
-    let world = World::new().await;
+    let world = world().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let socket_path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind NOTIFY_SOCKET");

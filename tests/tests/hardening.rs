@@ -10,83 +10,58 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use rsql_agent_tests::agent::{wait_until, write_script, Agent, AgentConfig, QueueWorld};
+use rsql_agent_tests::agent::{wait_until, write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::host::{TestUser, Tmpfs};
 use rsql_agent_tests::moto;
+use rsql_agent_tests::world::{self, World, WAIT};
 use serde_json::{json, Value};
 
-const WAIT: Duration = Duration::from_secs(120);
 const PASSWORD: &str = "s3cr3t-Hunter2-pw";
 
-struct World(QueueWorld);
-
-impl std::ops::Deref for World {
-    type Target = QueueWorld;
-    fn deref(&self) -> &QueueWorld {
-        &self.0
-    }
+/// moto, the job queue and an empty script directory.
+async fn world() -> World {
+    World::builder("hardening").build().await
 }
 
-impl World {
-    async fn new() -> World {
-        World(QueueWorld::new("hardening").await)
-    }
+/// Runs `job` through a state machine to its end; returns the execution's output.
+async fn run_job(world: &World, execution_id: &str, job: &str) -> Value {
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_id": "hardening",
+        "workflow_execution_id.$": "$.execution_id",
+        "job_name.$": "$.job_name",
+        "timeout_seconds": 300,
+        "heartbeat_seconds": 60
+    });
+    let task = moto::JobTask::new(&world.queue_url, body, 60);
+    let sm = moto::create_state_machine(
+        &world.sdk,
+        &moto::unique_name("hardening"),
+        &task.definition(),
+    )
+    .await;
+    let input = json!({"execution_id": execution_id, "job_name": job});
+    let exec = moto::start_execution(&world.sdk, &sm, &input.to_string()).await;
+    let out = world.wait_execution(&exec).await;
+    moto::execution_output(&out)
+}
 
-    fn config(&self) -> AgentConfig {
-        AgentConfig::new(&self.queue_url, &self.scripts)
+async fn audit_json(world: &World, table: &str, job: &str, execution_id: &str) -> Value {
+    let item = world::audit_item(&world.sdk, table, job, execution_id)
+        .await
+        .unwrap_or_default();
+    let mut out = serde_json::Map::new();
+    for (k, v) in item {
+        let value = match v {
+            AttributeValue::S(s) => json!(s),
+            AttributeValue::N(n) => json!(n),
+            AttributeValue::Bool(b) => json!(b),
+            other => json!(format!("{other:?}")),
+        };
+        out.insert(k, value);
     }
-
-    /// Runs `job` through a state machine to its end; returns the execution's output.
-    async fn run(&self, execution_id: &str, job: &str) -> Value {
-        let body = json!({
-            "task_token.$": "$$.Task.Token",
-            "workflow_id": "hardening",
-            "workflow_execution_id.$": "$.execution_id",
-            "job_name.$": "$.job_name",
-            "timeout_seconds": 300,
-            "heartbeat_seconds": 60
-        });
-        let task = moto::JobTask::new(&self.queue_url, body, 60);
-        let sm = moto::create_state_machine(
-            &self.sdk,
-            &moto::unique_name("hardening"),
-            &task.definition(),
-        )
-        .await;
-        let input = json!({"execution_id": execution_id, "job_name": job});
-        let exec = moto::start_execution(&self.sdk, &sm, &input.to_string()).await;
-        let out = moto::wait_execution(&self.sdk, &exec, WAIT).await;
-        moto::execution_output(&out)
-    }
-
-    async fn audit_item(&self, table: &str, job: &str, execution_id: &str) -> Value {
-        let item = aws_sdk_dynamodb::Client::new(&self.sdk)
-            .get_item()
-            .table_name(table)
-            .key("job_name", AttributeValue::S(job.into()))
-            .key(
-                "workflow_execution_id",
-                AttributeValue::S(execution_id.into()),
-            )
-            .consistent_read(true)
-            .send()
-            .await
-            .expect("get_item")
-            .item
-            .unwrap_or_default();
-        let mut out = serde_json::Map::new();
-        for (k, v) in item {
-            let value = match v {
-                AttributeValue::S(s) => json!(s),
-                AttributeValue::N(n) => json!(n),
-                AttributeValue::Bool(b) => json!(b),
-                other => json!(format!("{other:?}")),
-            };
-            out.insert(k, value);
-        }
-        Value::Object(out)
-    }
+    Value::Object(out)
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -227,7 +202,7 @@ fn check_config_refuses_scripts_another_user_can_change_and_says_how_to_fix_it()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_script_another_user_took_over_after_start_is_refused_as_invalid_job() {
-    let world = World::new().await;
+    let world = world().await;
     let user = TestUser::new();
     let ran = world.scripts.join("ran");
     write_script(
@@ -239,7 +214,7 @@ async fn a_script_another_user_took_over_after_start_is_refused_as_invalid_job()
     agent.wait_for_log("receiving jobs", WAIT);
     // Checked at start; now another user takes the script over.
     user.chown(&world.scripts.join("job.sh"));
-    let out = world.run("takeover_1", "job.sh").await;
+    let out = run_job(&world, "takeover_1", "job.sh").await;
     assert_eq!(
         out["error"]["Error"],
         "Rsql.InvalidJob",
@@ -254,7 +229,7 @@ async fn a_script_another_user_took_over_after_start_is_refused_as_invalid_job()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_refuses_a_socket_directory_another_user_can_write() {
-    let world = World::new().await;
+    let world = world().await;
     let user = TestUser::new();
     let run = tempfile::tempdir().unwrap();
     std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -360,7 +335,7 @@ fn submit_sends_nothing_to_a_listener_that_is_not_the_agent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_listed_uid_outside_the_agents_group_can_submit() {
-    let world = World::new().await;
+    let world = world().await;
     let user = TestUser::new();
     write_script(&world.scripts, "ok.sh", "echo ok");
     let run = tempfile::tempdir().unwrap();
@@ -417,7 +392,7 @@ async fn a_listed_uid_outside_the_agents_group_can_submit() {
         text(&out.stderr),
         agent.log()
     );
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     let output = moto::execution_output(&done);
     assert_eq!(output["status"], "completed", "{output}");
 }
@@ -439,7 +414,7 @@ fn connect_nonblocking(path: &Path) -> Option<UnixStream> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_of_idle_socket_connections_does_not_stop_sqs_jobs() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(&world.scripts, "ok.sh", "echo ok");
     let run = tempfile::tempdir().unwrap();
     std::fs::set_permissions(run.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -494,7 +469,7 @@ async fn a_flood_of_idle_socket_connections_does_not_stop_sqs_jobs() {
             refused_busy
         })
     };
-    let out = world.run("flood_1", "ok.sh").await;
+    let out = run_job(&world, "flood_1", "ok.sh").await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let busy = flooder.join().expect("flooder");
     assert_eq!(out["status"], "completed", "{out}\n{}", agent.log());
@@ -511,7 +486,7 @@ async fn a_flood_of_idle_socket_connections_does_not_stop_sqs_jobs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_are_masked_everywhere_but_the_jobs_own_log() {
-    let world = World::new().await;
+    let world = world().await;
     let table = moto::unique_name("rsql-job-audit");
     moto::create_job_audit_table(&world.sdk, &table).await;
     write_script(
@@ -527,13 +502,13 @@ async fn secrets_are_masked_everywhere_but_the_jobs_own_log() {
     // Trace everything: the SDK's own dumps of requests and responses included.
     config.env.push(("RSQL_AGENT_LOG".into(), "trace".into()));
     let agent = Agent::start(config, &world.moto.endpoint());
-    let out = world.run("leak_1", "leak.sh").await;
+    let out = run_job(&world, "leak_1", "leak.sh").await;
     assert_eq!(out["error"]["Error"], "Rsql.ScriptFailed", "{out}");
     let cause = out["error"]["Cause"].as_str().unwrap_or_default();
     assert!(!cause.contains(PASSWORD), "{cause}");
     assert!(cause.contains("***"), "{cause}");
     let item = wait_for(|| {
-        let item = futures_block(world.audit_item(&table, "leak.sh", "leak_1"));
+        let item = futures_block(audit_json(&world, &table, "leak.sh", "leak_1"));
         (item["execution_status"] == "failed").then_some(item)
     });
     let message = item["error_message"].as_str().unwrap_or_default();
@@ -601,7 +576,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_whose_log_hit_a_full_disk_says_its_log_is_incomplete() {
-    let world = World::new().await;
+    let world = world().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     std::fs::create_dir_all(state.join("jobs")).unwrap();
@@ -624,11 +599,11 @@ async fn a_job_whose_log_hit_a_full_disk_says_its_log_is_incomplete() {
     moto::create_job_audit_table(&world.sdk, &table).await;
     config.job_table = Some(table.clone());
     let agent = Agent::start(config, &world.moto.endpoint());
-    let out = world.run("full_1", "big.sh").await;
+    let out = run_job(&world, "full_1", "big.sh").await;
     assert_eq!(out["status"], "completed", "{out}\n{}", agent.log());
     assert_eq!(out["log_complete"], false, "{out}");
     let item = wait_for(|| {
-        let item = futures_block(world.audit_item(&table, "big.sh", "full_1"));
+        let item = futures_block(audit_json(&world, &table, "big.sh", "full_1"));
         (item["execution_status"] == "completed").then_some(item)
     });
     assert_eq!(item["log_complete"], false, "{item}");
@@ -643,7 +618,7 @@ async fn a_job_whose_log_hit_a_full_disk_says_its_log_is_incomplete() {
     for f in walk(&disk.path()) {
         let _ = std::fs::remove_file(f);
     }
-    let out = world.run("full_2", "bigfail.sh").await;
+    let out = run_job(&world, "full_2", "bigfail.sh").await;
     assert_eq!(out["error"]["Error"], "Rsql.ScriptFailed", "{out}");
     let cause: Value =
         serde_json::from_str(out["error"]["Cause"].as_str().unwrap_or("{}")).unwrap();
@@ -652,12 +627,12 @@ async fn a_job_whose_log_hit_a_full_disk_says_its_log_is_incomplete() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_missing_interpreter_is_named_in_the_cause() {
-    let world = World::new().await;
+    let world = world().await;
     let script = world.scripts.join("py.sh");
     std::fs::write(&script, "#!/nonexistent/python3\nprint('hi')\n").unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let out = world.run("nointerp_1", "py.sh").await;
+    let out = run_job(&world, "nointerp_1", "py.sh").await;
     let cause = out["error"]["Cause"].as_str().unwrap_or_default();
     assert!(
         cause.contains("/nonexistent/python3"),
@@ -674,7 +649,7 @@ async fn a_missing_interpreter_is_named_in_the_cause() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outbox_entry_whose_id_is_not_its_name_is_quarantined() {
-    let world = World::new().await;
+    let world = world().await;
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let outbox = state.join("outbox");
@@ -697,14 +672,14 @@ async fn an_outbox_entry_whose_id_is_not_its_name_is_quarantined() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn control_characters_in_a_field_cannot_forge_a_log_line() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(&world.scripts, "ok.sh", "echo ok");
     let forged = "x\nFORGED INFO rsql_agent: job ended\u{1b}[7;35m";
     for format in ["text", "json"] {
         let mut config = world.config();
         config.log_format = Some(format.to_string());
         let agent = Agent::start(config, &world.moto.endpoint());
-        let out = world.run(forged, "ok.sh").await;
+        let out = run_job(&world, forged, "ok.sh").await;
         assert_eq!(out["status"], "completed", "{out}");
         agent.wait_for_log("FORGED", WAIT);
         let log = agent.log();

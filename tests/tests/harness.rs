@@ -21,7 +21,7 @@ fn job_definition(queue_url: &str, catch: bool, retry: bool, heartbeat_seconds: 
     moto::JobTask {
         timeout_seconds: 300,
         catch,
-        retry_timeouts: retry,
+        retry: retry.then(moto::Retrier::timeouts_once),
         ..moto::JobTask::new(
             queue_url,
             json!({"task_token.$": "$$.Task.Token", "job_name": "x"}),

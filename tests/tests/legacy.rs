@@ -11,22 +11,19 @@
 //! - `rsql-agent workflow run` on the blog's workflow config;
 //! - `rsql-agent scripts check` on the samples, the fixtures, CRLF copies and broken scripts.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::ExecutionStatus;
-use rsql_agent_tests::agent::{wait_until, Agent, AgentConfig};
+use rsql_agent_tests::agent::{Agent, AgentConfig};
 use rsql_agent_tests::bins;
-use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
-use serde_json::{json, Value};
-
-const WAIT: Duration = Duration::from_secs(120);
+use rsql_agent_tests::world::{s, StateMachine, World, WAIT};
+use serde_json::json;
 
 /// The blog workflow's scripts, in stage order.
 const SIX: [&str; 6] = [
@@ -53,45 +50,36 @@ fn rows(pg: &TestPg) -> i64 {
     tokio::task::block_in_place(|| pg.query_i64("SELECT count(*) FROM rsql_blog.blog_table"))
 }
 
-/// moto with a capture queue and a one-task state machine (the test plays the invoke
-/// Lambda: it takes the token from the queue), the job audit table, the database secret,
-/// PostgreSQL, and a script dir holding the fixture scripts.
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
+/// A socket-only [`World`] with a capture queue and a one-task state machine (the test
+/// plays the invoke Lambda: it takes the token from the queue) and the job audit table; and
+/// what only these tests need: the database secret, PostgreSQL, a script dir holding the
+/// fixture scripts, and a HOME whose `~/.aws` points the AWS CLI at moto, for the jobs.
+struct Legacy {
+    world: World,
     pg: TestPg,
-    capture: String,
-    state_machine: String,
-    table: String,
     secret_id: String,
-    _dir: tempfile::TempDir,
-    scripts: PathBuf,
-    socket: PathBuf,
-    /// A HOME whose `~/.aws` points the AWS CLI at moto, for the jobs.
     home: PathBuf,
 }
 
-impl World {
-    async fn new() -> World {
+impl std::ops::Deref for Legacy {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
+}
+
+impl Legacy {
+    async fn new() -> Legacy {
         let pg = tokio::task::block_in_place(TestPg::start);
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let capture = moto::create_queue(&sdk, &moto::unique_name("capture")).await;
-        let body = json!({
-            "task_token.$": "$$.Task.Token",
-            "workflow_execution_id.$": "$.execution_id"
-        });
-        let state_machine = moto::create_state_machine(
-            &sdk,
-            &moto::unique_name("legacy"),
-            &moto::JobTask::new(&capture, body, 60).definition(),
-        )
-        .await;
-        let table = moto::unique_name("rsql-job-audit");
-        moto::create_job_audit_table(&sdk, &table).await;
+        let world = World::builder("legacy")
+            .job_table()
+            .socket_only()
+            .state_machine(StateMachine::Capture)
+            .build()
+            .await;
         // The old secrets' key spelling: the agent reads both.
         let secret_id = moto::unique_name("rsql/blog");
-        aws_sdk_secretsmanager::Client::new(&sdk)
+        aws_sdk_secretsmanager::Client::new(&world.sdk)
             .create_secret()
             .name(&secret_id)
             .secret_string(
@@ -105,23 +93,18 @@ impl World {
             .await
             .unwrap();
 
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let scripts = dir.path().join("rsql_scripts");
-        std::fs::create_dir(&scripts).unwrap();
-        std::fs::set_permissions(&scripts, std::fs::Permissions::from_mode(0o755)).unwrap();
         for entry in std::fs::read_dir(fixtures().join("rsql_scripts")).unwrap() {
             let entry = entry.unwrap();
-            std::fs::copy(entry.path(), scripts.join(entry.file_name())).unwrap();
+            std::fs::copy(entry.path(), world.scripts.join(entry.file_name())).unwrap();
         }
-        let home = dir.path().join("home");
+        let home = world.dir().join("home");
         std::fs::create_dir_all(home.join(".aws")).unwrap();
         std::fs::write(
             home.join(".aws/config"),
             format!(
                 "[default]\nregion = {}\nendpoint_url = {}\n",
                 moto::REGION,
-                moto.endpoint()
+                world.moto.endpoint()
             ),
         )
         .unwrap();
@@ -130,18 +113,10 @@ impl World {
             "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
         )
         .unwrap();
-        let socket = dir.path().join("run/agent.sock");
-        World {
-            moto,
-            sdk,
+        Legacy {
+            world,
             pg,
-            capture,
-            state_machine,
-            table,
             secret_id,
-            _dir: dir,
-            scripts,
-            socket,
             home,
         }
     }
@@ -149,13 +124,10 @@ impl World {
     /// A socket-only agent with the audit table, `[database] secret_id`, and a job
     /// environment where the AWS CLI of the test venv reaches moto.
     fn config(&self) -> AgentConfig {
-        let mut config = AgentConfig::new("", &self.scripts);
-        config.job_table = Some(self.table.clone());
-        config.extra = format!(
-            "[intake.socket]\npath = \"{}\"\nallowed_uids = [0]\n[database]\nsecret_id = \"{}\"\n",
-            self.socket.display(),
-            self.secret_id
-        );
+        let mut config = self.world.config();
+        config
+            .extra
+            .push_str(&format!("[database]\nsecret_id = \"{}\"\n", self.secret_id));
         config.env = vec![
             ("HOME".to_string(), self.home.display().to_string()),
             ("PATH".to_string(), self.job_path()),
@@ -173,23 +145,12 @@ impl World {
         )
     }
 
-    /// Starts an execution and returns it with its real task token, as the invoke Lambda
-    /// gets it.
-    async fn execution(&self, execution_id: &str) -> (String, String) {
-        let input = json!({ "execution_id": execution_id });
-        let exec = moto::start_execution(&self.sdk, &self.state_machine, &input.to_string()).await;
-        let message = moto::receive_one(&self.sdk, &self.capture, WAIT).await;
-        let sent: Value = serde_json::from_str(message.body().unwrap()).unwrap();
-        assert_eq!(sent["workflow_execution_id"], execution_id);
-        (exec, sent["task_token"].as_str().unwrap().to_string())
-    }
-
     /// The job audit item as the old invoke Lambda wrote it before it sent the command.
     async fn lambda_audit_item(&self, job: &str, execution_id: &str, command_id: &str) {
         let s = |v: &str| AttributeValue::S(v.to_string());
         aws_sdk_dynamodb::Client::new(&self.sdk)
             .put_item()
-            .table_name(&self.table)
+            .table_name(self.job_table())
             .item("job_name", s(job))
             .item("workflow_execution_id", s(execution_id))
             .item("workflow_id", s(WORKFLOW_ID))
@@ -200,40 +161,6 @@ impl World {
             .send()
             .await
             .unwrap();
-    }
-
-    /// The audit item once its status is `status`.
-    async fn audit_item(
-        &self,
-        job: &str,
-        execution_id: &str,
-        status: &str,
-    ) -> HashMap<String, AttributeValue> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let item = aws_sdk_dynamodb::Client::new(&self.sdk)
-                .get_item()
-                .table_name(&self.table)
-                .key("job_name", AttributeValue::S(job.into()))
-                .key(
-                    "workflow_execution_id",
-                    AttributeValue::S(execution_id.into()),
-                )
-                .consistent_read(true)
-                .send()
-                .await
-                .unwrap()
-                .item
-                .unwrap_or_default();
-            if s(&item, "execution_status") == status {
-                return item;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {status} audit for {job}: {item:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
     }
 
     /// The old framework's 11 arguments for `script` (an absolute path), then nothing.
@@ -252,7 +179,7 @@ impl World {
             "i-0legacy".to_string(),
             self.secret_id.clone(),
             format!("/tmp/{script}-20260102.log"),
-            self.table.clone(),
+            self.job_table().to_string(),
             "/ops/rsql-logs/".to_string(),
             code_dir.display().to_string(),
             moto::REGION.to_string(),
@@ -265,8 +192,7 @@ impl World {
     fn invoke_command(&self, args: &[String], env: &[(String, String)]) -> PathBuf {
         let trigger = bins::workspace_root().join("packaging/rsql_trigger.sh");
         let log = self
-            ._dir
-            .path()
+            .dir()
             .join(format!("trigger-{}.log", moto::unique_name("t")));
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         let command = format!(
@@ -279,7 +205,7 @@ impl World {
             .arg("-c")
             .arg(&command)
             .env("RSQL_WRAPPER", bins::wrapper())
-            .env("RSQL_AGENT_SOCKET", &self.socket)
+            .env("RSQL_AGENT_SOCKET", self.socket())
             .env("HOME", &self.home)
             .env("PATH", self.job_path())
             .envs(moto::aws_env(&self.moto.endpoint()))
@@ -292,7 +218,7 @@ impl World {
     }
 
     async fn wait_succeeded(&self, exec: &str, what: &str, log: &dyn Fn() -> String) {
-        let done = moto::wait_execution(&self.sdk, exec, WAIT).await;
+        let done = self.wait_execution(exec).await;
         assert_eq!(
             *done.status(),
             ExecutionStatus::Succeeded,
@@ -304,20 +230,13 @@ impl World {
     }
 }
 
-fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {
-    item.get(key)
-        .and_then(|v| v.as_s().ok())
-        .cloned()
-        .unwrap_or_default()
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
 /// The six scripts through the old invoke command to a running agent, each to SUCCEEDED;
 /// the Lambda's audit item keeps its `ssm_command_id`. Returns the execution id used.
-async fn six_through_the_old_call(world: &World, agent: &Agent, code_dir: &Path, tag: &str) {
+async fn six_through_the_old_call(world: &Legacy, agent: &Agent, code_dir: &Path, tag: &str) {
     for (i, script) in SIX.iter().enumerate() {
         let execution_id = format!("{tag}_{i}");
         let (exec, token) = world.execution(&execution_id).await;
@@ -337,14 +256,13 @@ async fn six_through_the_old_call(world: &World, agent: &Agent, code_dir: &Path,
 #[tokio::test(flavor = "multi_thread")]
 async fn the_old_invoke_call_runs_the_six_scripts_with_the_drop_in_creds_and_keeps_the_command_id()
 {
-    let world = World::new().await;
-    let agent = Agent::start(world.config(), &world.moto.endpoint());
-    wait_until("the agent's socket", WAIT, || world.socket.exists());
+    let world = Legacy::new().await;
+    let agent = world.start_agent(world.config());
     six_through_the_old_call(&world, &agent, &drop_in_dir(), "dropin").await;
     assert_eq!(rows(&world.pg), 4, "{}", agent.log());
     for (i, script) in SIX.iter().enumerate() {
         let item = world
-            .audit_item(script, &format!("dropin_{i}"), "completed")
+            .wait_audit(script, &format!("dropin_{i}"), "completed")
             .await;
         assert_eq!(s(&item, "ssm_command_id"), format!("cmd-dropin-{i}"));
         assert_eq!(s(&item, "workflow_id"), WORKFLOW_ID);
@@ -363,14 +281,14 @@ async fn the_old_invoke_call_runs_the_six_scripts_with_the_drop_in_creds_and_kee
 #[tokio::test(flavor = "multi_thread")]
 async fn the_old_invoke_call_runs_them_with_a_creds_script_that_calls_the_aws_cli_and_a_legacy_audit(
 ) {
-    let world = World::new().await;
+    let world = Legacy::new().await;
     let mut config = world.config();
     // The team's own helper reads the secret itself; the agent has only the address (the
     // password reaches the job only through the AWS CLI), and the old audit format.
     config.extra = format!(
         "[intake.socket]\npath = \"{}\"\nallowed_uids = [0]\n\
          [database]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\ndbname = \"{}\"\n",
-        world.socket.display(),
+        world.socket().display(),
         world.pg.host(),
         world.pg.port(),
         world.pg.user(),
@@ -379,10 +297,9 @@ async fn the_old_invoke_call_runs_them_with_a_creds_script_that_calls_the_aws_cl
     config.job_table = None;
     config.extra.push_str(&format!(
         "[report.audit]\njob_table = \"{}\"\nformat = \"legacy\"\n",
-        world.table
+        world.job_table()
     ));
-    let agent = Agent::start(config, &world.moto.endpoint());
-    wait_until("the agent's socket", WAIT, || world.socket.exists());
+    let agent = world.start_agent(config);
     six_through_the_old_call(&world, &agent, &fixtures().join("aws_cli"), "cli").await;
     assert_eq!(rows(&world.pg), 4, "{}", agent.log());
     let old_ts = |ts: &str| {
@@ -394,7 +311,7 @@ async fn the_old_invoke_call_runs_them_with_a_creds_script_that_calls_the_aws_cl
     };
     for (i, script) in SIX.iter().enumerate() {
         let item = world
-            .audit_item(script, &format!("cli_{i}"), "successful")
+            .wait_audit(script, &format!("cli_{i}"), "successful")
             .await;
         assert_eq!(s(&item, "ssm_command_id"), format!("cmd-cli-{i}"));
         assert!(old_ts(&s(&item, "execution_start_ts")), "{item:?}");
@@ -404,7 +321,7 @@ async fn the_old_invoke_call_runs_them_with_a_creds_script_that_calls_the_aws_cl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_no_agent_the_old_call_runs_the_job_standalone_or_fails_the_task_at_once() {
-    let world = World::new().await;
+    let world = Legacy::new().await;
     let dir = tempfile::tempdir().unwrap();
     let (config, _, _) = world.config().write(dir.path());
     let standalone = [(
@@ -435,7 +352,7 @@ async fn with_no_agent_the_old_call_runs_the_job_standalone_or_fails_the_task_at
         dir.path().join("none.toml").display().to_string(),
     )];
     let log = world.invoke_command(&args, &missing);
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     let (error, cause) = moto::caught_error(&done);
     assert_eq!(error, "Rsql.Interrupted", "{}", read(&log));
     assert!(
@@ -454,7 +371,7 @@ async fn with_no_agent_the_old_call_runs_the_job_standalone_or_fails_the_task_at
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrapper_run_takes_the_eleven_arguments() {
-    let world = World::new().await;
+    let world = Legacy::new().await;
     let dir = tempfile::tempdir().unwrap();
     let (config, _, _) = world.config().write(dir.path());
     for (i, script) in SIX.iter().enumerate() {
@@ -483,7 +400,7 @@ async fn wrapper_run_takes_the_eleven_arguments() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn workflow_run_on_the_blog_config_resolves_the_secret_and_gives_the_legacy_arguments() {
-    let world = World::new().await;
+    let world = Legacy::new().await;
     let dir = tempfile::tempdir().unwrap();
     let mut config = world.config();
     // No port anywhere but in the secret: the run must have read it.
@@ -513,7 +430,7 @@ async fn workflow_run_on_the_blog_config_resolves_the_secret_and_gives_the_legac
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sqs_jobs_get_the_legacy_arguments_a_failure_keeps_its_sql_state_and_crlf_is_refused() {
-    let world = World::new().await;
+    let world = Legacy::new().await;
     let queue = moto::create_queue(&world.sdk, &moto::unique_name("jobs")).await;
     let mut config = world.config();
     config.queue_url = queue.clone();

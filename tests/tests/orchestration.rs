@@ -9,16 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::ExecutionStatus;
-use rsql_agent_tests::agent::{script_dir, write_script, Agent, AgentConfig};
+use rsql_agent_tests::agent::{write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
-use rsql_agent_tests::moto::{self, Moto};
+use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
+use rsql_agent_tests::world::{s, Item, StateMachine, World, WAIT};
 use serde_json::{json, Value};
 
-const WAIT: Duration = Duration::from_secs(120);
 /// `HeartbeatSeconds` of the stack: the agents heartbeat running jobs every second. Job
 /// tasks have no heartbeat timeout, so it is far below the queue waits some tests build.
 const HEARTBEAT_SECONDS: u64 = 3;
@@ -28,215 +27,140 @@ const VISIBILITY_SECONDS: u64 = 10;
 /// The ASL's Retry `IntervalSeconds` for `Rsql.Interrupted`.
 const RETRY_INTERVAL_SECONDS: u64 = 5;
 
-type Item = HashMap<String, AttributeValue>;
-
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
-    queue_url: String,
-    config_table: String,
-    job_table: String,
-    workflow_table: String,
-    state_machine: String,
-    _scripts_dir: tempfile::TempDir,
-    scripts: PathBuf,
-    locks: tempfile::TempDir,
-    log_group: String,
+/// moto with the packaged state machine, its tables and queue, the sample jobs, a log group
+/// and one lock directory for the fleet, as on EFS.
+async fn world() -> World {
+    World::builder("rsql-jobs")
+        .sample_scripts()
+        .state_machine(StateMachine::Workflow {
+            heartbeat_seconds: HEARTBEAT_SECONDS,
+        })
+        .log_group()
+        .shared_locks()
+        .build()
+        .await
 }
 
-impl World {
-    async fn new() -> World {
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let queue_url = moto::create_queue(&sdk, &moto::unique_name("rsql-jobs")).await;
-        let config_table = moto::unique_name("rsql-workflow-config");
-        let job_table = moto::unique_name("rsql-job-audit");
-        let workflow_table = moto::unique_name("rsql-workflow-audit");
-        moto::create_table(&sdk, &config_table, "workflow_id", None).await;
-        moto::create_table(&sdk, &job_table, "job_name", Some("workflow_execution_id")).await;
-        moto::create_table(
-            &sdk,
-            &workflow_table,
-            "workflow_execution_id",
-            Some("workflow_id"),
-        )
-        .await;
-        let definition = definition(&[
-            ("JobQueueUrl", queue_url.as_str()),
-            ("ConfigTable", config_table.as_str()),
-            ("WorkflowAuditTable", workflow_table.as_str()),
-            ("HeartbeatSeconds", &HEARTBEAT_SECONDS.to_string()),
-            ("JobTimeoutSeconds", "120"),
-            ("TaskTimeoutSlackSeconds", "60"),
-        ]);
-        let state_machine =
-            moto::create_state_machine(&sdk, &moto::unique_name("rsql-workflow"), &definition)
-                .await;
-        let (dir, scripts) = script_dir();
-        rsql_agent_tests::agent::copy_sample_scripts(&scripts);
-        World {
-            moto,
-            sdk,
-            queue_url,
-            config_table,
-            job_table,
-            workflow_table,
-            state_machine,
-            _scripts_dir: dir,
-            scripts,
-            locks: tempfile::tempdir().unwrap(),
-            log_group: format!("/ops/rsql-logs/{}", moto::unique_name("e2e")),
-        }
-    }
+/// One agent of the fleet: one job at a time, so a parallel stage spreads over both.
+fn db_agent(world: &World, pg: &TestPg, instance_id: &str) -> Agent {
+    let mut config = agent_config(world, instance_id, 1).database(pg);
+    // Live logs, one stream per job attempt.
+    config.log_group = Some(world.log_group().to_string());
+    world.start_agent(config)
+}
 
-    /// One agent of the fleet: one job at a time, so a parallel stage spreads over both.
-    fn agent(&self, pg: &TestPg, instance_id: &str) -> Agent {
-        let mut config = self.agent_config(instance_id, 1).database(pg);
-        // Live logs, one stream per job attempt.
-        config.log_group = Some(self.log_group.clone());
-        Agent::start(config, &self.moto.endpoint())
-    }
+/// An agent of the fleet with `slots` slots, for jobs that need no database.
+fn fleet_agent(world: &World, instance_id: &str, slots: usize) -> Agent {
+    world.start_agent(agent_config(world, instance_id, slots))
+}
 
-    /// An agent of the fleet with `slots` slots, for jobs that need no database.
-    fn fleet_agent(&self, instance_id: &str, slots: usize) -> Agent {
-        Agent::start(self.agent_config(instance_id, slots), &self.moto.endpoint())
-    }
+fn agent_config(world: &World, instance_id: &str, slots: usize) -> AgentConfig {
+    // The world's config: the job table, and one lock directory for the fleet, as on EFS.
+    let mut config = world.config();
+    config.log_group = None;
+    config.instance_id = instance_id.to_string();
+    config.max_concurrent_jobs = slots;
+    config.heartbeat_interval = "1s".to_string();
+    config.visibility_timeout = format!("{VISIBILITY_SECONDS}s");
+    config
+}
 
-    fn agent_config(&self, instance_id: &str, slots: usize) -> AgentConfig {
-        let mut config = AgentConfig::new(&self.queue_url, &self.scripts);
-        config.instance_id = instance_id.to_string();
-        config.job_table = Some(self.job_table.clone());
-        config.max_concurrent_jobs = slots;
-        config.heartbeat_interval = "1s".to_string();
-        config.visibility_timeout = format!("{VISIBILITY_SECONDS}s");
-        // The fleet shares one lock directory, as on EFS.
-        config.lock_dir = Some(self.locks.path().to_path_buf());
-        config
-    }
+/// Runs `rsql-agent ARGS` against moto (blocking; call inside `block_in_place`).
+fn cli(world: &World, args: &[&str]) -> Output {
+    std::process::Command::new(bins::agent())
+        .args(args)
+        .envs(world.moto.env())
+        .output()
+        .expect("run rsql-agent")
+}
 
-    /// Runs `rsql-agent ARGS` against moto (blocking; call inside `block_in_place`).
-    fn cli(&self, args: &[&str]) -> Output {
-        std::process::Command::new(bins::agent())
-            .args(args)
-            .envs(self.moto.env())
-            .output()
-            .expect("run rsql-agent")
-    }
-
-    fn put_config(&self, file: &Path) {
-        let out = tokio::task::block_in_place(|| {
-            self.cli(&[
+fn put_config(world: &World, file: &Path) {
+    let out = tokio::task::block_in_place(|| {
+        cli(
+            world,
+            &[
                 "workflow",
                 "put-config",
                 file.to_str().unwrap(),
                 "--table",
-                &self.config_table,
-            ])
-        });
-        assert!(out.status.success(), "put-config: {}", show(&out));
-    }
+                world.config_table(),
+            ],
+        )
+    });
+    assert!(out.status.success(), "put-config: {}", show(&out));
+}
 
-    /// `workflow start`; returns the execution ARN it prints.
-    fn start(&self, workflow_id: &str, execution_id: &str) -> String {
-        let out = tokio::task::block_in_place(|| {
-            self.cli(&[
+/// `workflow start`; returns the execution ARN it prints.
+fn workflow_start(world: &World, workflow_id: &str, execution_id: &str) -> String {
+    let out = tokio::task::block_in_place(|| {
+        cli(
+            world,
+            &[
                 "workflow",
                 "start",
                 workflow_id,
                 "--execution-id",
                 execution_id,
                 "--state-machine",
-                &self.state_machine,
-            ])
-        });
-        assert!(out.status.success(), "workflow start: {}", show(&out));
-        let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        assert!(
-            arn.starts_with("arn:aws:states:") && arn.ends_with(&format!(":{execution_id}")),
-            "workflow start printed {arn:?}"
-        );
-        arn
-    }
+                world.state_machine(),
+            ],
+        )
+    });
+    assert!(out.status.success(), "workflow start: {}", show(&out));
+    let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        arn.starts_with("arn:aws:states:") && arn.ends_with(&format!(":{execution_id}")),
+        "workflow start printed {arn:?}"
+    );
+    arn
+}
 
-    fn status(&self, execution_id: &str) -> String {
-        let out = tokio::task::block_in_place(|| {
-            self.cli(&[
+fn workflow_status(world: &World, execution_id: &str) -> String {
+    let out = tokio::task::block_in_place(|| {
+        cli(
+            world,
+            &[
                 "workflow",
                 "status",
                 execution_id,
                 "--state-machine",
-                &self.state_machine,
+                world.state_machine(),
                 "--job-table",
-                &self.job_table,
-            ])
-        });
-        assert!(out.status.success(), "workflow status: {}", show(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn job(&self, job: &str, execution_id: &str) -> Option<Item> {
-        aws_sdk_dynamodb::Client::new(&self.sdk)
-            .get_item()
-            .table_name(&self.job_table)
-            .key("job_name", AttributeValue::S(job.into()))
-            .key(
-                "workflow_execution_id",
-                AttributeValue::S(execution_id.into()),
-            )
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap()
-            .item
-    }
-
-    async fn workflow_audit(&self, execution_id: &str, workflow_id: &str) -> Item {
-        aws_sdk_dynamodb::Client::new(&self.sdk)
-            .get_item()
-            .table_name(&self.workflow_table)
-            .key(
-                "workflow_execution_id",
-                AttributeValue::S(execution_id.into()),
-            )
-            .key("workflow_id", AttributeValue::S(workflow_id.into()))
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap()
-            .item
-            .unwrap_or_else(|| panic!("no workflow audit item for {execution_id}"))
-    }
-
-    async fn wait(
-        &self,
-        arn: &str,
-        agents: &[&Agent],
-    ) -> aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput {
-        let out = moto::wait_execution(&self.sdk, arn, WAIT).await;
-        if *out.status() == ExecutionStatus::Running {
-            panic!("still running; agents:\n{}", logs(agents));
-        }
-        out
-    }
+                world.job_table(),
+            ],
+        )
+    });
+    assert!(out.status.success(), "workflow status: {}", show(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The ASL file with `${Name}` replaced, as CloudFormation's DefinitionSubstitutions do.
-fn definition(substitutions: &[(&str, &str)]) -> String {
-    let path = bins::workspace_root().join("packaging/aws/workflow.asl.json");
-    let mut text = std::fs::read_to_string(&path).expect("read workflow.asl.json");
-    for (name, value) in substitutions {
-        text = text.replace(&format!("${{{name}}}"), value);
+async fn workflow_audit(world: &World, execution_id: &str, workflow_id: &str) -> Item {
+    aws_sdk_dynamodb::Client::new(&world.sdk)
+        .get_item()
+        .table_name(world.workflow_table())
+        .key(
+            "workflow_execution_id",
+            AttributeValue::S(execution_id.into()),
+        )
+        .key("workflow_id", AttributeValue::S(workflow_id.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap_or_else(|| panic!("no workflow audit item for {execution_id}"))
+}
+
+async fn wait_done(
+    world: &World,
+    arn: &str,
+    agents: &[&Agent],
+) -> aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput {
+    let out = moto::wait_execution(&world.sdk, arn, WAIT).await;
+    if *out.status() == ExecutionStatus::Running {
+        panic!("still running; agents:\n{}", logs(agents));
     }
-    assert!(
-        !text.contains("${"),
-        "a substitution is missing: {}",
-        text.lines()
-            .filter(|l| l.contains("${"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    serde_json::from_str::<Value>(&text).expect("the substituted ASL is JSON");
-    text
+    out
 }
 
 fn show(out: &Output) -> String {
@@ -253,13 +177,6 @@ fn logs(agents: &[&Agent]) -> String {
         .iter()
         .map(|a| format!("--- {} ---\n{}", a.config.instance_id, a.log()))
         .collect()
-}
-
-fn s(item: &Item, key: &str) -> String {
-    item.get(key)
-        .and_then(|v| v.as_s().ok())
-        .cloned()
-        .unwrap_or_else(|| panic!("item has no string {key}: {item:?}"))
 }
 
 /// A copy of the blog workflow config with a new id, changed by `edit`, in `dir`.
@@ -290,12 +207,15 @@ const STAGES: [&[&str]; 3] = [
 async fn blog_workflow_runs_in_stage_order_across_two_agents() {
     // The sync PostgreSQL client runs its own runtime: keep it off this one's threads.
     let pg = tokio::task::block_in_place(TestPg::start);
-    let world = World::new().await;
-    let a = world.agent(&pg, "i-0agent-a");
-    let b = world.agent(&pg, "i-0agent-b");
-    world.put_config(&bins::workspace_root().join("rsql_scripts/blog_test_workflow.json"));
-    let arn = world.start("blog_test_workflow", "blog_e2e_1");
-    let out = world.wait(&arn, &[&a, &b]).await;
+    let world = world().await;
+    let a = db_agent(&world, &pg, "i-0agent-a");
+    let b = db_agent(&world, &pg, "i-0agent-b");
+    put_config(
+        &world,
+        &bins::workspace_root().join("rsql_scripts/blog_test_workflow.json"),
+    );
+    let arn = workflow_start(&world, "blog_test_workflow", "blog_e2e_1");
+    let out = wait_done(&world, &arn, &[&a, &b]).await;
     assert_eq!(
         *out.status(),
         ExecutionStatus::Succeeded,
@@ -313,7 +233,7 @@ async fn blog_workflow_runs_in_stage_order_across_two_agents() {
         let mut stage_items = Vec::new();
         for job in stage {
             let item = world
-                .job(job, "blog_e2e_1")
+                .audit_item(job, "blog_e2e_1")
                 .await
                 .unwrap_or_else(|| panic!("no job audit for {job}"));
             assert_eq!(s(&item, "execution_status"), "completed", "{item:?}");
@@ -349,9 +269,7 @@ async fn blog_workflow_runs_in_stage_order_across_two_agents() {
     assert!(s(&items[0][1], "execution_start_ts") >= s(&items[0][0], "execution_end_ts"));
 
     // The workflow audit: completed, with the list of jobs and both times.
-    let audit = world
-        .workflow_audit("blog_e2e_1", "blog_test_workflow")
-        .await;
+    let audit = workflow_audit(&world, "blog_e2e_1", "blog_test_workflow").await;
     assert_eq!(s(&audit, "execution_status"), "completed", "{audit:?}");
     assert!(!s(&audit, "execution_start_ts").is_empty());
     assert!(!s(&audit, "execution_end_ts").is_empty());
@@ -364,7 +282,7 @@ async fn blog_workflow_runs_in_stage_order_across_two_agents() {
     assert_eq!(jobs, STAGES.concat());
 
     // What an operator sees.
-    let status = world.status("blog_e2e_1");
+    let status = workflow_status(&world, "blog_e2e_1");
     println!("{status}");
     assert!(status.contains("SUCCEEDED"), "{status}");
     assert!(status.contains("6/6 jobs completed"), "{status}");
@@ -386,10 +304,10 @@ async fn blog_workflow_runs_in_stage_order_across_two_agents() {
     for item in items.iter().flatten() {
         let job = s(item, "job_name");
         let stream = s(item, "log_stream");
-        assert_eq!(s(item, "log_group"), world.log_group);
+        assert_eq!(s(item, "log_group"), world.log_group());
         let events = logs
             .get_log_events()
-            .log_group_name(&world.log_group)
+            .log_group_name(world.log_group())
             .log_stream_name(&stream)
             .start_from_head(true)
             .send()
@@ -413,14 +331,17 @@ async fn blog_workflow_runs_in_stage_order_across_two_agents() {
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_stage_two_job_fails_the_workflow_with_its_sql_state() {
     let pg = tokio::task::block_in_place(TestPg::start);
-    let world = World::new().await;
-    let a = world.agent(&pg, "i-0agent-a");
-    let b = world.agent(&pg, "i-0agent-b");
+    let world = world().await;
+    let a = db_agent(&world, &pg, "i-0agent-a");
+    let b = db_agent(&world, &pg, "i-0agent-b");
     // The sample failure config: the blog workflow with a stage-2 job that inserts into a
     // missing table.
-    world.put_config(&bins::workspace_root().join("rsql_scripts/blog_failure_workflow.json"));
-    let arn = world.start("blog_failure_workflow", "blog_fail_1");
-    let out = world.wait(&arn, &[&a, &b]).await;
+    put_config(
+        &world,
+        &bins::workspace_root().join("rsql_scripts/blog_failure_workflow.json"),
+    );
+    let arn = workflow_start(&world, "blog_failure_workflow", "blog_fail_1");
+    let out = wait_done(&world, &arn, &[&a, &b]).await;
     assert_eq!(
         *out.status(),
         ExecutionStatus::Failed,
@@ -434,9 +355,7 @@ async fn failing_stage_two_job_fails_the_workflow_with_its_sql_state() {
         out.cause()
     );
 
-    let audit = world
-        .workflow_audit("blog_fail_1", "blog_failure_workflow")
-        .await;
+    let audit = workflow_audit(&world, "blog_fail_1", "blog_failure_workflow").await;
     assert_eq!(s(&audit, "execution_status"), "failed", "{audit:?}");
     assert_eq!(s(&audit, "error_message"), "Rsql.ScriptFailed");
     let cause: Value = serde_json::from_str(&s(&audit, "error_cause")).expect("cause is JSON");
@@ -444,18 +363,18 @@ async fn failing_stage_two_job_fails_the_workflow_with_its_sql_state() {
     assert!(!s(&audit, "execution_end_ts").is_empty());
 
     let failed = world
-        .job("rsql_blog_script_fail.sh", "blog_fail_1")
+        .audit_item("rsql_blog_script_fail.sh", "blog_fail_1")
         .await
         .expect("audit of the failing job");
     assert_eq!(s(&failed, "execution_status"), "failed");
     // Stage 3 never ran.
     for job in STAGES[2] {
         assert!(
-            world.job(job, "blog_fail_1").await.is_none(),
+            world.audit_item(job, "blog_fail_1").await.is_none(),
             "{job} of stage 3 ran after a failed stage"
         );
     }
-    let status = world.status("blog_fail_1");
+    let status = workflow_status(&world, "blog_fail_1");
     assert!(status.contains("FAILED"), "{status}");
     assert!(status.contains("workflow audit: failed"), "{status}");
     assert!(status.contains("42P01"), "{status}");
@@ -469,16 +388,16 @@ async fn failing_stage_two_job_fails_the_workflow_with_its_sql_state() {
 #[tokio::test(flavor = "multi_thread")]
 async fn disabled_stage_runs_nothing_and_the_workflow_succeeds() {
     let pg = tokio::task::block_in_place(TestPg::start);
-    let world = World::new().await;
-    let a = world.agent(&pg, "i-0agent-a");
-    let b = world.agent(&pg, "i-0agent-b");
+    let world = world().await;
+    let a = db_agent(&world, &pg, "i-0agent-a");
+    let b = db_agent(&world, &pg, "i-0agent-b");
     let dir = tempfile::tempdir().unwrap();
     let file = config_copy(dir.path(), "blog_disabled_workflow", |c| {
         c["workflow_stages"][1]["execution_flag"] = json!("n");
     });
-    world.put_config(&file);
-    let arn = world.start("blog_disabled_workflow", "blog_disabled_1");
-    let out = world.wait(&arn, &[&a, &b]).await;
+    put_config(&world, &file);
+    let arn = workflow_start(&world, "blog_disabled_workflow", "blog_disabled_1");
+    let out = wait_done(&world, &arn, &[&a, &b]).await;
     assert_eq!(
         *out.status(),
         ExecutionStatus::Succeeded,
@@ -489,19 +408,17 @@ async fn disabled_stage_runs_nothing_and_the_workflow_succeeds() {
     assert_eq!(rows(&pg), 2);
     for job in STAGES[1] {
         assert!(
-            world.job(job, "blog_disabled_1").await.is_none(),
+            world.audit_item(job, "blog_disabled_1").await.is_none(),
             "{job} ran"
         );
     }
     for job in STAGES[0].iter().chain(STAGES[2]) {
-        let item = world.job(job, "blog_disabled_1").await.unwrap();
+        let item = world.audit_item(job, "blog_disabled_1").await.unwrap();
         assert_eq!(s(&item, "execution_status"), "completed");
     }
-    let audit = world
-        .workflow_audit("blog_disabled_1", "blog_disabled_workflow")
-        .await;
+    let audit = workflow_audit(&world, "blog_disabled_1", "blog_disabled_workflow").await;
     assert_eq!(s(&audit, "execution_status"), "completed");
-    let status = world.status("blog_disabled_1");
+    let status = workflow_status(&world, "blog_disabled_1");
     assert!(status.contains("SUCCEEDED"), "{status}");
     let line = status
         .lines()
@@ -513,7 +430,7 @@ async fn disabled_stage_runs_nothing_and_the_workflow_succeeds() {
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
     let pg = tokio::task::block_in_place(TestPg::start);
-    let world = World::new().await;
+    let world = world().await;
     // A slow stage-2 job that inserts script 4's row only at its end. Each run notes its
     // start time and its processes; a run that finds a process of an earlier run alive
     // notes an overlap.
@@ -539,16 +456,19 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
             json!(["rsql_blog_script_3.sh", "rsql_blog_slow_4.sh"]);
     });
     let mut agents = HashMap::from([
-        ("i-0agent-a", world.agent(&pg, "i-0agent-a")),
-        ("i-0agent-b", world.agent(&pg, "i-0agent-b")),
+        ("i-0agent-a", db_agent(&world, &pg, "i-0agent-a")),
+        ("i-0agent-b", db_agent(&world, &pg, "i-0agent-b")),
     ]);
-    world.put_config(&file);
-    let arn = world.start("blog_retry_workflow", "blog_retry_1");
+    put_config(&world, &file);
+    let arn = workflow_start(&world, "blog_retry_workflow", "blog_retry_1");
 
     // Find the agent running the slow job and SIGKILL it mid-job.
     let deadline = Instant::now() + WAIT;
     let victim = loop {
-        if let Some(item) = world.job("rsql_blog_slow_4.sh", "blog_retry_1").await {
+        if let Some(item) = world
+            .audit_item("rsql_blog_slow_4.sh", "blog_retry_1")
+            .await
+        {
             if s(&item, "execution_status") == "running" {
                 break s(&item, "instance_id");
             }
@@ -574,7 +494,7 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
     agent.kill_owners();
     let killed_at = std::time::SystemTime::now();
 
-    let out = world.wait(&arn, &agents.values().collect::<Vec<_>>()).await;
+    let out = wait_done(&world, &arn, &agents.values().collect::<Vec<_>>()).await;
     assert_eq!(
         *out.status(),
         ExecutionStatus::Succeeded,
@@ -585,7 +505,7 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
     );
     assert_eq!(rows(&pg), 4);
     let item = world
-        .job("rsql_blog_slow_4.sh", "blog_retry_1")
+        .audit_item("rsql_blog_slow_4.sh", "blog_retry_1")
         .await
         .unwrap();
     assert_eq!(s(&item, "execution_status"), "completed", "{item:?}");
@@ -622,7 +542,7 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
         "a Retry attempt must get a new task token"
     );
     for job in STAGES[2] {
-        let item = world.job(job, "blog_retry_1").await.unwrap();
+        let item = world.audit_item(job, "blog_retry_1").await.unwrap();
         assert_eq!(s(&item, "execution_status"), "completed");
     }
     // The retry never overlapped a living process of the dead run, and it started within
@@ -649,9 +569,9 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn commands_give_clear_errors() {
-    let world = World::new().await;
+    let world = world().await;
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| tokio::task::block_in_place(|| world.cli(args));
+    let run = |args: &[&str]| tokio::task::block_in_place(|| cli(&world, args));
 
     // Bad JSON.
     let bad = dir.path().join("bad.json");
@@ -661,7 +581,7 @@ async fn commands_give_clear_errors() {
         "put-config",
         bad.to_str().unwrap(),
         "--table",
-        &world.config_table,
+        world.config_table(),
     ]);
     assert_eq!(out.status.code(), Some(65), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid workflow config"));
@@ -672,7 +592,7 @@ async fn commands_give_clear_errors() {
         "put-config",
         "/nonexistent.json",
         "--table",
-        &world.config_table,
+        world.config_table(),
     ]);
     assert_eq!(out.status.code(), Some(66), "{}", show(&out));
 
@@ -698,7 +618,7 @@ async fn commands_give_clear_errors() {
         "start",
         "no_such_workflow",
         "--state-machine",
-        &world.state_machine,
+        world.state_machine(),
     ]);
     assert_eq!(out.status.code(), Some(69), "{}", show(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -708,14 +628,14 @@ async fn commands_give_clear_errors() {
     );
     let executions = aws_sdk_sfn::Client::new(&world.sdk)
         .list_executions()
-        .state_machine_arn(&world.state_machine)
+        .state_machine_arn(world.state_machine())
         .send()
         .await
         .unwrap();
     assert!(executions.executions().is_empty());
 
     // A state machine that does not exist.
-    let missing = world.state_machine.replace("rsql-workflow", "gone");
+    let missing = world.state_machine().replace("rsql-workflow", "gone");
     let out = run(&[
         "workflow",
         "start",
@@ -731,9 +651,9 @@ async fn commands_give_clear_errors() {
         "status",
         "never_started",
         "--state-machine",
-        &world.state_machine,
+        world.state_machine(),
         "--job-table",
-        &world.job_table,
+        world.job_table(),
     ]);
     assert_eq!(out.status.code(), Some(69), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("never_started"));
@@ -744,7 +664,7 @@ async fn commands_give_clear_errors() {
         "put-config",
         good.to_str().unwrap(),
         "--table",
-        &world.config_table,
+        world.config_table(),
     ]);
     assert!(out.status.success(), "{}", show(&out));
     let out = run(&[
@@ -752,7 +672,7 @@ async fn commands_give_clear_errors() {
         "start",
         "blog_test_workflow",
         "--state-machine",
-        &world.state_machine,
+        world.state_machine(),
     ]);
     assert!(out.status.success(), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains(":blog_test_workflow-"));
@@ -764,7 +684,7 @@ async fn commands_give_clear_errors() {
         "--execution-id",
         "twice",
         "--state-machine",
-        &world.state_machine,
+        world.state_machine(),
     ]);
     assert!(out.status.success(), "{}", show(&out));
     let out = run(&[
@@ -774,7 +694,7 @@ async fn commands_give_clear_errors() {
         "--execution-id",
         "twice",
         "--state-machine",
-        &world.state_machine,
+        world.state_machine(),
     ]);
     assert_eq!(out.status.code(), Some(65), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already used"));
@@ -783,7 +703,7 @@ async fn commands_give_clear_errors() {
     // execution's name.
     aws_sdk_sfn::Client::new(&world.sdk)
         .start_execution()
-        .state_machine_arn(&world.state_machine)
+        .state_machine_arn(world.state_machine())
         .name("scheduled_1")
         .input(json!({"workflow_id": "blog_test_workflow"}).to_string())
         .send()
@@ -792,7 +712,7 @@ async fn commands_give_clear_errors() {
     let deadline = Instant::now() + WAIT;
     while aws_sdk_dynamodb::Client::new(&world.sdk)
         .get_item()
-        .table_name(&world.workflow_table)
+        .table_name(world.workflow_table())
         .key(
             "workflow_execution_id",
             AttributeValue::S("scheduled_1".into()),
@@ -872,7 +792,7 @@ async fn tasks_per_job(world: &World, arn: &str) -> HashMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stage_wider_than_the_fleet_waits_for_slots_and_runs_each_job_once() {
-    let world = World::new().await;
+    let world = world().await;
     let marks = tempfile::tempdir().unwrap();
     let starts = marks.path().join("starts");
     // Five 9 s jobs on two one-slot agents: the last one waits 18 s in the queue, six
@@ -882,12 +802,12 @@ async fn a_stage_wider_than_the_fleet_waits_for_slots_and_runs_each_job_once() {
         .collect();
     let file = workflow_file(marks.path(), "wide_workflow", &[("parallel", &jobs)]);
     let agents = [
-        world.fleet_agent("i-0wide-a", 1),
-        world.fleet_agent("i-0wide-b", 1),
+        fleet_agent(&world, "i-0wide-a", 1),
+        fleet_agent(&world, "i-0wide-b", 1),
     ];
-    world.put_config(&file);
-    let arn = world.start("wide_workflow", "wide_1");
-    let out = world.wait(&arn, &agents.iter().collect::<Vec<_>>()).await;
+    put_config(&world, &file);
+    let arn = workflow_start(&world, "wide_workflow", "wide_1");
+    let out = wait_done(&world, &arn, &agents.iter().collect::<Vec<_>>()).await;
     assert_eq!(
         *out.status(),
         ExecutionStatus::Succeeded,
@@ -923,14 +843,14 @@ async fn a_stage_wider_than_the_fleet_waits_for_slots_and_runs_each_job_once() {
     );
     // Every job was audited completed.
     for job in &jobs {
-        let item = world.job(job, "wide_1").await.expect("audit item");
+        let item = world.audit_item(job, "wide_1").await.expect("audit item");
         assert_eq!(s(&item, "execution_status"), "completed", "{item:?}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn three_overlapping_workflows_on_one_fleet_run_every_job_once() {
-    let world = World::new().await;
+    let world = world().await;
     let marks = tempfile::tempdir().unwrap();
     let starts = marks.path().join("starts");
     let jobs = |prefix: &str, range: std::ops::RangeInclusive<u32>| -> Vec<String> {
@@ -962,15 +882,15 @@ async fn three_overlapping_workflows_on_one_fleet_run_every_job_once() {
         ),
     ];
     let agents = [
-        world.fleet_agent("i-0night-a", 2),
-        world.fleet_agent("i-0night-b", 2),
+        fleet_agent(&world, "i-0night-a", 2),
+        fleet_agent(&world, "i-0night-b", 2),
     ];
     let mut expected = BTreeSet::new();
     let mut executions = Vec::new();
     for (i, (id, stages)) in workflows.iter().enumerate() {
         let stages: Vec<(&str, &[String])> =
             stages.iter().map(|(k, s)| (*k, s.as_slice())).collect();
-        world.put_config(&workflow_file(marks.path(), id, &stages));
+        put_config(&world, &workflow_file(marks.path(), id, &stages));
         let execution = format!("{id}_run");
         for (_, scripts) in &stages {
             for job in *scripts {
@@ -981,11 +901,11 @@ async fn three_overlapping_workflows_on_one_fleet_run_every_job_once() {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
-        executions.push(world.start(id, &execution));
+        executions.push(workflow_start(&world, id, &execution));
     }
     assert_eq!(expected.len(), 20);
     for arn in &executions {
-        let out = world.wait(arn, &agents.iter().collect::<Vec<_>>()).await;
+        let out = wait_done(&world, arn, &agents.iter().collect::<Vec<_>>()).await;
         assert_eq!(
             *out.status(),
             ExecutionStatus::Succeeded,

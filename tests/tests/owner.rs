@@ -11,54 +11,39 @@ use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rsql_agent_tests::agent::{
-    process_alive, start_time, wait_until, write_script, Agent, AgentConfig, QueueWorld,
+    process_alive, start_time, wait_until, write_script, Agent, AgentConfig,
 };
 use rsql_agent_tests::moto;
+use rsql_agent_tests::world::{eventually_with, World, WAIT};
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(120);
-
-struct World(QueueWorld);
-
-impl std::ops::Deref for World {
-    type Target = QueueWorld;
-    fn deref(&self) -> &QueueWorld {
-        &self.0
-    }
+/// moto, the job queue and an empty script directory.
+async fn world() -> World {
+    World::builder("jobs").build().await
 }
 
-impl World {
-    async fn new() -> World {
-        World(QueueWorld::new("jobs").await)
-    }
+/// One job task; `catch`: failures end in a Pass state with the error in `$.error`.
+async fn state_machine(world: &World, heartbeat: u64, catch: bool) -> String {
+    let body = json!({
+        "task_token.$": "$$.Task.Token",
+        "workflow_id": "owner_test",
+        "workflow_execution_id.$": "$.execution_id",
+        "job_name.$": "$.job_name",
+        "timeout_seconds": 300,
+        "heartbeat_seconds": heartbeat
+    });
+    let mut task = moto::JobTask::new(&world.queue_url, body, heartbeat);
+    task.catch = catch;
+    moto::create_state_machine(&world.sdk, &moto::unique_name("owner"), &task.definition()).await
+}
 
-    fn config(&self) -> AgentConfig {
-        AgentConfig::new(&self.queue_url, &self.scripts)
-    }
+async fn start(world: &World, sm: &str, execution_id: &str, job: &str) -> String {
+    let input = json!({"execution_id": execution_id, "job_name": job});
+    moto::start_execution(&world.sdk, sm, &input.to_string()).await
+}
 
-    /// One job task; `catch`: failures end in a Pass state with the error in `$.error`.
-    async fn state_machine(&self, heartbeat: u64, catch: bool) -> String {
-        let body = json!({
-            "task_token.$": "$$.Task.Token",
-            "workflow_id": "owner_test",
-            "workflow_execution_id.$": "$.execution_id",
-            "job_name.$": "$.job_name",
-            "timeout_seconds": 300,
-            "heartbeat_seconds": heartbeat
-        });
-        let mut task = moto::JobTask::new(&self.queue_url, body, heartbeat);
-        task.catch = catch;
-        moto::create_state_machine(&self.sdk, &moto::unique_name("owner"), &task.definition()).await
-    }
-
-    async fn start(&self, sm: &str, execution_id: &str, job: &str) -> String {
-        let input = json!({"execution_id": execution_id, "job_name": job});
-        moto::start_execution(&self.sdk, sm, &input.to_string()).await
-    }
-
-    async fn count(&self, exec: &str, kind: HistoryEventType) -> usize {
-        moto::count_events(&self.sdk, exec, kind).await
-    }
+async fn count(world: &World, exec: &str, kind: HistoryEventType) -> usize {
+    moto::count_events(&world.sdk, exec, kind).await
 }
 
 /// A job that records each start in `runs`, its own pid and its `sleep` child's pid in
@@ -135,27 +120,26 @@ fn only_owner(agent: &Agent) -> (i32, i32) {
 }
 
 async fn wait_started(agent: &Agent, pids: &Path) {
-    let deadline = Instant::now() + WAIT;
-    while read_pids(pids).len() < 2 || agent.owners().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "the job never started:\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually_with("the job to start", WAIT, || async move {
+        if read_pids(pids).len() < 2 || agent.owners().is_empty() {
+            Err(format!("agent log:\n{}", agent.log()))
+        } else {
+            Ok(())
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_agent_costs_no_job_and_the_restarted_agent_reports_it_once() {
-    let world = World::new().await;
+    let world = world().await;
     let (runs_file, pids) = ticking_job(&world, "tick.sh", 25);
     let mut config = world.config();
     config.log_group = Some(moto::unique_name("/rsql/owner"));
     let mut agent = Agent::start(config.clone(), &world.moto.endpoint());
     // HeartbeatSeconds: shorter than the job (25 s), longer than the agent's absence (~4 s).
-    let sm = world.state_machine(12, false).await;
-    let exec = world.start(&sm, "kill_1", "tick.sh").await;
+    let sm = state_machine(&world, 12, false).await;
+    let exec = start(&world, &sm, "kill_1", "tick.sh").await;
     wait_started(&agent, &pids).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -174,9 +158,15 @@ async fn a_sigkilled_agent_costs_no_job_and_the_restarted_agent_reports_it_once(
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     assert_eq!(runs(&runs_file), 1, "the script ran more than once");
-    assert_eq!(world.count(&exec, HistoryEventType::TaskSucceeded).await, 1);
-    assert_eq!(world.count(&exec, HistoryEventType::TaskFailed).await, 0);
-    assert_eq!(world.count(&exec, HistoryEventType::TaskTimedOut).await, 0);
+    assert_eq!(
+        count(&world, &exec, HistoryEventType::TaskSucceeded).await,
+        1
+    );
+    assert_eq!(count(&world, &exec, HistoryEventType::TaskFailed).await, 0);
+    assert_eq!(
+        count(&world, &exec, HistoryEventType::TaskTimedOut).await,
+        0
+    );
     assert_eq!(log_lines(&agent), expected_lines(25), "the local log");
 
     // CloudWatch has every line once, in order: shipping resumed where it stopped.
@@ -216,11 +206,11 @@ async fn a_sigkilled_agent_costs_no_job_and_the_restarted_agent_reports_it_once(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_that_ends_while_no_agent_runs_is_reported_soon_after_the_next_start() {
-    let world = World::new().await;
+    let world = world().await;
     let (runs_file, pids) = ticking_job(&world, "short.sh", 3);
-    let mut agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(60, false).await;
-    let exec = world.start(&sm, "ended_1", "short.sh").await;
+    let mut agent = world.agent(|_| {});
+    let sm = state_machine(&world, 60, false).await;
+    let exec = start(&world, &sm, "ended_1", "short.sh").await;
     wait_started(&agent, &pids).await;
     agent.kill();
     // The owner records the exit on its own.
@@ -252,11 +242,11 @@ async fn a_job_that_ends_while_no_agent_runs_is_reported_soon_after_the_next_sta
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_hands_the_job_off_within_5_s_and_the_next_agent_completes_it() {
-    let world = World::new().await;
+    let world = world().await;
     let (runs_file, pids) = ticking_job(&world, "handoff.sh", 8);
-    let mut agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(30, false).await;
-    let exec = world.start(&sm, "term_1", "handoff.sh").await;
+    let mut agent = world.agent(|_| {});
+    let sm = state_machine(&world, 30, false).await;
+    let exec = start(&world, &sm, "term_1", "handoff.sh").await;
     wait_started(&agent, &pids).await;
     let asked = Instant::now();
     let status = agent.terminate(Duration::from_secs(5));
@@ -271,17 +261,20 @@ async fn sigterm_hands_the_job_off_within_5_s_and_the_next_agent_completes_it() 
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     assert_eq!(runs(&runs_file), 1);
-    assert_eq!(world.count(&exec, HistoryEventType::TaskSucceeded).await, 1);
+    assert_eq!(
+        count(&world, &exec, HistoryEventType::TaskSucceeded).await,
+        1
+    );
     assert_eq!(log_lines(&agent), expected_lines(8));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_owner_takes_its_whole_job_with_it_and_fails_the_task_interrupted() {
-    let world = World::new().await;
+    let world = world().await;
     let (runs_file, pids) = ticking_job(&world, "victim.sh", 60);
-    let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(30, true).await;
-    let exec = world.start(&sm, "owner_kill_1", "victim.sh").await;
+    let agent = world.agent(|_| {});
+    let sm = state_machine(&world, 30, true).await;
+    let exec = start(&world, &sm, "owner_kill_1", "victim.sh").await;
     wait_started(&agent, &pids).await;
     let (owner, _) = only_owner(&agent);
     let job_pids = read_pids(&pids);
@@ -309,7 +302,7 @@ async fn a_sigkilled_owner_takes_its_whole_job_with_it_and_fails_the_task_interr
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_seeing_a_job_whose_owner_lives_neither_runs_nor_fails_it() {
-    let world = World::new().await;
+    let world = world().await;
     let (runs_file, pids) = ticking_job(&world, "shared.sh", 30);
     let lock_dir = tempfile::tempdir().expect("lock dir");
     let mut config = world.config();
@@ -324,8 +317,8 @@ async fn an_agent_seeing_a_job_whose_owner_lives_neither_runs_nor_fails_it() {
     );
     // Longer than a visibility timeout plus a tick: B's heartbeats on the owner's behalf
     // are what keep the task alive while A is down.
-    let sm = world.state_machine(20, false).await;
-    let exec = world.start(&sm, "two_hosts_1", "shared.sh").await;
+    let sm = state_machine(&world, 20, false).await;
+    let exec = start(&world, &sm, "two_hosts_1", "shared.sh").await;
     wait_started(&a, &pids).await;
     a.kill();
     // B starts only now, so the job is A's; then A stays down past the visibility timeout.
@@ -340,7 +333,7 @@ async fn an_agent_seeing_a_job_whose_owner_lives_neither_runs_nor_fails_it() {
     b.wait_for_log("heartbeat sent on its behalf", WAIT);
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(b.owners().is_empty(), "B started an owner of its own");
-    assert_eq!(world.count(&exec, HistoryEventType::TaskFailed).await, 0);
+    assert_eq!(count(&world, &exec, HistoryEventType::TaskFailed).await, 0);
     a.restart();
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(
@@ -355,8 +348,14 @@ async fn an_agent_seeing_a_job_whose_owner_lives_neither_runs_nor_fails_it() {
         1,
         "the job's effect happened more than once"
     );
-    assert_eq!(world.count(&exec, HistoryEventType::TaskSucceeded).await, 1);
-    assert_eq!(world.count(&exec, HistoryEventType::TaskTimedOut).await, 0);
+    assert_eq!(
+        count(&world, &exec, HistoryEventType::TaskSucceeded).await,
+        1
+    );
+    assert_eq!(
+        count(&world, &exec, HistoryEventType::TaskTimedOut).await,
+        0
+    );
     // Nothing of the job is left.
     for pid in read_pids(&pids) {
         assert!(start_time(pid).is_none() || !process_alive(pid));
@@ -365,12 +364,12 @@ async fn an_agent_seeing_a_job_whose_owner_lives_neither_runs_nor_fails_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn drain_wait_returns_once_the_running_job_completed_and_takes_no_new_job() {
-    let world = World::new().await;
+    let world = world().await;
     let (first_runs, pids) = ticking_job(&world, "first.sh", 5);
     let (second_runs, _) = ticking_job(&world, "second.sh", 1);
-    let agent = Agent::start(world.config(), &world.moto.endpoint());
-    let sm = world.state_machine(30, false).await;
-    let first = world.start(&sm, "drain_1", "first.sh").await;
+    let agent = world.agent(|_| {});
+    let sm = state_machine(&world, 30, false).await;
+    let first = start(&world, &sm, "drain_1", "first.sh").await;
     wait_started(&agent, &pids).await;
 
     let asked = Instant::now();
@@ -382,7 +381,7 @@ async fn drain_wait_returns_once_the_running_job_completed_and_takes_no_new_job(
         .expect("rsql-agent drain --wait");
     agent.wait_for_log("draining: intake stopped", Duration::from_secs(1));
     assert!(asked.elapsed() < Duration::from_secs(2));
-    let second = world.start(&sm, "drain_2", "second.sh").await;
+    let second = start(&world, &sm, "drain_2", "second.sh").await;
 
     let status = tokio::task::spawn_blocking(move || drain.wait_with_output())
         .await
@@ -405,7 +404,7 @@ async fn drain_wait_returns_once_the_running_job_completed_and_takes_no_new_job(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_job_that_cannot_start_says_why_instead_of_blaming_a_dead_runner() {
-    let world = World::new().await;
+    let world = world().await;
     let (runs_file, _) = ticking_job(&world, "never.sh", 1);
     let dir = tempfile::tempdir().expect("temp dir");
     let state = dir.path().join("state");
@@ -415,8 +414,8 @@ async fn a_job_that_cannot_start_says_why_instead_of_blaming_a_dead_runner() {
     let mut config = world.config();
     config.state_dir = Some(state);
     let agent = Agent::start(config, &world.moto.endpoint());
-    let sm = world.state_machine(30, true).await;
-    let exec = world.start(&sm, "nostart_1", "never.sh").await;
+    let sm = state_machine(&world, 30, true).await;
+    let exec = start(&world, &sm, "nostart_1", "never.sh").await;
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     let (error, cause) = moto::caught_error(&out);
     assert_eq!(error, "Rsql.Interrupted", "{cause}\n{}", agent.log());

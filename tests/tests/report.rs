@@ -5,9 +5,8 @@
 //! The agent's clients are built as in production (`rsql_agent::aws`: SDK retries off, the
 //! agent's timeouts); only the endpoint differs. Every wait polls against a deadline.
 
-use std::future::Future;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
@@ -23,6 +22,7 @@ use rsql_agent::report::retry::{Jitter, RetryPolicy};
 use rsql_agent::report::stepfunctions::{CallbackError, StepFunctions};
 use rsql_agent_tests::moto::{self, Moto};
 use rsql_agent_tests::proxy::Proxy;
+use rsql_agent_tests::world::{self, eventually, s, Item};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -59,25 +59,6 @@ fn fast_policy() -> RetryPolicy {
         initial: Duration::from_millis(50),
         max: Duration::from_millis(500),
         jitter: Jitter::Full,
-    }
-}
-
-/// Polls `probe` until it yields `Some`, or panics naming `what` after `timeout`.
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -337,31 +318,9 @@ fn audit_record(execution: &str, status: &str, attempt: u32) -> JobAuditRecord {
     }
 }
 
-async fn audit_item(
-    config: &SdkConfig,
-    table: &str,
-    execution: &str,
-) -> Option<std::collections::HashMap<String, AttributeValue>> {
-    aws_sdk_dynamodb::Client::new(config)
-        .get_item()
-        .table_name(table)
-        .key(
-            "job_name",
-            AttributeValue::S("rsql_blog_script_1.sh".into()),
-        )
-        .key("workflow_execution_id", AttributeValue::S(execution.into()))
-        .consistent_read(true)
-        .send()
-        .await
-        .expect("GetItem")
-        .item
-}
-
-fn s(item: &std::collections::HashMap<String, AttributeValue>, name: &str) -> String {
-    item.get(name)
-        .and_then(|v| v.as_s().ok().or(v.as_n().ok()))
-        .cloned()
-        .unwrap_or_else(|| panic!("no {name} in {item:?}"))
+/// The job audit item of `rsql_blog_script_1.sh` in `execution`, if there is one.
+async fn audit_item(config: &SdkConfig, table: &str, execution: &str) -> Option<Item> {
+    world::audit_item(config, table, "rsql_blog_script_1.sh", execution).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

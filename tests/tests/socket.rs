@@ -6,148 +6,42 @@
 //! the test's own (the agent takes nothing from SQS here: it is a socket-only agent); the test
 //! takes the token from there and submits the job with it, as SSM Run Command would.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::ExecutionStatus;
-use rsql_agent_tests::agent::{
-    process_alive, script_dir, wait_until, write_script, Agent, AgentConfig,
-};
+use rsql_agent_tests::agent::{process_alive, wait_until, write_script};
 use rsql_agent_tests::bins;
-use rsql_agent_tests::moto::{self, Moto};
-use serde_json::{json, Value};
+use rsql_agent_tests::moto;
+use rsql_agent_tests::world::{s, StateMachine, World, WAIT};
 
-const WAIT: Duration = Duration::from_secs(90);
-
-/// One task whose message goes to `queue_url` (the test's capture queue); errors are caught
-/// into `$.error`.
-fn definition(queue_url: &str) -> String {
-    let body = json!({
-        "task_token.$": "$$.Task.Token",
-        "workflow_execution_id.$": "$.execution_id"
-    });
-    moto::JobTask::new(queue_url, body, 60).definition()
-}
-
-struct World {
-    moto: Moto,
-    sdk: SdkConfig,
-    capture: String,
-    state_machine: String,
-    table: String,
-    _scripts_dir: tempfile::TempDir,
-    scripts: PathBuf,
-    /// Holds the socket's directory; mode 0755 so another user can reach the socket.
-    _run_dir: tempfile::TempDir,
-    socket: PathBuf,
-}
-
-impl World {
-    async fn new() -> World {
-        let moto = Moto::start();
-        let sdk = moto.sdk_config().await;
-        let capture = moto::create_queue(&sdk, &moto::unique_name("capture")).await;
-        let state_machine =
-            moto::create_state_machine(&sdk, &moto::unique_name("ssm"), &definition(&capture))
-                .await;
-        let table = moto::unique_name("rsql-job-audit");
-        moto::create_job_audit_table(&sdk, &table).await;
-        let (dir, scripts) = script_dir();
-        write_script(&scripts, "hello.sh", "echo \"hello $*\"");
-        // Fails unless its arguments arrive exactly, spaces included.
-        std::fs::create_dir(scripts.join("etl")).unwrap();
-        std::fs::set_permissions(scripts.join("etl"), std::fs::Permissions::from_mode(0o755))
-            .unwrap();
-        // The old trigger's `$instance_code_dir $secret_id`, then the extra arguments.
-        write_script(
-            &scripts.join("etl"),
-            "legacy.sh",
-            "[ \"$#\" = 4 ] || { echo \"bad args: $*\" >&2; exit 7; }\n\
-             case \"$2\" in arn:aws:secretsmanager:*redshift-abc) ;; *) echo \"bad secret: $2\" >&2; exit 7;; esac\n\
-             [ \"$3\" = alpha ] && [ \"$4\" = \"beta two\" ] || { echo \"bad args: $*\" >&2; exit 7; }\n\
-             [ -d \"$1\" ] || { echo \"no code dir: $1\" >&2; exit 7; }\necho legacy ok",
-        );
-        write_script(&scripts, "sleepy.sh", "sleep 30");
-        let run_dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(run_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let socket = run_dir.path().join("run").join("agent.sock");
-        World {
-            moto,
-            sdk,
-            capture,
-            state_machine,
-            table,
-            _scripts_dir: dir,
-            scripts,
-            _run_dir: run_dir,
-            socket,
-        }
-    }
-
-    /// A socket-only agent (no SQS intake) that allows root.
-    fn config(&self) -> AgentConfig {
-        let mut config = AgentConfig::new("", &self.scripts);
-        config.job_table = Some(self.table.clone());
-        config.extra.push_str(&format!(
-            "[intake.socket]\npath = \"{}\"\nallowed_uids = [0]\n",
-            self.socket.display()
-        ));
-        config
-    }
-
-    fn start_agent(&self, config: AgentConfig) -> Agent {
-        let agent = Agent::start(config, &self.moto.endpoint());
-        wait_until("the agent's socket", WAIT, || self.socket.exists());
-        agent
-    }
-
-    /// Starts an execution and returns it with its real task token.
-    async fn execution(&self, execution_id: &str) -> (String, String) {
-        let input = json!({ "execution_id": execution_id });
-        let exec = moto::start_execution(&self.sdk, &self.state_machine, &input.to_string()).await;
-        let message = moto::receive_one(&self.sdk, &self.capture, WAIT).await;
-        let sent: Value = serde_json::from_str(message.body().unwrap()).unwrap();
-        assert_eq!(sent["workflow_execution_id"], execution_id);
-        (exec, sent["task_token"].as_str().unwrap().to_string())
-    }
-
-    async fn audit_item(&self, job: &str, execution_id: &str) -> HashMap<String, AttributeValue> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let item = aws_sdk_dynamodb::Client::new(&self.sdk)
-                .get_item()
-                .table_name(&self.table)
-                .key("job_name", AttributeValue::S(job.into()))
-                .key(
-                    "workflow_execution_id",
-                    AttributeValue::S(execution_id.into()),
-                )
-                .consistent_read(true)
-                .send()
-                .await
-                .unwrap()
-                .item;
-            if let Some(item) = item {
-                if s(&item, "execution_status") == "completed" {
-                    return item;
-                }
-            }
-            assert!(Instant::now() < deadline, "no completed audit for {job}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {
-    item.get(key)
-        .and_then(|v| v.as_s().ok())
-        .cloned()
-        .unwrap_or_default()
+/// A socket-only world with the job audit table and a state machine whose one task sends
+/// its message to the test's capture queue; the scripts the tests run.
+async fn world() -> World {
+    let world = World::builder("ssm")
+        .job_table()
+        .socket_only()
+        .state_machine(StateMachine::Capture)
+        .build()
+        .await;
+    let scripts = &world.scripts;
+    write_script(scripts, "hello.sh", "echo \"hello $*\"");
+    // Fails unless its arguments arrive exactly, spaces included.
+    std::fs::create_dir(scripts.join("etl")).unwrap();
+    std::fs::set_permissions(scripts.join("etl"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The old trigger's `$instance_code_dir $secret_id`, then the extra arguments.
+    write_script(
+        &scripts.join("etl"),
+        "legacy.sh",
+        "[ \"$#\" = 4 ] || { echo \"bad args: $*\" >&2; exit 7; }\n\
+         case \"$2\" in arn:aws:secretsmanager:*redshift-abc) ;; *) echo \"bad secret: $2\" >&2; exit 7;; esac\n\
+         [ \"$3\" = alpha ] && [ \"$4\" = \"beta two\" ] || { echo \"bad args: $*\" >&2; exit 7; }\n\
+         [ -d \"$1\" ] || { echo \"no code dir: $1\" >&2; exit 7; }\necho legacy ok",
+    );
+    write_script(scripts, "sleepy.sh", "sleep 30");
+    world
 }
 
 fn wrapper(args: &[&str], socket: Option<&Path>) -> Output {
@@ -188,7 +82,7 @@ fn text(bytes: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit() {
-    let world = World::new().await;
+    let world = world().await;
     let agent = world.start_agent(world.config());
     let (exec, token) = world.execution("ssm_ok_1").await;
     let started = Instant::now();
@@ -210,7 +104,7 @@ async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit(
             "--heartbeat-seconds",
             "60",
             "--socket",
-            world.socket.to_str().unwrap(),
+            world.socket().to_str().unwrap(),
             "--",
             "world",
         ],
@@ -237,7 +131,7 @@ async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit(
     );
     assert!(took < Duration::from_secs(2), "submit took {took:?}");
 
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     assert_eq!(
         *done.status(),
         ExecutionStatus::Succeeded,
@@ -249,7 +143,7 @@ async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit(
     assert_eq!(output["job_name"], "hello.sh");
     assert_eq!(output["workflow_execution_id"], "ssm_ok_1");
 
-    let item = world.audit_item("hello.sh", "ssm_ok_1").await;
+    let item = world.wait_audit("hello.sh", "ssm_ok_1", "completed").await;
     assert_eq!(
         s(&item, "ssm_command_id"),
         "cmd-0123456789abcdef",
@@ -266,7 +160,7 @@ async fn submit_runs_a_job_to_its_callback_with_the_ssm_command_id_in_the_audit(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_job_is_rejected_and_its_task_failed_as_invalid_job() {
-    let world = World::new().await;
+    let world = world().await;
     let agent = world.start_agent(world.config());
     let (exec, token) = world.execution("ssm_bad_1").await;
     let out = wrapper(
@@ -281,7 +175,7 @@ async fn an_invalid_job_is_rejected_and_its_task_failed_as_invalid_job() {
             "--job-name",
             "../../etc/passwd",
         ],
-        Some(&world.socket),
+        Some(world.socket()),
     );
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(
@@ -289,7 +183,7 @@ async fn an_invalid_job_is_rejected_and_its_task_failed_as_invalid_job() {
         "{}",
         text(&out.stderr)
     );
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     let output = moto::execution_output(&done);
     assert_eq!(
         output["error"]["Error"],
@@ -301,10 +195,10 @@ async fn an_invalid_job_is_rejected_and_its_task_failed_as_invalid_job() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_peer_that_is_not_allowed_is_refused_and_the_agent_logs_why() {
-    let world = World::new().await;
+    let world = world().await;
     let agent = world.start_agent(world.config());
     // The file mode is the first gate; open it so the SO_PEERCRED check is what refuses.
-    std::fs::set_permissions(&world.socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    std::fs::set_permissions(world.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     let out = Command::new("runuser")
         .args(["-u", "nobody", "--"])
         .arg(bins::wrapper())
@@ -319,7 +213,7 @@ async fn a_peer_that_is_not_allowed_is_refused_and_the_agent_logs_why() {
             "--job-name",
             "hello.sh",
             "--socket",
-            world.socket.to_str().unwrap(),
+            world.socket().to_str().unwrap(),
         ])
         .output()
         .expect("runuser");
@@ -355,7 +249,7 @@ async fn a_peer_that_is_not_allowed_is_refused_and_the_agent_logs_why() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_legacy_trigger_arguments_run_a_job_to_a_correct_callback() {
-    let world = World::new().await;
+    let world = world().await;
     let agent = world.start_agent(world.config());
     let (exec, token) = world.execution("legacy_1").await;
     let script = world.scripts.join("etl").join("legacy.sh");
@@ -375,14 +269,14 @@ async fn the_legacy_trigger_arguments_run_a_job_to_a_correct_callback() {
         "alpha",
         "beta two",
     ];
-    let out = wrapper(&args, Some(&world.socket));
+    let out = wrapper(&args, Some(world.socket()));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", agent.log());
     assert!(stderr.contains("(secret id)"), "{stderr}");
     assert!(stderr.contains("ignored"), "{stderr}");
     assert!(!stderr.contains(&token), "the token is echoed: {stderr}");
 
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     assert_eq!(
         *done.status(),
         ExecutionStatus::Succeeded,
@@ -393,13 +287,15 @@ async fn the_legacy_trigger_arguments_run_a_job_to_a_correct_callback() {
     assert_eq!(output["status"], "completed", "{output}");
     assert_eq!(output["job_name"], "etl/legacy.sh");
     assert_eq!(output["exit_code"], 0);
-    let item = world.audit_item("etl/legacy.sh", "legacy_1").await;
+    let item = world
+        .wait_audit("etl/legacy.sh", "legacy_1", "completed")
+        .await;
     assert_eq!(s(&item, "workflow_id"), "legacy_wf");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_agent_says_busy() {
-    let world = World::new().await;
+    let world = world().await;
     let mut config = world.config();
     config.max_concurrent_jobs = 1;
     let agent = world.start_agent(config);
@@ -416,7 +312,7 @@ async fn a_full_agent_says_busy() {
                 "--job-name",
                 job,
             ],
-            Some(&world.socket),
+            Some(world.socket()),
         )
     };
     let first = submit("busy_1", "sleepy.sh");
@@ -491,7 +387,7 @@ fn bad_arguments_give_a_usage_error_naming_the_argument() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_completes_a_job_with_no_agent_and_reports_it_before_exiting() {
-    let world = World::new().await;
+    let world = world().await;
     let dir = tempfile::tempdir().unwrap();
     let (config, state_dir, _) = world.config().write(dir.path());
     let (exec, token) = world.execution("standalone_ok_1").await;
@@ -528,13 +424,15 @@ async fn run_completes_a_job_with_no_agent_and_reports_it_before_exiting() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
         .collect();
     assert!(outbox.is_empty(), "undelivered: {outbox:?}");
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     assert_eq!(*done.status(), ExecutionStatus::Succeeded, "{stderr}");
     let output = moto::execution_output(&done);
     assert_eq!(output["status"], "completed", "{output}");
     assert_eq!(output["job_name"], "hello.sh");
     assert_eq!(output["exit_code"], 0);
-    let item = world.audit_item("hello.sh", "standalone_ok_1").await;
+    let item = world
+        .wait_audit("hello.sh", "standalone_ok_1", "completed")
+        .await;
     assert_eq!(s(&item, "ssm_command_id"), "cmd-standalone", "{item:?}");
     assert_eq!(s(&item, "workflow_id"), "ssm_test");
 
@@ -546,7 +444,7 @@ async fn run_completes_a_job_with_no_agent_and_reports_it_before_exiting() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_fails_an_invalid_job_as_invalid_job_and_says_why() {
-    let world = World::new().await;
+    let world = world().await;
     let dir = tempfile::tempdir().unwrap();
     let (config, _, _) = world.config().write(dir.path());
     let (exec, token) = world.execution("standalone_bad_1").await;
@@ -561,7 +459,7 @@ async fn run_fails_an_invalid_job_as_invalid_job_and_says_why() {
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("no_such_script.sh"), "{stderr}");
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     let (error, cause) = moto::caught_error(&done);
     assert_eq!(error, "Rsql.InvalidJob", "{stderr}");
     assert!(cause.to_string().contains("no_such_script.sh"), "{cause}");
@@ -569,7 +467,7 @@ async fn run_fails_an_invalid_job_as_invalid_job_and_says_why() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_stops_a_standalone_job_kills_it_and_reports_it_interrupted() {
-    let world = World::new().await;
+    let world = world().await;
     write_script(
         &world.scripts,
         "long.sh",
@@ -620,14 +518,14 @@ async fn sigterm_stops_a_standalone_job_kills_it_and_reports_it_interrupted() {
         text(&out.stdout)
     );
     assert!(!process_alive(job_pid), "the job outlived rsql-wrapper run");
-    let done = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    let done = world.wait_execution(&exec).await;
     let (error, _) = moto::caught_error(&done);
     assert_eq!(error, "Rsql.Interrupted", "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_is_refused_beside_a_running_agent_and_touches_nothing() {
-    let world = World::new().await;
+    let world = world().await;
     let agent = world.start_agent(world.config());
     let out = standalone(
         &world,
@@ -652,7 +550,7 @@ async fn run_is_refused_beside_a_running_agent_and_touches_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn run_as_root_refuses_a_state_dir_that_belongs_to_the_service_user() {
-    let world = World::new().await;
+    let world = world().await;
     let dir = tempfile::tempdir().unwrap();
     let (config, state_dir, _) = world.config().write(dir.path());
     std::fs::create_dir_all(&state_dir).unwrap();

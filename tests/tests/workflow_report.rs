@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
-use rsql_agent_tests::agent::{copy_sample_scripts, script_dir, Agent, AgentConfig, QueueWorld};
+use rsql_agent_tests::agent::{copy_sample_scripts, script_dir, Agent, AgentConfig};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::chromium::{self, Element};
 use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
+use rsql_agent_tests::world::{s, Item, StateMachine, World};
 use serde_json::Value;
 
 const BLOG: [(usize, &str); 6] = [
@@ -420,171 +420,117 @@ fn report_of_an_unknown_local_execution_says_so() {
 
 // --- the state machine on the AWS emulator ------------------------------------------------
 
-/// The emulator with the generic state machine, its tables and a fleet of two one-slot
-/// agents sharing a lock directory.
-struct AwsWorld {
-    world: QueueWorld,
-    config_table: String,
-    job_table: String,
-    state_machine: String,
-    locks: tempfile::TempDir,
-    log_group: String,
+/// The emulator with the generic state machine, its tables and queue, the sample jobs, a
+/// log group and one lock directory for a fleet of two one-slot agents.
+async fn aws_world() -> World {
+    World::builder("rsql-report")
+        .sample_scripts()
+        .state_machine(StateMachine::Workflow {
+            heartbeat_seconds: 3,
+        })
+        .log_group()
+        .shared_locks()
+        .build()
+        .await
 }
 
-impl AwsWorld {
-    async fn new() -> AwsWorld {
-        let world = QueueWorld::new("rsql-report").await;
-        copy_sample_scripts(&world.scripts);
-        let config_table = moto::unique_name("rsql-workflow-config");
-        let job_table = moto::unique_name("rsql-job-audit");
-        let workflow_table = moto::unique_name("rsql-workflow-audit");
-        moto::create_table(&world.sdk, &config_table, "workflow_id", None).await;
-        moto::create_job_audit_table(&world.sdk, &job_table).await;
-        moto::create_table(
-            &world.sdk,
-            &workflow_table,
-            "workflow_execution_id",
-            Some("workflow_id"),
-        )
-        .await;
-        let mut definition =
-            std::fs::read_to_string(bins::workspace_root().join("packaging/aws/workflow.asl.json"))
-                .unwrap();
-        for (name, value) in [
-            ("JobQueueUrl", world.queue_url.as_str()),
-            ("ConfigTable", &config_table),
-            ("WorkflowAuditTable", &workflow_table),
-            ("HeartbeatSeconds", "3"),
-            ("JobTimeoutSeconds", "120"),
-            ("TaskTimeoutSlackSeconds", "60"),
-        ] {
-            definition = definition.replace(&format!("${{{name}}}"), value);
-        }
-        assert!(!definition.contains("${"), "a substitution is missing");
-        let state_machine = moto::create_state_machine(
-            &world.sdk,
-            &moto::unique_name("rsql-workflow"),
-            &definition,
-        )
-        .await;
-        AwsWorld {
-            world,
-            config_table,
-            job_table,
-            state_machine,
-            locks: tempfile::tempdir().unwrap(),
-            log_group: format!("/ops/rsql-logs/{}", moto::unique_name("report")),
-        }
-    }
-
-    fn agent(&self, pg: &TestPg, instance_id: &str) -> Agent {
-        let mut config = AgentConfig::new(&self.world.queue_url, &self.world.scripts).database(pg);
+fn fleet_agent(aws: &World, pg: &TestPg, instance_id: &str) -> Agent {
+    // The world's config: the job table, the shared lock directory, and live logs: one
+    // stream per attempt, which the report names.
+    aws.agent(|config| {
+        *config = config.clone().database(pg);
         config.instance_id = instance_id.to_string();
-        config.job_table = Some(self.job_table.clone());
         config.max_concurrent_jobs = 1;
         config.heartbeat_interval = "1s".to_string();
-        config.lock_dir = Some(self.locks.path().to_path_buf());
-        // Live logs: one stream per attempt, which the report names.
-        config.log_group = Some(self.log_group.clone());
-        Agent::start(config, &self.world.moto.endpoint())
-    }
+    })
+}
 
-    fn cli(&self, args: &[&str]) -> Output {
-        tokio::task::block_in_place(|| agent_cli(args, &self.world.moto.env()))
-    }
+fn cli(aws: &World, args: &[&str]) -> Output {
+    tokio::task::block_in_place(|| agent_cli(args, &aws.moto.env()))
+}
 
-    /// Loads the workflow, starts it, waits for it to end; returns the execution's ARN.
-    async fn execute(&self, workflow: &str, workflow_id: &str, execution_id: &str) -> String {
-        let file = self.world.scripts.join(workflow);
-        let out = self.cli(&[
+/// Loads the workflow, starts it, waits for it to end; returns the execution's ARN.
+async fn execute(aws: &World, workflow: &str, workflow_id: &str, execution_id: &str) -> String {
+    let file = aws.scripts.join(workflow);
+    let out = cli(
+        aws,
+        &[
             "workflow",
             "put-config",
             file.to_str().unwrap(),
             "--table",
-            &self.config_table,
-        ]);
-        assert!(out.status.success(), "put-config: {}", show(&out));
-        let out = self.cli(&[
+            aws.config_table(),
+        ],
+    );
+    assert!(out.status.success(), "put-config: {}", show(&out));
+    let out = cli(
+        aws,
+        &[
             "workflow",
             "start",
             workflow_id,
             "--execution-id",
             execution_id,
             "--state-machine",
-            &self.state_machine,
-        ]);
-        assert!(out.status.success(), "start: {}", show(&out));
-        let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let done = moto::wait_execution(&self.world.sdk, &arn, Duration::from_secs(180)).await;
-        assert_ne!(*done.status(), ExecutionStatus::Running);
-        arn
-    }
+            aws.state_machine(),
+        ],
+    );
+    assert!(out.status.success(), "start: {}", show(&out));
+    let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let done = moto::wait_execution(&aws.sdk, &arn, Duration::from_secs(180)).await;
+    assert_ne!(*done.status(), ExecutionStatus::Running);
+    arn
+}
 
-    fn report(&self, execution: &str, format: &str, file: &Path) {
-        let out = self.cli(&[
+fn aws_report(aws: &World, execution: &str, format: &str, file: &Path) {
+    let out = cli(
+        aws,
+        &[
             "workflow",
             "report",
             execution,
             "--state-machine",
-            &self.state_machine,
+            aws.state_machine(),
             "--job-table",
-            &self.job_table,
+            aws.job_table(),
             "--format",
             format,
             "-o",
             file.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "workflow report: {}", show(&out));
-    }
-
-    async fn job_item(&self, job: &str, execution_id: &str) -> HashMap<String, AttributeValue> {
-        aws_sdk_dynamodb::Client::new(&self.world.sdk)
-            .get_item()
-            .table_name(&self.job_table)
-            .key("job_name", AttributeValue::S(job.into()))
-            .key(
-                "workflow_execution_id",
-                AttributeValue::S(execution_id.into()),
-            )
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap()
-            .item
-            .unwrap_or_else(|| panic!("no audit item for {job}"))
-    }
+        ],
+    );
+    assert!(out.status.success(), "workflow report: {}", show(&out));
 }
 
-fn s(item: &HashMap<String, AttributeValue>, key: &str) -> String {
-    item.get(key)
-        .and_then(|v| v.as_s().ok())
-        .cloned()
-        .unwrap_or_default()
+async fn job_item(aws: &World, job: &str, execution_id: &str) -> Item {
+    aws.audit_item(job, execution_id)
+        .await
+        .unwrap_or_else(|| panic!("no audit item for {job}"))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
     let pg = tokio::task::block_in_place(TestPg::start);
-    let aws = AwsWorld::new().await;
-    let _a = aws.agent(&pg, "i-0report-a");
-    let _b = aws.agent(&pg, "i-0report-b");
-    let arn = aws
-        .execute(
-            "blog_test_workflow.json",
-            "blog_test_workflow",
-            "blog_report_aws",
-        )
-        .await;
+    let aws = aws_world().await;
+    let _a = fleet_agent(&aws, &pg, "i-0report-a");
+    let _b = fleet_agent(&aws, &pg, "i-0report-b");
+    let arn = execute(
+        &aws,
+        "blog_test_workflow.json",
+        "blog_test_workflow",
+        "blog_report_aws",
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let html = dir.path().join("report.html");
     // By name here, by ARN for the text view below: both name the execution.
-    aws.report("blog_report_aws", "html", &html);
+    aws_report(&aws, "blog_report_aws", "html", &html);
     let r = render(&html, "blog-aws");
     assert!(r.dom.contains("data-execution-status=\"SUCCEEDED\""));
     assert_eq!(job_order(&r), expected_order(&BLOG));
 
     // When each job's task was scheduled, from the history itself.
-    let history = moto::execution_history(&aws.world.sdk, &arn).await;
+    let history = moto::execution_history(&aws.sdk, &arn).await;
     let mut scheduled: HashMap<String, i64> = HashMap::new();
     for event in &history {
         if *event.r#type() != HistoryEventType::TaskScheduled {
@@ -600,7 +546,7 @@ async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
 
     let completed = r.legend_colour("completed", "");
     for (_, job) in BLOG {
-        let item = aws.job_item(job, "blog_report_aws").await;
+        let item = job_item(&aws, job, "blog_report_aws").await;
         let bars = r.bars_of(job);
         assert_eq!(bars.len(), 1, "{job}");
         assert_eq!(bars[0].attr("data-status"), "completed", "{job}");
@@ -628,7 +574,7 @@ async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
     }
 
     let text_file = dir.path().join("report.txt");
-    aws.report(&arn, "text", &text_file);
+    aws_report(&aws, &arn, "text", &text_file);
     let text = std::fs::read_to_string(&text_file).unwrap();
     assert!(text.contains("blog_report_aws: SUCCEEDED"), "{text}");
     for (_, job) in BLOG {
@@ -645,10 +591,11 @@ async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_workflow_on_the_state_machine_report_shows_the_failed_task() {
     let pg = tokio::task::block_in_place(TestPg::start);
-    let aws = AwsWorld::new().await;
-    let _a = aws.agent(&pg, "i-0report-a");
-    let _b = aws.agent(&pg, "i-0report-b");
-    aws.execute(
+    let aws = aws_world().await;
+    let _a = fleet_agent(&aws, &pg, "i-0report-a");
+    let _b = fleet_agent(&aws, &pg, "i-0report-b");
+    execute(
+        &aws,
         "blog_failure_workflow.json",
         "blog_failure_workflow",
         "blog_report_aws_fail",
@@ -656,13 +603,11 @@ async fn failing_workflow_on_the_state_machine_report_shows_the_failed_task() {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let html = dir.path().join("report.html");
-    aws.report("blog_report_aws_fail", "html", &html);
+    aws_report(&aws, "blog_report_aws_fail", "html", &html);
     let r = render(&html, "failure-aws");
     assert!(r.dom.contains("data-execution-status=\"FAILED\""));
 
-    let item = aws
-        .job_item("rsql_blog_script_fail.sh", "blog_report_aws_fail")
-        .await;
+    let item = job_item(&aws, "rsql_blog_script_fail.sh", "blog_report_aws_fail").await;
     let bars = r.bars_of("rsql_blog_script_fail.sh");
     assert_eq!(bars.len(), 1, "Rsql.ScriptFailed is not retried");
     assert_eq!(bars[0].attr("data-status"), "failed");
@@ -690,7 +635,7 @@ async fn failing_workflow_on_the_state_machine_report_shows_the_failed_task() {
     );
 
     let text_file = dir.path().join("report.txt");
-    aws.report("blog_report_aws_fail", "text", &text_file);
+    aws_report(&aws, "blog_report_aws_fail", "text", &text_file);
     let text = std::fs::read_to_string(&text_file).unwrap();
     let rows = text_rows(&text, "rsql_blog_script_fail.sh");
     assert!(
