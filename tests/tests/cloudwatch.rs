@@ -14,7 +14,7 @@ use aws_sdk_sfn::types::ExecutionStatus;
 use rsql_agent_tests::agent::{wait_until, write_script, Agent};
 use rsql_agent_tests::moto;
 use rsql_agent_tests::proxy::{Proxy, RecordedRequest};
-use rsql_agent_tests::world::{eventually_with, World, WAIT};
+use rsql_agent_tests::world::{eventually, eventually_with, World, WAIT};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -157,7 +157,7 @@ fn shipments_left(agent: &Agent) -> usize {
         .unwrap_or(0)
 }
 
-/// The prefix of the agent's metrics streams, as the README documents it.
+/// The prefix of the agent's metrics streams, as docs/operations.md documents it.
 const METRICS_PREFIX: &str = "rsql-agent-metrics/";
 
 /// The recorded `PutLogEvents` of one stream.
@@ -224,27 +224,32 @@ fn assert_within_limits(requests: &[RecordedRequest]) -> usize {
     total
 }
 
-/// Cuts the proxy between two `PutLogEvents` of the job, so no batch is in flight: a batch
-/// CloudWatch stored whose answer the cut lost would be sent again, which is the one
-/// duplicate CloudWatch's API cannot prevent (see the shipper's docs).
-fn cut_between_batches(proxy: &Proxy) {
-    let seen = proxy.requests_for("PutLogEvents").len();
-    proxy
-        .wait_for_request(WAIT, |r| {
-            r.operation() == Some("PutLogEvents") && proxy_count_hint(r) // every PutLogEvents after `seen`
-        })
-        .expect("a PutLogEvents");
-    wait_until("a fresh PutLogEvents", WAIT, || {
-        proxy.requests_for("PutLogEvents").len() > seen
-    });
-    // Batches go out once per flush_interval (1 s) while the job prints slowly; moto answers
-    // a small batch in milliseconds, so 300 ms after one was sent none is in flight.
-    std::thread::sleep(Duration::from_millis(300));
+/// Cuts the proxy between two `PutLogEvents` of the job's stream, so none of its batches is
+/// in flight: a batch CloudWatch stored whose answer the cut lost would be sent again, which
+/// is the one duplicate CloudWatch's API cannot prevent (see the shipper's docs). Waits for
+/// a fresh batch of the stream and for CloudWatch to hold every event sent to it; the next
+/// batch is then a flush interval (1 s) away. Other streams (the agent's metrics) do not
+/// count.
+async fn cut_between_batches(world: &World, proxy: &Proxy, stream: &str) {
+    let seen = puts_to(proxy, stream).len();
+    eventually("a fresh PutLogEvents of the job's stream", WAIT, || async {
+        (puts_to(proxy, stream).len() > seen).then_some(())
+    })
+    .await;
+    eventually_with("CloudWatch to hold every event sent", WAIT, || async {
+        let sent: usize = puts_to(proxy, stream)
+            .iter()
+            .filter_map(|r| Some(r.body_json()?["logEvents"].as_array()?.len()))
+            .sum();
+        let stored = messages(world, stream).await.len();
+        if stored >= sent {
+            Ok(())
+        } else {
+            Err(format!("{stored} of {sent} events stored"))
+        }
+    })
+    .await;
     proxy.cut();
-}
-
-fn proxy_count_hint(_: &RecordedRequest) -> bool {
-    true
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -385,7 +390,7 @@ async fn a_twenty_second_outage_neither_slows_the_job_nor_loses_or_repeats_a_lin
     let exec = run(&world, 120, "cut_1", "tick.sh").await;
     let stream = find_stream(&world, "cut_1", "tick.sh").await;
 
-    cut_between_batches(&proxy);
+    cut_between_batches(&world, &proxy, &stream).await;
     let cut_at = Instant::now();
     let log = local_log(&agent, "cut_1").expect("the job's log file");
     let before = local_lines(&log).len();
@@ -429,7 +434,7 @@ async fn an_agent_killed_while_shipping_is_cut_resumes_without_losing_or_repeati
     let _exec = run(&world, 120, "kill_1", "tick.sh").await;
     let stream = find_stream(&world, "kill_1", "tick.sh").await;
 
-    cut_between_batches(&proxy);
+    cut_between_batches(&world, &proxy, &stream).await;
     let log = local_log(&agent, "kill_1").expect("the job's log file");
     let before = local_lines(&log).len();
     wait_until("lines printed during the cut", WAIT, || {
