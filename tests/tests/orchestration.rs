@@ -685,7 +685,7 @@ async fn commands_give_clear_errors() {
         "--table",
         "no-such-table",
     ]);
-    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(68), "{}", show(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("\"no-such-table\" does not exist"),
         "{}",
@@ -700,7 +700,7 @@ async fn commands_give_clear_errors() {
         "--state-machine",
         &world.state_machine,
     ]);
-    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(68), "{}", show(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("no_such_workflow") && stderr.contains("put-config"),
@@ -723,7 +723,7 @@ async fn commands_give_clear_errors() {
         "--state-machine",
         &missing,
     ]);
-    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(68), "{}", show(&out));
 
     // An execution that does not exist.
     let out = run(&[
@@ -735,7 +735,7 @@ async fn commands_give_clear_errors() {
         "--job-table",
         &world.job_table,
     ]);
-    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(68), "{}", show(&out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("never_started"));
 
     // A generated execution id, and the config round trip.

@@ -409,7 +409,7 @@ fn report_of_an_unknown_local_execution_says_so() {
         ],
         &[],
     );
-    assert_eq!(out.status.code(), Some(69), "{}", show(&out));
+    assert_eq!(out.status.code(), Some(68), "{}", show(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("\"no_such_execution\" is not in the local audit"),
