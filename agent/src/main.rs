@@ -83,6 +83,9 @@ enum ScriptsCommand {
 #[derive(Debug, Subcommand)]
 enum WorkflowCommand {
     /// Run a legacy workflow config (workflow_stages[]) locally and print a summary.
+    /// Ctrl-C (or SIGTERM) stops the running jobs (SIGTERM, then SIGKILL after kill_grace),
+    /// reports them Rsql.Interrupted and exits 130; a second one kills them at once; a third
+    /// ends rsql-agent at once.
     Run {
         /// The workflow config (JSON).
         file: PathBuf,
