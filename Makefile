@@ -31,8 +31,11 @@ export PACKAGED_BINS GLIBC_CEILING
 .PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package release-aarch64 check-package clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
+# `build` compiled rsql-demo with every other binary of the workspace, in one feature
+# resolution; running it through `cargo run -p` would resolve features for that one package
+# and build the AWS SDK crates a second time.
 demo: deps build
-	$(CARGO) run --quiet -p rsql-agent-tests --bin rsql-demo
+	$(TARGET_DIR)/debug/rsql-demo
 
 ## deps: system packages the demo and the tests need (PostgreSQL), installed when missing
 deps:
@@ -74,13 +77,12 @@ test: fmt-check clippy lint-cfn check-systemd nextest bench-smoke check-package
 
 ## bench: the agent measured against the per-job-process baseline, on a release build
 ## (minutes; not part of `make test`). Prints a table and writes bench/results.json.
-bench: venv
-	$(CARGO) build --release --workspace --bins
-	$(CARGO) run --release --quiet -p rsql-agent-tests --bin rsql-bench
+bench: venv release
+	$(TARGET_DIR)/release/rsql-bench
 
 ## bench-smoke: the same program with a few jobs per figure (debug build; checks sanity, not targets)
 bench-smoke: venv build
-	$(CARGO) run --quiet -p rsql-agent-tests --bin rsql-bench -- --smoke
+	$(TARGET_DIR)/debug/rsql-bench --smoke
 
 ## tools: cargo-deb and cargo-generate-rpm (built, minutes, once), cargo-zigbuild and Zig
 ## (PyPI wheels, seconds) at the pinned versions, under .tools/

@@ -264,13 +264,14 @@ impl AttemptContext {
         Ok(Acquired { held, decision })
     }
 
-    /// Runs a job with no task token (the local workflow runner). `shutdown` turning true
-    /// stops the job as `Rsql.Interrupted`. `on_start` is told the log file once the job
-    /// has started.
+    /// Runs a job with no task token (the local workflow runner). Each request on `stop` is
+    /// passed on as in [`AttemptContext::execute`] (the first stops the job, a later one
+    /// kills it; reported `Rsql.Interrupted` for [`StopReason::Shutdown`]). `on_start` is told
+    /// the log file once the job has started.
     pub async fn run_local(
         &self,
         request: AttemptRequest,
-        mut shutdown: watch::Receiver<bool>,
+        stop: watch::Receiver<StopRequests>,
         on_start: impl FnOnce(&Path) + Send,
     ) -> Result<AttemptResult, AttemptError> {
         // Every local run is a new attempt: a rerun after a failure must run, never replay.
@@ -280,21 +281,11 @@ impl AttemptContext {
         ));
         let Acquired { held, .. } = self.acquire(&request.spec, &token_hash)?;
         let attempt = held.previous().map(|p| p.attempt + 1).unwrap_or(1);
-        let (stop_tx, stop_rx) = stop_channel();
-        let forward = async move {
-            if shutdown.wait_for(|s| *s).await.is_ok() {
-                stop_tx.stop(StopReason::Shutdown);
-            }
-            // Keep the sender alive until the attempt is done.
-            std::future::pending::<()>().await
-        };
-        let run = self.execute(held, &request, &token_hash, attempt, stop_rx, |record| {
-            on_start(Path::new(record.log_file.as_deref().unwrap_or_default()))
-        });
-        let (held, result) = tokio::select! {
-            out = run => out?,
-            _ = forward => unreachable!("the forwarder never finishes"),
-        };
+        let (held, result) = self
+            .execute(held, &request, &token_hash, attempt, stop, |record| {
+                on_start(Path::new(record.log_file.as_deref().unwrap_or_default()))
+            })
+            .await?;
         held.release().map_err(|source| AttemptError::Lock {
             job_name: result.job_name.clone(),
             source,

@@ -39,6 +39,7 @@ pub mod aws;
 pub mod cgroup;
 pub mod config;
 pub mod daemon;
+pub mod exit;
 pub mod fsutil;
 pub mod identity;
 pub mod intake;

@@ -1,50 +1,21 @@
 //! `rsql-agent`: the resident daemon and its command-line tools.
 //!
-//! Exit codes (also in the README):
-//!
-//! | code | meaning |
-//! |---|---|
-//! | 0  | success: the config is valid, or every job of the workflow completed |
-//! | 1  | a job of the workflow failed (the summary says which) |
-//! | 2  | bad command-line usage |
-//! | 65 | the workflow file is not a valid workflow config, or names a job that cannot run |
-//! | 66 | an input file (workflow, config) does not exist or cannot be read |
-//! | 69 | a named AWS resource does not exist: a table, a workflow in the config table, the state machine or the execution; or `workflow report` finds no such execution in the local audit |
-//! | 70 | internal error (a bug: please report it with the log) |
-//! | 74 | the agent cannot write its state, audit or log directories |
-//! | 75 | a job is already running elsewhere (its lock is held), or another agent owns the state directory; try again later |
-//! | 76 | an AWS call failed (network, credentials, permissions, throttling); the message says which |
-//! | 78 | the config file is invalid (the message names the key) |
-//! | 130 | interrupted by SIGINT or SIGTERM; running jobs were stopped and reported |
-//!
-//! Only this file maps errors to exit codes; the library returns typed errors.
+//! Exit codes: the table in [`rsql_agent::exit`], shared with `rsql-wrapper`. This file
+//! and the wrapper's `main` are the only places that turn an error into an exit code, each
+//! through that table's `From` impls.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use rsql_agent::attempt::{AttemptContext, AttemptError};
-use rsql_agent::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use rsql_agent::attempt::AttemptContext;
+use rsql_agent::config::{Config, DEFAULT_CONFIG_PATH};
 use rsql_agent::error_chain;
-use rsql_agent::owner::OwnerError;
-use rsql_agent::startup::StartError;
+use rsql_agent::exit::Exit;
+use rsql_agent::signals::Controls;
 use rsql_agent::supervisor::Supervisor;
-use rsql_agent::workflow::{self, Progress, RunOptions, Runner, WorkflowConfig, WorkflowError};
-
-mod exit {
-    pub const OK: u8 = 0;
-    pub const JOB_FAILED: u8 = 1;
-    pub const DATA: u8 = 65;
-    pub const NO_INPUT: u8 = 66;
-    pub const UNAVAILABLE: u8 = 69;
-    pub const SOFTWARE: u8 = 70;
-    pub const IO: u8 = 74;
-    pub const TEMP_FAIL: u8 = 75;
-    pub const REMOTE: u8 = 76;
-    pub const CONFIG: u8 = 78;
-    pub const INTERRUPTED: u8 = 130;
-}
+use rsql_agent::workflow::{self, Progress, RunOptions, Runner, WorkflowConfig, WorkflowReport};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -112,6 +83,9 @@ enum ScriptsCommand {
 #[derive(Debug, Subcommand)]
 enum WorkflowCommand {
     /// Run a legacy workflow config (workflow_stages[]) locally and print a summary.
+    /// Ctrl-C (or SIGTERM) stops the running jobs (SIGTERM, then SIGKILL after kill_grace),
+    /// reports them Rsql.Interrupted and exits 130; a second one kills them at once; a third
+    /// ends rsql-agent at once.
     Run {
         /// The workflow config (JSON).
         file: PathBuf,
@@ -265,7 +239,7 @@ fn main() -> ExitCode {
             output.as_deref(),
         ),
     };
-    ExitCode::from(code)
+    code.into()
 }
 
 fn init_tracing(format: &str, default_level: &str) {
@@ -273,17 +247,17 @@ fn init_tracing(format: &str, default_level: &str) {
     rsql_agent::logging::init(format, default_level);
 }
 
-fn config_exit(e: &ConfigError) -> u8 {
-    match e {
-        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            exit::NO_INPUT
-        }
-        ConfigError::Read { .. } => exit::NO_INPUT,
-        ConfigError::Parse { .. } | ConfigError::Invalid { .. } => exit::CONFIG,
-    }
+/// Says what went wrong on stderr and gives its exit code (see [`rsql_agent::exit`]).
+fn fail<E>(e: &E) -> Exit
+where
+    E: std::error::Error,
+    for<'a> Exit: From<&'a E>,
+{
+    eprintln!("rsql-agent: {}", error_chain(e));
+    Exit::from(e)
 }
 
-fn check_config(path: &Path) -> u8 {
+fn check_config(path: &Path) -> Exit {
     match Config::load(path) {
         Ok(config) => {
             println!("{}: OK", path.display());
@@ -312,54 +286,42 @@ fn check_config(path: &Path) -> u8 {
                 launcher.cgroup_capability(&config.jobs).describe(),
                 launcher.name()
             );
-            exit::OK
+            Exit::Ok
         }
-        Err(e) => {
-            eprintln!("rsql-agent: {}", error_chain(&e));
-            config_exit(&e)
-        }
+        Err(e) => fail(&e),
     }
 }
 
 /// `rsql-agent drain`: exit 0 once intake is stopped (with `--wait`: once no job runs and
 /// the outbox is empty), 69 when the agent cannot be reached, 78 for a bad config.
-fn drain(path: &Path, wait: bool) -> u8 {
+fn drain(path: &Path, wait: bool) -> Exit {
     use rsql_agent::daemon::control::{ask, ControlRequest};
     let config = match Config::load(path) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("rsql-agent: {}", error_chain(&e));
-            return config_exit(&e);
-        }
+        Err(e) => return fail(&e),
     };
     let Some(runtime) = runtime() else {
-        return exit::SOFTWARE;
+        return Exit::Software;
     };
     let state_dir = config.agent.state_dir.clone();
     runtime.block_on(async move {
         let mut reply = match ask(&state_dir, ControlRequest::Drain).await {
             Ok(reply) => reply,
-            Err(e) => {
-                eprintln!("rsql-agent drain: {}", error_chain(&e));
-                return exit::UNAVAILABLE;
-            }
+            Err(e) => return fail(&e),
         };
         println!(
             "draining: intake stopped; {} job(s) running, {} report(s) in the outbox",
             reply.running, reply.outbox
         );
         if !wait {
-            return exit::OK;
+            return Exit::Ok;
         }
         let mut last = (reply.running, reply.outbox);
         while reply.running > 0 || reply.outbox > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(500)).await;
             reply = match ask(&state_dir, ControlRequest::Status).await {
                 Ok(reply) => reply,
-                Err(e) => {
-                    eprintln!("rsql-agent drain: {}", error_chain(&e));
-                    return exit::UNAVAILABLE;
-                }
+                Err(e) => return fail(&e),
             };
             if (reply.running, reply.outbox) != last {
                 last = (reply.running, reply.outbox);
@@ -370,7 +332,7 @@ fn drain(path: &Path, wait: bool) -> u8 {
             }
         }
         println!("drained: no job runs and every report is delivered");
-        exit::OK
+        Exit::Ok
     })
 }
 
@@ -388,23 +350,20 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-fn daemon_run(path: &Path) -> u8 {
+fn daemon_run(path: &Path) -> Exit {
     let config = match Config::load(path) {
         Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("rsql-agent: {}", error_chain(&e));
-            return config_exit(&e);
-        }
+        Err(e) => return fail(&e),
     };
     let Some(runtime) = runtime() else {
-        return exit::SOFTWARE;
+        return Exit::Software;
     };
     runtime.block_on(async move {
         let parts = match rsql_agent::startup::open(&config).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
-                return start_exit(&e);
+                return Exit::from(&e);
             }
         };
         let (controls, clients, attempts, instance_id, source) = (
@@ -416,19 +375,9 @@ fn daemon_run(path: &Path) -> u8 {
         );
         let daemon = match rsql_agent::daemon::Daemon::new(config.clone(), attempts, &clients) {
             Ok(d) => d,
-            Err(rsql_agent::daemon::DaemonError::NoIntake) => {
-                tracing::error!(
-                    "no intake is configured: set [intake.sqs] queue_url or [intake.socket]"
-                );
-                return exit::CONFIG;
-            }
-            Err(e @ rsql_agent::daemon::DaemonError::Owner(OwnerError::InUse { .. })) => {
-                tracing::error!(error = %error_chain(&e), "cannot start");
-                return exit::TEMP_FAIL;
-            }
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
-                return exit::IO;
+                return Exit::from(&e);
             }
         };
         tracing::info!(
@@ -442,18 +391,18 @@ fn daemon_run(path: &Path) -> u8 {
         match daemon.with_notifier(notifier).run(controls).await {
             Ok(()) => {
                 tracing::info!("rsql-agent stopped");
-                exit::OK
+                Exit::Ok
             }
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "rsql-agent failed");
-                exit::IO
+                Exit::from(&e)
             }
         }
     })
 }
 
 /// `rsql-agent scripts check`: findings on stdout, one a line, then a summary.
-fn scripts_check(dir: &Path, config_path: Option<&Path>) -> u8 {
+fn scripts_check(dir: &Path, config_path: Option<&Path>) -> Exit {
     use rsql_agent::scripts_check::{check_dir, CheckSettings};
     let settings = match config_path {
         None => CheckSettings {
@@ -465,18 +414,12 @@ fn scripts_check(dir: &Path, config_path: Option<&Path>) -> u8 {
                 interpreter: config.jobs.interpreter.clone(),
                 legacy: config.jobs.legacy.clone(),
             },
-            Err(e) => {
-                eprintln!("rsql-agent: {}", error_chain(&e));
-                return config_exit(&e);
-            }
+            Err(e) => return fail(&e),
         },
     };
     let report = match check_dir(dir, &settings) {
         Ok(report) => report,
-        Err(e) => {
-            eprintln!("rsql-agent: {}", error_chain(&e));
-            return exit::NO_INPUT;
-        }
+        Err(e) => return fail(&e),
     };
     for finding in &report.findings {
         println!("{finding}");
@@ -489,30 +432,46 @@ fn scripts_check(dir: &Path, config_path: Option<&Path>) -> u8 {
         report.findings.len() - errors
     );
     if errors > 0 {
-        exit::JOB_FAILED
+        Exit::JobFailed
     } else {
-        exit::OK
+        Exit::Ok
     }
 }
 
-fn start_exit(e: &StartError) -> u8 {
-    match e {
-        StartError::Signals(_) => exit::SOFTWARE,
-        StartError::StateDirs(_) => exit::IO,
-    }
-}
-
-fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) -> u8 {
-    let workflow = match WorkflowConfig::load(file) {
-        Ok(w) => w,
-        Err(e) => {
-            eprintln!("rsql-agent: {}", error_chain(&e));
-            return match e {
-                WorkflowError::Read { .. } => exit::NO_INPUT,
-                _ => exit::DATA,
-            };
-        }
+/// `rsql-agent workflow run`: 0 when every job completed, 1 when one failed, 130 when a
+/// signal stopped the run (see [`workflow::Runner::run`] for what each signal does).
+fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) -> Exit {
+    let (workflow, config) = match workflow_inputs(file, config_path) {
+        Ok(inputs) => inputs,
+        Err(code) => return code,
     };
+    let Some(runtime) = runtime() else {
+        return Exit::Software;
+    };
+    runtime.block_on(async move {
+        // First, so that a Ctrl-C while the runner is being set up is kept, not lost.
+        let controls = match Controls::install() {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        };
+        let runner = match workflow_runner(config).await {
+            Ok(r) => r,
+            Err(code) => return code,
+        };
+        match runner.run(&workflow, &options, controls).await {
+            Ok(report) => print_summary(file, &report),
+            Err(e) => fail(&e),
+        }
+    })
+}
+
+/// The workflow file, and the agent config (the given file, or the per-user defaults with
+/// the scripts next to the workflow file).
+fn workflow_inputs(
+    file: &Path,
+    config_path: Option<&Path>,
+) -> Result<(WorkflowConfig, Arc<Config>), Exit> {
+    let workflow = WorkflowConfig::load(file).map_err(|e| fail(&e))?;
     let config = match config_path {
         Some(path) => Config::load(path),
         None => {
@@ -523,126 +482,82 @@ fn workflow_run(file: &Path, config_path: Option<&Path>, options: RunOptions) ->
             Config::defaults_for_user(dir)
         }
     };
-    let config = match config {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            eprintln!("rsql-agent: {}", error_chain(&e));
-            return config_exit(&e);
-        }
+    let config = config.map_err(|e| fail(&e))?;
+    Ok((workflow, Arc::new(config)))
+}
+
+/// A runner on this host: its own supervisor, the attempt context, the local audit and,
+/// with `[database] secret_id`, the database credentials resolved once from Secrets
+/// Manager, as the daemon does.
+async fn workflow_runner(config: Arc<Config>) -> Result<Runner, Exit> {
+    let supervisor = Supervisor::new().map_err(|e| fail(&e))?;
+    let instance_id = config
+        .agent
+        .instance_id
+        .clone()
+        .or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+        })
+        .unwrap_or_else(|| "localhost".to_string());
+    let attempts =
+        AttemptContext::new(config.clone(), Some(supervisor), instance_id).map_err(|e| fail(&e))?;
+    let runner = Runner::new(config.clone(), Arc::new(attempts), Arc::new(print_progress))
+        .map_err(|e| fail(&e))?;
+    if config.database.secret_id.is_none() {
+        return Ok(runner);
+    }
+    let sdk = rsql_agent::aws::load_config().await;
+    let database = rsql_agent::secrets::DatabaseEnv::new(
+        config.database.clone(),
+        Some(rsql_agent::aws::AwsClients::new(&sdk).secrets),
+    );
+    let env = database.job_env().await.map_err(|e| fail(&e))?;
+    Ok(runner.with_database_env(env))
+}
+
+/// Prints the summary table and the verdict (with how to resume), and gives the exit code.
+fn print_summary(file: &Path, report: &WorkflowReport) -> Exit {
+    println!();
+    print!("{}", report.table());
+    println!();
+    let code = if report.interrupted {
+        Exit::Interrupted
+    } else if report.succeeded() {
+        Exit::Ok
+    } else {
+        Exit::JobFailed
     };
-    let Some(runtime) = runtime() else {
-        return exit::SOFTWARE;
-    };
-    runtime.block_on(async move {
-        let supervisor = match Supervisor::new() {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("rsql-agent: {}", error_chain(&e));
-                return exit::SOFTWARE;
-            }
-        };
-        let instance_id = config
-            .agent
-            .instance_id
-            .clone()
-            .or_else(|| nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()))
-            .unwrap_or_else(|| "localhost".to_string());
-        let attempts = match AttemptContext::new(config.clone(), Some(supervisor), instance_id) {
-            Ok(a) => Arc::new(a),
-            Err(e) => {
-                eprintln!("rsql-agent: {}", error_chain(&e));
-                return exit::IO;
-            }
-        };
-        let mut runner = match Runner::new(config.clone(), attempts, Arc::new(print_progress)) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("rsql-agent: {}", error_chain(&e));
-                return exit::IO;
-            }
-        };
-        // `[database] secret_id`: resolved once, as the daemon does, from Secrets Manager.
-        if config.database.secret_id.is_some() {
-            let sdk = rsql_agent::aws::load_config().await;
-            let database = rsql_agent::secrets::DatabaseEnv::new(
-                config.database.clone(),
-                Some(rsql_agent::aws::AwsClients::new(&sdk).secrets),
-            );
-            match database.job_env().await {
-                Ok(env) => runner = runner.with_database_env(env),
-                Err(e) => {
-                    eprintln!("rsql-agent: {}", error_chain(&e));
-                    return exit::UNAVAILABLE;
-                }
-            }
-        }
-        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return,
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            eprintln!("rsql-agent: interrupted; stopping running jobs (they are reported Rsql.Interrupted)");
-            let _ = stop_tx.send(true);
-        });
-        match runner.run(&workflow, &options, stop_rx).await {
-            Ok(report) => {
-                println!();
-                print!("{}", report.table());
-                println!();
-                let code = if report.interrupted {
-                    exit::INTERRUPTED
-                } else if report.succeeded() {
-                    exit::OK
-                } else {
-                    exit::JOB_FAILED
-                };
-                let done = report
-                    .jobs
-                    .iter()
-                    .filter(|j| {
-                        matches!(
-                            j.status,
-                            workflow::JobStatus::Completed | workflow::JobStatus::CompletedEarlier
-                        )
-                    })
-                    .count();
-                println!(
-                    "workflow {} execution {}: {} ({done}/{} jobs completed)",
-                    report.workflow_id,
-                    report.workflow_execution_id,
-                    if code == exit::OK { "completed" } else { "FAILED" },
-                    report.jobs.len()
-                );
-                if code != exit::OK {
-                    println!(
-                        "resume with: rsql-agent workflow run {} --resume {}",
-                        file.display(),
-                        report.workflow_execution_id
-                    );
-                }
-                code
-            }
-            Err(e) => {
-                eprintln!("rsql-agent: {}", error_chain(&e));
-                match e {
-                    WorkflowError::Job { .. }
-                    | WorkflowError::Invalid { .. }
-                    | WorkflowError::Parse { .. }
-                    | WorkflowError::NothingToResume { .. } => exit::DATA,
-                    WorkflowError::Read { .. } => exit::NO_INPUT,
-                    WorkflowError::Audit(_) => exit::IO,
-                    WorkflowError::Attempt(AttemptError::Busy { .. }) => exit::TEMP_FAIL,
-                    WorkflowError::Attempt(AttemptError::Panicked(_)) => exit::SOFTWARE,
-                    WorkflowError::Attempt(_) => exit::IO,
-                }
-            }
-        }
-    })
+    let done = report
+        .jobs
+        .iter()
+        .filter(|j| {
+            matches!(
+                j.status,
+                workflow::JobStatus::Completed | workflow::JobStatus::CompletedEarlier
+            )
+        })
+        .count();
+    println!(
+        "workflow {} execution {}: {} ({done}/{} jobs completed)",
+        report.workflow_id,
+        report.workflow_execution_id,
+        match code {
+            Exit::Ok => "completed",
+            Exit::Interrupted => "INTERRUPTED",
+            _ => "FAILED",
+        },
+        report.jobs.len()
+    );
+    if code != Exit::Ok {
+        println!(
+            "resume with: rsql-agent workflow run {} --resume {}",
+            file.display(),
+            report.workflow_execution_id
+        );
+    }
+    code
 }
 
 enum ReportSource {
@@ -663,7 +578,7 @@ fn workflow_report(
     source: ReportSource,
     format: &str,
     output: Option<&Path>,
-) -> u8 {
+) -> Exit {
     use rsql_agent::timeline;
     let timeline = match source {
         ReportSource::Aws {
@@ -686,20 +601,11 @@ fn workflow_report(
             };
             let config = match config {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("rsql-agent: {}", error_chain(&e));
-                    return config_exit(&e);
-                }
+                Err(e) => return fail(&e),
             };
             match timeline::local::load(&config.agent.state_dir, execution_id) {
                 Ok(t) => t,
-                Err(e) => {
-                    eprintln!("rsql-agent: {}", error_chain(&e));
-                    return match e {
-                        timeline::local::LocalReportError::NoExecution { .. } => exit::UNAVAILABLE,
-                        timeline::local::LocalReportError::Audit(_) => exit::IO,
-                    };
-                }
+                Err(e) => return fail(&e),
             }
         }
     };
@@ -710,7 +616,7 @@ fn workflow_report(
     match output {
         None => {
             print!("{rendered}");
-            exit::OK
+            Exit::Ok
         }
         Some(path) => match std::fs::write(path, rendered) {
             Ok(()) => {
@@ -722,11 +628,11 @@ fn workflow_report(
                     timeline.execution_id,
                     timeline.status
                 );
-                exit::OK
+                Exit::Ok
             }
             Err(e) => {
                 eprintln!("rsql-agent: cannot write {}: {e}", path.display());
-                exit::IO
+                Exit::Io
             }
         },
     }
@@ -799,6 +705,16 @@ fn print_progress(event: Progress) {
             report.job_name,
             report.status.as_str()
         ),
+        // On stderr, as the signal's answer; stdout stays the run's record.
+        Progress::Stopping { now: false } => eprintln!(
+            "rsql-agent: interrupted: stopping the running jobs (SIGTERM, then SIGKILL after \
+             kill_grace); they are reported Rsql.Interrupted and nothing more starts. \
+             Interrupt again to kill them now."
+        ),
+        Progress::Stopping { now: true } => eprintln!(
+            "rsql-agent: interrupted again: killing the running jobs now (they are still \
+             reported). A third interrupt ends rsql-agent at once."
+        ),
     }
 }
 
@@ -806,37 +722,22 @@ fn print_progress(event: Progress) {
 mod orchestrate {
     use std::path::Path;
 
+    use rsql_agent::exit::Exit;
     use rsql_agent::orchestrate::{OrchestrateError, Orchestrator};
-    use rsql_agent::workflow::{self, WorkflowConfig, WorkflowError};
+    use rsql_agent::workflow::{self, WorkflowConfig};
 
-    use super::{error_chain, exit, runtime};
-
-    fn code(e: &OrchestrateError) -> u8 {
-        match e {
-            OrchestrateError::Config(WorkflowError::Read { .. }) => exit::NO_INPUT,
-            OrchestrateError::Config(_)
-            | OrchestrateError::BadItem { .. }
-            | OrchestrateError::ExecutionExists { .. }
-            | OrchestrateError::Invalid { .. }
-            | OrchestrateError::Missing { .. } => exit::DATA,
-            e if e.is_not_found() => exit::UNAVAILABLE,
-            _ => exit::REMOTE,
-        }
-    }
+    use super::{fail, runtime};
 
     fn run<T>(
         work: impl std::future::Future<Output = Result<T, OrchestrateError>>,
-    ) -> Result<T, u8> {
+    ) -> Result<T, Exit> {
         let Some(rt) = runtime() else {
-            return Err(exit::SOFTWARE);
+            return Err(Exit::Software);
         };
-        rt.block_on(work).map_err(|e| {
-            eprintln!("rsql-agent: {}", error_chain(&e));
-            code(&e)
-        })
+        rt.block_on(work).map_err(|e| fail(&e))
     }
 
-    pub fn put_config(file: &Path, table: &str) -> u8 {
+    pub fn put_config(file: &Path, table: &str) -> Exit {
         let result = run(async {
             let config = WorkflowConfig::load(file)?;
             Orchestrator::from_env()
@@ -853,7 +754,7 @@ mod orchestrate {
                     config.workflow_id,
                     config.workflow_stages.len()
                 );
-                exit::OK
+                Exit::Ok
             }
             Err(code) => code,
         }
@@ -864,7 +765,7 @@ mod orchestrate {
         execution_id: Option<String>,
         state_machine: &str,
         config_table: Option<&str>,
-    ) -> u8 {
+    ) -> Exit {
         let execution_id = execution_id.unwrap_or_else(|| workflow::new_execution_id(workflow_id));
         let result = run(async {
             Orchestrator::from_env()
@@ -876,7 +777,7 @@ mod orchestrate {
             Ok(arn) => {
                 eprintln!("started workflow {workflow_id}, execution {execution_id}");
                 println!("{arn}");
-                exit::OK
+                Exit::Ok
             }
             Err(code) => code,
         }
@@ -887,7 +788,7 @@ mod orchestrate {
         state_machine: &str,
         job_table: &str,
         workflow_table: Option<&str>,
-    ) -> Result<rsql_agent::timeline::Timeline, u8> {
+    ) -> Result<rsql_agent::timeline::Timeline, Exit> {
         run(async {
             Orchestrator::from_env()
                 .await
@@ -901,7 +802,7 @@ mod orchestrate {
         state_machine: &str,
         job_table: &str,
         workflow_table: Option<&str>,
-    ) -> u8 {
+    ) -> Exit {
         let result = run(async {
             Orchestrator::from_env()
                 .await
@@ -911,7 +812,7 @@ mod orchestrate {
         match result {
             Ok(report) => {
                 print!("{}", report.render());
-                exit::OK
+                Exit::Ok
             }
             Err(code) => code,
         }

@@ -16,11 +16,16 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Semaphore};
 
-use crate::attempt::{AttemptContext, AttemptError, AttemptRequest, AttemptResult};
+use crate::attempt::{
+    stop_channel, AttemptContext, AttemptError, AttemptRequest, AttemptResult, StopRequests,
+    StopSender,
+};
 use crate::config::Config;
 use crate::job::{JobRules, JobSpec};
 use crate::outcome::Outcome;
-use crate::report::audit::{AuditError, LocalAudit, WorkflowAuditRecord};
+use crate::report::audit::{AuditError, JobAuditRecord, LocalAudit, WorkflowAuditRecord};
+use crate::signals::{Control, Controls};
+use crate::supervisor::StopReason;
 
 /// The legacy workflow config item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -249,6 +254,11 @@ pub enum Progress {
     },
     JobFinished(JobReport),
     JobSkipped(JobReport),
+    /// A stop was requested: the running jobs are being stopped (`now`: killed at once) and
+    /// nothing more starts.
+    Stopping {
+        now: bool,
+    },
 }
 
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
@@ -302,85 +312,40 @@ impl Runner {
         self
     }
 
-    /// Runs the workflow. `shutdown` turning true stops the running jobs (reported
-    /// `Rsql.Interrupted`) and starts nothing more.
+    /// Runs the workflow. The first stop request from `controls` (the first SIGINT or
+    /// SIGTERM) stops the running jobs (SIGTERM to each job's process group, `kill_grace`,
+    /// SIGKILL), reports them `Rsql.Interrupted` and starts nothing more; a later one kills
+    /// them at once. A reload request is ignored: a run keeps the config it started with.
     pub async fn run(
         &self,
         workflow: &WorkflowConfig,
         options: &RunOptions,
-        shutdown: watch::Receiver<bool>,
+        controls: Controls,
     ) -> Result<WorkflowReport, WorkflowError> {
-        let rules = JobRules {
-            script_dir: &self.config.jobs.script_dir,
-            default_timeout: self.config.jobs.default_timeout,
-            require_token: false,
-        };
-        let (execution_id, earlier) = match &options.resume {
-            Some(id) => {
-                let earlier = self.audit.jobs_of(id)?;
-                if earlier.is_empty() && self.audit.workflow(id)?.is_none() {
-                    return Err(WorkflowError::NothingToResume {
-                        execution_id: id.clone(),
-                        workflow_id: workflow.workflow_id.clone(),
-                        audit: self.audit.jobs_path(),
-                    });
-                }
-                (id.clone(), earlier)
-            }
-            None => (
-                options
-                    .execution_id
-                    .clone()
-                    .unwrap_or_else(|| new_execution_id(&workflow.workflow_id)),
-                HashMap::new(),
-            ),
-        };
-
-        // Validate every enabled job before anything runs: a typo in stage 3 must not be
-        // found after stages 1 and 2 have changed the database.
-        let mut specs: Vec<Vec<Option<JobSpec>>> = Vec::new();
-        for (i, stage) in workflow.workflow_stages.iter().enumerate() {
-            let mut stage_specs = Vec::new();
-            for script in &stage.scripts {
-                if !stage.enabled() {
-                    stage_specs.push(None);
-                    continue;
-                }
-                let spec = JobSpec::local(&workflow.workflow_id, &execution_id, script, &rules)
-                    .map_err(|source| WorkflowError::Job {
-                        workflow_id: workflow.workflow_id.clone(),
-                        stage: i + 1,
-                        description: stage.stage_description.clone(),
-                        source: Box::new(source),
-                    })?;
-                stage_specs.push(Some(spec));
-            }
-            specs.push(stage_specs);
+        let (stop_tx, stop) = stop_channel();
+        let forward = forward_stops(controls, stop_tx, self.progress.clone());
+        tokio::select! {
+            report = self.run_execution(workflow, options, stop) => report,
+            never = forward => match never {},
         }
+    }
 
+    /// [`Runner::run`] with the stop requests as a channel every job watches.
+    async fn run_execution(
+        &self,
+        workflow: &WorkflowConfig,
+        options: &RunOptions,
+        stop: watch::Receiver<StopRequests>,
+    ) -> Result<WorkflowReport, WorkflowError> {
+        let (execution_id, earlier) = self.execution(workflow, options)?;
+        let specs = self.validate(workflow, &execution_id)?;
         {
             let attempts = self.attempts.clone();
             let _ = tokio::task::spawn_blocking(move || attempts.housekeeping()).await;
         }
-        let started = now_ts();
-        let all_jobs: Vec<String> = workflow
-            .workflow_stages
-            .iter()
-            .flat_map(|s| s.scripts.iter().cloned())
-            .collect();
-        let workflow_record =
-            |status: &str, end: Option<String>, error: Option<String>| WorkflowAuditRecord {
-                workflow_execution_id: execution_id.clone(),
-                workflow_id: workflow.workflow_id.clone(),
-                execution_status: status.to_string(),
-                execution_start_ts: started.clone(),
-                execution_end_ts: end,
-                rsql_jobs: all_jobs.clone(),
-                error_message: error,
-                workflow_stages: Some(workflow.workflow_stages.clone()),
-            };
+        let record = ExecutionRecord::new(workflow, &execution_id);
         self.audit
-            .record_workflow(&workflow_record("running", None, None))?;
+            .record_workflow(&record.workflow("running", None, None))?;
         (self.progress)(Progress::Started {
             workflow_id: workflow.workflow_id.clone(),
             workflow_execution_id: execution_id.clone(),
@@ -389,138 +354,21 @@ impl Runner {
 
         let mut reports = Vec::new();
         let failed = Arc::new(AtomicBool::new(false));
-        let stages = workflow.workflow_stages.len();
         for (i, (stage, stage_specs)) in workflow.workflow_stages.iter().zip(specs).enumerate() {
-            let stage_no = i + 1;
-            let stop_now = failed.load(Ordering::SeqCst) || *shutdown.borrow();
-            if !stop_now {
-                (self.progress)(Progress::Stage {
-                    stage: stage_no,
-                    of: stages,
-                    description: stage.stage_description.clone(),
-                    execution_type: stage.execution_type,
-                    enabled: stage.enabled(),
-                });
-            }
-            let concurrency = match stage.execution_type {
-                ExecutionType::Sequential => 1,
-                ExecutionType::Parallel => self.config.agent.max_concurrent_jobs,
+            let at = StageAt {
+                number: i + 1,
+                of: workflow.workflow_stages.len(),
+                stage,
             };
-            let permits = Arc::new(Semaphore::new(concurrency));
-            let mut running = tokio::task::JoinSet::new();
-            for (script, spec) in stage.scripts.iter().zip(stage_specs) {
-                let skipped =
-                    |status: JobStatus, earlier: Option<&crate::report::audit::JobAuditRecord>| {
-                        JobReport {
-                            stage: stage_no,
-                            stage_description: stage.stage_description.clone(),
-                            job_name: script.clone(),
-                            status,
-                            exit_code: earlier.and_then(|r| r.exit_code),
-                            duration: earlier
-                                .and_then(|r| r.duration_ms)
-                                .map(Duration::from_millis),
-                            log_file: earlier.and_then(|r| r.log_file.clone()).map(PathBuf::from),
-                            error_message: None,
-                        }
-                    };
-                let Some(spec) = spec else {
-                    let report = skipped(JobStatus::Disabled, None);
-                    (self.progress)(Progress::JobSkipped(report.clone()));
-                    reports.push((stage_no, script.clone(), report));
-                    continue;
-                };
-                if let Some(record) = earlier.get(script) {
-                    if record.execution_status == "completed" {
-                        let report = skipped(JobStatus::CompletedEarlier, Some(record));
-                        (self.progress)(Progress::JobSkipped(report.clone()));
-                        reports.push((stage_no, script.clone(), report));
-                        continue;
-                    }
-                }
-                if stop_now {
-                    reports.push((stage_no, script.clone(), skipped(JobStatus::NotRun, None)));
-                    continue;
-                }
-                let attempts = self.attempts.clone();
-                let progress = self.progress.clone();
-                let failed = failed.clone();
-                let permits = permits.clone();
-                let mut shutdown = shutdown.clone();
-                let description = stage.stage_description.clone();
-                let database_env = self.database_env.clone();
-                let not_run = skipped(JobStatus::NotRun, None);
-                running.spawn(async move {
-                    // A job waiting for a slot does not start once a sibling has failed or
-                    // the run is being interrupted.
-                    let permit = tokio::select! {
-                        permit = permits.acquire_owned() => permit,
-                        _ = shutdown.wait_for(|stop| *stop) => return Ok(not_run),
-                    };
-                    let Ok(_permit) = permit else {
-                        return Ok(not_run);
-                    };
-                    if failed.load(Ordering::SeqCst) || *shutdown.borrow() {
-                        return Ok(not_run);
-                    }
-                    let mut request = AttemptRequest::new(spec);
-                    request.stage = Some(description.clone());
-                    request.env = database_env;
-                    let progress_started = progress.clone();
-                    let result: AttemptResult = attempts
-                        .run_local(request, shutdown, move |log_file: &Path| {
-                            progress_started(Progress::JobStarted {
-                                stage: stage_no,
-                                job_name: not_run.job_name.clone(),
-                                log_file: log_file.to_path_buf(),
-                            })
-                        })
-                        .await?;
-                    let ok = matches!(result.outcome, Outcome::Completed(_));
-                    if !ok {
-                        failed.store(true, Ordering::SeqCst);
-                    }
-                    let report = JobReport {
-                        stage: stage_no,
-                        stage_description: description,
-                        job_name: result.job_name.clone(),
-                        status: if ok {
-                            JobStatus::Completed
-                        } else {
-                            JobStatus::Failed
-                        },
-                        exit_code: result.outcome.exit_code(),
-                        duration: Some(result.duration),
-                        log_file: Some(result.log_file.clone()),
-                        error_message: result.outcome.error_message(),
-                    };
-                    progress(Progress::JobFinished(report.clone()));
-                    Ok::<JobReport, AttemptError>(report)
-                });
-                // A sequential stage runs its scripts in the order given: each one ends
-                // before the next is even spawned.
-                if stage.execution_type == ExecutionType::Sequential {
-                    collect(&mut running, &mut reports).await?;
-                }
-            }
-            collect(&mut running, &mut reports).await?;
+            self.run_stage(at, stage_specs, &earlier, &failed, &stop, &mut reports)
+                .await?;
         }
 
-        // Present jobs in config order, whatever order they finished in.
-        let order: HashMap<(usize, String), usize> = workflow
-            .workflow_stages
-            .iter()
-            .enumerate()
-            .flat_map(|(i, s)| s.scripts.iter().map(move |j| (i + 1, j.clone())))
-            .enumerate()
-            .map(|(n, key)| (key, n))
-            .collect();
-        reports.sort_by_key(|(stage, job, _)| order.get(&(*stage, job.clone())).copied());
         let report = WorkflowReport {
             workflow_id: workflow.workflow_id.clone(),
-            workflow_execution_id: execution_id.clone(),
-            jobs: reports.into_iter().map(|(_, _, r)| r).collect(),
-            interrupted: *shutdown.borrow(),
+            workflow_execution_id: execution_id,
+            jobs: in_config_order(workflow, reports),
+            interrupted: stopping(&stop),
         };
         let first_error = report
             .jobs
@@ -539,9 +387,336 @@ impl Runner {
             "failed"
         };
         self.audit
-            .record_workflow(&workflow_record(status, Some(now_ts()), first_error))?;
+            .record_workflow(&record.workflow(status, Some(now_ts()), first_error))?;
         Ok(report)
     }
+
+    /// The execution id to run under, and (for `--resume`) what its earlier runs recorded.
+    fn execution(
+        &self,
+        workflow: &WorkflowConfig,
+        options: &RunOptions,
+    ) -> Result<(String, HashMap<String, JobAuditRecord>), WorkflowError> {
+        let Some(id) = &options.resume else {
+            let id = options
+                .execution_id
+                .clone()
+                .unwrap_or_else(|| new_execution_id(&workflow.workflow_id));
+            return Ok((id, HashMap::new()));
+        };
+        let earlier = self.audit.jobs_of(id)?;
+        if earlier.is_empty() && self.audit.workflow(id)?.is_none() {
+            return Err(WorkflowError::NothingToResume {
+                execution_id: id.clone(),
+                workflow_id: workflow.workflow_id.clone(),
+                audit: self.audit.jobs_path(),
+            });
+        }
+        Ok((id.clone(), earlier))
+    }
+
+    /// Every enabled job as a spec, stage by stage (`None` for a disabled stage's jobs),
+    /// validated before anything runs: a typo in stage 3 must not be found after stages 1
+    /// and 2 have changed the database.
+    fn validate(
+        &self,
+        workflow: &WorkflowConfig,
+        execution_id: &str,
+    ) -> Result<Vec<Vec<Option<JobSpec>>>, WorkflowError> {
+        let rules = JobRules {
+            script_dir: &self.config.jobs.script_dir,
+            default_timeout: self.config.jobs.default_timeout,
+            require_token: false,
+        };
+        let mut specs = Vec::new();
+        for (i, stage) in workflow.workflow_stages.iter().enumerate() {
+            let mut stage_specs = Vec::new();
+            for script in &stage.scripts {
+                if !stage.enabled() {
+                    stage_specs.push(None);
+                    continue;
+                }
+                let spec = JobSpec::local(&workflow.workflow_id, execution_id, script, &rules)
+                    .map_err(|source| WorkflowError::Job {
+                        workflow_id: workflow.workflow_id.clone(),
+                        stage: i + 1,
+                        description: stage.stage_description.clone(),
+                        source: Box::new(source),
+                    })?;
+                stage_specs.push(Some(spec));
+            }
+            specs.push(stage_specs);
+        }
+        Ok(specs)
+    }
+
+    /// Runs one stage's jobs (one at a time, or up to `max_concurrent_jobs` at once) and adds
+    /// a report for each, run or not. Once a job has failed or a stop was requested, nothing
+    /// more starts.
+    async fn run_stage(
+        &self,
+        at: StageAt<'_>,
+        specs: Vec<Option<JobSpec>>,
+        earlier: &HashMap<String, JobAuditRecord>,
+        failed: &Arc<AtomicBool>,
+        stop: &watch::Receiver<StopRequests>,
+        reports: &mut Vec<(usize, String, JobReport)>,
+    ) -> Result<(), WorkflowError> {
+        let stage = at.stage;
+        let stop_now = failed.load(Ordering::SeqCst) || stopping(stop);
+        if !stop_now {
+            (self.progress)(Progress::Stage {
+                stage: at.number,
+                of: at.of,
+                description: stage.stage_description.clone(),
+                execution_type: stage.execution_type,
+                enabled: stage.enabled(),
+            });
+        }
+        let concurrency = match stage.execution_type {
+            ExecutionType::Sequential => 1,
+            ExecutionType::Parallel => self.config.agent.max_concurrent_jobs,
+        };
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let mut running = tokio::task::JoinSet::new();
+        for (script, spec) in stage.scripts.iter().zip(specs) {
+            let Some(spec) = spec else {
+                let report = at.skipped(script, JobStatus::Disabled, None);
+                (self.progress)(Progress::JobSkipped(report.clone()));
+                reports.push((at.number, script.clone(), report));
+                continue;
+            };
+            if let Some(record) = earlier.get(script) {
+                if record.execution_status == "completed" {
+                    let report = at.skipped(script, JobStatus::CompletedEarlier, Some(record));
+                    (self.progress)(Progress::JobSkipped(report.clone()));
+                    reports.push((at.number, script.clone(), report));
+                    continue;
+                }
+            }
+            if stop_now {
+                let report = at.skipped(script, JobStatus::NotRun, None);
+                reports.push((at.number, script.clone(), report));
+                continue;
+            }
+            let job = StageJob {
+                number: at.number,
+                description: stage.stage_description.clone(),
+                not_run: at.skipped(script, JobStatus::NotRun, None),
+                spec,
+            };
+            running.spawn(self.run_job(job, permits.clone(), failed.clone(), stop.clone()));
+            // A sequential stage runs its scripts in the order given: each one ends
+            // before the next is even spawned.
+            if stage.execution_type == ExecutionType::Sequential {
+                collect(&mut running, reports).await?;
+            }
+        }
+        collect(&mut running, reports).await
+    }
+
+    /// One job of a stage, once it has a slot: its attempt, its progress and its report.
+    fn run_job(
+        &self,
+        job: StageJob,
+        permits: Arc<Semaphore>,
+        failed: Arc<AtomicBool>,
+        mut stop: watch::Receiver<StopRequests>,
+    ) -> impl std::future::Future<Output = Result<JobReport, AttemptError>> + Send + 'static {
+        let attempts = self.attempts.clone();
+        let progress = self.progress.clone();
+        let database_env = self.database_env.clone();
+        async move {
+            let StageJob {
+                number,
+                description,
+                not_run,
+                spec,
+            } = job;
+            // A job waiting for a slot does not start once a sibling has failed or the run
+            // is being stopped.
+            let permit = tokio::select! {
+                permit = permits.acquire_owned() => permit,
+                _ = stop.wait_for(|r| r.count > 0) => return Ok(not_run),
+            };
+            let Ok(_permit) = permit else {
+                return Ok(not_run);
+            };
+            if failed.load(Ordering::SeqCst) || stopping(&stop) {
+                return Ok(not_run);
+            }
+            let mut request = AttemptRequest::new(spec);
+            request.stage = Some(description.clone());
+            request.env = database_env;
+            let progress_started = progress.clone();
+            let result: AttemptResult = attempts
+                .run_local(request, stop, move |log_file: &Path| {
+                    progress_started(Progress::JobStarted {
+                        stage: number,
+                        job_name: not_run.job_name.clone(),
+                        log_file: log_file.to_path_buf(),
+                    })
+                })
+                .await?;
+            let ok = matches!(result.outcome, Outcome::Completed(_));
+            if !ok {
+                failed.store(true, Ordering::SeqCst);
+            }
+            let report = JobReport {
+                stage: number,
+                stage_description: description,
+                job_name: result.job_name.clone(),
+                status: if ok {
+                    JobStatus::Completed
+                } else {
+                    JobStatus::Failed
+                },
+                exit_code: result.outcome.exit_code(),
+                duration: Some(result.duration),
+                log_file: Some(result.log_file.clone()),
+                error_message: result.outcome.error_message(),
+            };
+            progress(Progress::JobFinished(report.clone()));
+            Ok(report)
+        }
+    }
+}
+
+/// Passes the stop requests among `controls` on to every job of the run, and tells the
+/// caller. Never ends: a closed `controls` only means no more requests.
+async fn forward_stops(
+    mut controls: Controls,
+    stop: StopSender,
+    progress: ProgressFn,
+) -> std::convert::Infallible {
+    let mut requests = 0u32;
+    while let Some(control) = controls.recv().await {
+        match control {
+            Control::Reload => {
+                tracing::warn!("a workflow run keeps the config it started with; reload ignored")
+            }
+            Control::Stop | Control::StopNow => {
+                // The first request stops the jobs gracefully, any later one kills them:
+                // a StopNow as the first request is both.
+                let wanted = if control == Control::StopNow {
+                    requests.saturating_add(1).max(2)
+                } else {
+                    requests.saturating_add(1)
+                };
+                while requests < wanted {
+                    stop.stop(StopReason::Shutdown);
+                    requests += 1;
+                }
+                progress(Progress::Stopping { now: requests > 1 });
+            }
+        }
+    }
+    std::future::pending().await
+}
+
+/// Whether a stop was requested.
+fn stopping(stop: &watch::Receiver<StopRequests>) -> bool {
+    stop.borrow().count > 0
+}
+
+/// A stage and where it stands in the workflow.
+#[derive(Clone, Copy)]
+struct StageAt<'a> {
+    number: usize,
+    of: usize,
+    stage: &'a Stage,
+}
+
+impl StageAt<'_> {
+    /// The report of a job of this stage that does not run now.
+    fn skipped(
+        &self,
+        script: &str,
+        status: JobStatus,
+        earlier: Option<&JobAuditRecord>,
+    ) -> JobReport {
+        JobReport {
+            stage: self.number,
+            stage_description: self.stage.stage_description.clone(),
+            job_name: script.to_string(),
+            status,
+            exit_code: earlier.and_then(|r| r.exit_code),
+            duration: earlier
+                .and_then(|r| r.duration_ms)
+                .map(Duration::from_millis),
+            log_file: earlier.and_then(|r| r.log_file.clone()).map(PathBuf::from),
+            error_message: None,
+        }
+    }
+}
+
+/// A job handed to [`Runner::run_job`].
+struct StageJob {
+    number: usize,
+    description: String,
+    /// Its report should it not start.
+    not_run: JobReport,
+    spec: JobSpec,
+}
+
+/// The workflow audit record of one execution, as it goes from `running` to its end.
+struct ExecutionRecord {
+    workflow_execution_id: String,
+    workflow_id: String,
+    started: String,
+    rsql_jobs: Vec<String>,
+    stages: Vec<Stage>,
+}
+
+impl ExecutionRecord {
+    fn new(workflow: &WorkflowConfig, execution_id: &str) -> ExecutionRecord {
+        ExecutionRecord {
+            workflow_execution_id: execution_id.to_string(),
+            workflow_id: workflow.workflow_id.clone(),
+            started: now_ts(),
+            rsql_jobs: workflow
+                .workflow_stages
+                .iter()
+                .flat_map(|s| s.scripts.iter().cloned())
+                .collect(),
+            stages: workflow.workflow_stages.clone(),
+        }
+    }
+
+    fn workflow(
+        &self,
+        status: &str,
+        end: Option<String>,
+        error: Option<String>,
+    ) -> WorkflowAuditRecord {
+        WorkflowAuditRecord {
+            workflow_execution_id: self.workflow_execution_id.clone(),
+            workflow_id: self.workflow_id.clone(),
+            execution_status: status.to_string(),
+            execution_start_ts: self.started.clone(),
+            execution_end_ts: end,
+            rsql_jobs: self.rsql_jobs.clone(),
+            error_message: error,
+            workflow_stages: Some(self.stages.clone()),
+        }
+    }
+}
+
+/// The reports in config order, whatever order the jobs finished in.
+fn in_config_order(
+    workflow: &WorkflowConfig,
+    mut reports: Vec<(usize, String, JobReport)>,
+) -> Vec<JobReport> {
+    let order: HashMap<(usize, String), usize> = workflow
+        .workflow_stages
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| s.scripts.iter().map(move |j| (i + 1, j.clone())))
+        .enumerate()
+        .map(|(n, key)| (key, n))
+        .collect();
+    reports.sort_by_key(|(stage, job, _)| order.get(&(*stage, job.clone())).copied());
+    reports.into_iter().map(|(_, _, r)| r).collect()
 }
 
 /// A plain-text table: a header row, a rule, then the rows, columns padded to their widest

@@ -36,7 +36,8 @@
 //! `rsql` when that user exists). Anyone else gets nothing: a task token handed to an
 //! impostor lets it answer for the job.
 //!
-//! Exit codes: see [`exit`].
+//! Exit codes: the table in [`rsql_agent::exit`], shared with `rsql-agent`; this file maps
+//! how a job ended (and each error, through that table) to its code.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
@@ -47,50 +48,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use rsql_agent::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use rsql_agent::config::{Config, DEFAULT_CONFIG_PATH};
 use rsql_agent::daemon::{Daemon, DaemonError, OneJob};
 use rsql_agent::error_chain;
+use rsql_agent::exit::Exit;
 use rsql_agent::outcome::{ErrorName, Outcome};
 use rsql_agent::owner::OwnerError;
-use rsql_agent::startup::StartError;
 use serde_json::{json, Value};
-
-/// Exit codes, documented in the README. Only this file maps outcomes and errors to them.
-mod exit {
-    /// `submit`: the agent accepted the job; it runs under the agent and reports to Step
-    /// Functions. `run`: the job completed and its success was reported.
-    pub const OK: u8 = 0;
-    /// `run`: the job failed (or its task was closed upstream); the failure was reported.
-    pub const JOB_FAILED: u8 = 1;
-    /// Bad arguments; the message names the argument.
-    pub const USAGE: u8 = 2;
-    /// The job was refused as invalid (or, for `submit`, the submitter is not allowed).
-    /// Sending it again does not help. A job with a task token has been failed as
-    /// `Rsql.InvalidJob`.
-    pub const REJECTED: u8 = 3;
-    /// `run`: the config file does not exist or cannot be read.
-    pub const NO_INPUT: u8 = 66;
-    /// `submit`: the agent cannot be reached: no socket, nobody listening, or no reply in
-    /// time. The legacy form: no agent, and the job could not run here either (its task
-    /// was failed as `Rsql.Interrupted` when AWS could be reached; stderr says).
-    pub const UNREACHABLE: u8 = 69;
-    /// `run`: internal error (the async runtime, the signal handlers, the supervisor).
-    pub const SOFTWARE: u8 = 70;
-    /// `run`: the state, log or outbox directories cannot be written; nothing was reported.
-    pub const IO: u8 = 74;
-    /// `submit`: the agent is busy (every job slot taken) or shutting down. `run`: the job
-    /// is running elsewhere (its lock is held; that runner reports it), or an agent owns the
-    /// state directory (use `submit`). Try again later.
-    pub const BUSY: u8 = 75;
-    /// `run`: the outcome is stored but was not delivered within `--report-timeout-seconds`
-    /// (AWS unreachable); it goes out after the next start of the agent or of a `run`.
-    pub const NOT_DELIVERED: u8 = 76;
-    /// `run`: the config file is invalid (the message names the key).
-    pub const CONFIG: u8 = 78;
-    /// `run`: stopped by SIGTERM or SIGINT (an SSM cancel); the job was stopped and reported
-    /// `Rsql.Interrupted`.
-    pub const INTERRUPTED: u8 = 130;
-}
 
 const DEFAULT_SOCKET: &str = "/run/rsql-agent/agent.sock";
 /// The agent answers within a second; this is generous.
@@ -123,8 +87,9 @@ INSTANCE_CODE_DIR and SECRET_ID as $1 and $2, then SCRIPT_ARGS. \
 `rsql-wrapper run [--config PATH] TOKEN ... REGION [SCRIPT_ARGS...]` runs it here.\n\n\
 Exit codes: 0 accepted (submit) or completed (run), 1 job failed (run), 2 usage, \
 3 rejected as invalid, 66 config unreadable, 69 agent not reachable, 70 internal error, \
-74 state not writable, 75 busy or running elsewhere (retry), 76 outcome not yet delivered, \
-78 config invalid, 130 interrupted"
+74 state not writable, 75 busy or running elsewhere (retry), 76 AWS calls failed: the \
+outcome is stored and goes out later, 78 config invalid, 130 interrupted \
+(the table shared with rsql-agent)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -204,33 +169,35 @@ fn main() -> ExitCode {
     if let Some(first) = argv.get(1).and_then(|a| a.to_str()) {
         let subcommand = matches!(first, "submit" | "run" | "help");
         if !subcommand && !first.starts_with('-') {
-            return ExitCode::from(legacy(&argv[1..]));
+            return legacy(&argv[1..]).into();
         }
         if first == "run" {
             if let Some(form) = legacy_run_form(&argv[2..]) {
-                return ExitCode::from(match form {
+                return match form {
                     Ok((options, positional)) => legacy_run(options, &positional),
                     Err(message) => usage(&message),
-                });
+                }
+                .into();
             }
         }
     }
     let cli = Cli::parse();
-    ExitCode::from(match cli.command {
+    match cli.command {
         Command::Submit(submit) => submit_job(submit).0,
         Command::Run(run) => run_job(run).code(),
-    })
+    }
+    .into()
 }
 
-fn usage(message: &str) -> u8 {
+fn usage(message: &str) -> Exit {
     eprintln!("rsql-wrapper: usage error: {message}");
     eprintln!("Run `rsql-wrapper --help` for the forms and exit codes.");
-    exit::USAGE
+    Exit::Usage
 }
 
 /// The legacy `rsql_trigger.sh` form, mapped onto `submit`; with no agent reachable, onto
 /// `run`, and failing that, onto a failed task.
-fn legacy(args: &[OsString]) -> u8 {
+fn legacy(args: &[OsString]) -> Exit {
     let job = match legacy_job(args) {
         Ok(job) => job,
         Err(code) => return code,
@@ -241,7 +208,7 @@ fn legacy(args: &[OsString]) -> u8 {
         socket: Some(socket.clone()),
         agent_user: None,
     });
-    if code != exit::UNREACHABLE {
+    if code != Exit::Unavailable {
         return code;
     }
     eprintln!(
@@ -261,7 +228,7 @@ fn legacy(args: &[OsString]) -> u8 {
         RunEnd::Settled(code) => code,
         RunEnd::NotSettled(_, reason) => {
             fail_unrun_task(&token, &socket, &reason);
-            exit::UNREACHABLE
+            Exit::Unavailable
         }
     }
 }
@@ -328,7 +295,7 @@ struct RunOptions {
 }
 
 /// `rsql-wrapper run` with the legacy positional arguments.
-fn legacy_run(options: RunOptions, args: &[OsString]) -> u8 {
+fn legacy_run(options: RunOptions, args: &[OsString]) -> Exit {
     let job = match legacy_job(args) {
         Ok(job) => job,
         Err(code) => return code,
@@ -345,7 +312,7 @@ fn legacy_run(options: RunOptions, args: &[OsString]) -> u8 {
 }
 
 /// The job the legacy positional arguments describe, or the usage error's exit code.
-fn legacy_job(args: &[OsString]) -> Result<JobArgs, u8> {
+fn legacy_job(args: &[OsString]) -> Result<JobArgs, Exit> {
     let mut text = Vec::with_capacity(args.len());
     for (i, arg) in args.iter().enumerate() {
         match arg.to_str() {
@@ -518,7 +485,7 @@ fn job_message(job: JobArgs) -> Value {
 
 /// Submits the job, to a listener that is the agent (root or its user) only; hands the
 /// job back with the exit code, for a fallback.
-fn submit_job(submit: Submit) -> (u8, JobArgs) {
+fn submit_job(submit: Submit) -> (Exit, JobArgs) {
     let socket = submit.socket.unwrap_or_else(default_socket);
     let job = job_message(submit.job.clone());
     let trusted = match trusted_listeners(submit.agent_user) {
@@ -535,46 +502,46 @@ fn submit_job(submit: Submit) -> (u8, JobArgs) {
                 socket.display(),
                 nix::unistd::getuid()
             );
-            return (exit::REJECTED, submit.job);
+            return (Exit::Rejected, submit.job);
         }
         Err(e) => {
             eprintln!(
                 "rsql-wrapper: the agent is not reachable at {}: {e}",
                 socket.display()
             );
-            return (exit::UNREACHABLE, submit.job);
+            return (Exit::Unavailable, submit.job);
         }
     };
     (submit_reply(&reply), submit.job)
 }
 
-fn submit_reply(reply: &Value) -> u8 {
+fn submit_reply(reply: &Value) -> Exit {
     if reply["accepted"].as_bool() == Some(true) {
         println!(
             "accepted: job {} (task {}) runs under rsql-agent",
             reply["job_name"].as_str().unwrap_or("?"),
             reply["token_hash"].as_str().unwrap_or("?")
         );
-        return exit::OK;
+        return Exit::Ok;
     }
     let error = reply["error"].as_str().unwrap_or("no reason given");
     eprintln!("rejected: {error}");
     if reply["retryable"].as_bool() == Some(true) {
-        exit::BUSY
+        Exit::Busy
     } else {
-        exit::REJECTED
+        Exit::Rejected
     }
 }
 
 /// How a `run` ended: with its task settled (reported, stored for reporting, or another
 /// runner's), or with the exit code and the reason nothing was reported.
 enum RunEnd {
-    Settled(u8),
-    NotSettled(u8, String),
+    Settled(Exit),
+    NotSettled(Exit, String),
 }
 
 impl RunEnd {
-    fn code(&self) -> u8 {
+    fn code(&self) -> Exit {
         match self {
             RunEnd::Settled(code) | RunEnd::NotSettled(code, _) => *code,
         }
@@ -590,13 +557,7 @@ fn run_job(run: Run) -> RunEnd {
         Err(e) => {
             let reason = error_chain(&e);
             eprintln!("rsql-wrapper: {reason}");
-            return RunEnd::NotSettled(
-                match e {
-                    ConfigError::Read { .. } => exit::NO_INPUT,
-                    ConfigError::Parse { .. } | ConfigError::Invalid { .. } => exit::CONFIG,
-                },
-                reason,
-            );
+            return RunEnd::NotSettled(Exit::from(&e), reason);
         }
     };
     if let Some(message) = wrong_user(&config.agent.state_dir) {
@@ -612,7 +573,7 @@ fn run_job(run: Run) -> RunEnd {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("rsql-wrapper: cannot start the async runtime: {e}");
-            return RunEnd::NotSettled(exit::SOFTWARE, format!("no async runtime: {e}"));
+            return RunEnd::NotSettled(Exit::Software, format!("no async runtime: {e}"));
         }
     };
     runtime.block_on(async move {
@@ -621,13 +582,7 @@ fn run_job(run: Run) -> RunEnd {
             Err(e) => {
                 let reason = error_chain(&e);
                 tracing::error!(error = %reason, "cannot start");
-                return RunEnd::NotSettled(
-                    match e {
-                        StartError::Signals(_) => exit::SOFTWARE,
-                        StartError::StateDirs(_) => exit::IO,
-                    },
-                    reason,
-                );
+                return RunEnd::NotSettled(Exit::from(&e), reason);
             }
         };
         let daemon = match Daemon::standalone(
@@ -639,11 +594,11 @@ fn run_job(run: Run) -> RunEnd {
             Ok(d) => d,
             Err(e @ DaemonError::Owner(OwnerError::InUse { .. })) => {
                 tracing::error!(error = %error_chain(&e), "cannot run the job here; with an agent running, use `rsql-wrapper submit`");
-                return RunEnd::NotSettled(exit::BUSY, error_chain(&e));
+                return RunEnd::NotSettled(Exit::from(&e), error_chain(&e));
             }
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot start");
-                return RunEnd::NotSettled(exit::IO, error_chain(&e));
+                return RunEnd::NotSettled(Exit::from(&e), error_chain(&e));
             }
         };
         match daemon.run_one(body.as_bytes(), parts.controls, report_timeout).await {
@@ -654,7 +609,7 @@ fn run_job(run: Run) -> RunEnd {
             Ok(one) => RunEnd::Settled(one_job_exit(&one)),
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "cannot store the job's report");
-                RunEnd::NotSettled(exit::IO, error_chain(&e))
+                RunEnd::NotSettled(Exit::from(&e), error_chain(&e))
             }
         }
     })
@@ -676,7 +631,7 @@ fn wrong_user(state_dir: &Path) -> Option<String> {
 
 /// Says on stdout (what SSM shows as the command's output) how the job ended, and maps it
 /// to the exit code.
-fn one_job_exit(one: &OneJob) -> u8 {
+fn one_job_exit(one: &OneJob) -> Exit {
     let reported = |delivered: bool| {
         if delivered {
             "reported"
@@ -698,7 +653,7 @@ fn one_job_exit(one: &OneJob) -> u8 {
                         out.duration_ms,
                         reported(*delivered)
                     );
-                    exit::OK
+                    Exit::Ok
                 }
                 Outcome::Failed(failure) => {
                     println!(
@@ -708,22 +663,22 @@ fn one_job_exit(one: &OneJob) -> u8 {
                         reported(*delivered)
                     );
                     if *stopped && failure.error == ErrorName::Interrupted {
-                        exit::INTERRUPTED
+                        Exit::Interrupted
                     } else {
-                        exit::JOB_FAILED
+                        Exit::JobFailed
                     }
                 }
                 Outcome::Cancelled { message } => {
                     println!(
                         "cancelled: {message}; the task was closed upstream, nothing to report"
                     );
-                    exit::JOB_FAILED
+                    Exit::JobFailed
                 }
             };
             if *delivered {
                 code
             } else {
-                exit::NOT_DELIVERED
+                Exit::Remote
             }
         }
         OneJob::Rejected {
@@ -738,15 +693,15 @@ fn one_job_exit(one: &OneJob) -> u8 {
                     reported(*delivered)
                 );
             }
-            exit::REJECTED
+            Exit::Rejected
         }
         OneJob::RunningElsewhere { holder } => {
             eprintln!("busy: the job is running elsewhere ({holder}); that runner reports it");
-            exit::BUSY
+            Exit::Busy
         }
         OneJob::NotStored => {
             eprintln!("error: the job's outcome could not be stored; nothing was reported (see the log above)");
-            exit::IO
+            Exit::Io
         }
     }
 }

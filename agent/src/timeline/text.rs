@@ -14,6 +14,17 @@ use crate::workflow::{render_table, ExecutionType};
 const BAR_WIDTH: usize = 40;
 
 pub fn render(t: &Timeline) -> String {
+    let mut out = header(t);
+    out.push('\n');
+    out.push_str(&render_table(&HEADERS, &rows(t)));
+    out.push_str(
+        "\ntimeline: . waiting for a slot, = completed, X failed, T timed out, I interrupted, C cancelled, > running, ? start not recorded\n",
+    );
+    out
+}
+
+/// The execution's lines above the table: status, times, jobs done, critical path, error.
+fn header(t: &Timeline) -> String {
     let mut out = String::new();
     let (done, total) = t.completed_jobs();
     let _ = writeln!(
@@ -86,8 +97,26 @@ pub fn render(t: &Timeline) -> String {
                 .unwrap_or_default()
         );
     }
-    out.push('\n');
+    out
+}
 
+const HEADERS: [&str; 11] = [
+    "stage",
+    "job",
+    "try",
+    "status",
+    "instance",
+    "exit",
+    "sql_state",
+    "waited",
+    "ran",
+    "timeline",
+    "log",
+];
+
+/// The table's rows: per stage, a line for the stage, then one per attempt of each job (one
+/// for a job that never ran), its bar on the execution's time scale.
+fn rows(t: &Timeline) -> Vec<[String; 11]> {
     let origin = t.origin().unwrap_or_default();
     let scale = t.duration_ms().unwrap_or(0).max(1) as f64;
     let col = |ms: Ms| -> usize {
@@ -95,19 +124,6 @@ pub fn render(t: &Timeline) -> String {
             .round()
             .clamp(0.0, BAR_WIDTH as f64) as usize
     };
-    let headers = [
-        "stage",
-        "job",
-        "try",
-        "status",
-        "instance",
-        "exit",
-        "sql_state",
-        "waited",
-        "ran",
-        "timeline",
-        "log",
-    ];
     let dash = || "-".to_string();
     let mut rows: Vec<[String; 11]> = Vec::new();
     for stage in &t.stages {
@@ -172,11 +188,7 @@ pub fn render(t: &Timeline) -> String {
             }
         }
     }
-    out.push_str(&render_table(&headers, &rows));
-    out.push_str(
-        "\ntimeline: . waiting for a slot, = completed, X failed, T timed out, I interrupted, C cancelled, > running, ? start not recorded\n",
-    );
-    out
+    rows
 }
 
 fn bar(a: &Attempt, col: &dyn Fn(Ms) -> usize) -> String {
