@@ -35,9 +35,9 @@
 //! sent exactly once.
 
 use std::collections::HashSet;
-use std::fs::{self, DirBuilder, OpenOptions};
-use std::io::{self, Write as _};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, DirBuilder};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -436,19 +436,8 @@ fn save_state(path: &Path, state: &ShipState) -> Result<(), ShipperError> {
     };
     let text = serde_json::to_vec(state)
         .map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
-    let tmp = path.with_extension("json.tmp");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o640)
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(&text).map_err(err)?;
-    // Synced before the rename, so a host crash leaves the old state or the new, never a
-    // torn one.
-    file.sync_data().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)
+    // A host crash leaves the old state or the new, never a torn one.
+    crate::fsutil::write_atomic(path, &text, 0o640).map_err(err)
 }
 
 fn load_state(path: &Path) -> Result<ShipState, ShipperError> {
@@ -969,7 +958,7 @@ async fn put(inner: &Inner, state: &ShipState, batch: &Batch) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs::File;
+    use std::fs::{File, OpenOptions};
     use std::io::Write;
 
     const T0: &str = "2026-11-25T19:42:19.123Z";
@@ -1235,6 +1224,11 @@ mod tests {
         };
         save_state(&path, &state).expect("save");
         assert_eq!(load_state(&path).expect("load"), state);
-        assert!(!path.with_extension("json.tmp").exists());
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("s.json")]);
     }
 }

@@ -28,11 +28,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File};
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -45,13 +45,14 @@ use super::audit::dynamodb::{AuditWrite, JobAuditTable};
 use super::audit::JobAuditRecord;
 use super::retry::{ErrorClass, RetryPolicy};
 use super::stepfunctions::{CallbackError, StepFunctions};
+use crate::fsutil;
 use crate::outcome::Outcome;
 
 const DIR_NAME: &str = "outbox";
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 const ENTRY_SUFFIX: &str = ".json";
-const TMP_SUFFIX: &str = ".tmp";
+const TMP_SUFFIX: &str = fsutil::TEMP_SUFFIX;
 const BAD_SUFFIX: &str = ".bad";
 
 /// Even with no wake-up, the worker looks at the directory this often, to pick up entries
@@ -421,27 +422,10 @@ impl Outbox {
             id: entry.id.clone(),
             source,
         })?;
-        // Dot-prefixed so a listing never mistakes a half-written file for an entry.
-        let tmp = self
-            .inner
-            .dir
-            .join(format!(".{}{ENTRY_SUFFIX}{TMP_SUFFIX}", entry.id));
-        let err = |source| OutboxError::Write {
-            path: path.clone(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)
-            .map_err(err)?;
-        file.write_all(&json).map_err(err)?;
-        file.sync_all().map_err(err)?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(err)?;
-        sync_dir(&self.inner.dir).map_err(err)
+        // The temp file is dot-prefixed, so a listing never mistakes a half-written file for
+        // an entry.
+        fsutil::write_atomic(&path, &json, FILE_MODE)
+            .map_err(|source| OutboxError::Write { path, source })
     }
 
     /// Removes an entry durably. Removing an entry that is not there is not an error.
