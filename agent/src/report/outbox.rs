@@ -43,8 +43,8 @@ use tokio::time::Instant;
 
 use super::audit::dynamodb::{AuditWrite, JobAuditTable};
 use super::audit::JobAuditRecord;
-use super::retry::{ErrorClass, RetryPolicy};
 use super::stepfunctions::{CallbackError, StepFunctions};
+use crate::aws::retry::{ErrorClass, RetryPolicy};
 use crate::fsutil;
 use crate::outcome::Outcome;
 
@@ -995,7 +995,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::retry::Jitter;
+    use crate::aws::retry::Jitter;
 
     fn record(status: &str) -> JobAuditRecord {
         JobAuditRecord {

@@ -1,11 +1,12 @@
-//! The one retry policy for reports, and what an AWS error means for it.
+//! The one retry policy for every AWS call the agent makes (reports, CloudWatch Logs), and
+//! what an AWS error means for it.
 //!
 //! Owns: the backoff schedule (exponential, capped, jittered) and the classification of an
 //! SDK failure into "try again soon" ([`ErrorClass::Retryable`]: throttling, 5xx, network,
 //! timeouts) or "the request itself was refused" ([`ErrorClass::Rejected`]: other 4xx,
 //! which is a bug or missing permissions).
 //!
-//! The SDK's own retries are off (see [`crate::aws`]), so this is the only retry layer: a
+//! The SDK's own retries are off (see [`super`]), so this is the only retry layer: a
 //! caller makes one attempt, asks this module how long to wait, and tries again. Stacking
 //! the SDK's three attempts under ours would triple every wait during an outage and hide
 //! how many calls were really made.
