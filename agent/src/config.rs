@@ -1195,6 +1195,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Parses human-readable durations such as `30s`, `6h` or `1h 30m`.
+///
+/// Durations are read as strings and parsed here rather than through `humantime-serde`: the
+/// parsing is the same `humantime`, but here a bad value becomes [`ConfigError::Invalid`]
+/// naming the key (`jobs.kill_grace: "5 parsecs" is not a duration like "30s" ...`), where a
+/// serde error would only point at a line and column of the TOML.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("{text:?} is not a duration like \"30s\" or \"6h\": {e}"))

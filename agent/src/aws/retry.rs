@@ -13,9 +13,7 @@
 //!
 //! Must not touch: the network, files or clocks other than for jitter; callers sleep.
 
-use std::collections::hash_map::RandomState;
 use std::error::Error;
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use aws_sdk_sfn::config::http::HttpResponse;
@@ -97,20 +95,10 @@ fn jittered(ceiling: Duration, jitter: Jitter) -> Duration {
     Duration::from_nanos(picked)
 }
 
-/// Uniform in `[0, bound]`. The standard library's `RandomState` is seeded from the OS once
-/// per thread and changes on every `new()`, which is plenty for spreading retries and saves
-/// a dependency; nothing here needs to be unpredictable to an attacker.
+/// Uniform in `[0, bound]`, from `fastrand` (seeded per thread from the OS): plenty for
+/// spreading retries, which nothing needs to be unpredictable to an attacker.
 fn uniform(bound: u64) -> u64 {
-    if bound == 0 {
-        return 0;
-    }
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(bound);
-    let random = hasher.finish();
-    match bound.checked_add(1) {
-        Some(span) => random % span,
-        None => random,
-    }
+    fastrand::u64(0..=bound)
 }
 
 /// What a failed AWS call means for the retry policy.

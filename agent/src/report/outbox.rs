@@ -30,7 +30,6 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, DirBuilder, File};
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -161,7 +160,7 @@ impl fmt::Debug for OutboxEntry {
 /// A fresh entry id: creation time in milliseconds (so entries sort by age), then 64 random
 /// bits.
 fn entry_id(millis: u128) -> String {
-    format!("{millis:013}-{:016x}", random_u64())
+    format!("{millis:013}-{:016x}", fastrand::u64(..))
 }
 
 /// A fresh entry id, for an entry whose id must be fixed before the entry exists (a job's
@@ -228,14 +227,6 @@ impl OutboxEntry {
     pub fn is_done(&self) -> bool {
         !self.callback_pending() && !self.audit_pending()
     }
-}
-
-/// Fresh randomness from the standard library's per-process random hash keys: enough for
-/// unique ids (together with the millisecond prefix) without a dependency.
-fn random_u64() -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.finish()
 }
 
 /// A failed outbox file operation.
