@@ -1257,6 +1257,43 @@ secret_id = "redshift/etl"
     }
 
     #[test]
+    fn a_file_naming_only_the_required_keys_gets_the_documented_defaults() {
+        let dir = scripts();
+        let text = format!(
+            "[jobs]\nscript_dir = \"{}\"\n\
+             [intake.sqs]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n\
+             [logs.cloudwatch]\nlog_group = \"/ops/rsql-logs/\"\n",
+            dir.path().display()
+        );
+        let config = parse(&text).unwrap();
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        assert_eq!(config.agent.state_dir, PathBuf::from("/var/lib/rsql-agent"));
+        assert_eq!(config.agent.max_concurrent_jobs, 4);
+        assert_eq!(config.agent.shutdown_grace, Duration::from_secs(300));
+        assert_eq!(
+            config.jobs.log_dir,
+            PathBuf::from("/var/log/rsql-agent/jobs")
+        );
+        assert_eq!(config.jobs.default_timeout, hours(6));
+        assert_eq!(config.jobs.kill_grace, Duration::from_secs(30));
+        assert_eq!(config.jobs.interpreter, PathBuf::from("/bin/bash"));
+        assert_eq!(config.jobs.heartbeat_interval, Duration::from_secs(20));
+        assert_eq!(config.jobs.log_retention, hours(14 * 24));
+        assert_eq!(config.jobs.log_max_total_bytes, 10 << 30);
+        assert_eq!(config.jobs.pipe_drain, Duration::from_secs(2));
+        assert_eq!(config.lock.dir, PathBuf::from("/var/lib/rsql-agent/locks"));
+        assert_eq!(config.lock.retention, hours(30 * 24));
+        let sqs = config.sqs.unwrap();
+        assert_eq!(sqs.wait_time, Duration::from_secs(20));
+        assert_eq!(sqs.visibility_timeout, Duration::from_secs(120));
+        let cw = config.cloudwatch.unwrap();
+        assert!(!cw.create_group);
+        assert_eq!(cw.flush_interval, Duration::from_secs(1));
+        assert_eq!(cw.final_flush_timeout, Duration::from_secs(10));
+        assert!(config.socket.is_none());
+    }
+
+    #[test]
     fn cgroup_keys_parse_and_sizes_are_checked() {
         let dir = scripts();
         let text = format!(
