@@ -333,7 +333,71 @@ impl AttemptContext {
             source,
         })?;
         let log_file = log.path().to_path_buf();
-        let mut record = JobAuditRecord {
+        let mut record = self.running_record(request, started_at, attempt, &log_file);
+        self.audit.record_job(&record)?;
+
+        let env = match &request.env {
+            Some(env) => env.clone(),
+            None => self.config.database.job_env(),
+        };
+        let handle = self
+            .supervisor
+            .as_ref()
+            .ok_or(AttemptError::NoSupervisor)?
+            .start(self.launch(spec, env, log, &attempt_id))
+            .map_err(|source| AttemptError::Supervisor {
+                job_name: job_name.clone(),
+                source,
+            })?;
+        on_start(&record);
+        let run = self
+            .wait_holding_lease(handle, &mut held, &mut stop, &job_name)
+            .await
+            .map_err(|source| AttemptError::Supervisor {
+                job_name: job_name.clone(),
+                source,
+            })?;
+
+        let outcome = classify_run(
+            &RunFacts {
+                job_name: &spec.job_name,
+                workflow_execution_id: &spec.workflow_execution_id,
+                instance_id: &self.instance_id,
+                timeout: spec.timeout,
+                log_group: request.log_group.clone(),
+                log_stream: request.log_stream.clone(),
+            },
+            &run,
+        );
+
+        record_outcome(&mut state, &outcome);
+        held.write_state(&state).map_err(lock_err)?;
+        finish_record(&mut record, request, &run, &outcome);
+        self.audit.record_job(&record)?;
+
+        Ok((
+            held,
+            AttemptResult {
+                job_name,
+                outcome,
+                duration: run.duration,
+                log_file,
+                attempt,
+                audit: record,
+            },
+        ))
+    }
+
+    /// The audit record of an attempt that has just started.
+    fn running_record(
+        &self,
+        request: &AttemptRequest,
+        started_at: SystemTime,
+        attempt: u32,
+        log_file: &Path,
+    ) -> JobAuditRecord {
+        let spec = &request.spec;
+        JobAuditRecord {
             job_name: spec.job_name.clone(),
             workflow_execution_id: spec.workflow_execution_id.clone(),
             workflow_id: spec.workflow_id.clone(),
@@ -354,23 +418,18 @@ impl AttemptContext {
             log_complete: None,
             ssm_command_id: spec.ssm_command_id.clone(),
             stage: request.stage.clone(),
-        };
-        self.audit.record_job(&record)?;
+        }
+    }
 
-        let env = match &request.env {
-            Some(env) => env.clone(),
-            None => self.config.database.job_env(),
-        };
-        let handle = self
-            .supervisor
-            .as_ref()
-            .ok_or(AttemptError::NoSupervisor)?
-            .start(self.launch(spec, env, log, &attempt_id))
-            .map_err(|source| AttemptError::Supervisor {
-                job_name: job_name.clone(),
-                source,
-            })?;
-        on_start(&record);
+    /// Waits for the supervised run, touching the lock's lease every heartbeat and passing
+    /// each stop request on to the supervisor.
+    async fn wait_holding_lease(
+        &self,
+        handle: supervisor::JobHandle,
+        held: &mut JobLock,
+        stop: &mut watch::Receiver<StopRequests>,
+        job_name: &str,
+    ) -> Result<supervisor::RunOutcome, supervisor::SupervisorError> {
         let stopper = handle.stopper();
         let wait = handle.wait();
         tokio::pin!(wait);
@@ -378,14 +437,14 @@ impl AttemptContext {
         lease.tick().await;
         let mut stop_open = true;
         let mut stops_forwarded = 0u32;
-        let run = loop {
+        loop {
             tokio::select! {
-                run = &mut wait => break run,
+                run = &mut wait => return run,
                 _ = lease.tick() => {
                     // A failed lease touch is logged, not fatal: the OFD lock itself still
                     // excludes other runners; the lease is for people and crash forensics.
                     if let Err(e) = held.touch() {
-                        tracing::warn!(job_name = %job_name, error = %e, "cannot touch the lock lease");
+                        tracing::warn!(job_name, error = %e, "cannot touch the lock lease");
                     }
                 }
                 changed = stop.changed(), if stop_open => {
@@ -402,55 +461,7 @@ impl AttemptContext {
                     }
                 }
             }
-        };
-        let run = run.map_err(|source| AttemptError::Supervisor {
-            job_name: job_name.clone(),
-            source,
-        })?;
-
-        let duration_ms = run.duration.as_millis() as u64;
-        let outcome = classify_run(
-            &RunFacts {
-                job_name: &spec.job_name,
-                workflow_execution_id: &spec.workflow_execution_id,
-                instance_id: &self.instance_id,
-                timeout: spec.timeout,
-                log_group: request.log_group.clone(),
-                log_stream: request.log_stream.clone(),
-            },
-            &run,
-        );
-
-        record_outcome(&mut state, &outcome);
-        held.write_state(&state).map_err(lock_err)?;
-
-        record.execution_status = outcome.status().to_string();
-        record.execution_end_ts = Some(humantime::format_rfc3339_millis(run.ended_at).to_string());
-        record.exit_code = outcome.exit_code();
-        record.error_message = outcome.error_message();
-        record.sql_state = match &outcome {
-            Outcome::Failed(f) => f.cause.sql_state.clone(),
-            _ => None,
-        };
-        record.log_group = request.log_group.clone();
-        record.log_stream = request.log_stream.clone();
-        record.duration_ms = Some(duration_ms);
-        record.cpu_ms = outcome.cpu_ms();
-        record.max_rss_mb = outcome.max_rss_mb();
-        record.log_complete = outcome.log_complete();
-        self.audit.record_job(&record)?;
-
-        Ok((
-            held,
-            AttemptResult {
-                job_name,
-                outcome,
-                duration: run.duration,
-                log_file,
-                attempt,
-                audit: record,
-            },
-        ))
+        }
     }
 
     fn launch(
@@ -536,6 +547,29 @@ pub fn classify_run(facts: &RunFacts<'_>, run: &supervisor::RunOutcome) -> Outco
         log_complete: run.log_complete,
     })
     .masked()
+}
+
+/// Completes an attempt's audit record with how it ended.
+fn finish_record(
+    record: &mut JobAuditRecord,
+    request: &AttemptRequest,
+    run: &supervisor::RunOutcome,
+    outcome: &Outcome,
+) {
+    record.execution_status = outcome.status().to_string();
+    record.execution_end_ts = Some(humantime::format_rfc3339_millis(run.ended_at).to_string());
+    record.exit_code = outcome.exit_code();
+    record.error_message = outcome.error_message();
+    record.sql_state = match outcome {
+        Outcome::Failed(f) => f.cause.sql_state.clone(),
+        _ => None,
+    };
+    record.log_group = request.log_group.clone();
+    record.log_stream = request.log_stream.clone();
+    record.duration_ms = Some(run.duration.as_millis() as u64);
+    record.cpu_ms = outcome.cpu_ms();
+    record.max_rss_mb = outcome.max_rss_mb();
+    record.log_complete = outcome.log_complete();
 }
 
 /// Sets a lock state record to the final state `outcome` means, with the outcome to replay.

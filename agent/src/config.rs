@@ -241,7 +241,7 @@ impl Default for MetricsSettings {
 }
 
 impl MetricsSettings {
-    fn from_raw(raw: RawMetrics) -> Result<MetricsSettings, (&'static str, String)> {
+    fn from_raw(raw: RawMetrics) -> Result<MetricsSettings, KeyError> {
         let defaults = MetricsSettings::default();
         let name = |key: &'static str, value: Option<String>, default: String, max: usize| {
             let value = value.unwrap_or(default);
@@ -415,6 +415,285 @@ impl DatabaseSettings {
 
 const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(300);
 
+/// A config key and what is wrong with its value; [`Config`] adds the file.
+type KeyError = (&'static str, String);
+
+/// `value` read as a duration, or `default` when the key is absent.
+fn duration_or(
+    key: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, KeyError> {
+    match value {
+        None => Ok(default),
+        Some(text) => parse_duration(&text).map_err(|reason| (key, reason)),
+    }
+}
+
+/// `value` as a positive whole number, or `default` when the key is absent.
+fn positive_or(key: &'static str, value: Option<i64>, default: u64) -> Result<u64, KeyError> {
+    match value {
+        None => Ok(default),
+        Some(n) if n > 0 => Ok(n as u64),
+        Some(n) => Err((key, format!("must be a positive whole number, got {n}"))),
+    }
+}
+
+/// The state directory of a system-wide agent.
+const SYSTEM_STATE_DIR: &str = "/var/lib/rsql-agent";
+
+impl Default for AgentSettings {
+    /// A system-wide agent's settings.
+    fn default() -> AgentSettings {
+        AgentSettings {
+            state_dir: PathBuf::from(SYSTEM_STATE_DIR),
+            max_concurrent_jobs: 4,
+            instance_id: None,
+            shutdown_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+impl AgentSettings {
+    fn from_raw(raw: RawAgent, per_user: bool) -> Result<AgentSettings, KeyError> {
+        let defaults = AgentSettings::default();
+        let state_dir = match raw.state_dir {
+            Some(dir) => dir,
+            None if per_user => per_user_state_dir(),
+            None => defaults.state_dir,
+        };
+        Ok(AgentSettings {
+            state_dir,
+            max_concurrent_jobs: positive_or(
+                "agent.max_concurrent_jobs",
+                raw.max_concurrent_jobs,
+                defaults.max_concurrent_jobs as u64,
+            )? as usize,
+            instance_id: raw.instance_id,
+            shutdown_grace: duration_or(
+                "agent.shutdown_grace",
+                raw.shutdown_grace,
+                defaults.shutdown_grace,
+            )?,
+        })
+    }
+}
+
+impl Default for JobSettings {
+    /// A system-wide agent's settings.
+    fn default() -> JobSettings {
+        JobSettings {
+            script_dir: PathBuf::from("/opt/rsql/rsql_scripts"),
+            log_dir: PathBuf::from("/var/log/rsql-agent/jobs"),
+            default_timeout: Duration::from_secs(6 * 3600),
+            kill_grace: Duration::from_secs(30),
+            interpreter: PathBuf::from("/bin/bash"),
+            heartbeat_interval: Duration::from_secs(20),
+            on_interrupted: OnInterrupted::default(),
+            log_retention: Duration::from_secs(14 * 24 * 3600),
+            log_max_total_bytes: 10 * 1024 * 1024 * 1024,
+            pipe_drain: Duration::from_secs(2),
+            launcher: Default::default(),
+            cgroup: Default::default(),
+            cgroup_parent: None,
+            memory_max: None,
+            legacy: None,
+        }
+    }
+}
+
+impl JobSettings {
+    /// `script_dir` is the one named on the command line, used when the file names none.
+    fn from_raw(
+        raw: RawJobs,
+        script_dir: Option<&Path>,
+        state_dir: &Path,
+        per_user: bool,
+    ) -> Result<JobSettings, KeyError> {
+        let defaults = JobSettings::default();
+        let script_dir = match (raw.script_dir, script_dir) {
+            (Some(dir), _) => dir,
+            (None, Some(dir)) => dir.to_path_buf(),
+            (None, None) => defaults.script_dir,
+        };
+        let log_dir = match raw.log_dir {
+            Some(dir) => dir,
+            None if per_user => state_dir.join("jobs"),
+            None => defaults.log_dir,
+        };
+        const MIB: u64 = 1024 * 1024;
+        Ok(JobSettings {
+            script_dir,
+            log_dir,
+            default_timeout: duration_or(
+                "jobs.default_timeout",
+                raw.default_timeout,
+                defaults.default_timeout,
+            )?,
+            kill_grace: duration_or("jobs.kill_grace", raw.kill_grace, defaults.kill_grace)?,
+            interpreter: raw.interpreter.unwrap_or(defaults.interpreter),
+            heartbeat_interval: duration_or(
+                "jobs.heartbeat_interval",
+                raw.heartbeat_interval,
+                defaults.heartbeat_interval,
+            )?,
+            on_interrupted: raw.on_interrupted.unwrap_or(defaults.on_interrupted),
+            log_retention: duration_or(
+                "jobs.log_retention",
+                raw.log_retention,
+                defaults.log_retention,
+            )?,
+            log_max_total_bytes: positive_or(
+                "jobs.log_max_total_mb",
+                raw.log_max_total_mb,
+                defaults.log_max_total_bytes / MIB,
+            )? * MIB,
+            pipe_drain: duration_or("jobs.pipe_drain", raw.pipe_drain, defaults.pipe_drain)?,
+            launcher: raw.launcher.unwrap_or(defaults.launcher),
+            cgroup: raw.cgroup.unwrap_or(defaults.cgroup),
+            cgroup_parent: raw.cgroup_parent,
+            memory_max: match raw.memory_max {
+                None => None,
+                Some(text) => {
+                    Some(parse_size(&text).map_err(|reason| ("jobs.memory_max", reason))?)
+                }
+            },
+            legacy: raw.legacy.map(|l| crate::legacy::LegacySettings {
+                instance_code_dir: l
+                    .instance_code_dir
+                    .unwrap_or_else(|| PathBuf::from(crate::legacy::DROP_IN_DIR)),
+                secret_id: l.secret_id,
+                workflows: l.workflows,
+            }),
+        })
+    }
+}
+
+impl Default for SqsSettings {
+    /// Everything but the queue, which the file must name.
+    fn default() -> SqsSettings {
+        SqsSettings {
+            queue_url: String::new(),
+            wait_time: Duration::from_secs(20),
+            visibility_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl SqsSettings {
+    fn from_raw(raw: RawSqs) -> Result<SqsSettings, KeyError> {
+        let defaults = SqsSettings::default();
+        Ok(SqsSettings {
+            queue_url: raw.queue_url,
+            wait_time: duration_or("intake.sqs.wait_time", raw.wait_time, defaults.wait_time)?,
+            visibility_timeout: duration_or(
+                "intake.sqs.visibility_timeout",
+                raw.visibility_timeout,
+                defaults.visibility_timeout,
+            )?,
+        })
+    }
+}
+
+impl Default for SocketSettings {
+    fn default() -> SocketSettings {
+        SocketSettings {
+            path: PathBuf::from("/run/rsql-agent/agent.sock"),
+            allowed_uids: Vec::new(),
+            allowed_groups: Vec::new(),
+        }
+    }
+}
+
+impl SocketSettings {
+    fn from_raw(raw: RawSocket) -> SocketSettings {
+        SocketSettings {
+            path: raw.path.unwrap_or_else(|| SocketSettings::default().path),
+            allowed_uids: raw.allowed_uids,
+            allowed_groups: raw.allowed_groups,
+        }
+    }
+}
+
+impl Default for LockSettings {
+    /// A system-wide agent's settings; the lock directory follows `agent.state_dir`.
+    fn default() -> LockSettings {
+        LockSettings {
+            dir: Path::new(SYSTEM_STATE_DIR).join("locks"),
+            retention: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+impl LockSettings {
+    fn from_raw(raw: RawLock, state_dir: &Path) -> Result<LockSettings, KeyError> {
+        Ok(LockSettings {
+            dir: raw.dir.unwrap_or_else(|| state_dir.join("locks")),
+            retention: duration_or(
+                "lock.retention",
+                raw.retention,
+                LockSettings::default().retention,
+            )?,
+        })
+    }
+}
+
+impl Default for CloudWatchSettings {
+    /// Everything but the log group, which the file must name.
+    fn default() -> CloudWatchSettings {
+        CloudWatchSettings {
+            log_group: String::new(),
+            create_group: false,
+            flush_interval: Duration::from_secs(1),
+            final_flush_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CloudWatchSettings {
+    fn from_raw(raw: RawCloudWatch) -> Result<CloudWatchSettings, KeyError> {
+        let defaults = CloudWatchSettings::default();
+        Ok(CloudWatchSettings {
+            log_group: raw.log_group,
+            create_group: raw.create_group,
+            flush_interval: duration_or(
+                "logs.cloudwatch.flush_interval",
+                raw.flush_interval,
+                defaults.flush_interval,
+            )?,
+            final_flush_timeout: duration_or(
+                "logs.cloudwatch.final_flush_timeout",
+                raw.final_flush_timeout,
+                defaults.final_flush_timeout,
+            )?,
+        })
+    }
+}
+
+impl AuditSettings {
+    fn from_raw(raw: RawAudit) -> AuditSettings {
+        AuditSettings {
+            job_table: raw.job_table,
+            workflow_table: raw.workflow_table,
+            format: raw.format.unwrap_or_default(),
+        }
+    }
+}
+
+impl DatabaseSettings {
+    fn from_raw(raw: RawDatabase) -> Result<DatabaseSettings, KeyError> {
+        Ok(DatabaseSettings {
+            host: raw.host,
+            port: raw.port,
+            user: raw.user,
+            dbname: raw.dbname,
+            password: raw.password,
+            secret_id: raw.secret_id,
+            secret_ttl: duration_or("database.secret_ttl", raw.secret_ttl, DEFAULT_SECRET_TTL)?,
+        })
+    }
+}
+
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -457,182 +736,20 @@ impl Config {
         path: Option<&Path>,
         script_dir: Option<&Path>,
     ) -> Result<Config, ConfigError> {
-        let file = path.map(Path::to_path_buf).unwrap_or_default();
-        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
-            path: file.clone(),
+        let invalid = |(key, reason): (&'static str, String)| ConfigError::Invalid {
+            path: path.map(Path::to_path_buf).unwrap_or_default(),
             key,
             reason,
         };
-        let duration = |key: &'static str, value: Option<String>, default: Duration| match value {
-            None => Ok(default),
-            Some(text) => parse_duration(&text).map_err(|reason| invalid(key, reason)),
-        };
-        let positive = |key: &'static str, value: Option<i64>, default: u64| match value {
-            None => Ok(default),
-            Some(n) if n > 0 => Ok(n as u64),
-            Some(n) => Err(invalid(
-                key,
-                format!("must be a positive whole number, got {n}"),
-            )),
-        };
-
+        // With no file, state lives in a per-user directory so a newcomer can run at once.
         let per_user = path.is_none();
-        let state_dir = match raw.agent.state_dir {
-            Some(dir) => dir,
-            None if per_user => per_user_state_dir(),
-            None => PathBuf::from("/var/lib/rsql-agent"),
-        };
-        let agent = AgentSettings {
-            max_concurrent_jobs: positive(
-                "agent.max_concurrent_jobs",
-                raw.agent.max_concurrent_jobs,
-                4,
-            )? as usize,
-            instance_id: raw.agent.instance_id,
-            shutdown_grace: duration(
-                "agent.shutdown_grace",
-                raw.agent.shutdown_grace,
-                Duration::from_secs(300),
-            )?,
-            state_dir: state_dir.clone(),
-        };
-
-        let script_dir = match (raw.jobs.script_dir, script_dir) {
-            (Some(dir), _) => dir,
-            (None, Some(dir)) => dir.to_path_buf(),
-            (None, None) => PathBuf::from("/opt/rsql/rsql_scripts"),
-        };
-        let log_dir = match raw.jobs.log_dir {
-            Some(dir) => dir,
-            None if per_user => state_dir.join("jobs"),
-            None => PathBuf::from("/var/log/rsql-agent/jobs"),
-        };
-        let jobs = JobSettings {
-            script_dir,
-            log_dir,
-            default_timeout: duration(
-                "jobs.default_timeout",
-                raw.jobs.default_timeout,
-                Duration::from_secs(6 * 3600),
-            )?,
-            kill_grace: duration(
-                "jobs.kill_grace",
-                raw.jobs.kill_grace,
-                Duration::from_secs(30),
-            )?,
-            interpreter: raw
-                .jobs
-                .interpreter
-                .unwrap_or_else(|| PathBuf::from("/bin/bash")),
-            heartbeat_interval: duration(
-                "jobs.heartbeat_interval",
-                raw.jobs.heartbeat_interval,
-                Duration::from_secs(20),
-            )?,
-            on_interrupted: raw.jobs.on_interrupted.unwrap_or_default(),
-            log_retention: duration(
-                "jobs.log_retention",
-                raw.jobs.log_retention,
-                Duration::from_secs(14 * 24 * 3600),
-            )?,
-            log_max_total_bytes: positive(
-                "jobs.log_max_total_mb",
-                raw.jobs.log_max_total_mb,
-                10 * 1024,
-            )? * 1024
-                * 1024,
-            pipe_drain: duration(
-                "jobs.pipe_drain",
-                raw.jobs.pipe_drain,
-                Duration::from_secs(2),
-            )?,
-            launcher: raw.jobs.launcher.unwrap_or_default(),
-            cgroup: raw.jobs.cgroup.unwrap_or_default(),
-            cgroup_parent: raw.jobs.cgroup_parent,
-            memory_max: match raw.jobs.memory_max {
-                None => None,
-                Some(text) => {
-                    Some(parse_size(&text).map_err(|reason| invalid("jobs.memory_max", reason))?)
-                }
-            },
-            legacy: raw.jobs.legacy.map(|l| crate::legacy::LegacySettings {
-                instance_code_dir: l
-                    .instance_code_dir
-                    .unwrap_or_else(|| PathBuf::from(crate::legacy::DROP_IN_DIR)),
-                secret_id: l.secret_id,
-                workflows: l.workflows,
-            }),
-        };
-
-        let sqs = match raw.intake.sqs {
-            None => None,
-            Some(sqs) => Some(SqsSettings {
-                queue_url: sqs.queue_url,
-                wait_time: duration(
-                    "intake.sqs.wait_time",
-                    sqs.wait_time,
-                    Duration::from_secs(20),
-                )?,
-                visibility_timeout: duration(
-                    "intake.sqs.visibility_timeout",
-                    sqs.visibility_timeout,
-                    Duration::from_secs(120),
-                )?,
-            }),
-        };
-        let socket = raw.intake.socket.map(|s| SocketSettings {
-            path: s
-                .path
-                .unwrap_or_else(|| PathBuf::from("/run/rsql-agent/agent.sock")),
-            allowed_uids: s.allowed_uids,
-            allowed_groups: s.allowed_groups,
-        });
-        let lock = LockSettings {
-            dir: raw.lock.dir.unwrap_or_else(|| state_dir.join("locks")),
-            retention: duration(
-                "lock.retention",
-                raw.lock.retention,
-                Duration::from_secs(30 * 24 * 3600),
-            )?,
-        };
-        let cloudwatch = match raw.logs.cloudwatch {
-            None => None,
-            Some(cw) => Some(CloudWatchSettings {
-                log_group: cw.log_group,
-                create_group: cw.create_group,
-                flush_interval: duration(
-                    "logs.cloudwatch.flush_interval",
-                    cw.flush_interval,
-                    Duration::from_secs(1),
-                )?,
-                final_flush_timeout: duration(
-                    "logs.cloudwatch.final_flush_timeout",
-                    cw.final_flush_timeout,
-                    Duration::from_secs(10),
-                )?,
-            }),
-        };
-        let audit = match raw.report.audit {
-            None => AuditSettings::default(),
-            Some(a) => AuditSettings {
-                job_table: a.job_table,
-                workflow_table: a.workflow_table,
-                format: a.format.unwrap_or_default(),
-            },
-        };
+        let agent = AgentSettings::from_raw(raw.agent, per_user).map_err(invalid)?;
+        let mut jobs = JobSettings::from_raw(raw.jobs, script_dir, &agent.state_dir, per_user)
+            .map_err(invalid)?;
         let database = match raw.database {
             None => DatabaseSettings::from_process_env(),
-            Some(db) => DatabaseSettings {
-                host: db.host,
-                port: db.port,
-                user: db.user,
-                dbname: db.dbname,
-                password: db.password,
-                secret_id: db.secret_id,
-                secret_ttl: duration("database.secret_ttl", db.secret_ttl, DEFAULT_SECRET_TTL)?,
-            },
+            Some(db) => DatabaseSettings::from_raw(db).map_err(invalid)?,
         };
-        let mut jobs = jobs;
         if let Some(legacy) = jobs.legacy.as_mut() {
             if legacy.secret_id.is_none() {
                 legacy.secret_id = database.secret_id.clone();
@@ -640,16 +757,26 @@ impl Config {
         }
         Ok(Config {
             source: path.map(Path::to_path_buf),
+            sqs: raw
+                .intake
+                .sqs
+                .map(SqsSettings::from_raw)
+                .transpose()
+                .map_err(invalid)?,
+            socket: raw.intake.socket.map(SocketSettings::from_raw),
+            lock: LockSettings::from_raw(raw.lock, &agent.state_dir).map_err(invalid)?,
+            cloudwatch: (raw.logs.cloudwatch.map(CloudWatchSettings::from_raw))
+                .transpose()
+                .map_err(invalid)?,
+            audit: raw
+                .report
+                .audit
+                .map(AuditSettings::from_raw)
+                .unwrap_or_default(),
+            metrics: MetricsSettings::from_raw(raw.metrics).map_err(invalid)?,
             agent,
             jobs,
-            sqs,
-            socket,
-            lock,
-            cloudwatch,
-            audit,
             database,
-            metrics: MetricsSettings::from_raw(raw.metrics)
-                .map_err(|(key, reason)| invalid(key, reason))?,
         })
     }
 
@@ -1069,6 +1196,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 /// Parses human-readable durations such as `30s`, `6h` or `1h 30m`.
+///
+/// Durations are read as strings and parsed here rather than through `humantime-serde`: the
+/// parsing is the same `humantime`, but here a bad value becomes [`ConfigError::Invalid`]
+/// naming the key (`jobs.kill_grace: "5 parsecs" is not a duration like "30s" ...`), where a
+/// serde error would only point at a line and column of the TOML.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("{text:?} is not a duration like \"30s\" or \"6h\": {e}"))
@@ -1123,6 +1255,43 @@ secret_id = "redshift/etl"
         assert_eq!(config.lock.dir, PathBuf::from("/mnt/efs/rsql-agent/locks"));
         assert_eq!(config.audit.job_table.as_deref(), Some("rsql-job-audit"));
         assert_eq!(config.cloudwatch.unwrap().log_group, "/ops/rsql-logs/");
+    }
+
+    #[test]
+    fn a_file_naming_only_the_required_keys_gets_the_documented_defaults() {
+        let dir = scripts();
+        let text = format!(
+            "[jobs]\nscript_dir = \"{}\"\n\
+             [intake.sqs]\nqueue_url = \"https://sqs.us-east-1.amazonaws.com/1/q\"\n\
+             [logs.cloudwatch]\nlog_group = \"/ops/rsql-logs/\"\n",
+            dir.path().display()
+        );
+        let config = parse(&text).unwrap();
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        assert_eq!(config.agent.state_dir, PathBuf::from("/var/lib/rsql-agent"));
+        assert_eq!(config.agent.max_concurrent_jobs, 4);
+        assert_eq!(config.agent.shutdown_grace, Duration::from_secs(300));
+        assert_eq!(
+            config.jobs.log_dir,
+            PathBuf::from("/var/log/rsql-agent/jobs")
+        );
+        assert_eq!(config.jobs.default_timeout, hours(6));
+        assert_eq!(config.jobs.kill_grace, Duration::from_secs(30));
+        assert_eq!(config.jobs.interpreter, PathBuf::from("/bin/bash"));
+        assert_eq!(config.jobs.heartbeat_interval, Duration::from_secs(20));
+        assert_eq!(config.jobs.log_retention, hours(14 * 24));
+        assert_eq!(config.jobs.log_max_total_bytes, 10 << 30);
+        assert_eq!(config.jobs.pipe_drain, Duration::from_secs(2));
+        assert_eq!(config.lock.dir, PathBuf::from("/var/lib/rsql-agent/locks"));
+        assert_eq!(config.lock.retention, hours(30 * 24));
+        let sqs = config.sqs.unwrap();
+        assert_eq!(sqs.wait_time, Duration::from_secs(20));
+        assert_eq!(sqs.visibility_timeout, Duration::from_secs(120));
+        let cw = config.cloudwatch.unwrap();
+        assert!(!cw.create_group);
+        assert_eq!(cw.flush_interval, Duration::from_secs(1));
+        assert_eq!(cw.final_flush_timeout, Duration::from_secs(10));
+        assert!(config.socket.is_none());
     }
 
     #[test]

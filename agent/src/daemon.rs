@@ -23,6 +23,7 @@ mod delivery;
 mod owned;
 
 use crate::attempt::{Acquired, AttemptContext, AttemptError};
+use crate::aws::retry::RetryPolicy;
 use crate::aws::AwsClients;
 use crate::config::Config;
 use crate::error_chain;
@@ -38,7 +39,6 @@ use crate::reload;
 use crate::report::audit::dynamodb::JobAuditTable;
 use crate::report::audit::JobAuditRecord;
 use crate::report::outbox::{Callback, Outbox, OutboxEntry, OutboxError};
-use crate::report::retry::RetryPolicy;
 use crate::report::stepfunctions::StepFunctions;
 use crate::secrets::DatabaseEnv;
 use crate::signals::{Control, Controls};

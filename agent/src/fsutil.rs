@@ -2,14 +2,25 @@
 //!
 //! Owns the one way a record that must survive a crash is written: a temp file in the same
 //! directory, fsync, rename over the old file, fsync of the directory (so the rename itself
-//! survives). A reader sees the old contents or the new, never a mix.
+//! survives). A reader sees the old contents or the new, never a mix. Every durable record
+//! (lock state, outbox entries, the CloudWatch shipper's position, the job directory) is
+//! written here.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-/// Replaces `path` with `bytes` atomically and durably; the file gets `mode` when created.
+/// Ends the name of every temp file [`write_atomic`] makes; clean-up finds leftovers by it.
+pub const TEMP_SUFFIX: &str = ".tmp";
+
+/// Replaces `path` with `bytes` atomically and durably; the file gets `mode` (less the umask)
+/// when created.
+///
+/// The temp file is `.<name>.<random>.tmp` in the same directory: hidden from listings that
+/// skip dot files, found by clean-up through [`TEMP_SUFFIX`], and unique even when several
+/// hosts share the directory (the lock on EFS). If anything fails before the rename, the temp
+/// file is deleted.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let dir = path
         .parent()
@@ -17,33 +28,26 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    // An empty parent means the current directory.
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{}.", name.to_string_lossy()))
+        .suffix(TEMP_SUFFIX)
+        .permissions(Permissions::from_mode(mode))
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn replaces_the_whole_file_and_leaves_no_temp_file() {
@@ -59,5 +63,21 @@ mod tests {
         assert_eq!(names.len(), 1);
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_failed_rename_keeps_the_old_file_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // A non-empty directory cannot be replaced by a file: the rename fails.
+        let path = dir.path().join("taken");
+        std::fs::create_dir(&path).expect("mkdir");
+        std::fs::write(path.join("inside"), b"x").expect("write");
+        write_atomic(&path, b"new", 0o640).expect_err("rename over a directory");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("taken")]);
     }
 }

@@ -65,15 +65,15 @@ mod state;
 pub use decision::{decide, Decision, OnInterrupted};
 pub use state::{token_hash, LockState, RunState};
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use nix::errno::Errno;
 
-use crate::error_chain;
+use crate::{error_chain, fsutil};
 use ofd::TryLock;
 use state::{key_stem, timestamp};
 
@@ -93,7 +93,7 @@ const MAX_STALE_RETRIES: usize = 3;
 const TEMP_MIN_AGE: Duration = Duration::from_secs(3600);
 const LOCK_EXT: &str = "lock";
 const STATE_EXT: &str = "state";
-const TEMP_SUFFIX: &str = ".tmp";
+const TEMP_SUFFIX: &str = fsutil::TEMP_SUFFIX;
 
 /// Everything that can go wrong with the lock directory, its locks and its state files.
 #[derive(Debug, thiserror::Error)]
@@ -677,8 +677,8 @@ fn read_state_file(path: &Path) -> Result<Option<LockState>, LockError> {
         })
 }
 
-/// Replaces `<stem>.state` with `state`: write a temp file in the same directory, fsync it,
-/// rename it over the old one, fsync the directory so the rename itself survives a crash.
+/// Replaces `<stem>.state` with `state` durably (see [`fsutil::write_atomic`]); its temp
+/// file starts with a dot and ends in TEMP_SUFFIX, so clean-up can find leftovers.
 fn write_state_file(dir: &Path, stem: &str, state: &LockState) -> Result<(), LockError> {
     let path = state_path(dir, stem);
     let fail = |source| LockError::WriteState {
@@ -687,18 +687,7 @@ fn write_state_file(dir: &Path, stem: &str, state: &LockState) -> Result<(), Loc
     };
     let mut bytes = serde_json::to_vec_pretty(state).map_err(|e| fail(io::Error::other(e)))?;
     bytes.push(b'\n');
-    // The temp name starts with a dot and ends in TEMP_SUFFIX, so clean-up can find
-    // leftovers. If anything below fails, dropping `tmp` deletes it.
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{stem}.{STATE_EXT}."))
-        .suffix(TEMP_SUFFIX)
-        .permissions(Permissions::from_mode(FILE_MODE))
-        .tempfile_in(dir)
-        .map_err(fail)?;
-    tmp.write_all(&bytes).map_err(fail)?;
-    tmp.as_file().sync_all().map_err(fail)?;
-    tmp.persist(&path).map_err(|e| fail(e.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(fail)
+    fsutil::write_atomic(&path, &bytes, FILE_MODE).map_err(fail)
 }
 
 fn modified_before(path: &Path, now: SystemTime, age: Duration) -> bool {
@@ -723,6 +712,7 @@ fn remove_logged(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn paths_are_the_hex_sha256_of_the_key() {

@@ -19,6 +19,11 @@
 //!
 //! Must not touch: what is logged. A send that fails is dropped (logging is never part of the
 //! data path); the job's own output goes to the job log, not here.
+//!
+//! The journal layer is hand-rolled rather than `tracing-journald`: that crate writes field
+//! values as they come, with no hook to pass them through `secrets::mask`, and names fields
+//! differently (an `F_` prefix on event fields by default), which would break the
+//! documented `journalctl JOB_NAME=...` lookups.
 
 use std::fmt::Write as _;
 use std::io;

@@ -9,11 +9,18 @@
 //!
 //! Must not touch: what the daemon does. It only says what the daemon tells it to say; the
 //! daemon decides when it is ready, healthy or stopping.
+//!
+//! Hand-rolled rather than the `sd-notify` crate: that crate reads `NOTIFY_SOCKET` and opens
+//! a socket on every call, while a [`Notifier`] opens one socket once and can be pointed at
+//! any address ([`Notifier::for_socket`]), which is how the tests check every message
+//! without touching the process environment. The protocol itself is one datagram.
 
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+use nix::time::{clock_gettime, ClockId};
 
 /// The environment variable systemd sets for `Type=notify` services.
 pub const NOTIFY_SOCKET_ENV: &str = "NOTIFY_SOCKET";
@@ -173,17 +180,10 @@ impl Notifier {
 
 /// `CLOCK_MONOTONIC` in microseconds, the clock systemd compares `MONOTONIC_USEC` with.
 fn monotonic_usec() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable `timespec` that outlives the call, and
-    // `clock_gettime` writes nothing but it.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    if rc != 0 {
-        return 0;
+    match clock_gettime(ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => (ts.tv_sec() as u64) * 1_000_000 + (ts.tv_nsec() as u64) / 1_000,
+        Err(_) => 0,
     }
-    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
 }
 
 /// `/run/systemd/notify` → that path; `@name` → the abstract socket `name`.

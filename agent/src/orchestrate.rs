@@ -332,29 +332,7 @@ impl Orchestrator {
         workflow_table: Option<&str>,
     ) -> Result<StatusReport, OrchestrateError> {
         let execution_arn = execution_arn(state_machine_arn, execution_id)?;
-        let out = self
-            .sfn
-            .describe_execution()
-            .execution_arn(&execution_arn)
-            .send()
-            .await
-            .map_err(|e| {
-                let (code, detail) = describe(&e);
-                match code.as_deref() {
-                    Some("ExecutionDoesNotExist") => OrchestrateError::NoExecution {
-                        execution: execution_arn.clone(),
-                        detail,
-                    },
-                    Some("InvalidArn") => OrchestrateError::Invalid {
-                        what: format!("execution ARN {execution_arn:?}"),
-                        detail,
-                    },
-                    _ => OrchestrateError::Aws {
-                        what: format!("DescribeExecution {execution_arn}"),
-                        detail,
-                    },
-                }
-            })?;
+        let out = self.describe_execution(&execution_arn).await?;
         let input: Value = out
             .input()
             .and_then(|i| serde_json::from_str(i).ok())
@@ -363,60 +341,22 @@ impl Orchestrator {
             .as_str()
             .unwrap_or_default()
             .to_string();
-        let workflow_table = self
-            .table_of(state_machine_arn, WORKFLOW_AUDIT_STATE, workflow_table)
-            .await?;
-
         let audit = if workflow_id.is_empty() {
             None
         } else {
-            self.dynamodb
-                .get_item()
-                .table_name(&workflow_table)
-                .key(
-                    "workflow_execution_id",
-                    AttributeValue::S(execution_id.to_string()),
-                )
-                .key("workflow_id", AttributeValue::S(workflow_id.clone()))
-                .consistent_read(true)
-                .send()
-                .await
-                .map_err(|e| {
-                    dynamo_error(
-                        &e,
-                        &workflow_table,
-                        format!("GetItem of the workflow audit from {workflow_table:?}"),
-                    )
-                })?
-                .item
-                .map(|item| item_to_json(&item))
+            self.workflow_audit(
+                state_machine_arn,
+                execution_id,
+                &workflow_id,
+                workflow_table,
+            )
+            .await?
         };
         let stages: Vec<Stage> = audit
             .as_ref()
             .and_then(|a| serde_json::from_value(a["workflow_stages"].clone()).ok())
             .unwrap_or_default();
-
-        // Every job the stages name, in order; then any other job the audit has for this
-        // execution (a workflow audit that is missing, or older than the config).
-        let mut jobs: Vec<JobRow> = Vec::new();
-        for (i, stage) in stages.iter().enumerate() {
-            for script in &stage.scripts {
-                let item = self.job_item(job_table, script, execution_id).await?;
-                jobs.push(JobRow::from_item(
-                    Some(i + 1),
-                    stage.enabled(),
-                    script,
-                    item,
-                ));
-            }
-        }
-        if stages.is_empty() {
-            for item in self.scan_jobs(job_table, execution_id).await? {
-                let name = item["job_name"].as_str().unwrap_or_default().to_string();
-                jobs.push(JobRow::from_item(None, true, &name, Some(item)));
-            }
-            jobs.sort_by(|a, b| a.start_ts.cmp(&b.start_ts));
-        }
+        let jobs = self.job_rows(job_table, execution_id, &stages).await?;
 
         let date = |d: Option<&aws_sdk_sfn::primitives::DateTime>| {
             d.and_then(|d| {
@@ -441,6 +381,36 @@ impl Orchestrator {
                 .and_then(|a| a["error_cause"].as_str().map(str::to_string)),
             jobs,
         })
+    }
+
+    /// Every job the stages name, in order; with no stages (a workflow audit that is
+    /// missing, or older than the config), every job the audit has for this execution.
+    async fn job_rows(
+        &self,
+        job_table: &str,
+        execution_id: &str,
+        stages: &[Stage],
+    ) -> Result<Vec<JobRow>, OrchestrateError> {
+        let mut jobs: Vec<JobRow> = Vec::new();
+        for (i, stage) in stages.iter().enumerate() {
+            for script in &stage.scripts {
+                let item = self.job_item(job_table, script, execution_id).await?;
+                jobs.push(JobRow::from_item(
+                    Some(i + 1),
+                    stage.enabled(),
+                    script,
+                    item,
+                ));
+            }
+        }
+        if stages.is_empty() {
+            for item in self.scan_jobs(job_table, execution_id).await? {
+                let name = item["job_name"].as_str().unwrap_or_default().to_string();
+                jobs.push(JobRow::from_item(None, true, &name, Some(item)));
+            }
+            jobs.sort_by(|a, b| a.start_ts.cmp(&b.start_ts));
+        }
+        Ok(jobs)
     }
 
     pub(crate) fn sfn(&self) -> &aws_sdk_sfn::Client {

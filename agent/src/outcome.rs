@@ -348,20 +348,7 @@ pub fn classify(done: Finished<'_>) -> Outcome {
         });
     }
     match *done.ending {
-        Ending::Exited { code: 0 } => Outcome::Completed(SuccessOutput {
-            job_name: done.job_name.to_string(),
-            workflow_execution_id: done.workflow_execution_id.to_string(),
-            status: COMPLETED.to_string(),
-            exit_code: 0,
-            duration_ms: done.duration_ms,
-            instance_id: done.instance_id.to_string(),
-            log_group: done.log.log_group.clone(),
-            log_stream: done.log.log_stream.clone(),
-            log_file: done.log.log_file.clone(),
-            cpu_ms: usage.cpu_ms,
-            max_rss_mb: mib(usage.max_rss_mb),
-            log_complete: (!done.log_complete).then_some(false),
-        }),
+        Ending::Exited { code: 0 } => Outcome::Completed(success_output(&done)),
         // The script itself exited, but with the code a shell gives when a command it ran
         // died of SIGKILL: rsql under a wrapper script, taken by the OOM killer. That is the
         // retryable Rsql.Killed, not a script failure.
@@ -372,29 +359,19 @@ pub fn classify(done: Finished<'_>) -> Outcome {
             cause: cause(
                 Some(SHELL_SAW_SIGKILL),
                 Some(libc::SIGKILL),
-                if usage.max_rss_mb.is_some() {
-                    // The memory controller watched the job and counted no OOM kill.
-                    format!("script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which neither the agent nor the OOM killer sent")
-                } else {
-                    format!("script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which the agent did not send (the OOM killer? see journalctl -k)")
-                },
+                shell_saw_sigkill_message(&usage),
             ),
         }),
-        Ending::Exited { code } => {
-            let connection = sql_state.as_deref().is_some_and(is_connection_state)
-                || sql_message.as_deref().is_some_and(is_connection_message);
-            let message = sql_message
-                .clone()
-                .unwrap_or_else(|| format!("script exited with code {code}"));
-            Outcome::Failed(Failure {
-                error: if connection {
-                    ErrorName::ConnectionFailed
-                } else {
-                    ErrorName::ScriptFailed
-                },
-                cause: cause(Some(code), None, message),
-            })
-        }
+        Ending::Exited { code } => Outcome::Failed(Failure {
+            error: script_error(sql_state.as_deref(), sql_message.as_deref()),
+            cause: cause(
+                Some(code),
+                None,
+                sql_message
+                    .clone()
+                    .unwrap_or_else(|| format!("script exited with code {code}")),
+            ),
+        }),
         Ending::TimedOut { signal } => Outcome::Failed(Failure {
             error: ErrorName::Timeout,
             cause: cause(
@@ -435,6 +412,45 @@ pub fn classify(done: Finished<'_>) -> Outcome {
         } => Outcome::Cancelled {
             message: "the task was closed upstream; the job was stopped".to_string(),
         },
+    }
+}
+
+/// The success output of a job that exited 0.
+fn success_output(done: &Finished<'_>) -> SuccessOutput {
+    SuccessOutput {
+        job_name: done.job_name.to_string(),
+        workflow_execution_id: done.workflow_execution_id.to_string(),
+        status: COMPLETED.to_string(),
+        exit_code: 0,
+        duration_ms: done.duration_ms,
+        instance_id: done.instance_id.to_string(),
+        log_group: done.log.log_group.clone(),
+        log_stream: done.log.log_stream.clone(),
+        log_file: done.log.log_file.clone(),
+        cpu_ms: done.usage.cpu_ms,
+        max_rss_mb: mib(done.usage.max_rss_mb),
+        log_complete: (!done.log_complete).then_some(false),
+    }
+}
+
+/// The error of a script that exited non-zero: a failed connection (by its SQLSTATE or
+/// message, retryable) or a failure of the script itself.
+fn script_error(sql_state: Option<&str>, sql_message: Option<&str>) -> ErrorName {
+    if sql_state.is_some_and(is_connection_state) || sql_message.is_some_and(is_connection_message)
+    {
+        ErrorName::ConnectionFailed
+    } else {
+        ErrorName::ScriptFailed
+    }
+}
+
+/// Why a script exited with 137 although nobody the agent knows of sent SIGKILL.
+fn shell_saw_sigkill_message(usage: &Usage) -> String {
+    if usage.max_rss_mb.is_some() {
+        // The memory controller watched the job and counted no OOM kill.
+        format!("script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which neither the agent nor the OOM killer sent")
+    } else {
+        format!("script exited with code {SHELL_SAW_SIGKILL}: a command it ran was killed by SIGKILL, which the agent did not send (the OOM killer? see journalctl -k)")
     }
 }
 

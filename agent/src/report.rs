@@ -6,5 +6,4 @@
 
 pub mod audit;
 pub mod outbox;
-pub mod retry;
 pub mod stepfunctions;

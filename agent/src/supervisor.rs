@@ -861,7 +861,8 @@ async fn join_running<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::t
     }
 }
 
-/// The supervising task of one job.
+/// The supervising task of one job: phase 1 until the leader exits, phase 2 until nothing
+/// of the job is left and its log is complete, then the outcome.
 async fn supervise(
     job: Job,
     mut child: tokio::process::Child,
@@ -877,200 +878,54 @@ async fn supervise(
         armed: true,
     };
     let marker = format!("{JOB_ID_ENV}={}", job.job_id).into_bytes();
-    let mut out = Pipe::new(child.stdout.take(), Stream::Stdout);
-    let mut err = Pipe::new(child.stderr.take(), Stream::Stderr);
-    let mut prefer_err = false;
     let (log_tx, log_rx) = mpsc::channel::<Chunk>(LOG_QUEUE);
     let mut writer = tokio::task::spawn_blocking(move || write_log(log, log_rx));
-
-    // Phase 1: until the leader exits.
-    let timeout_at = job.started.checked_add(job.timeout);
-    let mut termination: Option<Termination> = None;
-    let mut stop_open = true;
-    let mut abandoned = false;
-    let mut known: HashMap<i32, u64> = HashMap::new();
-    let mut census: Option<JoinHandle<HashMap<i32, u64>>> = None;
-    let mut census_tick =
-        tokio::time::interval_at((Instant::now() + CENSUS_INTERVAL).into(), CENSUS_INTERVAL);
-    census_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-    let sleep = tokio::time::sleep_until(far_future.into());
-    tokio::pin!(sleep);
-    let mut armed_for: Option<Instant> = None;
-
-    let waited: io::Result<ExitStatus> = loop {
-        let deadline = match &termination {
-            Some(t) => t.kill_at,
-            None => timeout_at,
-        };
-        if deadline != armed_for {
-            sleep.as_mut().reset(deadline.unwrap_or(far_future).into());
-            armed_for = deadline;
-        }
-        let mut stop_request: Option<StopState> = None;
-        tokio::select! {
-            biased;
-            status = child.wait() => break status,
-            changed = stop_rx.changed(), if stop_open => match changed {
-                Ok(()) => stop_request = Some(*stop_rx.borrow_and_update()),
-                Err(_) => stop_open = false,
-            },
-            _ = result_tx.closed(), if !abandoned => {
-                abandoned = true;
-                tracing::warn!(job_id, pid = job.pid, "nobody waits for this job any more; stopping it");
-                stop_request = Some(StopState { requests: 1, reason: Some(StopReason::Shutdown) });
-            }
-            _ = &mut sleep, if deadline.is_some() => match termination.as_mut() {
-                None => {
-                    tracing::info!(job_id, pid = job.pid, pgid, timeout = ?job.timeout, "job timed out; sending SIGTERM");
-                    signal_group(job_id, pgid, Signal::SIGTERM);
-                    termination = Some(Termination {
-                        cause: Cause::TimedOut,
-                        last_signal: Signal::SIGTERM,
-                        kill_at: Instant::now().checked_add(job.kill_grace),
-                    });
-                }
-                Some(t) => {
-                    tracing::info!(job_id, pid = job.pid, pgid, grace = ?job.kill_grace, "job outlived its kill grace; sending SIGKILL");
-                    job.kill_all(pgid);
-                    t.last_signal = Signal::SIGKILL;
-                    t.kill_at = None;
-                }
-            },
-            permit = log_tx.reserve(), if out.pending.is_some() || err.pending.is_some() => {
-                hand_over(permit, &mut out, &mut err, &mut prefer_err);
-            }
-            read = out.read(), if out.can_read() => out.took(read, job_id),
-            read = err.read(), if err.can_read() => err.took(read, job_id),
-            _ = census_tick.tick(), if census.is_none() => census = Some(job.census(&marker)),
-            found = join_running(&mut census), if census.is_some() => {
-                census = None;
-                if let Ok(found) = found {
-                    known.extend(found);
-                }
-            }
-        }
-        if let Some(state) = stop_request {
-            let reason = state.reason.unwrap_or(StopReason::Shutdown);
-            if termination.is_none() && state.requests >= 1 {
-                tracing::info!(
-                    job_id,
-                    pid = job.pid,
-                    pgid,
-                    ?reason,
-                    "stopping the job; sending SIGTERM"
-                );
-                signal_group(job_id, pgid, Signal::SIGTERM);
-                termination = Some(Termination {
-                    cause: Cause::Stopped(reason),
-                    last_signal: Signal::SIGTERM,
-                    kill_at: Instant::now().checked_add(job.kill_grace),
-                });
-            }
-            if state.requests >= 2 {
-                if let Some(t) = termination.as_mut() {
-                    if t.last_signal != Signal::SIGKILL {
-                        tracing::info!(
-                            job_id,
-                            pid = job.pid,
-                            pgid,
-                            "second stop request; sending SIGKILL"
-                        );
-                        job.kill_all(pgid);
-                        t.last_signal = Signal::SIGKILL;
-                        t.kill_at = None;
-                    }
-                }
-            }
-        }
+    let mut output = Output {
+        out: Pipe::new(child.stdout.take(), Stream::Stdout),
+        err: Pipe::new(child.stderr.take(), Stream::Stderr),
+        prefer_err: false,
+        log_tx,
     };
+
+    let leader = until_leader_exits(
+        &job,
+        &mut child,
+        &mut output,
+        &mut stop_rx,
+        &mut result_tx,
+        &marker,
+    )
+    .await;
     let exited = Instant::now();
     let ended_at = SystemTime::now();
-    if waited.is_ok() {
+    if leader.waited.is_ok() {
         spawner::forget_child(pgid);
     }
-
-    // Phase 2: the leader is gone; nothing of the job may survive it.
-    signal_group(job_id, pgid, Signal::SIGKILL);
-    if let Some(running) = census.take() {
-        if let Ok(found) = running.await {
-            known.extend(found);
-        }
-    }
-    let mut sweeper = job.sweep(marker, known);
-    let mut swept: Option<procs::Sweep> = None;
     // checked: a caller may pass Duration::MAX to mean "no bound", which must not panic.
-    let drain_until = exited.checked_add(job.pipe_drain).unwrap_or(far_future);
+    let drain_until = exited
+        .checked_add(job.pipe_drain)
+        .unwrap_or_else(far_future);
     let give_up_at = drain_until
         .checked_add(FINISH_TIMEOUT)
         .unwrap_or(drain_until);
-    let mut forced = false;
-    loop {
-        let reading = out.is_open() || err.is_open();
-        let queued = out.pending.is_some() || err.pending.is_some();
-        if !reading && !queued && swept.is_some() {
-            break;
-        }
-        tokio::select! {
-            biased;
-            result = &mut sweeper, if swept.is_none() => {
-                swept = Some(result.unwrap_or_else(|e| {
-                    tracing::error!(job_id, error = %e, "the sweep of the job's processes failed");
-                    procs::Sweep::default()
-                }));
-            }
-            permit = log_tx.reserve(), if queued => {
-                hand_over(permit, &mut out, &mut err, &mut prefer_err);
-            }
-            read = out.read(), if out.can_read() => out.took(read, job_id),
-            read = err.read(), if err.can_read() => err.took(read, job_id),
-            _ = tokio::time::sleep_until(drain_until.into()), if reading => {
-                forced = true;
-                tracing::warn!(job_id, pid = job.pid, drain = ?job.pipe_drain,
-                    "the job's output pipes are still held open after its end; closing them");
-                out.reader = None;
-                err.reader = None;
-            }
-            _ = tokio::time::sleep_until(give_up_at.into()) => {
-                tracing::error!(job_id, pid = job.pid, "the job's log or process sweep is wedged; reporting without waiting further");
-                out.pending = None;
-                err.pending = None;
-                if swept.is_none() {
-                    swept = Some(procs::Sweep::default());
-                }
-            }
-        }
-    }
-    drop(log_tx);
-    let swept = swept.unwrap_or_default();
-    if swept.left_dying > 0 {
-        tracing::warn!(
-            job_id,
-            count = swept.left_dying,
-            "some job processes were still dying; they will be reaped later"
-        );
-    }
-    let log_complete = match tokio::time::timeout_at(give_up_at.into(), &mut writer).await {
-        Ok(Ok(Ok(()))) => true,
-        Ok(Ok(Err(e))) => {
-            tracing::error!(job_id, path = %job.log_path.display(), error = %crate::error_chain(&e), "the job log is incomplete");
-            false
-        }
-        Ok(Err(e)) => {
-            tracing::error!(job_id, error = %e, "the job log writer failed");
-            false
-        }
-        Err(_) => {
-            tracing::error!(job_id, "the job log writer did not finish in time");
-            false
-        }
-    };
+    let (swept, forced) = sweep_and_drain(
+        &job,
+        &mut output,
+        marker,
+        leader.known,
+        leader.census,
+        drain_until,
+        give_up_at,
+    )
+    .await;
+    drop(output);
+    let log_complete = finish_log(&job, &mut writer, give_up_at).await;
     // The group has been killed and swept; the guard's job is done.
     guard.armed = false;
 
-    let result = match waited {
+    let result = match leader.waited {
         Ok(status) => {
-            let ending = classify(status, termination);
+            let ending = classify(status, leader.termination);
             tracing::info!(
                 job_id,
                 pid = job.pid,
@@ -1100,6 +955,267 @@ async fn supervise(
     };
     // The receiver may be gone (abandoned job); the outcome then only lives in the log.
     let _ = result_tx.send(result);
+}
+
+/// A deadline that never comes, for a timer that must exist but not fire.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// The job's output on its way to the log: both pipes, which one goes first next, and the
+/// writer's queue. Dropping it closes the queue, which ends the writer.
+struct Output {
+    out: Pipe<tokio::process::ChildStdout>,
+    err: Pipe<tokio::process::ChildStderr>,
+    prefer_err: bool,
+    log_tx: mpsc::Sender<Chunk>,
+}
+
+impl Output {
+    /// A chunk read from a pipe waits for room in the log queue.
+    fn queued(&self) -> bool {
+        self.out.pending.is_some() || self.err.pending.is_some()
+    }
+
+    fn reading(&self) -> bool {
+        self.out.is_open() || self.err.is_open()
+    }
+}
+
+/// How phase 1 ended.
+struct LeaderExit {
+    waited: io::Result<ExitStatus>,
+    termination: Option<Termination>,
+    /// The job's processes seen while the leader lived, so phase 2 can reap them.
+    known: HashMap<i32, u64>,
+    census: Option<JoinHandle<HashMap<i32, u64>>>,
+}
+
+/// Phase 1, until the leader exits: copies the output to the log, enforces the timeout and
+/// stop requests (SIGTERM, then SIGKILL after the grace or at a second request), and counts
+/// the job's processes now and then.
+async fn until_leader_exits(
+    job: &Job,
+    child: &mut tokio::process::Child,
+    output: &mut Output,
+    stop_rx: &mut watch::Receiver<StopState>,
+    result_tx: &mut oneshot::Sender<Result<RunOutcome, SupervisorError>>,
+    marker: &[u8],
+) -> LeaderExit {
+    let job_id = job.job_id.as_str();
+    let timeout_at = job.started.checked_add(job.timeout);
+    let mut termination: Option<Termination> = None;
+    let mut stop_open = true;
+    let mut abandoned = false;
+    let mut known: HashMap<i32, u64> = HashMap::new();
+    let mut census: Option<JoinHandle<HashMap<i32, u64>>> = None;
+    let mut census_tick =
+        tokio::time::interval_at((Instant::now() + CENSUS_INTERVAL).into(), CENSUS_INTERVAL);
+    census_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let never = far_future();
+    let sleep = tokio::time::sleep_until(never.into());
+    tokio::pin!(sleep);
+    let mut armed_for: Option<Instant> = None;
+
+    let waited = loop {
+        let deadline = match &termination {
+            Some(t) => t.kill_at,
+            None => timeout_at,
+        };
+        if deadline != armed_for {
+            sleep.as_mut().reset(deadline.unwrap_or(never).into());
+            armed_for = deadline;
+        }
+        let mut stop_request: Option<StopState> = None;
+        tokio::select! {
+            biased;
+            status = child.wait() => break status,
+            changed = stop_rx.changed(), if stop_open => match changed {
+                Ok(()) => stop_request = Some(*stop_rx.borrow_and_update()),
+                Err(_) => stop_open = false,
+            },
+            _ = result_tx.closed(), if !abandoned => {
+                abandoned = true;
+                tracing::warn!(job_id, pid = job.pid, "nobody waits for this job any more; stopping it");
+                stop_request = Some(StopState { requests: 1, reason: Some(StopReason::Shutdown) });
+            }
+            _ = &mut sleep, if deadline.is_some() => on_deadline(job, &mut termination),
+            permit = output.log_tx.reserve(), if output.queued() => {
+                hand_over(permit, &mut output.out, &mut output.err, &mut output.prefer_err);
+            }
+            read = output.out.read(), if output.out.can_read() => output.out.took(read, job_id),
+            read = output.err.read(), if output.err.can_read() => output.err.took(read, job_id),
+            _ = census_tick.tick(), if census.is_none() => census = Some(job.census(marker)),
+            found = join_running(&mut census), if census.is_some() => {
+                census = None;
+                if let Ok(found) = found {
+                    known.extend(found);
+                }
+            }
+        }
+        if let Some(state) = stop_request {
+            on_stop_request(job, state, &mut termination);
+        }
+    };
+    LeaderExit {
+        waited,
+        termination,
+        known,
+        census,
+    }
+}
+
+/// The timeout has come (SIGTERM) or the kill grace after it has run out (SIGKILL).
+fn on_deadline(job: &Job, termination: &mut Option<Termination>) {
+    let (job_id, pgid) = (job.job_id.as_str(), job.pid as i32);
+    match termination.as_mut() {
+        None => {
+            tracing::info!(job_id, pid = job.pid, pgid, timeout = ?job.timeout, "job timed out; sending SIGTERM");
+            signal_group(job_id, pgid, Signal::SIGTERM);
+            *termination = Some(Termination {
+                cause: Cause::TimedOut,
+                last_signal: Signal::SIGTERM,
+                kill_at: Instant::now().checked_add(job.kill_grace),
+            });
+        }
+        Some(t) => {
+            tracing::info!(job_id, pid = job.pid, pgid, grace = ?job.kill_grace, "job outlived its kill grace; sending SIGKILL");
+            job.kill_all(pgid);
+            t.last_signal = Signal::SIGKILL;
+            t.kill_at = None;
+        }
+    }
+}
+
+/// A stop request: the first sends SIGTERM (SIGKILL follows after the grace), the second
+/// SIGKILL at once.
+fn on_stop_request(job: &Job, state: StopState, termination: &mut Option<Termination>) {
+    let (job_id, pgid) = (job.job_id.as_str(), job.pid as i32);
+    let reason = state.reason.unwrap_or(StopReason::Shutdown);
+    if termination.is_none() && state.requests >= 1 {
+        tracing::info!(
+            job_id,
+            pid = job.pid,
+            pgid,
+            ?reason,
+            "stopping the job; sending SIGTERM"
+        );
+        signal_group(job_id, pgid, Signal::SIGTERM);
+        *termination = Some(Termination {
+            cause: Cause::Stopped(reason),
+            last_signal: Signal::SIGTERM,
+            kill_at: Instant::now().checked_add(job.kill_grace),
+        });
+    }
+    if state.requests >= 2 {
+        if let Some(t) = termination.as_mut() {
+            if t.last_signal != Signal::SIGKILL {
+                tracing::info!(
+                    job_id,
+                    pid = job.pid,
+                    pgid,
+                    "second stop request; sending SIGKILL"
+                );
+                job.kill_all(pgid);
+                t.last_signal = Signal::SIGKILL;
+                t.kill_at = None;
+            }
+        }
+    }
+}
+
+/// Phase 2, the leader is gone and nothing of the job may survive it: kills and reaps what
+/// is left, and drains the pipes until they close or `drain_until` (then they are closed by
+/// force, the `bool`). At `give_up_at` a wedged log queue or sweep is abandoned.
+async fn sweep_and_drain(
+    job: &Job,
+    output: &mut Output,
+    marker: Vec<u8>,
+    mut known: HashMap<i32, u64>,
+    census: Option<JoinHandle<HashMap<i32, u64>>>,
+    drain_until: Instant,
+    give_up_at: Instant,
+) -> (procs::Sweep, bool) {
+    let job_id = job.job_id.as_str();
+    signal_group(job_id, job.pid as i32, Signal::SIGKILL);
+    if let Some(running) = census {
+        if let Ok(found) = running.await {
+            known.extend(found);
+        }
+    }
+    let mut sweeper = job.sweep(marker, known);
+    let mut swept: Option<procs::Sweep> = None;
+    let mut forced = false;
+    loop {
+        let reading = output.reading();
+        let queued = output.queued();
+        if !reading && !queued && swept.is_some() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            result = &mut sweeper, if swept.is_none() => {
+                swept = Some(result.unwrap_or_else(|e| {
+                    tracing::error!(job_id, error = %e, "the sweep of the job's processes failed");
+                    procs::Sweep::default()
+                }));
+            }
+            permit = output.log_tx.reserve(), if queued => {
+                hand_over(permit, &mut output.out, &mut output.err, &mut output.prefer_err);
+            }
+            read = output.out.read(), if output.out.can_read() => output.out.took(read, job_id),
+            read = output.err.read(), if output.err.can_read() => output.err.took(read, job_id),
+            _ = tokio::time::sleep_until(drain_until.into()), if reading => {
+                forced = true;
+                tracing::warn!(job_id, pid = job.pid, drain = ?job.pipe_drain,
+                    "the job's output pipes are still held open after its end; closing them");
+                output.out.reader = None;
+                output.err.reader = None;
+            }
+            _ = tokio::time::sleep_until(give_up_at.into()) => {
+                tracing::error!(job_id, pid = job.pid, "the job's log or process sweep is wedged; reporting without waiting further");
+                output.out.pending = None;
+                output.err.pending = None;
+                if swept.is_none() {
+                    swept = Some(procs::Sweep::default());
+                }
+            }
+        }
+    }
+    let swept = swept.unwrap_or_default();
+    if swept.left_dying > 0 {
+        tracing::warn!(
+            job_id,
+            count = swept.left_dying,
+            "some job processes were still dying; they will be reaped later"
+        );
+    }
+    (swept, forced)
+}
+
+/// Waits (until `give_up_at`) for the log writer to write, flush and fsync everything;
+/// `true` when the log is complete.
+async fn finish_log(
+    job: &Job,
+    writer: &mut JoinHandle<Result<(), JobLogError>>,
+    give_up_at: Instant,
+) -> bool {
+    let job_id = job.job_id.as_str();
+    match tokio::time::timeout_at(give_up_at.into(), writer).await {
+        Ok(Ok(Ok(()))) => true,
+        Ok(Ok(Err(e))) => {
+            tracing::error!(job_id, path = %job.log_path.display(), error = %crate::error_chain(&e), "the job log is incomplete");
+            false
+        }
+        Ok(Err(e)) => {
+            tracing::error!(job_id, error = %e, "the job log writer failed");
+            false
+        }
+        Err(_) => {
+            tracing::error!(job_id, "the job log writer did not finish in time");
+            false
+        }
+    }
 }
 
 fn classify(status: ExitStatus, termination: Option<Termination>) -> Ending {

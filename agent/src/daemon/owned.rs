@@ -26,6 +26,7 @@ use crate::job_owner::client::{self, OwnerConn};
 use crate::job_owner::{
     ExitRecord, JobDir, JobFile, LaunchPlan, Request, SqsReceipt, StopWhy, OWNERS_DIR, PROTOCOL,
 };
+use crate::joblog::cloudwatch::Shipment;
 use crate::joblog::{self, JobLog, LogName};
 use crate::lock::{Acquire, JobLock, RunState};
 use crate::outcome::{ErrorName, Outcome};
@@ -415,23 +416,7 @@ pub(super) async fn watch_job(
     shutdown: watch::Receiver<JobStop>,
     adopted: bool,
 ) -> Delivered {
-    let shipment = match (&shared.shipper, &job.log_stream) {
-        (Some(shipper), Some(stream)) => {
-            let started = if adopted {
-                shipper.resume(&job.log_file, stream)
-            } else {
-                shipper.start(&job.log_file, stream)
-            };
-            match started {
-                Ok(shipment) => Some(shipment),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot ship the job's log to CloudWatch");
-                    None
-                }
-            }
-        }
-        _ => None,
-    };
+    let shipment = start_shipment(&shared, &job, adopted);
     // The owner writes the log in another process; keep housekeeping away from it here.
     let _pin = joblog::pin(&job.log_file).ok();
     if let Some(conn) = conn {
@@ -452,31 +437,13 @@ pub(super) async fn watch_job(
     let (outcome, exit) = match exit {
         Some(exit) => (outcome_of(&exit), Some(exit)),
         None if rerun => {
-            // `on_interrupted = "rerun"`: the lock state still says `running` under this
-            // token, so the message, made visible again now, runs the job again once the
-            // leftovers are gone and the lock is free.
-            kill_leftovers(&dir).await;
-            if let (Source::Sqs(message), Some(sqs)) = (&source, &shared.sqs) {
-                tracing::warn!("the job's owner process died; running the job again (on_interrupted = \"rerun\")");
-                if let Err(e) = sqs.release(&message.receipt_handle, Duration::ZERO).await {
-                    tracing::warn!(error = %e, "cannot return the message; it comes back after its visibility timeout");
-                }
-            }
-            dir.remove();
+            requeue_for_rerun(&shared, &source, &dir).await;
             return Delivered::Left;
         }
         None => (dead_owner(&shared, &dir, &job).await, None),
     };
     if let Some(shipment) = shipment {
-        let flush = shared
-            .config
-            .cloudwatch
-            .as_ref()
-            .map(|c| c.final_flush_timeout)
-            .unwrap_or_default();
-        if !shipment.finish(flush).await {
-            tracing::warn!("the job's log is not all shipped after the final flush timeout; the rest keeps shipping in the background");
-        }
+        final_flush(&shared, shipment).await;
     }
     tracing::info!(
         status = outcome.status(),
@@ -517,6 +484,56 @@ pub(super) async fn watch_job(
         dir.remove();
     }
     delivered
+}
+
+/// Starts shipping the job's log to CloudWatch (resuming where an earlier agent left off
+/// for an adopted job); `None` without CloudWatch or when it cannot start.
+fn start_shipment(shared: &Shared, job: &JobFile, adopted: bool) -> Option<Shipment> {
+    let (Some(shipper), Some(stream)) = (&shared.shipper, &job.log_stream) else {
+        return None;
+    };
+    let started = if adopted {
+        shipper.resume(&job.log_file, stream)
+    } else {
+        shipper.start(&job.log_file, stream)
+    };
+    match started {
+        Ok(shipment) => Some(shipment),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ship the job's log to CloudWatch");
+            None
+        }
+    }
+}
+
+/// `on_interrupted = "rerun"` after the owner died: the lock state still says `running`
+/// under this token, so the message, made visible again now, runs the job again once the
+/// leftovers are gone and the lock is free.
+async fn requeue_for_rerun(shared: &Shared, source: &Source, dir: &JobDir) {
+    kill_leftovers(dir).await;
+    if let (Source::Sqs(message), Some(sqs)) = (source, &shared.sqs) {
+        tracing::warn!(
+            "the job's owner process died; running the job again (on_interrupted = \"rerun\")"
+        );
+        if let Err(e) = sqs.release(&message.receipt_handle, Duration::ZERO).await {
+            tracing::warn!(error = %e, "cannot return the message; it comes back after its visibility timeout");
+        }
+    }
+    dir.remove();
+}
+
+/// Gives the job's shipment up to `final_flush_timeout` to catch up; the rest keeps shipping
+/// in the background.
+async fn final_flush(shared: &Shared, shipment: Shipment) {
+    let flush = shared
+        .config
+        .cloudwatch
+        .as_ref()
+        .map(|c| c.final_flush_timeout)
+        .unwrap_or_default();
+    if !shipment.finish(flush).await {
+        tracing::warn!("the job's log is not all shipped after the final flush timeout; the rest keeps shipping in the background");
+    }
 }
 
 /// Watches a running owner: heartbeats and message visibility every tick, a stop asked of

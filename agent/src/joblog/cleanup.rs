@@ -44,9 +44,27 @@ pub fn cleanup(
     max_total_bytes: u64,
 ) -> Result<CleanupReport, JobLogError> {
     let mut report = CleanupReport::default();
+    let Some(found) = list(log_dir, &mut report)? else {
+        return Ok(report);
+    };
+    remove_files(found.files, max_age, max_total_bytes, &mut report);
+    remove_empty_dirs(found.dirs, &mut report);
+    Ok(report)
+}
+
+/// What [`list`] found under `log_dir`.
+struct Listing {
+    files: Vec<Candidate>,
+    /// The workflow directories, to remove if the file pass leaves them empty.
+    dirs: Vec<PathBuf>,
+}
+
+/// The job logs under `log_dir` and its workflow directories; `None` when there is no
+/// `log_dir`.
+fn list(log_dir: &Path, report: &mut CleanupReport) -> Result<Option<Listing>, JobLogError> {
     let top = match fs::read_dir(log_dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(report),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(source) => {
             return Err(JobLogError::ListDir {
                 path: log_dir.to_path_buf(),
@@ -78,7 +96,17 @@ pub fn cleanup(
             collect(path, &mut files);
         }
     }
+    Ok(Some(Listing { files, dirs }))
+}
 
+/// Removes the logs older than `max_age`, then the oldest until the total is at most
+/// `max_total_bytes`; never one that is still active.
+fn remove_files(
+    mut files: Vec<Candidate>,
+    max_age: Duration,
+    max_total_bytes: u64,
+    report: &mut CleanupReport,
+) {
     let now = SystemTime::now();
     let too_old = |c: &Candidate| {
         now.duration_since(c.modified)
@@ -123,7 +151,10 @@ pub fn cleanup(
             }
         }
     }
+}
 
+/// Removes the workflow directories the file pass left empty.
+fn remove_empty_dirs(dirs: Vec<PathBuf>, report: &mut CleanupReport) {
     for dir in dirs {
         // remove_dir refuses a non-empty directory, which is exactly the check wanted; a
         // JobLog::create racing with this retries its mkdir.
@@ -140,7 +171,6 @@ pub fn cleanup(
             }
         }
     }
-    Ok(report)
 }
 
 fn collect(path: PathBuf, files: &mut Vec<Candidate>) {

@@ -28,11 +28,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::fs::{self, DirBuilder, File};
 use std::future::Future;
-use std::hash::{BuildHasher, Hasher};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -43,15 +42,16 @@ use tokio::time::Instant;
 
 use super::audit::dynamodb::{AuditWrite, JobAuditTable};
 use super::audit::JobAuditRecord;
-use super::retry::{ErrorClass, RetryPolicy};
 use super::stepfunctions::{CallbackError, StepFunctions};
+use crate::aws::retry::{ErrorClass, RetryPolicy};
+use crate::fsutil;
 use crate::outcome::Outcome;
 
 const DIR_NAME: &str = "outbox";
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
 const ENTRY_SUFFIX: &str = ".json";
-const TMP_SUFFIX: &str = ".tmp";
+const TMP_SUFFIX: &str = fsutil::TEMP_SUFFIX;
 const BAD_SUFFIX: &str = ".bad";
 
 /// Even with no wake-up, the worker looks at the directory this often, to pick up entries
@@ -160,7 +160,7 @@ impl fmt::Debug for OutboxEntry {
 /// A fresh entry id: creation time in milliseconds (so entries sort by age), then 64 random
 /// bits.
 fn entry_id(millis: u128) -> String {
-    format!("{millis:013}-{:016x}", random_u64())
+    format!("{millis:013}-{:016x}", fastrand::u64(..))
 }
 
 /// A fresh entry id, for an entry whose id must be fixed before the entry exists (a job's
@@ -227,14 +227,6 @@ impl OutboxEntry {
     pub fn is_done(&self) -> bool {
         !self.callback_pending() && !self.audit_pending()
     }
-}
-
-/// Fresh randomness from the standard library's per-process random hash keys: enough for
-/// unique ids (together with the millisecond prefix) without a dependency.
-fn random_u64() -> u64 {
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u32(std::process::id());
-    hasher.finish()
 }
 
 /// A failed outbox file operation.
@@ -421,27 +413,10 @@ impl Outbox {
             id: entry.id.clone(),
             source,
         })?;
-        // Dot-prefixed so a listing never mistakes a half-written file for an entry.
-        let tmp = self
-            .inner
-            .dir
-            .join(format!(".{}{ENTRY_SUFFIX}{TMP_SUFFIX}", entry.id));
-        let err = |source| OutboxError::Write {
-            path: path.clone(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(FILE_MODE)
-            .open(&tmp)
-            .map_err(err)?;
-        file.write_all(&json).map_err(err)?;
-        file.sync_all().map_err(err)?;
-        drop(file);
-        fs::rename(&tmp, &path).map_err(err)?;
-        sync_dir(&self.inner.dir).map_err(err)
+        // The temp file is dot-prefixed, so a listing never mistakes a half-written file for
+        // an entry.
+        fsutil::write_atomic(&path, &json, FILE_MODE)
+            .map_err(|source| OutboxError::Write { path, source })
     }
 
     /// Removes an entry durably. Removing an entry that is not there is not an error.
@@ -1011,7 +986,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::retry::Jitter;
+    use crate::aws::retry::Jitter;
 
     fn record(status: &str) -> JobAuditRecord {
         JobAuditRecord {

@@ -5,10 +5,10 @@
 //! `TaskDoesNotExist`, `InvalidToken`) is [`CallbackError::TaskClosed`]: the task is already
 //! over upstream (stopped, timed out, or answered by an earlier attempt of ours), which is
 //! not a failure of the agent and never worth retrying. Everything else is classified by
-//! [`super::retry`].
+//! [`crate::aws::retry`].
 //!
 //! Each method makes exactly one attempt. Retrying belongs to the caller under the one
-//! [`super::retry::RetryPolicy`] (the outbox for outcomes, the heartbeat tick for
+//! [`crate::aws::retry::RetryPolicy`] (the outbox for outcomes, the heartbeat tick for
 //! heartbeats), because the SDK's own retries are off.
 //!
 //! Must not touch: the outbox, the audit, or job state; and never log a task token (use
@@ -22,7 +22,7 @@ use aws_sdk_sfn::operation::send_task_failure::SendTaskFailureError;
 use aws_sdk_sfn::operation::send_task_heartbeat::SendTaskHeartbeatError;
 use aws_sdk_sfn::operation::send_task_success::SendTaskSuccessError;
 
-use super::retry::{classify, ErrorClass};
+use crate::aws::retry::{classify, ErrorClass};
 
 /// The error codes with which Step Functions says a task token no longer names an open task.
 const CLOSED_CODES: &[&str] = &["TaskTimedOut", "TaskDoesNotExist", "InvalidToken"];

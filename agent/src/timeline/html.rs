@@ -16,7 +16,8 @@
 use std::fmt::Write as _;
 
 use super::{
-    format_duration, format_utc, Attempt, CriticalPath, Ms, Outcome, Source, StageBlock, Timeline,
+    format_duration, format_utc, Attempt, CriticalPath, JobRow, Ms, Outcome, Source, StageBlock,
+    Timeline,
 };
 use crate::workflow::ExecutionType;
 
@@ -404,6 +405,7 @@ fn chart(out: &mut String, t: &Timeline, path: &CriticalPath) {
     out.push_str("</svg>\n");
 }
 
+/// One stage: its header row, then a row per job.
 fn stage_rows(
     out: &mut String,
     stage: &StageBlock,
@@ -411,6 +413,19 @@ fn stage_rows(
     y: &mut f64,
     x: &dyn Fn(Ms) -> f64,
 ) {
+    stage_header(out, stage, *y, x);
+    *y += STAGE_ROW;
+    for (i, job) in stage.jobs.iter().enumerate() {
+        let critical = path.contains(stage.number, &job.job_name);
+        job_row(out, stage, job, i % 2 == 1, critical, *y, x);
+        *y += JOB_ROW;
+    }
+    out.push_str("</g>\n");
+}
+
+/// A stage's header at `y` (number, description, kind, how long it took) and its extent
+/// shaded behind its job rows. Opens the stage's group, which [`stage_rows`] closes.
+fn stage_header(out: &mut String, stage: &StageBlock, y: f64, x: &dyn Fn(Ms) -> f64) {
     let jobs_height = stage.jobs.len() as f64 * JOB_ROW;
     let kind = match stage.execution_type {
         ExecutionType::Sequential => "sequential",
@@ -426,8 +441,8 @@ fn stage_rows(
         "<g class=\"stage\" data-stage=\"{}\"><rect x=\"0\" y=\"{:.1}\" width=\"{WIDTH}\" height=\"{STAGE_ROW}\" fill=\"#f1f3f5\"/>\
          <text x=\"12\" y=\"{:.1}\" font-size=\"12.5\" font-weight=\"650\" fill=\"#343a40\">Stage {} · {} <tspan font-weight=\"400\" fill=\"#6c757d\">· {kind} · {}</tspan></text>",
         stage.number,
-        *y,
-        *y + 19.5,
+        y,
+        y + 19.5,
         stage.number,
         esc(&truncate(&stage.description, 70)),
         esc(&took),
@@ -438,74 +453,80 @@ fn stage_rows(
             out,
             "<rect class=\"stage-span\" x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{jobs_height:.1}\" fill=\"#e7f5ff\" opacity=\"0.55\"/>",
             x(b),
-            *y + STAGE_ROW,
+            y + STAGE_ROW,
             (x(e) - x(b)).max(1.0)
         );
     }
-    *y += STAGE_ROW;
-    for (i, job) in stage.jobs.iter().enumerate() {
-        let critical = path.contains(stage.number, &job.job_name);
-        let mid = *y + JOB_ROW / 2.0;
+}
+
+/// One job's row at `y`: its name, each attempt's bar, and the last attempt's run time.
+fn job_row(
+    out: &mut String,
+    stage: &StageBlock,
+    job: &JobRow,
+    striped: bool,
+    critical: bool,
+    y: f64,
+    x: &dyn Fn(Ms) -> f64,
+) {
+    let mid = y + JOB_ROW / 2.0;
+    let _ = write!(
+        out,
+        "<g class=\"job\" data-stage=\"{}\" data-job=\"{}\" data-critical=\"{critical}\" data-attempts=\"{}\">",
+        stage.number,
+        esc(&job.job_name),
+        job.attempts.len()
+    );
+    if striped {
         let _ = write!(
             out,
-            "<g class=\"job\" data-stage=\"{}\" data-job=\"{}\" data-critical=\"{critical}\" data-attempts=\"{}\">",
-            stage.number,
-            esc(&job.job_name),
-            job.attempts.len()
+            "<rect x=\"0\" y=\"{:.1}\" width=\"{GUTTER}\" height=\"{JOB_ROW}\" fill=\"#fcfcfd\"/>",
+            y
         );
-        if i % 2 == 1 {
-            let _ = write!(
-                out,
-                "<rect x=\"0\" y=\"{:.1}\" width=\"{GUTTER}\" height=\"{JOB_ROW}\" fill=\"#fcfcfd\"/>",
-                *y
-            );
-        }
+    }
+    let _ = write!(
+        out,
+        "<line x1=\"0\" y1=\"{:.1}\" x2=\"{WIDTH}\" y2=\"{:.1}\" stroke=\"#f1f3f5\"/>\
+         <text class=\"job-name\" x=\"24\" y=\"{:.1}\" font-size=\"12.5\" fill=\"{}\"{}><title>{}</title>{}</text>",
+        y + JOB_ROW,
+        y + JOB_ROW,
+        mid + 4.3,
+        if job.attempts.is_empty() { "#adb5bd" } else { "#212529" },
+        if critical { " font-weight=\"700\"" } else { "" },
+        esc(&job.job_name),
+        esc(&truncate(&job.job_name, 36)),
+    );
+    if job.attempts.is_empty() {
         let _ = write!(
             out,
-            "<line x1=\"0\" y1=\"{:.1}\" x2=\"{WIDTH}\" y2=\"{:.1}\" stroke=\"#f1f3f5\"/>\
-             <text class=\"job-name\" x=\"24\" y=\"{:.1}\" font-size=\"12.5\" fill=\"{}\"{}><title>{}</title>{}</text>",
-            *y + JOB_ROW,
-            *y + JOB_ROW,
-            mid + 4.3,
-            if job.attempts.is_empty() { "#adb5bd" } else { "#212529" },
-            if critical { " font-weight=\"700\"" } else { "" },
-            esc(&job.job_name),
-            esc(&truncate(&job.job_name, 36)),
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#adb5bd\" font-style=\"italic\">{}</text>",
+            GUTTER + 6.0,
+            mid + 4.0,
+            if stage.enabled { "not run" } else { "stage disabled" }
         );
-        if job.attempts.is_empty() {
-            let _ = write!(
-                out,
-                "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#adb5bd\" font-style=\"italic\">{}</text>",
-                GUTTER + 6.0,
-                mid + 4.0,
-                if stage.enabled { "not run" } else { "stage disabled" }
-            );
-        }
-        for attempt in &job.attempts {
-            bar(out, job.job_name.as_str(), attempt, critical, mid, x);
-        }
-        if let Some(last) = job.attempts.last() {
-            let end = last
-                .ended
-                .or(last.started)
-                .or(last.scheduled)
-                .unwrap_or_default();
-            let label = match (job.attempts.len(), last.run_time()) {
-                (1, Some(d)) => format_duration(d),
-                (n, Some(d)) => format!("{} · {n} attempts", format_duration(d)),
-                (n, None) if n > 1 => format!("{n} attempts"),
-                _ => String::new(),
-            };
-            let _ = write!(
-                out,
-                "<text class=\"run-time\" x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#495057\">{}</text>",
-                x(end) + 5.0,
-                mid + 4.0,
-                esc(&label)
-            );
-        }
-        out.push_str("</g>\n");
-        *y += JOB_ROW;
+    }
+    for attempt in &job.attempts {
+        bar(out, job.job_name.as_str(), attempt, critical, mid, x);
+    }
+    if let Some(last) = job.attempts.last() {
+        let end = last
+            .ended
+            .or(last.started)
+            .or(last.scheduled)
+            .unwrap_or_default();
+        let label = match (job.attempts.len(), last.run_time()) {
+            (1, Some(d)) => format_duration(d),
+            (n, Some(d)) => format!("{} · {n} attempts", format_duration(d)),
+            (n, None) if n > 1 => format!("{n} attempts"),
+            _ => String::new(),
+        };
+        let _ = write!(
+            out,
+            "<text class=\"run-time\" x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" fill=\"#495057\">{}</text>",
+            x(end) + 5.0,
+            mid + 4.0,
+            esc(&label)
+        );
     }
     out.push_str("</g>\n");
 }

@@ -171,65 +171,13 @@ pub fn attempts_from_history(
         ) {
             continue;
         }
-        // Back along previousEventId to the scheduling of this task (a few events at most;
-        // the bound only guards against a malformed history).
-        let mut at = event.previous;
-        let mut scheduled = None;
-        for _ in 0..64 {
-            if index.contains_key(&at) {
-                scheduled = Some(at);
-                break;
-            }
-            match by_id.get(&at) {
-                Some(e)
-                    if !matches!(
-                        e.kind,
-                        EventKind::Succeeded { .. } | EventKind::Failed { .. }
-                    ) =>
-                {
-                    at = e.previous
-                }
-                _ => break,
-            }
-        }
-        let Some(attempt) = scheduled
+        let Some(attempt) = scheduling_of(event, &index, &by_id)
             .and_then(|id| index.get(&id))
             .map(|&i| &mut open[i].2)
         else {
             continue;
         };
-        attempt.ended = Some(event.at);
-        match &event.kind {
-            EventKind::Succeeded { output } => {
-                attempt.outcome = Outcome::Completed;
-                let output: Value = output
-                    .as_deref()
-                    .and_then(|o| serde_json::from_str(o).ok())
-                    .unwrap_or(Value::Null);
-                attempt.instance_id = output["instance_id"].as_str().map(str::to_string);
-                attempt.exit_code = output["exit_code"].as_i64();
-                attempt.log = output["log_stream"].as_str().map(str::to_string);
-                // The callback comes just after the job's end: its start, near enough.
-                attempt.started = output["duration_ms"]
-                    .as_i64()
-                    .map(|d| (event.at - d).max(attempt.scheduled.unwrap_or(i64::MIN)));
-            }
-            EventKind::Failed { error, cause } => {
-                attempt.outcome = Outcome::from_error(error);
-                let cause_json: Value = cause
-                    .as_deref()
-                    .and_then(|c| serde_json::from_str(c).ok())
-                    .unwrap_or(Value::Null);
-                attempt.exit_code = cause_json["exit_code"].as_i64();
-                attempt.sql_state = cause_json["sql_state"].as_str().map(str::to_string);
-                attempt.log = cause_json["log_stream"].as_str().map(str::to_string);
-                attempt.message = cause_json["message"]
-                    .as_str()
-                    .map(str::to_string)
-                    .or_else(|| cause.clone().filter(|_| cause_json.is_null()));
-            }
-            _ => {}
-        }
+        apply_end(attempt, event);
     }
     let mut out: HashMap<String, Vec<Attempt>> = HashMap::new();
     for (_, job, mut attempt) in open {
@@ -244,6 +192,69 @@ pub fn attempts_from_history(
         list.push(attempt);
     }
     out
+}
+
+/// The id of the event that scheduled the task `event` ends: back along previousEventId (a
+/// few events at most; the bound only guards against a malformed history).
+fn scheduling_of(
+    event: &Event,
+    scheduled: &HashMap<i64, usize>,
+    by_id: &HashMap<i64, &Event>,
+) -> Option<i64> {
+    let mut at = event.previous;
+    for _ in 0..64 {
+        if scheduled.contains_key(&at) {
+            return Some(at);
+        }
+        match by_id.get(&at) {
+            Some(e)
+                if !matches!(
+                    e.kind,
+                    EventKind::Succeeded { .. } | EventKind::Failed { .. }
+                ) =>
+            {
+                at = e.previous
+            }
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// What the end of a task (its success output or its error and cause) says of its attempt.
+fn apply_end(attempt: &mut Attempt, event: &Event) {
+    attempt.ended = Some(event.at);
+    match &event.kind {
+        EventKind::Succeeded { output } => {
+            attempt.outcome = Outcome::Completed;
+            let output: Value = output
+                .as_deref()
+                .and_then(|o| serde_json::from_str(o).ok())
+                .unwrap_or(Value::Null);
+            attempt.instance_id = output["instance_id"].as_str().map(str::to_string);
+            attempt.exit_code = output["exit_code"].as_i64();
+            attempt.log = output["log_stream"].as_str().map(str::to_string);
+            // The callback comes just after the job's end: its start, near enough.
+            attempt.started = output["duration_ms"]
+                .as_i64()
+                .map(|d| (event.at - d).max(attempt.scheduled.unwrap_or(i64::MIN)));
+        }
+        EventKind::Failed { error, cause } => {
+            attempt.outcome = Outcome::from_error(error);
+            let cause_json: Value = cause
+                .as_deref()
+                .and_then(|c| serde_json::from_str(c).ok())
+                .unwrap_or(Value::Null);
+            attempt.exit_code = cause_json["exit_code"].as_i64();
+            attempt.sql_state = cause_json["sql_state"].as_str().map(str::to_string);
+            attempt.log = cause_json["log_stream"].as_str().map(str::to_string);
+            attempt.message = cause_json["message"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| cause.clone().filter(|_| cause_json.is_null()));
+        }
+        _ => {}
+    }
 }
 
 /// A job audit item (as JSON) applied to the attempt it belongs to: the last one scheduled
@@ -339,6 +350,46 @@ pub fn assemble(
     blocks
 }
 
+/// Each job the history schedules, once, in the order of its first scheduling.
+fn scheduling_order(history: &[Event]) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    for event in history {
+        if let EventKind::Scheduled { job_name } = &event.kind {
+            if !order.contains(job_name) {
+                order.push(job_name.clone());
+            }
+        }
+    }
+    order
+}
+
+/// The attempt of a job audit item the history does not schedule; `execution_ended` says a
+/// "running" item can no longer be running.
+fn audited_only(item: &Value, execution_ended: bool) -> Attempt {
+    Attempt {
+        number: item["attempt"].as_u64().unwrap_or(1) as u32,
+        scheduled: None,
+        started: None,
+        ended: None,
+        outcome: match item["execution_status"].as_str() {
+            Some("completed") => Outcome::Completed,
+            Some("running") if !execution_ended => Outcome::Running,
+            Some("cancelled") => Outcome::Cancelled,
+            _ => Outcome::from_error(
+                item["error_message"]
+                    .as_str()
+                    .and_then(|m| m.split(':').next())
+                    .unwrap_or("Rsql.ScriptFailed"),
+            ),
+        },
+        instance_id: None,
+        exit_code: None,
+        sql_state: None,
+        message: None,
+        log: None,
+    }
+}
+
 impl Orchestrator {
     /// The timeline of one execution of `state_machine_arn`: `execution` is its name (the
     /// execution id) or its ARN.
@@ -372,18 +423,7 @@ impl Orchestrator {
         let history = self.history(&arn).await?;
         let ended = described.stop_date().and_then(|d| d.to_millis().ok());
         let mut attempts = attempts_from_history(&history, ended);
-        let history_order: Vec<String> = history
-            .iter()
-            .filter_map(|e| match &e.kind {
-                EventKind::Scheduled { job_name } => Some(job_name.clone()),
-                _ => None,
-            })
-            .fold(Vec::new(), |mut v, j| {
-                if !v.contains(&j) {
-                    v.push(j);
-                }
-                v
-            });
+        let history_order = scheduling_order(&history);
 
         let stages: Vec<Stage> = if workflow_id.is_empty() {
             Vec::new()
@@ -408,28 +448,7 @@ impl Orchestrator {
             let list = attempts.entry(job.clone()).or_default();
             if list.is_empty() {
                 // Audited but not in the history (an older execution's item): its own run.
-                list.push(Attempt {
-                    number: item["attempt"].as_u64().unwrap_or(1) as u32,
-                    scheduled: None,
-                    started: None,
-                    ended: None,
-                    outcome: match item["execution_status"].as_str() {
-                        Some("completed") => Outcome::Completed,
-                        Some("running") if ended.is_none() => Outcome::Running,
-                        Some("cancelled") => Outcome::Cancelled,
-                        _ => Outcome::from_error(
-                            item["error_message"]
-                                .as_str()
-                                .and_then(|m| m.split(':').next())
-                                .unwrap_or("Rsql.ScriptFailed"),
-                        ),
-                    },
-                    instance_id: None,
-                    exit_code: None,
-                    sql_state: None,
-                    message: None,
-                    log: None,
-                });
+                list.push(audited_only(&item, ended.is_some()));
             }
             apply_audit(list, &item);
         }

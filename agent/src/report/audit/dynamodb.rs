@@ -15,7 +15,7 @@
 //! Anything else means the table already holds this attempt's final state, or a later
 //! attempt's: [`AuditWrite::AlreadyNewer`], which is success for the caller.
 //!
-//! Each call makes one attempt; the outbox retries under [`crate::report::retry`]. No
+//! Each call makes one attempt; the outbox retries under [`crate::aws::retry`]. No
 //! `DescribeTable` before writes: a missing table shows up as a rejected write.
 //!
 //! Must not touch: the local audit file, Step Functions, or job state.
@@ -28,8 +28,8 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 
 use super::JobAuditRecord;
+use crate::aws::retry::{classify, ErrorClass};
 use crate::config::AuditFormat;
-use crate::report::retry::{classify, ErrorClass};
 
 /// The condition described in the module doc. `attribute_not_exists(job_name)` is "no item".
 const CONDITION: &str = "attribute_not_exists(job_name) OR attribute_not_exists(#attempt) \

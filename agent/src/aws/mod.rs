@@ -2,10 +2,13 @@
 //!
 //! Owns: loading the shared SDK config (region, credentials and `AWS_ENDPOINT_URL` from the
 //! standard chain, so tests point the same code at the emulator), the timeouts, and turning
-//! the SDK's own retries off. Retrying is the outbox's job, under one policy; the SDK's
-//! retries stacked on ours would multiply the waits during an outage.
+//! the SDK's own retries off, and the one retry policy ([`retry`]) every caller retries
+//! under instead; the SDK's retries stacked on ours would multiply the waits during an
+//! outage.
 //!
 //! Must not touch: jobs, files, or what is sent; callers own their calls.
+
+pub mod retry;
 
 use std::time::Duration;
 

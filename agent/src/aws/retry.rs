@@ -1,20 +1,19 @@
-//! The one retry policy for reports, and what an AWS error means for it.
+//! The one retry policy for every AWS call the agent makes (reports, CloudWatch Logs), and
+//! what an AWS error means for it.
 //!
 //! Owns: the backoff schedule (exponential, capped, jittered) and the classification of an
 //! SDK failure into "try again soon" ([`ErrorClass::Retryable`]: throttling, 5xx, network,
 //! timeouts) or "the request itself was refused" ([`ErrorClass::Rejected`]: other 4xx,
 //! which is a bug or missing permissions).
 //!
-//! The SDK's own retries are off (see [`crate::aws`]), so this is the only retry layer: a
+//! The SDK's own retries are off (see [`super`]), so this is the only retry layer: a
 //! caller makes one attempt, asks this module how long to wait, and tries again. Stacking
 //! the SDK's three attempts under ours would triple every wait during an outage and hide
 //! how many calls were really made.
 //!
 //! Must not touch: the network, files or clocks other than for jitter; callers sleep.
 
-use std::collections::hash_map::RandomState;
 use std::error::Error;
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 use aws_sdk_sfn::config::http::HttpResponse;
@@ -96,20 +95,10 @@ fn jittered(ceiling: Duration, jitter: Jitter) -> Duration {
     Duration::from_nanos(picked)
 }
 
-/// Uniform in `[0, bound]`. The standard library's `RandomState` is seeded from the OS once
-/// per thread and changes on every `new()`, which is plenty for spreading retries and saves
-/// a dependency; nothing here needs to be unpredictable to an attacker.
+/// Uniform in `[0, bound]`, from `fastrand` (seeded per thread from the OS): plenty for
+/// spreading retries, which nothing needs to be unpredictable to an attacker.
 fn uniform(bound: u64) -> u64 {
-    if bound == 0 {
-        return 0;
-    }
-    let mut hasher = RandomState::new().build_hasher();
-    hasher.write_u64(bound);
-    let random = hasher.finish();
-    match bound.checked_add(1) {
-        Some(span) => random % span,
-        None => random,
-    }
+    fastrand::u64(0..=bound)
 }
 
 /// What a failed AWS call means for the retry policy.
