@@ -263,20 +263,20 @@ async fn a_line_is_readable_in_cloudwatch_while_the_job_still_runs() {
     let agent = world.agent(|_| {});
     let exec = run(&world, 30, "live_1", "live.sh").await;
     let stream = find_stream(&world, "live_1", "live.sh").await;
-    let deadline = Instant::now() + WAIT;
-    loop {
+    let messages_then = eventually_with("the first line in CloudWatch", WAIT, || async {
         let messages = messages(&world, &stream).await;
         if messages.iter().any(|m| m == "first line") {
-            assert!(
-                !messages.iter().any(|m| m == "second line"),
-                "the job already ended: {messages:?}"
-            );
-            assert_eq!(status(&world, &exec).await, ExecutionStatus::Running);
-            break;
+            Ok(messages)
+        } else {
+            Err(agent.log())
         }
-        assert!(Instant::now() < deadline, "{}", agent.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
+    assert!(
+        !messages_then.iter().any(|m| m == "second line"),
+        "the job already ended: {messages_then:?}"
+    );
+    assert_eq!(status(&world, &exec).await, ExecutionStatus::Running);
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
     let output = moto::execution_output(&out);
@@ -520,30 +520,16 @@ async fn job_metrics_arrive_in_the_log_group_as_embedded_metric_records() {
         let out = moto::wait_execution(&world.sdk, exec, WAIT).await;
         assert_ne!(*out.status(), ExecutionStatus::Running, "{}", agent.log());
     }
-    // One metrics stream for this agent run, found by its documented prefix.
-    let mut records: Vec<serde_json::Value> = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while records
-        .iter()
-        .filter(|r| r.get("JobName").is_some())
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "metrics never arrived: {records:?}\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let Ok(found) = logs(&world)
+    // One metrics stream for this agent run, found by its documented prefix; wait for both
+    // jobs' records.
+    let records: Vec<serde_json::Value> = eventually_with("both jobs' metrics", WAIT, || async {
+        let found = logs(&world)
             .describe_log_streams()
             .log_group_name(world.log_group())
             .log_stream_name_prefix(METRICS_PREFIX)
             .send()
             .await
-        else {
-            continue;
-        };
+            .map_err(|e| format!("{e}\n{}", agent.log()))?;
         let streams: Vec<String> = found
             .log_streams()
             .iter()
@@ -551,18 +537,29 @@ async fn job_metrics_arrive_in_the_log_group_as_embedded_metric_records() {
             .collect();
         assert!(streams.len() <= 1, "one stream per agent run: {streams:?}");
         let Some(stream) = streams.first() else {
-            continue;
+            return Err(format!("no metrics stream yet\n{}", agent.log()));
         };
         assert!(
             stream.starts_with(&format!("{METRICS_PREFIX}{}/", agent.config.instance_id)),
             "{stream}"
         );
-        records = messages(&world, stream)
+        let records: Vec<serde_json::Value> = messages(&world, stream)
             .await
             .iter()
             .map(|m| serde_json::from_str(m).expect("every metrics event is one JSON record"))
             .collect();
-    }
+        if records
+            .iter()
+            .filter(|r| r.get("JobName").is_some())
+            .count()
+            >= 2
+        {
+            Ok(records)
+        } else {
+            Err(format!("{records:?}"))
+        }
+    })
+    .await;
     for record in &records {
         assert_eq!(record["Fleet"], "night-fleet", "{record}");
         emf_metrics(record);

@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::ExecutionStatus;
@@ -15,7 +15,7 @@ use rsql_agent_tests::agent::{write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
-use rsql_agent_tests::world::{s, Item, StateMachine, World, WAIT};
+use rsql_agent_tests::world::{eventually, eventually_with, s, Item, StateMachine, World, WAIT};
 use serde_json::{json, Value};
 
 /// `HeartbeatSeconds` of the stack: the agents heartbeat running jobs every second. Job
@@ -463,23 +463,16 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
     let arn = workflow_start(&world, "blog_retry_workflow", "blog_retry_1");
 
     // Find the agent running the slow job and SIGKILL it mid-job.
-    let deadline = Instant::now() + WAIT;
-    let victim = loop {
-        if let Some(item) = world
+    let victim = eventually_with("the slow job to start", WAIT, || async {
+        match world
             .audit_item("rsql_blog_slow_4.sh", "blog_retry_1")
             .await
         {
-            if s(&item, "execution_status") == "running" {
-                break s(&item, "instance_id");
-            }
+            Some(item) if s(&item, "execution_status") == "running" => Ok(s(&item, "instance_id")),
+            _ => Err(logs(&agents.values().collect::<Vec<_>>())),
         }
-        assert!(
-            Instant::now() < deadline,
-            "the slow job never started:\n{}",
-            logs(&agents.values().collect::<Vec<_>>())
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let survivor = if victim == "i-0agent-a" {
         "i-0agent-b"
     } else {
@@ -709,30 +702,24 @@ async fn commands_give_clear_errors() {
         .send()
         .await
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while aws_sdk_dynamodb::Client::new(&world.sdk)
-        .get_item()
-        .table_name(world.workflow_table())
-        .key(
-            "workflow_execution_id",
-            AttributeValue::S("scheduled_1".into()),
-        )
-        .key(
-            "workflow_id",
-            AttributeValue::S("blog_test_workflow".into()),
-        )
-        .send()
-        .await
-        .unwrap()
-        .item
-        .is_none()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no workflow audit item for scheduled_1"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("a workflow audit item for scheduled_1", WAIT, || async {
+        aws_sdk_dynamodb::Client::new(&world.sdk)
+            .get_item()
+            .table_name(world.workflow_table())
+            .key(
+                "workflow_execution_id",
+                AttributeValue::S("scheduled_1".into()),
+            )
+            .key(
+                "workflow_id",
+                AttributeValue::S("blog_test_workflow".into()),
+            )
+            .send()
+            .await
+            .unwrap()
+            .item
+    })
+    .await;
 }
 
 /// A workflow config of `stages` (`"parallel"` or `"sequential"`, scripts), in `dir`.
