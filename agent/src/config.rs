@@ -948,6 +948,18 @@ impl Config {
                 format!("{e} (anyone who can change it could run code as the agent)"),
             )
         })?;
+        if let Some(legacy) = &self.jobs.legacy {
+            // Legacy scripts source code from here (`source $1/get_redshift_creds.sh`). A
+            // directory that does not exist yet fails the jobs, not the start.
+            if legacy.instance_code_dir.exists() {
+                crate::legacy::check_code_dir(&legacy.instance_code_dir).map_err(|e| {
+                    invalid(
+                        "jobs.legacy.instance_code_dir",
+                        format!("{e} (legacy scripts source code from it)"),
+                    )
+                })?;
+            }
+        }
         for (key, dir) in [
             ("agent.state_dir", &self.agent.state_dir),
             ("jobs.log_dir", &self.jobs.log_dir),

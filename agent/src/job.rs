@@ -416,6 +416,7 @@ fn legacy_args(map: &Map<String, Value>) -> Result<Option<[String; 2]>, JobError
         [Value::String(code_dir), Value::String(secret)] => {
             check_text(FIELD, code_dir, MAX_ARG_LEN)?;
             check_text(FIELD, secret, MAX_ARG_LEN)?;
+            check_code_dir(code_dir)?;
             Ok(Some([code_dir.clone(), secret.clone()]))
         }
         _ => Err(JobError::BadValue {
@@ -563,6 +564,29 @@ pub fn resolve_script(script_dir: &Path, job_name: &str) -> Result<PathBuf, JobE
         });
     }
     Ok(resolved)
+}
+
+/// A message's legacy `instance_code_dir` is where a legacy script sources code from
+/// (`source $1/get_redshift_creds.sh $2`), so it gets the same trust as the scripts: an
+/// absolute path that only root or the agent's user can change, down to that file. Without
+/// this, whoever may submit a job could name a directory of their own and have their code
+/// run as the agent.
+fn check_code_dir(code_dir: &str) -> Result<(), JobError> {
+    let dir = Path::new(code_dir);
+    let refuse = |reason: String| JobError::BadValue {
+        field: "legacy_args",
+        reason,
+    };
+    if !dir.is_absolute() {
+        return Err(refuse(format!(
+            "instance_code_dir {code_dir:?} must be an absolute path"
+        )));
+    }
+    crate::legacy::check_code_dir(dir).map_err(|problem| {
+        refuse(format!(
+            "instance_code_dir {code_dir:?} is not safe to source code from: {problem}"
+        ))
+    })
 }
 
 /// Finds a `"task_token"` (or `"token"`) string in a body that may not even be valid JSON.

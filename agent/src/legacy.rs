@@ -15,7 +15,7 @@
 //! `get_redshift_creds.sh` (packaging/legacy/) reads what the agent already put in the job's
 //! environment.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::job::JobSpec;
 
@@ -63,6 +63,22 @@ pub fn script_args(spec: &JobSpec, legacy: Option<&LegacySettings>) -> Vec<Strin
     }
     args.extend(spec.args.iter().cloned());
     args
+}
+
+/// The file every legacy script sources from its `$1`.
+pub const CREDS_SCRIPT: &str = "get_redshift_creds.sh";
+
+/// Whether code may be sourced from `dir` (a legacy `instance_code_dir`): the directory, every
+/// directory above it, and its `get_redshift_creds.sh` when present, changeable by root or
+/// the agent's user only (the rule of [`crate::trust`]).
+pub fn check_code_dir(dir: &Path) -> Result<(), crate::trust::Untrusted> {
+    let trusted = crate::trust::trusted_uids();
+    crate::trust::check(dir, &trusted)?;
+    let creds = dir.join(CREDS_SCRIPT);
+    if creds.exists() {
+        crate::trust::check(&creds, &trusted)?;
+    }
+    Ok(())
 }
 
 /// The 1-based number of the first line that ends in CRLF, if any.

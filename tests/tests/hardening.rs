@@ -26,7 +26,12 @@ async fn world() -> World {
 
 /// Runs `job` through a state machine to its end; returns the execution's output.
 async fn run_job(world: &World, execution_id: &str, job: &str) -> Value {
-    let body = json!({
+    run_job_with(world, execution_id, job, json!({})).await
+}
+
+/// [`run_job`] with `extra` fields in the job message.
+async fn run_job_with(world: &World, execution_id: &str, job: &str, extra: Value) -> Value {
+    let mut body = json!({
         "task_token.$": "$$.Task.Token",
         "workflow_id": "hardening",
         "workflow_execution_id.$": "$.execution_id",
@@ -34,6 +39,9 @@ async fn run_job(world: &World, execution_id: &str, job: &str) -> Value {
         "timeout_seconds": 300,
         "heartbeat_seconds": 60
     });
+    if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+        body.extend(extra.clone());
+    }
     let task = moto::JobTask::new(&world.queue_url, body, 60);
     let sm = moto::create_state_machine(
         &world.sdk,
@@ -225,6 +233,48 @@ async fn a_script_another_user_took_over_after_start_is_refused_as_invalid_job()
     assert!(cause.contains("job.sh"), "{cause}");
     assert!(cause.contains(&format!("uid {}", user.uid)), "{cause}");
     assert!(!ran.exists(), "the taken-over script ran");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn legacy_arguments_naming_a_directory_another_user_owns_are_refused() {
+    let world = world().await;
+    let user = TestUser::new();
+    let ran = world.scripts.join("planted-ran");
+    // An old-framework script: it sources code from its first argument.
+    write_script(
+        &world.scripts,
+        "legacy.sh",
+        "source $1/get_redshift_creds.sh $2\necho legacy ran",
+    );
+    // Another user's directory, with their own get_redshift_creds.sh in it.
+    let planted = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(planted.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        planted.path().join("get_redshift_creds.sh"),
+        format!("echo planted > {}\n", ran.display()),
+    )
+    .unwrap();
+    user.chown(&planted.path().join("get_redshift_creds.sh"));
+    user.chown(planted.path());
+    let agent = Agent::start(world.config(), &world.moto.endpoint());
+    agent.wait_for_log("receiving jobs", WAIT);
+    let out = run_job_with(
+        &world,
+        "planted_1",
+        "legacy.sh",
+        json!({"legacy_args": [planted.path().display().to_string(), "secret"]}),
+    )
+    .await;
+    assert_eq!(
+        out["error"]["Error"],
+        "Rsql.InvalidJob",
+        "{out}\n{}",
+        agent.log()
+    );
+    let cause = out["error"]["Cause"].as_str().unwrap_or_default();
+    assert!(cause.contains("instance_code_dir"), "{cause}");
+    assert!(cause.contains(&format!("uid {}", user.uid)), "{cause}");
+    assert!(!ran.exists(), "the planted code ran");
 }
 
 #[tokio::test(flavor = "multi_thread")]
