@@ -580,8 +580,14 @@ impl SuccessOutput {
     /// The output JSON, within [`MAX_OUTPUT_BYTES`]. The contract fields are short, so this
     /// only bites on absurd ids; it never fails.
     pub fn output_json(&self) -> String {
-        let json = serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string());
-        let json = crate::secrets::mask(&json).into_owned();
+        // Masked value by value, never as serialized text: a secret with a quote or a
+        // backslash in it must not cut across JSON's escaping.
+        let masked = |out: &SuccessOutput| {
+            let mut value = serde_json::to_value(out).unwrap_or_default();
+            crate::secrets::mask_json(&mut value);
+            serde_json::to_string(&value).unwrap_or_else(|_| "{}".to_string())
+        };
+        let json = masked(self);
         if json.len() <= MAX_OUTPUT_BYTES {
             return json;
         }
@@ -590,8 +596,7 @@ impl SuccessOutput {
         out.workflow_execution_id = truncate_chars(&out.workflow_execution_id, 1024);
         out.log_stream = out.log_stream.map(|s| truncate_chars(&s, 1024));
         out.log_file = out.log_file.map(|s| truncate_chars(&s, 1024));
-        crate::secrets::mask(&serde_json::to_string(&out).unwrap_or_else(|_| "{}".to_string()))
-            .into_owned()
+        masked(&out)
     }
 }
 
@@ -614,6 +619,31 @@ impl Outcome {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_password_with_json_escapes_is_masked_value_by_value_and_the_output_stays_json() {
+        // A password no other test uses: the set of remembered secrets is process-wide.
+        let password = "q\"uo\\te-9f3Z";
+        crate::secrets::remember(password);
+        let out = super::SuccessOutput {
+            job_name: "rsql_blog_script_1.sh".into(),
+            workflow_execution_id: "night_1".into(),
+            status: "completed".into(),
+            exit_code: 0,
+            duration_ms: 1,
+            instance_id: "i-1".into(),
+            log_group: None,
+            log_stream: None,
+            log_file: Some(format!("/logs/{password}/x.log")),
+            cpu_ms: None,
+            max_rss_mb: None,
+            log_complete: None,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&out.output_json()).expect("the output is still JSON");
+        assert_eq!(json["log_file"], "/logs/***/x.log");
+        assert_eq!(json["job_name"], "rsql_blog_script_1.sh");
+    }
+
     use super::*;
 
     /// A 5 ms run of `j.sh` with a 10 s timeout, classified.

@@ -203,16 +203,12 @@ impl DatabaseEnv {
             serde_json::from_str(text).map_err(|_| SecretError::Shape {
                 secret_id: secret_id.clone(),
             })?;
-        for field in [
-            &secret.password,
-            &secret.username,
-            &secret.host,
-            &secret.dbname,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            remember(field);
+        // Only the password: the username, host and dbname are identifiers that also turn up
+        // in job names, streams and journald fields (a user `rsql` would make
+        // `rsql_blog_script_1.sh` read `***_blog_script_1.sh`, break `journalctl JOB_NAME=`
+        // lookups and `workflow run --resume`), and none of them opens the database alone.
+        if let Some(password) = &secret.password {
+            remember(password);
         }
         let merged = DatabaseSettings {
             host: self.settings.host.clone().or(secret.host),

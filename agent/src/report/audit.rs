@@ -190,8 +190,12 @@ fn append<T: Serialize>(path: &Path, record: &T) -> Result<(), AuditError> {
         path: path.to_path_buf(),
         source,
     };
-    let line = serde_json::to_string(record).map_err(|e| err(std::io::Error::other(e)))?;
-    let mut line = crate::secrets::mask(&line).into_owned().into_bytes();
+    // Masked value by value, never as serialized text (see `secrets::mask_json`).
+    let mut value = serde_json::to_value(record).map_err(|e| err(std::io::Error::other(e)))?;
+    crate::secrets::mask_json(&mut value);
+    let mut line = serde_json::to_string(&value)
+        .map_err(|e| err(std::io::Error::other(e)))?
+        .into_bytes();
     line.push(b'\n');
     let mut file = OpenOptions::new()
         .create(true)
