@@ -315,11 +315,90 @@ async fn a_full_agent_says_busy() {
             Some(world.socket()),
         )
     };
-    let first = submit("busy_1", "sleepy.sh");
+    // The first job's task is real and open, so it runs and holds the only slot (a job
+    // whose task is closed is never started, and would free the slot at once).
+    let (_exec, token) = world.execution("busy_1").await;
+    let first = wrapper(
+        &[
+            "submit",
+            "--task-token",
+            &token,
+            "--workflow-id",
+            "w",
+            "--workflow-execution-id",
+            "busy_1",
+            "--job-name",
+            "sleepy.sh",
+        ],
+        Some(world.socket()),
+    );
     assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    agent.wait_for_log("job started", WAIT);
     let second = submit("busy_2", "hello.sh");
     assert_eq!(second.status.code(), Some(75), "{}", text(&second.stderr));
     assert!(text(&second.stderr).contains("busy"), "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_legacy_call_waits_for_a_busy_agent_and_then_its_job_runs_once() {
+    let world = world().await;
+    write_script(&world.scripts, "four.sh", "sleep 4");
+    let mut config = world.config();
+    config.max_concurrent_jobs = 1;
+    let agent = world.start_agent(config);
+    let (first_exec, first_token) = world.execution("busy_first").await;
+    let first = wrapper(
+        &[
+            "submit",
+            "--task-token",
+            &first_token,
+            "--workflow-id",
+            "w",
+            "--workflow-execution-id",
+            "busy_first",
+            "--job-name",
+            "four.sh",
+        ],
+        Some(world.socket()),
+    );
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    agent.wait_for_log("job started", WAIT);
+    // The old invoke Lambda's call while the only slot is taken: it never retries, so the
+    // wrapper must, until the agent takes the job.
+    let (exec, token) = world.execution("legacy_busy").await;
+    let script = world.scripts.join("etl").join("legacy.sh");
+    let args = [
+        token.as_str(),
+        "legacy_wf",
+        "legacy_busy",
+        script.to_str().unwrap(),
+        "i-0legacy",
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:redshift-abc",
+        "/var/log/rsql/legacy.log",
+        "rsql-job-audit",
+        "/rsql/jobs",
+        world.scripts.to_str().unwrap(),
+        "us-east-1",
+        "alpha",
+        "beta two",
+    ];
+    let out = tokio::task::block_in_place(|| wrapper(&args, Some(world.socket())));
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", agent.log());
+    assert!(stderr.contains("busy; asking again"), "{stderr}");
+    for exec in [&first_exec, &exec] {
+        let done = world.wait_execution(exec).await;
+        assert_eq!(
+            *done.status(),
+            ExecutionStatus::Succeeded,
+            "{}",
+            agent.log()
+        );
+    }
+    let item = world
+        .wait_audit("etl/legacy.sh", "legacy_busy", "completed")
+        .await;
+    assert_eq!(s(&item, "workflow_id"), "legacy_wf");
 }
 
 #[test]

@@ -59,6 +59,9 @@ use serde_json::{json, Value};
 const DEFAULT_SOCKET: &str = "/run/rsql-agent/agent.sock";
 /// The agent answers within a second; this is generous.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the legacy form keeps asking a busy agent before it fails the task: the old
+/// trigger ran every job at once, and its invoke Lambda never retries.
+const LEGACY_BUSY_WAIT: Duration = Duration::from_secs(12 * 3600);
 
 /// The legacy `rsql_trigger.sh` positional arguments, in order.
 const LEGACY_ARGS: [&str; 11] = [
@@ -183,7 +186,7 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     match cli.command {
-        Command::Submit(submit) => submit_job(submit).0,
+        Command::Submit(submit) => submit_job(submit).code,
         Command::Run(run) => run_job(run).code(),
     }
     .into()
@@ -198,36 +201,69 @@ fn usage(message: &str) -> Exit {
 /// The legacy `rsql_trigger.sh` form, mapped onto `submit`; with no agent reachable, onto
 /// `run`, and failing that, onto a failed task.
 fn legacy(args: &[OsString]) -> Exit {
-    let job = match legacy_job(args) {
+    let mut job = match legacy_job(args) {
         Ok(job) => job,
         Err(code) => return code,
     };
     let socket = default_socket();
-    let (code, job) = submit_job(Submit {
-        job,
-        socket: Some(socket.clone()),
-        agent_user: None,
-    });
-    if code != Exit::Unavailable {
-        return code;
-    }
+    // The old invoke Lambda never retries, so a task this call does not settle waits for its
+    // timeout: a busy agent is asked again, and a job nothing could be handed to fails its
+    // task at once.
+    let busy_until = std::time::Instant::now() + LEGACY_BUSY_WAIT;
+    let mut pause = Duration::from_secs(1);
+    let reason = loop {
+        let sent = submit_job(Submit {
+            job,
+            socket: Some(socket.clone()),
+            agent_user: None,
+        });
+        job = sent.job;
+        match (sent.code, sent.delivery) {
+            (Exit::Busy, _) if std::time::Instant::now() < busy_until => {
+                eprintln!("rsql-wrapper: the agent is busy; asking again in {pause:?}");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(30));
+            }
+            (Exit::Busy, _) => {
+                break format!("every job slot of the agent stayed busy for {LEGACY_BUSY_WAIT:?}")
+            }
+            // Nothing listens: no agent on this host. Run the job here.
+            (_, Delivery::Absent) => return legacy_standalone(job, &socket),
+            // Handed over (accepted, or refused by the agent, which fails an invalid job's
+            // task itself), or perhaps handed over (no reply): the agent reports it. Never
+            // run it a second time here.
+            (code, Delivery::Sent) => return code,
+            (code, Delivery::NotSent) => {
+                break format!(
+                    "the job could not be handed to the agent (exit {})",
+                    code.code()
+                )
+            }
+        }
+    };
+    fail_unrun_task(&job.task_token, &socket, &reason);
+    Exit::Unavailable
+}
+
+/// The legacy form with no agent on the host: the job runs here, standalone; if even that
+/// cannot start, its task is failed at once.
+fn legacy_standalone(job: JobArgs, socket: &Path) -> Exit {
     eprintln!(
         "rsql-wrapper: no agent at {}: running the job here, standalone, with {}",
         socket.display(),
         config_path(None).display()
     );
-    let config = None;
     let token = job.task_token.clone();
     let run = Run {
         job,
-        config,
+        config: None,
         report_timeout_seconds: 300,
         log_format: "text".to_string(),
     };
     match run_job(run) {
         RunEnd::Settled(code) => code,
         RunEnd::NotSettled(_, reason) => {
-            fail_unrun_task(&token, &socket, &reason);
+            fail_unrun_task(&token, socket, &reason);
             Exit::Unavailable
         }
     }
@@ -329,9 +365,14 @@ fn legacy_job(args: &[OsString]) -> Result<JobArgs, Exit> {
     if text.len() < LEGACY_ARGS.len() {
         let missing = LEGACY_ARGS[text.len()];
         return Err(usage(&format!(
-            "unknown subcommand {:?}; as the legacy rsql_trigger.sh form it needs {} positional \
+            "unknown subcommand {}; as the legacy rsql_trigger.sh form it needs {} positional \
              arguments but got {}: missing argument {} ({missing})",
-            text[0],
+            // The legacy form's first argument is a task token: never print one.
+            if text[0].len() > 40 {
+                format!("({} characters)", text[0].len())
+            } else {
+                format!("{:?}", text[0])
+            },
             LEGACY_ARGS.len(),
             text.len(),
             text.len() + 1
@@ -485,16 +526,41 @@ fn job_message(job: JobArgs) -> Value {
 
 /// Submits the job, to a listener that is the agent (root or its user) only; hands the
 /// job back with the exit code, for a fallback.
-fn submit_job(submit: Submit) -> (Exit, JobArgs) {
+/// How far a submission got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Delivery {
+    /// Nothing listens on the socket (no file, or the connection was refused): no agent.
+    Absent,
+    /// Something was in the way before the job was written (permissions, an untrusted
+    /// listener, a bad argument): nobody has the job.
+    NotSent,
+    /// The job was written: the agent answered, or may have it without having answered.
+    Sent,
+}
+
+/// A submission's exit code and delivery, with the job handed back for a fallback.
+struct Submitted {
+    code: Exit,
+    job: JobArgs,
+    delivery: Delivery,
+}
+
+/// Submits the job, to a listener that is the agent (root or its user) only.
+fn submit_job(submit: Submit) -> Submitted {
     let socket = submit.socket.unwrap_or_else(default_socket);
     let job = job_message(submit.job.clone());
-    let trusted = match trusted_listeners(submit.agent_user) {
+    let done = |code, delivery| Submitted {
+        code,
+        job: submit.job.clone(),
+        delivery,
+    };
+    let trusted = match trusted_listeners(submit.agent_user.clone()) {
         Ok(uids) => uids,
-        Err(message) => return (usage(&message), submit.job),
+        Err(message) => return done(usage(&message), Delivery::NotSent),
     };
     let reply = match exchange(&socket, &job, &trusted) {
         Ok(reply) => reply,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+        Err(Exchange::Connect(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             eprintln!(
                 "rsql-wrapper: permission denied on the agent's socket {}: {e}; this user \
                  (uid {}) may not connect: the agent's [intake.socket] allowed_uids or \
@@ -502,17 +568,29 @@ fn submit_job(submit: Submit) -> (Exit, JobArgs) {
                 socket.display(),
                 nix::unistd::getuid()
             );
-            return (Exit::Rejected, submit.job);
+            return done(Exit::Rejected, Delivery::NotSent);
         }
         Err(e) => {
             eprintln!(
                 "rsql-wrapper: the agent is not reachable at {}: {e}",
                 socket.display()
             );
-            return (Exit::Unavailable, submit.job);
+            let delivery = match &e {
+                Exchange::Connect(io)
+                    if matches!(
+                        io.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    Delivery::Absent
+                }
+                Exchange::Connect(_) | Exchange::Untrusted(_) => Delivery::NotSent,
+                Exchange::Reply(_) => Delivery::Sent,
+            };
+            return done(Exit::Unavailable, delivery);
         }
     };
-    (submit_reply(&reply), submit.job)
+    done(submit_reply(&reply), Delivery::Sent)
 }
 
 fn submit_reply(reply: &Value) -> Exit {
@@ -731,39 +809,61 @@ fn trusted_listeners(agent_user: Option<String>) -> Result<Vec<u32>, String> {
     Ok(uids)
 }
 
-fn exchange(socket: &Path, job: &Value, trusted: &[u32]) -> std::io::Result<Value> {
-    let mut stream = UnixStream::connect(socket)?;
+/// Where an exchange with the agent failed: before anything was written (connecting, or a
+/// listener that is not the agent), or after the job was written (no readable reply).
+#[derive(Debug)]
+enum Exchange {
+    Connect(std::io::Error),
+    Untrusted(String),
+    Reply(std::io::Error),
+}
+
+impl std::fmt::Display for Exchange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exchange::Connect(e) | Exchange::Reply(e) => write!(f, "{e}"),
+            Exchange::Untrusted(message) => f.write_str(message),
+        }
+    }
+}
+
+fn exchange(socket: &Path, job: &Value, trusted: &[u32]) -> Result<Value, Exchange> {
+    let mut stream = UnixStream::connect(socket).map_err(Exchange::Connect)?;
     let cred = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
-        .map_err(std::io::Error::from)?;
+        .map_err(|e| Exchange::Connect(std::io::Error::from(e)))?;
     let listener = cred.uid();
     if !trusted.contains(&listener) {
-        return Err(std::io::Error::other(format!(
+        return Err(Exchange::Untrusted(format!(
             "the process listening there (pid {}) runs as uid {listener}, which is neither root \
              nor the agent's user (trusted uids: {trusted:?}); nothing was sent to it. Someone \
              may have replaced the agent's socket: tell the operator",
             cred.pid()
         )));
     }
-    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
-    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    let timeouts = stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(REPLY_TIMEOUT)));
+    timeouts.map_err(Exchange::Connect)?;
     let mut line = job.to_string();
     line.push('\n');
     // The agent may refuse (and close) before reading: a failed write still has a reply.
     let _ = stream.write_all(line.as_bytes());
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .map_err(Exchange::Reply)?;
     if reply.trim().is_empty() {
-        return Err(std::io::Error::new(
+        return Err(Exchange::Reply(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "the agent closed the connection without a reply",
-        ));
+        )));
     }
     serde_json::from_str(&reply).map_err(|e| {
-        std::io::Error::new(
+        Exchange::Reply(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("unreadable reply {:?}: {e}", reply.trim()),
-        )
+        ))
     })
 }
 
