@@ -159,7 +159,38 @@ fn check_one(
             fix: format!("run `chmod g-w {}`", path.display()),
         });
     }
+    // With a POSIX ACL the group bits are the ACL's mask: `g+w` then means that users and
+    // groups named in the ACL may write, whoever owns the group.
+    if mode & 0o020 != 0 && has_access_acl(path) {
+        return Err(Untrusted {
+            path: path.to_path_buf(),
+            problem: format!(
+                "has a POSIX ACL whose mask allows writing (mode {mode:o}): the users and \
+                 groups it names could change it"
+            ),
+            fix: format!("run `setfacl -b {}`", path.display()),
+        });
+    }
     Ok(())
+}
+
+/// Whether `path` itself (not a symlink's target) carries a POSIX access ACL.
+fn has_access_acl(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: both pointers are valid NUL-terminated strings for the call's duration; a null
+    // buffer with size 0 only asks for the attribute's size, so nothing is written.
+    let size = unsafe {
+        libc::lgetxattr(
+            c_path.as_ptr(),
+            c"system.posix_acl_access".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    size > 0
 }
 
 fn owner_problem(path: &Path, uid: u32, trusted: &[u32]) -> Untrusted {

@@ -204,6 +204,26 @@ fn check_config_refuses_scripts_another_user_can_change_and_says_how_to_fix_it()
     );
     std::fs::set_permissions(&scripts, std::fs::Permissions::from_mode(0o755)).unwrap();
 
+    // A POSIX ACL that lets the other user write the directory: its mode then reads 775 with
+    // group root, which the group rule alone would let through.
+    let setfacl = std::process::Command::new("setfacl")
+        .args(["-m", &format!("u:{}:rwx", user.uid)])
+        .arg(&scripts)
+        .output()
+        .expect("setfacl (Debian package acl; .ci/install-deps installs it)");
+    assert!(setfacl.status.success(), "{}", text(&setfacl.stderr));
+    refused(
+        &check_config(&file),
+        &[scripts.to_str().unwrap(), "POSIX ACL", "setfacl -b"],
+    );
+    let cleared = std::process::Command::new("setfacl")
+        .arg("-b")
+        .arg(&scripts)
+        .status()
+        .expect("setfacl -b");
+    assert!(cleared.success());
+    std::fs::set_permissions(&scripts, std::fs::Permissions::from_mode(0o755)).unwrap();
+
     let out = check_config(&file);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
