@@ -1184,9 +1184,12 @@ async fn run_delivery(
         Ok(attempt) => attempt,
         Err(delivery::Step::Acknowledged(outcome)) => {
             if matches!(outcome, Some(Outcome::Cancelled { .. })) {
-                tracing::info!(
+                // Warn: a whole fleet answered "closed" for every task when its region or
+                // account did not match the state machine's (Step Functions then says
+                // InvalidToken), and an operator must see that at once.
+                tracing::warn!(
                     receive_count = delivery.receive_count(),
-                    "the task is already closed: deleted this stale copy without running it"
+                    "Step Functions says the task is closed (its execution stopped, or it timed out and was retried; InvalidToken also comes from a token of another region or account): deleted this message without running the job"
                 );
             }
             return Delivered::Stored(outcome.unwrap_or(Outcome::Cancelled {
