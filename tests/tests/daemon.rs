@@ -572,3 +572,60 @@ async fn secret_feeds_the_connection_and_never_reaches_a_log() {
         assert!(!record.to_string().contains(password));
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_that_timed_out_while_its_message_waited_for_a_slot_never_runs_its_job() {
+    let world = world().await;
+    let marks = tempfile::tempdir().unwrap();
+    let ran = marks.path().join("ran");
+    write_script(&world.scripts, "hold.sh", "sleep 8");
+    write_script(
+        &world.scripts,
+        "late.sh",
+        &format!("echo ran > '{}'", ran.display()),
+    );
+    let mut config = world.config();
+    config.max_concurrent_jobs = 1;
+    let agent = Agent::start(config, &world.moto.endpoint());
+    let hold = start(
+        &world,
+        &state_machine(&world, 30).await,
+        "hold_1",
+        "hold.sh",
+        120,
+    )
+    .await;
+    agent.wait_for_log("job started", WAIT);
+    // The only slot is taken: the second job's message waits in the queue, nobody can
+    // heartbeat it, and its task's 3 s heartbeat timeout closes the task meanwhile.
+    let late = start(
+        &world,
+        &state_machine(&world, 3).await,
+        "late_1",
+        "late.sh",
+        120,
+    )
+    .await;
+    let timed_out = world.wait_execution(&late).await;
+    let output = moto::execution_output(&timed_out);
+    assert_eq!(
+        output["error"]["Error"],
+        "States.Timeout",
+        "{output}\n{}",
+        agent.log()
+    );
+    assert_eq!(world.queue_depth().await, (1, 1), "{}", agent.log());
+    let out = world.wait_execution(&hold).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    // Once the slot frees, the agent takes the message, asks Step Functions, finds the task
+    // closed and deletes the message: the job never starts.
+    agent.wait_for_log("deleted this message without running the job", WAIT);
+    world.wait_queue((0, 0), WAIT).await;
+    assert!(!ran.exists(), "the closed task's job ran:\n{}", agent.log());
+    assert_eq!(
+        agent.log().matches("job started").count(),
+        1,
+        "{}",
+        agent.log()
+    );
+}
