@@ -725,14 +725,22 @@ mod tests {
     fn legacy_args_are_two_strings_and_crlf_scripts_are_refused_with_the_fix() {
         let f = Fixture::new();
         let mut body: serde_json::Value = serde_json::from_str(&msg("job.sh")).unwrap();
-        body["legacy_args"] = serde_json::json!(["/opt/code", "rsql/blog"]);
+        // The code dir is where legacy scripts source code from: it must exist and be as
+        // trusted as the scripts (the fixture's private temp directory is).
+        let code = f.scripts().display().to_string();
+        body["legacy_args"] = serde_json::json!([code, "rsql/blog"]);
         let spec = f.parse(&body.to_string()).unwrap();
         assert_eq!(
             spec.legacy_args,
-            Some(["/opt/code".to_string(), "rsql/blog".to_string()])
+            Some([code.clone(), "rsql/blog".to_string()])
         );
         assert_eq!(f.parse(&msg("job.sh")).unwrap().legacy_args, None);
-        for bad in [serde_json::json!(["/opt/code"]), serde_json::json!("x")] {
+        for bad in [
+            serde_json::json!([code]),
+            serde_json::json!("x"),
+            serde_json::json!(["relative/code", "s"]),
+            serde_json::json!(["/nonexistent/rsql-code", "s"]),
+        ] {
             body["legacy_args"] = bad.clone();
             let err = f.parse(&body.to_string()).expect_err("refused");
             assert!(err.to_string().contains("legacy_args"), "{bad}: {err}");
