@@ -44,6 +44,33 @@ async fn world() -> World {
     world
 }
 
+/// The old invoke Lambda's 11 `rsql_trigger.sh` arguments for `etl/legacy.sh`, then the
+/// script's own two.
+fn legacy_call(world: &World, token: &str, execution_id: &str) -> Vec<String> {
+    let script = world.scripts.join("etl").join("legacy.sh");
+    [
+        token,
+        "legacy_wf",
+        execution_id,
+        script.to_str().unwrap(),
+        "i-0legacy",
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:redshift-abc",
+        "/var/log/rsql/legacy.log",
+        "rsql-job-audit",
+        "/rsql/jobs",
+        world.scripts.to_str().unwrap(),
+        "us-east-1",
+        "alpha",
+        "beta two",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 fn wrapper(args: &[&str], socket: Option<&Path>) -> Output {
     let mut command = Command::new(bins::wrapper());
     command.args(args);
@@ -252,24 +279,8 @@ async fn the_legacy_trigger_arguments_run_a_job_to_a_correct_callback() {
     let world = world().await;
     let agent = world.start_agent(world.config());
     let (exec, token) = world.execution("legacy_1").await;
-    let script = world.scripts.join("etl").join("legacy.sh");
-    // As the old invoke Lambda built them for `rsql_trigger.sh`, then the script's arguments.
-    let args = [
-        token.as_str(),
-        "legacy_wf",
-        "legacy_1",
-        script.to_str().unwrap(),
-        "i-0legacy",
-        "arn:aws:secretsmanager:us-east-1:123456789012:secret:redshift-abc",
-        "/var/log/rsql/legacy.log",
-        "rsql-job-audit",
-        "/rsql/jobs",
-        world.scripts.to_str().unwrap(),
-        "us-east-1",
-        "alpha",
-        "beta two",
-    ];
-    let out = wrapper(&args, Some(world.socket()));
+    let args = legacy_call(&world, &token, "legacy_1");
+    let out = wrapper(&strs(&args), Some(world.socket()));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", agent.log());
     assert!(stderr.contains("(secret id)"), "{stderr}");
@@ -366,23 +377,8 @@ async fn the_legacy_call_waits_for_a_busy_agent_and_then_its_job_runs_once() {
     // The old invoke Lambda's call while the only slot is taken: it never retries, so the
     // wrapper must, until the agent takes the job.
     let (exec, token) = world.execution("legacy_busy").await;
-    let script = world.scripts.join("etl").join("legacy.sh");
-    let args = [
-        token.as_str(),
-        "legacy_wf",
-        "legacy_busy",
-        script.to_str().unwrap(),
-        "i-0legacy",
-        "arn:aws:secretsmanager:us-east-1:123456789012:secret:redshift-abc",
-        "/var/log/rsql/legacy.log",
-        "rsql-job-audit",
-        "/rsql/jobs",
-        world.scripts.to_str().unwrap(),
-        "us-east-1",
-        "alpha",
-        "beta two",
-    ];
-    let out = tokio::task::block_in_place(|| wrapper(&args, Some(world.socket())));
+    let args = legacy_call(&world, &token, "legacy_busy");
+    let out = tokio::task::block_in_place(|| wrapper(&strs(&args), Some(world.socket())));
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", agent.log());
     assert!(stderr.contains("busy; asking again"), "{stderr}");
