@@ -87,6 +87,15 @@ where
     (code, detail)
 }
 
+/// An execution's input as JSON (`Null` when it has none or it is not JSON).
+pub(crate) fn execution_input(
+    out: &aws_sdk_sfn::operation::describe_execution::DescribeExecutionOutput,
+) -> Value {
+    out.input()
+        .and_then(|i| serde_json::from_str(i).ok())
+        .unwrap_or(Value::Null)
+}
+
 fn dynamo_error<E, R>(
     err: &aws_sdk_dynamodb::error::SdkError<E, R>,
     table: &str,
@@ -333,10 +342,7 @@ impl Orchestrator {
     ) -> Result<StatusReport, OrchestrateError> {
         let execution_arn = execution_arn(state_machine_arn, execution_id)?;
         let out = self.describe_execution(&execution_arn).await?;
-        let input: Value = out
-            .input()
-            .and_then(|i| serde_json::from_str(i).ok())
-            .unwrap_or(Value::Null);
+        let input = execution_input(&out);
         let workflow_id = input["workflow_id"]
             .as_str()
             .unwrap_or_default()

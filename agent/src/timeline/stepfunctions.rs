@@ -406,10 +406,7 @@ impl Orchestrator {
             execution_arn(state_machine_arn, execution)?
         };
         let described = self.describe_execution(&arn).await?;
-        let input: Value = described
-            .input()
-            .and_then(|i| serde_json::from_str(i).ok())
-            .unwrap_or(Value::Null);
+        let input = crate::orchestrate::execution_input(&described);
         let workflow_id = input["workflow_id"]
             .as_str()
             .unwrap_or_default()
