@@ -341,7 +341,69 @@ fn part<'a, T: ?Sized>(part: &'a Option<impl AsRef<T>>, name: &str) -> &'a T {
     }
 }
 
+/// A finished command's status, stdout and stderr, for assertion messages.
+pub fn show(out: &std::process::Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 impl World {
+    /// Runs `rsql-agent ARGS` against this world's emulator, with the `rsql` stand-in on
+    /// `PATH`. Blocks, off the runtime's threads (call it from a multi-thread runtime).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let path = format!(
+            "{}:{}",
+            bins::rsql_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        tokio::task::block_in_place(|| {
+            std::process::Command::new(bins::agent())
+                .args(args)
+                .envs(self.moto.env())
+                .env("PATH", path)
+                .output()
+                .expect("run rsql-agent")
+        })
+    }
+
+    /// `rsql-agent workflow put-config FILE` into the world's config table.
+    pub fn put_config(&self, file: &Path) {
+        let file = file.to_str().expect("a UTF-8 path");
+        let out = self.cli(&[
+            "workflow",
+            "put-config",
+            file,
+            "--table",
+            self.config_table(),
+        ]);
+        assert!(out.status.success(), "put-config: {}", show(&out));
+    }
+
+    /// `rsql-agent workflow start` on the world's state machine; returns the execution ARN
+    /// it prints.
+    pub fn workflow_start(&self, workflow_id: &str, execution_id: &str) -> String {
+        let out = self.cli(&[
+            "workflow",
+            "start",
+            workflow_id,
+            "--execution-id",
+            execution_id,
+            "--state-machine",
+            self.state_machine(),
+        ]);
+        assert!(out.status.success(), "workflow start: {}", show(&out));
+        let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            arn.starts_with("arn:aws:states:") && arn.ends_with(&format!(":{execution_id}")),
+            "workflow start printed {arn:?}"
+        );
+        arn
+    }
+
     /// A world named after `prefix`: moto, a job queue and an empty script directory; the
     /// builder's methods add the rest.
     pub fn builder(prefix: &str) -> WorldBuilder {

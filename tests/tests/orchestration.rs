@@ -6,7 +6,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -15,7 +14,9 @@ use rsql_agent_tests::agent::{write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
-use rsql_agent_tests::world::{eventually, eventually_with, s, Item, StateMachine, World, WAIT};
+use rsql_agent_tests::world::{
+    eventually, eventually_with, s, show, Item, StateMachine, World, WAIT,
+};
 use serde_json::{json, Value};
 
 /// `HeartbeatSeconds` of the stack: the agents heartbeat running jobs every second. Job
@@ -65,71 +66,16 @@ fn agent_config(world: &World, instance_id: &str, slots: usize) -> AgentConfig {
     config
 }
 
-/// Runs `rsql-agent ARGS` against moto (blocking; call inside `block_in_place`).
-fn cli(world: &World, args: &[&str]) -> Output {
-    std::process::Command::new(bins::agent())
-        .args(args)
-        .envs(world.moto.env())
-        .output()
-        .expect("run rsql-agent")
-}
-
-fn put_config(world: &World, file: &Path) {
-    let out = tokio::task::block_in_place(|| {
-        cli(
-            world,
-            &[
-                "workflow",
-                "put-config",
-                file.to_str().unwrap(),
-                "--table",
-                world.config_table(),
-            ],
-        )
-    });
-    assert!(out.status.success(), "put-config: {}", show(&out));
-}
-
-/// `workflow start`; returns the execution ARN it prints.
-fn workflow_start(world: &World, workflow_id: &str, execution_id: &str) -> String {
-    let out = tokio::task::block_in_place(|| {
-        cli(
-            world,
-            &[
-                "workflow",
-                "start",
-                workflow_id,
-                "--execution-id",
-                execution_id,
-                "--state-machine",
-                world.state_machine(),
-            ],
-        )
-    });
-    assert!(out.status.success(), "workflow start: {}", show(&out));
-    let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        arn.starts_with("arn:aws:states:") && arn.ends_with(&format!(":{execution_id}")),
-        "workflow start printed {arn:?}"
-    );
-    arn
-}
-
 fn workflow_status(world: &World, execution_id: &str) -> String {
-    let out = tokio::task::block_in_place(|| {
-        cli(
-            world,
-            &[
-                "workflow",
-                "status",
-                execution_id,
-                "--state-machine",
-                world.state_machine(),
-                "--job-table",
-                world.job_table(),
-            ],
-        )
-    });
+    let out = world.cli(&[
+        "workflow",
+        "status",
+        execution_id,
+        "--state-machine",
+        world.state_machine(),
+        "--job-table",
+        world.job_table(),
+    ]);
     assert!(out.status.success(), "workflow status: {}", show(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -161,15 +107,6 @@ async fn wait_done(
         panic!("still running; agents:\n{}", logs(agents));
     }
     out
-}
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn logs(agents: &[&Agent]) -> String {
@@ -210,11 +147,8 @@ async fn blog_workflow_runs_in_stage_order_across_two_agents() {
     let world = world().await;
     let a = db_agent(&world, &pg, "i-0agent-a");
     let b = db_agent(&world, &pg, "i-0agent-b");
-    put_config(
-        &world,
-        &bins::workspace_root().join("rsql_scripts/blog_test_workflow.json"),
-    );
-    let arn = workflow_start(&world, "blog_test_workflow", "blog_e2e_1");
+    world.put_config(&bins::workspace_root().join("rsql_scripts/blog_test_workflow.json"));
+    let arn = world.workflow_start("blog_test_workflow", "blog_e2e_1");
     let out = wait_done(&world, &arn, &[&a, &b]).await;
     assert_eq!(
         *out.status(),
@@ -336,11 +270,8 @@ async fn failing_stage_two_job_fails_the_workflow_with_its_sql_state() {
     let b = db_agent(&world, &pg, "i-0agent-b");
     // The sample failure config: the blog workflow with a stage-2 job that inserts into a
     // missing table.
-    put_config(
-        &world,
-        &bins::workspace_root().join("rsql_scripts/blog_failure_workflow.json"),
-    );
-    let arn = workflow_start(&world, "blog_failure_workflow", "blog_fail_1");
+    world.put_config(&bins::workspace_root().join("rsql_scripts/blog_failure_workflow.json"));
+    let arn = world.workflow_start("blog_failure_workflow", "blog_fail_1");
     let out = wait_done(&world, &arn, &[&a, &b]).await;
     assert_eq!(
         *out.status(),
@@ -395,8 +326,8 @@ async fn disabled_stage_runs_nothing_and_the_workflow_succeeds() {
     let file = config_copy(dir.path(), "blog_disabled_workflow", |c| {
         c["workflow_stages"][1]["execution_flag"] = json!("n");
     });
-    put_config(&world, &file);
-    let arn = workflow_start(&world, "blog_disabled_workflow", "blog_disabled_1");
+    world.put_config(&file);
+    let arn = world.workflow_start("blog_disabled_workflow", "blog_disabled_1");
     let out = wait_done(&world, &arn, &[&a, &b]).await;
     assert_eq!(
         *out.status(),
@@ -459,8 +390,8 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
         ("i-0agent-a", db_agent(&world, &pg, "i-0agent-a")),
         ("i-0agent-b", db_agent(&world, &pg, "i-0agent-b")),
     ]);
-    put_config(&world, &file);
-    let arn = workflow_start(&world, "blog_retry_workflow", "blog_retry_1");
+    world.put_config(&file);
+    let arn = world.workflow_start("blog_retry_workflow", "blog_retry_1");
 
     // Find the agent running the slow job and SIGKILL it mid-job.
     let victim = eventually_with("the slow job to start", WAIT, || async {
@@ -564,7 +495,7 @@ async fn agent_killed_during_a_stage_two_job_is_retried_on_the_other_agent() {
 async fn commands_give_clear_errors() {
     let world = world().await;
     let dir = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| tokio::task::block_in_place(|| cli(&world, args));
+    let run = |args: &[&str]| world.cli(args);
 
     // Bad JSON.
     let bad = dir.path().join("bad.json");
@@ -792,8 +723,8 @@ async fn a_stage_wider_than_the_fleet_waits_for_slots_and_runs_each_job_once() {
         fleet_agent(&world, "i-0wide-a", 1),
         fleet_agent(&world, "i-0wide-b", 1),
     ];
-    put_config(&world, &file);
-    let arn = workflow_start(&world, "wide_workflow", "wide_1");
+    world.put_config(&file);
+    let arn = world.workflow_start("wide_workflow", "wide_1");
     let out = wait_done(&world, &arn, &agents.iter().collect::<Vec<_>>()).await;
     assert_eq!(
         *out.status(),
@@ -877,7 +808,7 @@ async fn three_overlapping_workflows_on_one_fleet_run_every_job_once() {
     for (i, (id, stages)) in workflows.iter().enumerate() {
         let stages: Vec<(&str, &[String])> =
             stages.iter().map(|(k, s)| (*k, s.as_slice())).collect();
-        put_config(&world, &workflow_file(marks.path(), id, &stages));
+        world.put_config(&workflow_file(marks.path(), id, &stages));
         let execution = format!("{id}_run");
         for (_, scripts) in &stages {
             for job in *scripts {
@@ -888,7 +819,7 @@ async fn three_overlapping_workflows_on_one_fleet_run_every_job_once() {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(1500)).await;
         }
-        executions.push(workflow_start(&world, id, &execution));
+        executions.push(world.workflow_start(id, &execution));
     }
     assert_eq!(expected.len(), 20);
     for arn in &executions {

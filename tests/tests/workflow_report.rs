@@ -21,7 +21,7 @@ use rsql_agent_tests::bins;
 use rsql_agent_tests::chromium::{self, Element};
 use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
-use rsql_agent_tests::world::{s, Item, StateMachine, World};
+use rsql_agent_tests::world::{s, show, Item, StateMachine, World};
 use serde_json::Value;
 
 const BLOG: [(usize, &str); 6] = [
@@ -32,15 +32,6 @@ const BLOG: [(usize, &str); 6] = [
     (3, "rsql_blog_script_5.sh"),
     (3, "rsql_blog_script_6.sh"),
 ];
-
-fn show(out: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn agent_cli(args: &[&str], env: &[(String, String)]) -> Output {
     let path = format!(
@@ -445,60 +436,29 @@ fn fleet_agent(aws: &World, pg: &TestPg, instance_id: &str) -> Agent {
     })
 }
 
-fn cli(aws: &World, args: &[&str]) -> Output {
-    tokio::task::block_in_place(|| agent_cli(args, &aws.moto.env()))
-}
-
 /// Loads the workflow, starts it, waits for it to end; returns the execution's ARN.
 async fn execute(aws: &World, workflow: &str, workflow_id: &str, execution_id: &str) -> String {
-    let file = aws.scripts.join(workflow);
-    let out = cli(
-        aws,
-        &[
-            "workflow",
-            "put-config",
-            file.to_str().unwrap(),
-            "--table",
-            aws.config_table(),
-        ],
-    );
-    assert!(out.status.success(), "put-config: {}", show(&out));
-    let out = cli(
-        aws,
-        &[
-            "workflow",
-            "start",
-            workflow_id,
-            "--execution-id",
-            execution_id,
-            "--state-machine",
-            aws.state_machine(),
-        ],
-    );
-    assert!(out.status.success(), "start: {}", show(&out));
-    let arn = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    aws.put_config(&aws.scripts.join(workflow));
+    let arn = aws.workflow_start(workflow_id, execution_id);
     let done = moto::wait_execution(&aws.sdk, &arn, Duration::from_secs(180)).await;
     assert_ne!(*done.status(), ExecutionStatus::Running);
     arn
 }
 
 fn aws_report(aws: &World, execution: &str, format: &str, file: &Path) {
-    let out = cli(
-        aws,
-        &[
-            "workflow",
-            "report",
-            execution,
-            "--state-machine",
-            aws.state_machine(),
-            "--job-table",
-            aws.job_table(),
-            "--format",
-            format,
-            "-o",
-            file.to_str().unwrap(),
-        ],
-    );
+    let out = aws.cli(&[
+        "workflow",
+        "report",
+        execution,
+        "--state-machine",
+        aws.state_machine(),
+        "--job-table",
+        aws.job_table(),
+        "--format",
+        format,
+        "-o",
+        file.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "workflow report: {}", show(&out));
 }
 
