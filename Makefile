@@ -68,8 +68,11 @@ check-systemd: deps
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-nextest: deps venv build
-	$(CARGO) nextest run --workspace --no-fail-fast
+# The real-systemd tests (tests/tests/systemd_host.rs) install the .deb that `package` built,
+# in a systemd booted as PID 1 of its own namespaces (tests/sandbox/sandbox.sh; needs root).
+nextest: deps venv build package
+	RSQL_AGENT_DEB=$$(ls $(TARGET_DIR)/debian/rsql-agent_*.deb | tail -n 1) \
+	  $(CARGO) nextest run --workspace --no-fail-fast
 
 ## test: everything CI runs: formatting, lints, unit tests, system tests, the bench smoke run
 ## and the packages (built, inspected, installed and removed again)

@@ -4,7 +4,8 @@
 # 0. shellcheck on the shim, the deb maintainer scripts, the rpm scriptlets, this script and
 #    check-glibc.sh;
 # 1. the .rpm: its file list (the packaged binaries and nothing else in /usr/bin, the unit,
-#    the config, the shim, the sysusers.d file), owners and modes, the config marked
+#    the config, the shim, the owner socket and template units, the sysusers.d file), owners
+#    and modes, the config marked
 #    %config(noreplace), the four scriptlets (%pre's user line, %post's directories), and its
 #    glibc requirement (no GLIBC_ version above the ceiling);
 # 2. the .deb: its contents, control fields (Depends: libc6 at the version the rpm requires,
@@ -39,7 +40,8 @@ UNIT=/usr/lib/systemd/system/rsql-agent.service
 SHIM=/usr/libexec/rsql-agent/rsql_trigger.sh
 CREDS=/usr/libexec/rsql-agent/legacy/get_redshift_creds.sh
 SLICE=/usr/lib/systemd/system/rsql-jobs.slice
-POLKIT=/usr/share/polkit-1/rules.d/50-rsql-agent.rules
+OWNER_SOCKET_UNIT=/usr/lib/systemd/system/rsql-job-owner.socket
+OWNER_UNIT=/usr/lib/systemd/system/rsql-job-owner@.service
 SYSUSERS=/usr/lib/sysusers.d/rsql-agent.conf
 
 say() { echo "check-package: $*"; }
@@ -113,7 +115,8 @@ for line in \
   "-rwxr-xr-x root:root  $SHIM" \
   "-rw-r--r-- root:root  $CREDS" \
   "-rw-r--r-- root:root  $SLICE" \
-  "-rw-r--r-- root:root  $POLKIT" \
+  "-rw-r--r-- root:root  $OWNER_SOCKET_UNIT" \
+  "-rw-r--r-- root:root  $OWNER_UNIT" \
   "-rw-r--r-- root:root  $SYSUSERS" \
   "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/README.md" \
   "-rw-r--r-- root:root d /usr/share/doc/rsql-agent/docs/contract.md" \
@@ -164,7 +167,8 @@ for line in \
   "-rwxr-xr-x 0/0 .$SHIM" \
   "-rw-r--r-- 0/0 .$CREDS" \
   "-rw-r--r-- 0/0 .$SLICE" \
-  "-rw-r--r-- 0/0 .$POLKIT" \
+  "-rw-r--r-- 0/0 .$OWNER_SOCKET_UNIT" \
+  "-rw-r--r-- 0/0 .$OWNER_UNIT" \
   "-rw-r--r-- 0/0 .$SYSUSERS" \
   "-rw-r--r-- 0/0 ./usr/share/doc/rsql-agent/docs/contract.md" \
   "-rw-r--r-- 0/0 ./usr/share/doc/rsql-agent/docs/operations.md"; do
@@ -194,17 +198,19 @@ if dpkg-query -W rsql-agent >/dev/null 2>&1; then
 fi
 # A manual install, or the leftovers of one: the purge below would delete its state.
 for path in "${paths[@]}" "$UNIT" /etc/rsql-agent /usr/libexec/rsql-agent \
-  /var/lib/rsql-agent /var/log/rsql-agent /opt/rsql/rsql_scripts; do
+  /var/lib/rsql-agent /var/log/rsql-agent /var/lib/rsql-job /opt/rsql/rsql_scripts; do
   [ ! -e "$path" ] || fail "$path already exists outside any package: not touching it"
 done
 user_existed=0
 getent passwd rsql >/dev/null && user_existed=1
+job_user_existed=0
+getent passwd rsql-job >/dev/null && job_user_existed=1
 installed=0
 scriptlets=0
 work="$(mktemp -d)"
 # What the rpm scriptlets create; none of it existed before (checked above).
 remove_scriptlet_dirs() {
-  rm -rf /var/lib/rsql-agent /var/log/rsql-agent
+  rm -rf /var/lib/rsql-agent /var/log/rsql-agent /var/lib/rsql-job
   for dir in /opt/rsql/rsql_scripts /opt/rsql /etc/rsql-agent /usr/libexec/rsql-agent; do
     if [ -d "$dir" ]; then
       rmdir "$dir"
@@ -226,6 +232,12 @@ cleanup() {
   if [ "$user_existed" -eq 0 ] && getent group rsql >/dev/null; then
     groupdel rsql || echo "check-package: groupdel rsql failed" >&2
   fi
+  if [ "$job_user_existed" -eq 0 ] && getent passwd rsql-job >/dev/null; then
+    userdel rsql-job || echo "check-package: userdel rsql-job failed" >&2
+  fi
+  if [ "$job_user_existed" -eq 0 ] && getent group rsql-job >/dev/null; then
+    groupdel rsql-job || echo "check-package: groupdel rsql-job failed" >&2
+  fi
   rm -rf "$work"
   exit "$rc"
 }
@@ -245,6 +257,12 @@ check_user() {
     fail "rsql user ($1): home and shell are not /var/lib/rsql-agent and /usr/sbin/nologin: $entry"
   [ "$(id -gn rsql)" = rsql ] || fail "rsql user ($1): primary group is $(id -gn rsql)"
   [ "$(cut -d: -f3 <<<"$entry")" -lt 1000 ] || fail "rsql user ($1) is not a system user: $entry"
+  # The jobs' user: a system user of its own, never in the agent's group.
+  entry="$(getent passwd rsql-job)" || fail "no rsql-job user after install ($1)"
+  [ "$(cut -d: -f6,7 <<<"$entry")" = "/var/lib/rsql-job:/usr/sbin/nologin" ] ||
+    fail "rsql-job user ($1): home and shell are not /var/lib/rsql-job and /usr/sbin/nologin: $entry"
+  [ "$(cut -d: -f3 <<<"$entry")" -lt 1000 ] || fail "rsql-job user ($1) is not a system user: $entry"
+  ! id -Gn rsql-job | tr ' ' '\n' | grep -qx rsql || fail "rsql-job user ($1) is in the rsql group"
 }
 check_config_as_rsql() {
   runuser -u rsql -- /usr/bin/rsql-agent check-config "$CONFIG" >/dev/null ||
@@ -275,6 +293,7 @@ expect_perms "$CONFIG" "640 root:rsql"
 expect_perms /opt/rsql/rsql_scripts "755 root:root"
 expect_perms /var/lib/rsql-agent "750 rsql:rsql"
 expect_perms /var/log/rsql-agent "750 rsql:rsql"
+expect_perms /var/lib/rsql-job "750 rsql-job:rsql-job"
 /usr/bin/rsql-agent check-config "$CONFIG" || fail "rsql-agent check-config $CONFIG fails"
 check_config_as_rsql
 # Every commented-out `# key = value` example and `# [table]` header, uncommented, is valid.
@@ -311,7 +330,7 @@ RSQL_AGENT_SOCKET="$work/no-agent.sock" RSQL_AGENT_CONFIG="$work/no-config.toml"
 }
 
 if command -v systemd-analyze >/dev/null 2>&1; then
-  out="$(systemd-analyze verify --man=no "$UNIT" "$SLICE" 2>&1)" || {
+  out="$(systemd-analyze verify --man=no "$UNIT" "$SLICE" "$OWNER_SOCKET_UNIT" 2>&1)" || {
     printf '%s\n' "$out" >&2
     fail "systemd-analyze verify $UNIT $SLICE failed"
   }
@@ -340,7 +359,7 @@ check_config_as_rsql
 say "dpkg -r rsql-agent (the config must stay)"
 dpkg -r rsql-agent
 [ "$(status)" = "deinstall ok config-files" ] || fail "after dpkg -r, status is '$(status)'"
-for path in "${paths[@]}" "$UNIT" "$SHIM" "$CREDS" "$SLICE" "$POLKIT" "$SYSUSERS"; do
+for path in "${paths[@]}" "$UNIT" "$SHIM" "$CREDS" "$SLICE" "$OWNER_SOCKET_UNIT" "$OWNER_UNIT" "$SYSUSERS"; do
   [ ! -e "$path" ] || fail "$path is still there after dpkg -r"
 done
 [ -f "$CONFIG" ] || fail "dpkg -r removed the conffile $CONFIG"
@@ -351,17 +370,22 @@ dpkg -P rsql-agent
 installed=0
 dpkg -s rsql-agent >/dev/null 2>&1 && fail "dpkg -s rsql-agent still finds it after dpkg -P"
 for path in "$CONFIG" /etc/rsql-agent /usr/libexec/rsql-agent /var/lib/rsql-agent /var/log/rsql-agent \
-  /opt/rsql/rsql_scripts /opt/rsql; do
+  /var/lib/rsql-job /opt/rsql/rsql_scripts /opt/rsql; do
   [ ! -e "$path" ] || fail "$path is still there after dpkg -P"
 done
 ! dpkg-statoverride --list "$CONFIG" >/dev/null || fail "dpkg -P left the stat override of $CONFIG"
 getent passwd rsql >/dev/null || fail "dpkg -P deleted the rsql user (it must stay)"
+getent passwd rsql-job >/dev/null || fail "dpkg -P deleted the rsql-job user (it must stay)"
 
 if [ "$user_existed" -eq 0 ]; then
   # A machine without systemd-sysusers: the same PATH, less that one program.
   say "dpkg -i with systemd-sysusers hidden (the groupadd/useradd fallback)"
   userdel rsql
   ! getent group rsql >/dev/null || groupdel rsql
+  if [ "$job_user_existed" -eq 0 ]; then
+    userdel rsql-job
+    ! getent group rsql-job >/dev/null || groupdel rsql-job
+  fi
   mkdir "$work/bin"
   IFS=: read -ra dirs <<<"$PATH"
   for dir in "${dirs[@]}"; do
@@ -392,6 +416,10 @@ if [ "$user_existed" -eq 0 ]; then
   userdel rsql
   ! getent group rsql >/dev/null || groupdel rsql
 fi
+if [ "$job_user_existed" -eq 0 ]; then
+  userdel rsql-job
+  ! getent group rsql-job >/dev/null || groupdel rsql-job
+fi
 for tag in PREIN POSTIN PREUN POSTUN; do
   rpm -qp --qf "%{$tag}" "$rpm" >"$work/$tag.sh"
 done
@@ -401,6 +429,7 @@ check_user "rpm %pre"
 /bin/sh "$work/POSTIN.sh" 1 || fail "rpm %post failed"
 expect_perms /var/lib/rsql-agent "750 rsql:rsql"
 expect_perms /var/log/rsql-agent "750 rsql:rsql"
+expect_perms /var/lib/rsql-job "750 rsql-job:rsql-job"
 expect_perms /opt/rsql/rsql_scripts "755 root:root"
 # What rpm would have unpacked and, on erase, removed again: the directories stay behind.
 mkdir -p /etc/rsql-agent /usr/libexec/rsql-agent

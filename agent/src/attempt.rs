@@ -506,6 +506,9 @@ pub fn build_launch(
         inherit_fd: None,
         // The job's owner process sets one up where the host offers it (see `job_owner`).
         cgroup: None,
+        // The daemon's job owner sets it from `[jobs] user`; the local runner runs jobs as
+        // whoever runs it.
+        user: None,
     }
 }
 

@@ -98,6 +98,7 @@ struct RawJobs {
     log_max_total_mb: Option<i64>,
     pipe_drain: Option<String>,
     launcher: Option<crate::job_owner::launch::LauncherChoice>,
+    user: Option<String>,
     cgroup: Option<crate::cgroup::CgroupChoice>,
     cgroup_parent: Option<PathBuf>,
     memory_max: Option<String>,
@@ -296,6 +297,9 @@ pub struct JobSettings {
     pub pipe_drain: Duration,
     /// How job owner processes are started (`job_owner::launch`).
     pub launcher: crate::job_owner::launch::LauncherChoice,
+    /// The user jobs run as (`job_owner::launch::JobUser`); `None`: the launcher's default
+    /// (`rsql-job` for owners started as systemd units, the agent's own user otherwise).
+    pub user: Option<String>,
     /// Whether jobs get a cgroup of their own where one is available (`cgroup`).
     pub cgroup: crate::cgroup::CgroupChoice,
     /// The delegated cgroup v2 directory job cgroups are made in when owners are not
@@ -494,6 +498,7 @@ impl Default for JobSettings {
             log_max_total_bytes: 10 * 1024 * 1024 * 1024,
             pipe_drain: Duration::from_secs(2),
             launcher: Default::default(),
+            user: None,
             cgroup: Default::default(),
             cgroup_parent: None,
             memory_max: None,
@@ -550,6 +555,12 @@ impl JobSettings {
             )? * MIB,
             pipe_drain: duration_or("jobs.pipe_drain", raw.pipe_drain, defaults.pipe_drain)?,
             launcher: raw.launcher.unwrap_or(defaults.launcher),
+            user: match raw.user {
+                Some(name) if name.trim().is_empty() => {
+                    return Err(("jobs.user", "must name a user".to_string()))
+                }
+                other => other,
+            },
             cgroup: raw.cgroup.unwrap_or(defaults.cgroup),
             cgroup_parent: raw.cgroup_parent,
             memory_max: match raw.memory_max {

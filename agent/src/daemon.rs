@@ -69,6 +69,8 @@ pub enum DaemonError {
     Shipper(#[from] ShipperError),
     #[error(transparent)]
     Owner(#[from] OwnerError),
+    #[error("jobs cannot run as [jobs] user")]
+    JobUser(#[source] crate::supervisor::JobUserError),
     #[error("cannot create the job owners' directory under {path}")]
     OwnersDir {
         path: std::path::PathBuf,
@@ -220,16 +222,17 @@ impl Daemon {
                 .as_ref()
                 .map(|_| clients.secrets.clone()),
         );
-        let launcher = crate::job_owner::launch::Launcher::choose(
-            config.jobs.launcher,
-            config.jobs.kill_grace,
-        );
-        let owners = owned::Owners::open(&config.agent.state_dir, launcher).map_err(|source| {
-            DaemonError::OwnersDir {
-                path: config.agent.state_dir.clone(),
-                source,
-            }
-        })?;
+        let launcher = crate::job_owner::launch::Launcher::choose(config.jobs.launcher);
+        let job_user = launcher
+            .job_user(config.jobs.user.as_deref())
+            .map_err(DaemonError::JobUser)?;
+        let owners =
+            owned::Owners::open(&config.agent.state_dir, launcher, job_user).map_err(|source| {
+                DaemonError::OwnersDir {
+                    path: config.agent.state_dir.clone(),
+                    source,
+                }
+            })?;
         Ok(Daemon {
             shared: Arc::new(Shared {
                 owners,

@@ -130,7 +130,7 @@ impl From<&AttemptError> for Exit {
 impl From<&DaemonError> for Exit {
     fn from(e: &DaemonError) -> Exit {
         match e {
-            DaemonError::NoIntake => Exit::Config,
+            DaemonError::NoIntake | DaemonError::JobUser(_) => Exit::Config,
             DaemonError::Owner(OwnerError::InUse { .. }) => Exit::Busy,
             DaemonError::Attempt(e) => e.into(),
             DaemonError::Socket(_)

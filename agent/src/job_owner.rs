@@ -122,6 +122,10 @@ pub struct LaunchPlan {
     /// files of agents that predate it): the process group and marker sweep only.
     #[serde(default)]
     pub cgroup: Option<crate::cgroup::CgroupPlan>,
+    /// The unprivileged user the owner runs the job as (`[jobs] user`); `None` (and in the
+    /// files of agents that predate it): the owner's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<crate::supervisor::JobUser>,
 }
 
 /// `job.json`: everything the owner needs to run the job, and everything a later agent needs
@@ -438,6 +442,13 @@ mod tests {
                         parent: "/sys/fs/cgroup/rsql-jobs".into(),
                     },
                     memory_max: Some(1 << 30),
+                }),
+                user: Some(crate::supervisor::JobUser {
+                    name: "rsql-job".into(),
+                    uid: 990,
+                    gid: 990,
+                    groups: vec![990],
+                    home: "/var/lib/rsql-job".into(),
                 }),
             },
         }

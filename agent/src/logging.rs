@@ -85,11 +85,17 @@ pub const SDK_BODY_TARGETS: [&str; 6] = [
 ];
 
 /// The filter from `RSQL_AGENT_LOG` (else `default_level`), with [`SDK_BODY_TARGETS`] capped
-/// at `debug` whatever it says: added last, these directives win over the variable's.
+/// at `debug` whatever it says: added last, these directives win over the variable's. A cap,
+/// never a raise: they are added only when the filter enables `trace` somewhere, so at the
+/// default level the SDK's debug lines ("resolving endpoint", "timeout settings for this
+/// operation", ten of them per failed call) never reach the journal.
 pub fn filter(spec: Option<&str>, default_level: &str) -> EnvFilter {
     let mut filter = spec
         .and_then(|s| EnvFilter::try_new(s).ok())
         .unwrap_or_else(|| EnvFilter::new(default_level));
+    if filter.max_level_hint() != Some(tracing::level_filters::LevelFilter::TRACE) {
+        return filter;
+    }
     for target in SDK_BODY_TARGETS {
         if let Ok(directive) = format!("{target}=debug").parse() {
             filter = filter.add_directive(directive);
@@ -241,6 +247,7 @@ where
         }
         let mut own = Vec::new();
         event.record(&mut FieldVisitor(&mut own));
+        let own_names: Vec<String> = own.iter().map(|(n, _)| n.clone()).collect();
         for (name, value) in own {
             fields.retain(|(n, _)| *n != name);
             fields.push((name, value));
@@ -255,16 +262,44 @@ where
         if let Some(line) = meta.line() {
             put_field(&mut buf, "CODE_LINE", &line.to_string());
         }
-        let mut has_message = false;
+        let message = readable_message(&fields, &own_names, meta.name());
         for (name, value) in &fields {
-            has_message |= name == "MESSAGE";
-            put_field(&mut buf, name, value);
+            if name != "MESSAGE" {
+                put_field(&mut buf, name, value);
+            }
         }
-        if !has_message {
-            put_field(&mut buf, "MESSAGE", meta.name());
-        }
+        put_field(&mut buf, "MESSAGE", &message);
         self.send(&buf);
     }
+}
+
+/// The journal's `MESSAGE` as a person reads it in plain `journalctl -u rsql-agent`: which
+/// job (`JOB_NAME (WORKFLOW_EXECUTION_ID): `) when the line belongs to one, the message, then
+/// the event's own fields as ` name=value` (the reason, the error, the exit code), so that
+/// nothing needed to understand the line hides in structured fields alone.
+fn readable_message(fields: &[(String, String)], own: &[String], fallback: &str) -> String {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let mut text = String::new();
+    if let Some(job) = get("JOB_NAME") {
+        text.push_str(job);
+        if let Some(execution) = get("WORKFLOW_EXECUTION_ID") {
+            let _ = write!(text, " ({execution})");
+        }
+        text.push_str(": ");
+    }
+    text.push_str(get("MESSAGE").unwrap_or(fallback));
+    for (name, value) in fields {
+        if name == "MESSAGE" || !own.contains(name) || value.is_empty() {
+            continue;
+        }
+        let _ = write!(text, " {}={value}", name.to_ascii_lowercase());
+    }
+    text
 }
 
 /// syslog priorities: err 3, warning 4, info 6, debug 7 (`journalctl -p err`).
@@ -403,7 +438,10 @@ mod tests {
         assert_eq!(get(&fields, "PRIORITY"), Some("3"));
         assert_eq!(get(&fields, "SYSLOG_IDENTIFIER"), Some("rsql-agent"));
         assert_eq!(get(&fields, "EXIT_CODE"), Some("3"));
-        assert_eq!(get(&fields, "MESSAGE"), Some("job failed:\nsecond line"));
+        assert_eq!(
+            get(&fields, "MESSAGE"),
+            Some("rsql_blog_script_1.sh (demo_test_26): job failed:\nsecond line exit_code=3")
+        );
     }
 
     #[test]
@@ -425,6 +463,24 @@ mod tests {
         assert_eq!(get(&fields, "MESSAGE"), Some("intake started"));
         assert_eq!(get(&fields, "PRIORITY"), Some("6"));
         assert_eq!(get(&fields, "JOB_NAME"), None);
+    }
+
+    #[test]
+    fn the_default_level_lets_no_sdk_debug_line_through() {
+        use tracing::level_filters::LevelFilter;
+        assert_eq!(
+            filter(None, "info").max_level_hint(),
+            Some(LevelFilter::INFO)
+        );
+        assert_eq!(
+            filter(Some("warn"), "info").max_level_hint(),
+            Some(LevelFilter::WARN)
+        );
+        // Under trace the body dumps stay capped at debug: the cap directives are there.
+        let traced = filter(Some("trace"), "info").to_string();
+        for target in SDK_BODY_TARGETS {
+            assert!(traced.contains(&format!("{target}=debug")), "{traced}");
+        }
     }
 
     #[test]

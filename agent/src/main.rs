@@ -277,15 +277,25 @@ fn check_config(path: &Path) -> Exit {
             }
             // What jobs would get from cgroups, for owners started the way `run` would
             // start them from here (under systemd's ExecStartPre: as units).
-            let launcher = rsql_agent::job_owner::launch::Launcher::choose(
-                config.jobs.launcher,
-                config.jobs.kill_grace,
-            );
+            let launcher = rsql_agent::job_owner::launch::Launcher::choose(config.jobs.launcher);
             println!(
                 "  cgroups:    {} (job owners started by: {})",
                 launcher.cgroup_capability(&config.jobs).describe(),
                 launcher.name()
             );
+            match launcher.job_user(config.jobs.user.as_deref()) {
+                Ok(Some(user)) => println!(
+                    "  jobs run as: {} (uid {}, gid {})",
+                    user.name, user.uid, user.gid
+                ),
+                Ok(None) => println!(
+                    "  jobs run as: the agent's own user (no [jobs] user; a job could then control the agent and other jobs)"
+                ),
+                Err(e) => {
+                    eprintln!("rsql-agent: {e}");
+                    return Exit::Config;
+                }
+            }
             Exit::Ok
         }
         Err(e) => fail(&e),
@@ -355,6 +365,11 @@ fn daemon_run(path: &Path) -> Exit {
         Ok(c) => Arc::new(c),
         Err(e) => return fail(&e),
     };
+    // Read while this process has one thread, then removed from its environment: nothing
+    // the agent starts may talk to systemd in its name (systemd would log "reception only
+    // permitted for main PID" at every job start).
+    let notifier = rsql_agent::notify::Notifier::from_env();
+    rsql_agent::notify::forget_env();
     let Some(runtime) = runtime() else {
         return Exit::Software;
     };
@@ -387,7 +402,6 @@ fn daemon_run(path: &Path) -> Exit {
             config = %path.display(),
             "rsql-agent started"
         );
-        let notifier = rsql_agent::notify::Notifier::from_env();
         match daemon.with_notifier(notifier).run(controls).await {
             Ok(()) => {
                 tracing::info!("rsql-agent stopped");

@@ -91,7 +91,8 @@ impl Notifier {
         }
     }
 
-    /// From `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`. A bad value is logged and
+    /// From `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` (then call [`forget_env`]).
+    /// A bad value is logged and
     /// leaves the notifier disabled: the agent runs the same without a service manager.
     pub fn from_env() -> Notifier {
         let Some(socket) = std::env::var_os(NOTIFY_SOCKET_ENV).filter(|s| !s.is_empty()) else {
@@ -213,6 +214,15 @@ fn watchdog_from(usec: Option<&str>, watchdog_pid: Option<&str>, pid: u32) -> Op
     }
     let usec: u64 = usec?.trim().parse().ok()?;
     (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Removes `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID` from this process's
+/// environment, so that no child inherits them. Call it while the process has one thread,
+/// after [`Notifier::from_env`].
+pub fn forget_env() {
+    for name in [NOTIFY_SOCKET_ENV, WATCHDOG_USEC_ENV, WATCHDOG_PID_ENV] {
+        std::env::remove_var(name);
+    }
 }
 
 #[cfg(test)]

@@ -35,7 +35,7 @@ pub struct Parts {
 /// memory controller, or all of it; and, where that falls short of the config, what is
 /// lost.
 fn log_job_cgroups(config: &Config) {
-    let launcher = Launcher::choose(config.jobs.launcher, config.jobs.kill_grace);
+    let launcher = Launcher::choose(config.jobs.launcher);
     let found = launcher.cgroup_capability(&config.jobs);
     let level = found.level();
     let detail = found.describe();

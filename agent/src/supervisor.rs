@@ -44,8 +44,10 @@
 
 mod procs;
 mod spawner;
+pub mod user;
 
 pub use spawner::SpawnerError;
+pub use user::{JobUser, JobUserError};
 
 use std::collections::HashMap;
 use std::io::{self, Read as _};
@@ -239,6 +241,8 @@ pub struct Launch {
     /// starts in it, ends when it is empty, and is killed through it. `None`: the process
     /// group and marker sweep only.
     pub cgroup: Option<Payload>,
+    /// The unprivileged user the job runs as (see [`user`]); `None`: this process's own.
+    pub user: Option<JobUser>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -481,6 +485,12 @@ fn build_command(launch: &Launch) -> std::process::Command {
     if std::env::var_os("PATH").is_none() {
         command.env("PATH", DEFAULT_PATH);
     }
+    if let Some(user) = &launch.user {
+        command
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+    }
     for (name, value) in &launch.env {
         command.env(name, value);
     }
@@ -491,9 +501,29 @@ fn build_command(launch: &Launch) -> std::process::Command {
     let agent_pid = std::process::id() as i32;
     let inherit_fd = launch.inherit_fd;
     let cgroup_procs = launch.cgroup.as_ref().map(Payload::procs_fd);
+    // Allocated here, before the fork: the child only reads it.
+    let run_as = launch
+        .user
+        .as_ref()
+        .map(|u| (u.uid, u.gid, u.groups.clone()));
     let child_setup = move || -> io::Result<()> {
         // Runs in the forked child before exec: only async-signal-safe calls (prctl,
-        // getppid, sigaction) and no allocation.
+        // getppid, sigaction, the set*id calls) and no allocation.
+        if let Some(fd) = cgroup_procs {
+            // Into the job's cgroup before exec, so not one instruction of the job runs
+            // outside it (what CLONE_INTO_CGROUP does at the clone, which std's Command
+            // cannot ask for). `0` means the writing process. Before the drop to the job's
+            // user: the cgroup belongs to the owner, and the job may not move itself.
+            // SAFETY: write(2) of a static one-byte buffer to a descriptor the parent keeps
+            // open until the spawn returns; async-signal-safe, no allocation.
+            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some((uid, gid, groups)) = &run_as {
+            drop_to_user(*uid, *gid, groups)?;
+        }
+        // After the drop: a change of credentials clears the parent-death signal.
         nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
         // If the agent died between fork and prctl the signal will never come; give up.
         if nix::unistd::getppid().as_raw() != agent_pid {
@@ -521,25 +551,49 @@ fn build_command(launch: &Launch) -> std::process::Command {
                 return Err(io::Error::last_os_error());
             }
         }
-        if let Some(fd) = cgroup_procs {
-            // Into the job's cgroup before exec, so not one instruction of the job runs
-            // outside it (what CLONE_INTO_CGROUP does at the clone, which std's Command
-            // cannot ask for). `0` means the writing process.
-            // SAFETY: write(2) of a static one-byte buffer to a descriptor the parent keeps
-            // open until the spawn returns; async-signal-safe, no allocation.
-            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
-                return Err(io::Error::last_os_error());
-            }
-        }
         Ok(())
     };
     // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid,
-    // sigaction, fcntl, write) and does not allocate or take locks, which is what pre_exec
-    // requires of code running between fork and exec in a multi-threaded process.
+    // sigaction, fcntl, write, setgroups/setgid/setuid) and does not allocate or take locks,
+    // which is what pre_exec requires of code running between fork and exec in a
+    // multi-threaded process.
     unsafe {
         command.pre_exec(child_setup);
     }
     command
+}
+
+/// In the forked child: supplementary groups, gid, then uid of the job's user, then no
+/// ambient capabilities. From a non-root owner the kernel keeps ambient capabilities across
+/// a setuid to another non-root uid, so they are cleared here; with no ambient set and
+/// `no_new_privs` (the owner unit's `NoNewPrivileges=yes`), the exec leaves the job none.
+fn drop_to_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
+    // SAFETY: setgroups/setgid/setuid/prctl are plain system calls here (a forked child has
+    // one thread, so glibc's all-threads set*id broadcast has nobody else to reach); the
+    // group list was allocated before the fork and is only read.
+    unsafe {
+        if libc::setgroups(groups.len(), groups.as_ptr()) == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::setgid(gid) == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::setuid(uid) == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // EINVAL on kernels before 4.3, which have no ambient set to clear.
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        );
+    }
+    if nix::unistd::getuid().as_raw() != uid || nix::unistd::geteuid().as_raw() != uid {
+        return Err(io::Error::from(Errno::EPERM));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -1342,6 +1396,7 @@ mod tests {
             job_id: "x".into(),
             inherit_fd: None,
             cgroup: None,
+            user: None,
         };
         let shown = format!("{launch:?}");
         assert!(shown.contains("RSPASSWORD"));

@@ -17,6 +17,8 @@ make_dir() {
 # so that check-config and a manual `rsql-agent run` work before then.
 make_dir /var/lib/rsql-agent 0750 rsql rsql
 make_dir /var/log/rsql-agent 0750 rsql rsql
+# The jobs' HOME (the AWS CLI and rsql read their settings from it).
+make_dir /var/lib/rsql-job 0750 rsql-job rsql-job
 # [jobs] script_dir: check-config needs it to exist and not be world-writable.
 make_dir /opt/rsql 0755 root root
 make_dir /opt/rsql/rsql_scripts 0755 root root
@@ -24,7 +26,9 @@ make_dir /opt/rsql/rsql_scripts 0755 root root
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload || :
   if [ "$1" -ge 2 ]; then
-    # Running jobs keep running under their owners; the new agent adopts them.
+    # Running jobs keep running under their owners; the new agent adopts them. The restart
+    # also starts rsql-job-owner.socket (the agent's unit wants it); the socket itself is
+    # never restarted here.
     systemctl try-restart rsql-agent.service || :
   fi
 fi

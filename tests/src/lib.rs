@@ -12,4 +12,5 @@ pub mod host;
 pub mod moto;
 pub mod pg;
 pub mod proxy;
+pub mod sandbox;
 pub mod world;

@@ -405,64 +405,41 @@ fn check_config_says_what_jobs_get_from_cgroups() {
     assert!(said.contains("not a cgroup v2 directory"), "{said}");
 }
 
-/// The job units `systemd-run` makes carry `Delegate=yes` and memory and CPU accounting;
-/// systemd must know every property it is given (`verify` prints nothing), or it would
-/// ignore the line and the job would run without its cgroup.
+/// The owner units systemd starts from `rsql-job-owner.socket` carry `Delegate=yes` and
+/// memory and CPU accounting; systemd must know every line of the template and the socket
+/// (`verify` prints nothing), or it would ignore the line and the job would run without its
+/// cgroup.
 #[test]
-fn the_job_units_properties_are_ones_systemd_knows() {
-    use rsql_agent::job_owner::launch::Launcher;
-    use rsql_agent::job_owner::JobDir;
-    let launcher = Launcher::Systemd {
-        user: None,
-        stop_timeout: Duration::from_secs(60),
-    };
-    let argv = launcher.systemd_run_argv(
-        Path::new("/bin/true"),
-        &JobDir::new("/var/lib/rsql-agent/owners/abc-1"),
-        &[("PATH".into(), "/usr/bin".into())],
-    );
-    for want in ["Delegate=yes", "MemoryAccounting=yes", "CPUAccounting=yes"] {
+fn the_owner_units_properties_are_ones_systemd_knows() {
+    let units = bins::workspace_root().join("systemd");
+    let template = std::fs::read_to_string(units.join("rsql-job-owner@.service"))
+        .expect("read the owner template");
+    for want in [
+        "Delegate=yes",
+        "MemoryAccounting=yes",
+        "CPUAccounting=yes",
+        "Slice=rsql-jobs.slice",
+        "After=rsql-agent.service",
+        "StandardInput=socket",
+    ] {
         assert!(
-            argv.iter().any(|a| a == &format!("--property={want}")),
-            "{want} missing from {argv:?}"
+            template.lines().any(|l| l == want),
+            "{want} missing from the owner template"
         );
     }
-    // The unit systemd-run would make, as a file.
-    let (mut unit, mut service) = (vec!["[Unit]".to_string()], vec!["[Service]".to_string()]);
-    let mut exec = Vec::new();
-    for (i, arg) in argv.iter().enumerate().skip(1) {
-        if arg == "--" {
-            exec = argv[i + 1..].to_vec();
-            break;
-        }
-        let Some((flag, value)) = arg.split_once('=') else {
-            continue;
-        };
-        match flag {
-            "--property" if value.starts_with("After=") => unit.push(value.to_string()),
-            "--property" => service.push(value.to_string()),
-            "--description" => unit.push(format!("Description={value}")),
-            "--slice" => service.push(format!("Slice={value}")),
-            "--setenv" => service.push(format!("Environment={value}")),
-            _ => {}
-        }
-    }
-    service.push(format!("ExecStart={}", exec.join(" ")));
     let dir = tempfile::tempdir().expect("unit dir");
-    std::fs::copy(
-        bins::workspace_root().join("systemd/rsql-jobs.slice"),
-        dir.path().join("rsql-jobs.slice"),
-    )
-    .expect("copy the slice");
-    let file = dir.path().join("rsql-job-abc-1.service");
-    std::fs::write(
-        &file,
-        format!("{}\n{}\n", unit.join("\n"), service.join("\n")),
-    )
-    .expect("write the unit");
+    // verify wants ExecStart's binary to exist; everything else is the shipped text.
+    let instance = template.replace("/usr/libexec/rsql-agent/rsql-job-owner", "/bin/true");
+    std::fs::write(dir.path().join("rsql-job-owner@.service"), &instance).expect("write");
+    std::fs::write(dir.path().join("rsql-job-owner@check.service"), &instance).expect("write");
+    for unit in ["rsql-jobs.slice", "rsql-job-owner.socket"] {
+        std::fs::copy(units.join(unit), dir.path().join(unit)).expect("copy a unit");
+    }
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(&file)
+        .arg(dir.path().join("rsql-job-owner@check.service"))
+        .arg(dir.path().join("rsql-job-owner.socket"))
+        .current_dir(dir.path())
         .output()
         .unwrap_or_else(|e| {
             panic!("systemd-analyze is needed for this test ({e}); run .ci/install-deps")

@@ -91,6 +91,7 @@ impl Fixture {
             job_id,
             inherit_fd: None,
             cgroup: None,
+            user: None,
         }
     }
 

@@ -46,12 +46,15 @@ pub(super) struct Owners {
     pub(super) dir: std::path::PathBuf,
     pub(super) launcher: crate::job_owner::launch::Launcher,
     pub(super) program: std::path::PathBuf,
+    /// `[jobs] user`, resolved at start (`job_owner::launch::Launcher::job_user`).
+    pub(super) job_user: Option<crate::supervisor::JobUser>,
 }
 
 impl Owners {
     pub(super) fn open(
         state_dir: &Path,
         launcher: crate::job_owner::launch::Launcher,
+        job_user: Option<crate::supervisor::JobUser>,
     ) -> std::io::Result<Owners> {
         use std::os::unix::fs::DirBuilderExt;
         let dir = state_dir.join(OWNERS_DIR);
@@ -63,6 +66,7 @@ impl Owners {
             dir,
             launcher,
             program: crate::job_owner::launch::owner_program(),
+            job_user,
         })
     }
 
@@ -157,17 +161,20 @@ pub(super) async fn run(
         Ok(result) => result.map_err(|e| crate::error_chain(&e)),
         Err(e) => Err(e.to_string()),
     };
-    if let Err(reason) = launched {
-        dir.remove();
-        return not_started(
-            &shared,
-            &source,
-            held,
-            &token,
-            format!("cannot start the job's owner process: {reason}"),
-        )
-        .await;
-    }
+    let unit = match launched {
+        Ok(unit) => unit,
+        Err(reason) => {
+            dir.remove();
+            return not_started(
+                &shared,
+                &source,
+                held,
+                &token,
+                format!("cannot start the job's owner process: {reason}"),
+            )
+            .await;
+        }
+    };
     let conn = match client::start(&dir, held, env, OWNER_START_TIMEOUT).await {
         Ok(conn) => conn,
         Err(e) => {
@@ -189,6 +196,7 @@ pub(super) async fn run(
         attempt,
         job_pid = conn.job_pid,
         launcher = shared.owners.launcher.name(),
+        unit = unit.as_deref().unwrap_or(""),
         log_file = %job.log_file.display(),
         "job started"
     );
@@ -320,6 +328,7 @@ fn prepare(
                 .owners
                 .launcher
                 .cgroup_plan(&config.jobs, spec.memory_max),
+            user: shared.owners.job_user.clone(),
         },
     })
 }
@@ -563,6 +572,10 @@ async fn watch_owner(
     loop {
         let wanted = match *shutdown.borrow_and_update() {
             JobStop::Run => 0,
+            // At host shutdown systemd stops the job units first (they are ordered after the
+            // agent's) and this agent only then: an owner that has already recorded its exit
+            // is reported now, while the agent can still send it, not handed off.
+            JobStop::HandOff if matches!(dir.read_exit(), Ok(Some(_))) => break,
             JobStop::HandOff => {
                 tracing::info!("handing the job off: it keeps running under its owner; the next agent adopts it");
                 return Some(Delivered::HandedOff);

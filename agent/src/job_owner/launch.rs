@@ -1,13 +1,24 @@
 //! Starting a job's owner process so that it does not belong to the agent.
 //!
-//! - [`Launcher::Systemd`]: under systemd, each owner is a transient service
-//!   (`systemd-run`) in `rsql-jobs.slice`, ordered `After=rsql-agent.service`. So the job is
-//!   not in the agent's cgroup (a `systemctl restart rsql-agent` leaves it alone), and at
-//!   shutdown job units stop first, while the agent can still report them. systemd is the
-//!   unit's parent, so there is no pid race.
+//! - [`Launcher::Systemd`]: under systemd, each owner is an instance of the template unit
+//!   `rsql-job-owner@.service`, started by systemd itself when the agent connects to the
+//!   socket `rsql-job-owner.socket` listens on (`Accept=yes`). The agent sends the job's id
+//!   on that connection; the owner answers once it listens on its own socket. So:
+//!   - the agent needs no privilege at all: no polkit rule, no `systemd-run`, no D-Bus
+//!     call. Only members of the agent's group may connect (the socket is `root:rsql`
+//!     0660), and all they can ask for is an owner for a job directory under the state
+//!     directory: every property of the unit (user, capabilities, sandbox, slice,
+//!     delegation) is fixed by the packaged template, not by the caller;
+//!   - the job is not in the agent's cgroup (a `systemctl restart rsql-agent` leaves it
+//!     alone); the unit is ordered after the agent, so at shutdown job units stop first,
+//!     while the agent can still report them; systemd is the owner's parent, so there is no
+//!     pid race.
 //! - [`Launcher::Direct`]: a double fork into a new session, for hosts without systemd and
 //!   for tests. The owner's parent becomes init (or the nearest subreaper above the agent),
 //!   never the agent.
+//!
+//! Either way the owner runs the job as [`JobUser`] (`[jobs] user`): under systemd that is
+//! `rsql-job` unless configured, never root and never the agent's user.
 //!
 //! The launcher also decides where a job's cgroup comes from (see `cgroup`): a systemd job
 //! unit is delegated its own cgroup (`Delegate=yes`, with memory and CPU accounting); a
@@ -15,7 +26,8 @@
 //!
 //! Must not touch: what the owner does once started (see `shim`).
 
-use std::io;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,13 +38,22 @@ use serde::{Deserialize, Serialize};
 use super::JobDir;
 use crate::cgroup::{self, Capability, CgroupChoice, CgroupPlan, Placement};
 use crate::config::JobSettings;
+use crate::supervisor::{JobUser, JobUserError};
 
 /// The systemd slice every job owner unit runs in.
 pub const SLICE: &str = "rsql-jobs.slice";
-/// Job owner units are named `rsql-job-<job id>.service`.
-pub const UNIT_PREFIX: &str = "rsql-job-";
+/// Job owner units are instances of `rsql-job-owner@.service`.
+pub const UNIT_PREFIX: &str = "rsql-job-owner@";
 /// The agent's own unit; job units are ordered after it.
 pub const AGENT_UNIT: &str = "rsql-agent.service";
+/// Where `rsql-job-owner.socket` listens: a connection starts one owner unit.
+pub const OWNER_SOCKET: &str = "/run/rsql-job-owner.sock";
+/// The user jobs run as under systemd when `[jobs] user` is not set; the packages create it.
+pub const DEFAULT_JOB_USER: &str = "rsql-job";
+/// How long a socket-activated owner may take to answer that it listens.
+const OWNER_ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
+/// The owner's answer is one short JSON line.
+const MAX_ANSWER: u64 = 4096;
 
 /// The name of the owner program; looked for next to the running binary first.
 pub const OWNER_PROGRAM: &str = "rsql-job-owner";
@@ -43,7 +64,8 @@ pub const OWNER_PROGRAM_INSTALLED: &str = "/usr/libexec/rsql-agent/rsql-job-owne
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LauncherChoice {
-    /// systemd when the agent runs as a systemd service, direct otherwise.
+    /// systemd when the agent runs as a systemd service and the owner socket is there,
+    /// direct otherwise.
     #[default]
     Auto,
     Systemd,
@@ -58,52 +80,73 @@ pub enum LaunchError {
         #[source]
         source: io::Error,
     },
-    #[error("systemd-run could not start the job owner unit {unit} ({status}): {stderr}")]
-    SystemdRun {
-        unit: String,
-        status: String,
-        stderr: String,
+    #[error("cannot reach the job owner socket {path} (is rsql-job-owner.socket active? `systemctl status rsql-job-owner.socket`)")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
     },
+    #[error("the job owner unit for job {job_id} refused it: {reason}")]
+    Refused { job_id: String, reason: String },
+}
+
+/// A request on the owner socket: the job whose directory the new owner takes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationRequest {
+    pub v: u32,
+    pub job_id: String,
+}
+
+/// The owner's answer on the owner socket, once it listens on its own socket (or why not).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationAnswer {
+    pub ok: bool,
+    /// The owner's systemd unit, for `systemctl status` and `journalctl -u`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Whether `job_id` can only name a directory directly under the owners' directory.
+pub fn valid_job_id(job_id: &str) -> bool {
+    !job_id.is_empty()
+        && job_id.len() <= 200
+        && !job_id.starts_with('.')
+        && job_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// How owners are started; see the module doc.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Launcher {
     Direct,
+    /// Socket-activated `rsql-job-owner@.service` units, through `socket`.
     Systemd {
-        /// `User=` of the unit: the agent's own user when it is not root.
-        user: Option<String>,
-        /// `TimeoutStopSec=`: the job's kill grace plus time to record its exit.
-        stop_timeout: Duration,
+        socket: PathBuf,
     },
 }
 
 impl Launcher {
     /// Picks the launcher for `choice`: `auto` means systemd when this process is a systemd
-    /// service (`INVOCATION_ID` is set and systemd is the init system).
-    pub fn choose(choice: LauncherChoice, kill_grace: Duration) -> Launcher {
+    /// service (`INVOCATION_ID` is set and systemd is the init system) and the owner socket
+    /// exists.
+    pub fn choose(choice: LauncherChoice) -> Launcher {
+        let socket = PathBuf::from(OWNER_SOCKET);
         let systemd = match choice {
             LauncherChoice::Systemd => true,
             LauncherChoice::Direct => false,
             LauncherChoice::Auto => {
                 std::env::var_os("INVOCATION_ID").is_some()
                     && Path::new("/run/systemd/system").is_dir()
+                    && socket.exists()
             }
         };
-        if !systemd {
-            return Launcher::Direct;
-        }
-        let user = if nix::unistd::geteuid().is_root() {
-            None
+        if systemd {
+            Launcher::Systemd { socket }
         } else {
-            nix::unistd::User::from_uid(nix::unistd::geteuid())
-                .ok()
-                .flatten()
-                .map(|u| u.name)
-        };
-        Launcher::Systemd {
-            user,
-            stop_timeout: kill_grace + Duration::from_secs(30),
+            Launcher::Direct
         }
     }
 
@@ -112,6 +155,18 @@ impl Launcher {
             Launcher::Direct => "direct",
             Launcher::Systemd { .. } => "systemd",
         }
+    }
+
+    /// The user jobs run as: `configured` (`[jobs] user`), else `rsql-job` under systemd;
+    /// `None` for a direct launcher with no user configured (jobs run as the agent's user:
+    /// fine for a developer's agent, and check-config says what it means).
+    pub fn job_user(&self, configured: Option<&str>) -> Result<Option<JobUser>, JobUserError> {
+        let name = match (configured, self) {
+            (Some(name), _) => name,
+            (None, Launcher::Systemd { .. }) => DEFAULT_JOB_USER,
+            (None, Launcher::Direct) => return Ok(None),
+        };
+        JobUser::resolve_for_jobs(name).map(Some)
     }
 
     /// Where jobs started by this launcher get their cgroup, or why they get none.
@@ -160,85 +215,62 @@ impl Launcher {
         })
     }
 
-    /// Starts `program --job-dir DIR` for `dir`, with `env` (the agent's inherited variables
-    /// and its log filter), and returns once it runs. The owner then waits for the agent's
-    /// start request on its socket.
+    /// Starts an owner for `dir` and returns once it runs. A direct owner is
+    /// `program --job-dir DIR` with `env` (the agent's inherited variables and its log
+    /// filter); a systemd owner's program and environment are its unit's. The owner then
+    /// waits for the agent's start request on its socket. Returns the owner's unit, if any.
     pub fn launch(
         &self,
         program: &Path,
         dir: &JobDir,
         env: &[(String, String)],
-    ) -> Result<(), LaunchError> {
+    ) -> Result<Option<String>, LaunchError> {
         match self {
-            Launcher::Direct => launch_direct(program, dir, env),
-            Launcher::Systemd { .. } => {
-                let argv = self.systemd_run_argv(program, dir, env);
-                let unit = format!("{UNIT_PREFIX}{}.service", dir.job_id());
-                let out = Command::new(&argv[0])
-                    .args(&argv[1..])
-                    .stdin(Stdio::null())
-                    .output()
-                    .map_err(|source| LaunchError::Spawn {
-                        program: PathBuf::from(&argv[0]),
-                        source,
-                    })?;
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(LaunchError::SystemdRun {
-                        unit,
-                        status: out.status.to_string(),
-                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-                    })
-                }
-            }
+            Launcher::Direct => launch_direct(program, dir, env).map(|()| None),
+            Launcher::Systemd { socket } => activate(socket, &dir.job_id()).map(Some),
         }
     }
+}
 
-    /// The `systemd-run` command line for [`Launcher::Systemd`].
-    pub fn systemd_run_argv(
-        &self,
-        program: &Path,
-        dir: &JobDir,
-        env: &[(String, String)],
-    ) -> Vec<String> {
-        let Launcher::Systemd { user, stop_timeout } = self else {
-            return Vec::new();
-        };
-        let mut argv: Vec<String> = vec![
-            "systemd-run".into(),
-            format!("--unit={UNIT_PREFIX}{}", dir.job_id()),
-            format!("--slice={SLICE}"),
-            "--collect".into(),
-            "--quiet".into(),
-            format!("--description=rsql-agent job owner {}", dir.job_id()),
-            "--property=Type=exec".into(),
-            format!("--property=After={AGENT_UNIT}"),
-            // SIGTERM to the owner alone (it stops the job, records it, exits); what is left
-            // after TimeoutStopSec gets SIGKILL.
-            "--property=KillMode=mixed".into(),
-            format!(
-                "--property=TimeoutStopSec={}",
-                stop_timeout.as_secs().max(1)
-            ),
-            "--property=SyslogIdentifier=rsql-job-owner".into(),
-            // The unit's cgroup is the job's (see `cgroup`): the owner may make sub-cgroups
-            // in it, with every controller, and memory and CPU are accounted per job.
-            "--property=Delegate=yes".into(),
-            "--property=MemoryAccounting=yes".into(),
-            "--property=CPUAccounting=yes".into(),
-        ];
-        if let Some(user) = user {
-            argv.push(format!("--uid={user}"));
+/// Connects to the owner socket (systemd starts a unit for the connection), names the job,
+/// and waits for the owner's answer.
+fn activate(socket: &Path, job_id: &str) -> Result<String, LaunchError> {
+    let unreachable = |source| LaunchError::Socket {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(OWNER_ANSWER_TIMEOUT))
+        .map_err(unreachable)?;
+    let request = ActivationRequest {
+        v: super::PROTOCOL,
+        job_id: job_id.to_string(),
+    };
+    let mut line = serde_json::to_vec(&request).unwrap_or_default();
+    line.push(b'\n');
+    stream.write_all(&line).map_err(unreachable)?;
+    let refused = |reason: String| LaunchError::Refused {
+        job_id: job_id.to_string(),
+        reason,
+    };
+    let mut answer = Vec::new();
+    let read = BufReader::new(io::Read::take(&stream, MAX_ANSWER)).read_until(b'\n', &mut answer);
+    match read {
+        Ok(0) => return Err(refused("the owner closed the connection without an answer (see `journalctl -u 'rsql-job-owner@*'`)".into())),
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            return Err(refused(format!("no answer within {OWNER_ANSWER_TIMEOUT:?}")))
         }
-        for (name, value) in env {
-            argv.push(format!("--setenv={name}={value}"));
+        Err(e) => return Err(refused(format!("cannot read its answer: {e}"))),
+    }
+    let answer: ActivationAnswer = serde_json::from_slice(answer.trim_ascii_end())
+        .map_err(|e| refused(format!("not an answer: {e}")))?;
+    match answer {
+        ActivationAnswer { ok: true, unit, .. } => Ok(unit.unwrap_or_default()),
+        ActivationAnswer { error, .. } => {
+            Err(refused(error.unwrap_or_else(|| "no reason given".into())))
         }
-        argv.push("--".into());
-        argv.push(program.display().to_string());
-        argv.push("--job-dir".into());
-        argv.push(dir.path().display().to_string());
-        argv
     }
 }
 
@@ -313,44 +345,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn systemd_units_go_in_the_jobs_slice_after_the_agent_as_the_agents_user() {
-        let launcher = Launcher::Systemd {
-            user: Some("rsql".into()),
-            stop_timeout: Duration::from_secs(60),
-        };
-        let dir = JobDir::new("/var/lib/rsql-agent/owners/abc-1");
-        let argv = launcher.systemd_run_argv(
-            Path::new("/usr/libexec/rsql-agent/rsql-job-owner"),
-            &dir,
-            &[("PATH".into(), "/usr/bin".into())],
-        );
-        for want in [
-            "--unit=rsql-job-abc-1",
-            "--slice=rsql-jobs.slice",
-            "--property=After=rsql-agent.service",
-            "--property=KillMode=mixed",
-            "--property=TimeoutStopSec=60",
-            "--property=Delegate=yes",
-            "--property=MemoryAccounting=yes",
-            "--property=CPUAccounting=yes",
-            "--uid=rsql",
-            "--setenv=PATH=/usr/bin",
-        ] {
-            assert!(
-                argv.iter().any(|a| a == want),
-                "{want} missing from {argv:?}"
-            );
+    fn a_job_id_names_one_directory_under_the_owners_dir() {
+        assert!(valid_job_id("blog_1-rsql_blog_script_1.sh-a1b2"));
+        for bad in ["", "..", ".hidden", "a/b", "../etc", "a b", "a\nb"] {
+            assert!(!valid_job_id(bad), "{bad:?}");
         }
-        let tail: Vec<&str> = argv[argv.len() - 4..].iter().map(String::as_str).collect();
-        assert_eq!(
-            tail,
-            [
-                "--",
-                "/usr/libexec/rsql-agent/rsql-job-owner",
-                "--job-dir",
-                "/var/lib/rsql-agent/owners/abc-1"
-            ]
-        );
+    }
+
+    #[test]
+    fn systemd_jobs_default_to_the_packaged_job_user() {
+        let systemd = Launcher::Systemd {
+            socket: PathBuf::from(OWNER_SOCKET),
+        };
+        // No rsql-job user on a build host: the error names it and says how to make it.
+        match systemd.job_user(None) {
+            Ok(Some(user)) => assert_eq!(user.name, DEFAULT_JOB_USER),
+            Ok(None) => panic!("systemd jobs must get a user of their own"),
+            Err(e) => assert!(e.to_string().contains(DEFAULT_JOB_USER), "{e}"),
+        }
+        assert_eq!(Launcher::Direct.job_user(None), Ok(None));
+        assert!(matches!(
+            Launcher::Direct.job_user(Some("root")),
+            Err(JobUserError::Root { .. })
+        ));
     }
 
     fn jobs(cgroup: CgroupChoice, parent: Option<&str>, memory_max: Option<u64>) -> JobSettings {
@@ -365,8 +382,7 @@ mod tests {
     #[test]
     fn job_cgroups_come_from_the_unit_or_the_configured_parent() {
         let systemd = Launcher::Systemd {
-            user: None,
-            stop_timeout: Duration::from_secs(60),
+            socket: PathBuf::from(OWNER_SOCKET),
         };
         let auto = jobs(CgroupChoice::Auto, Some("/sys/fs/cgroup/rsql-jobs"), None);
         assert_eq!(systemd.cgroup_placement(&auto), Ok(Placement::Unit));
@@ -408,9 +424,6 @@ mod tests {
 
     #[test]
     fn direct_is_direct_whatever_the_host() {
-        assert_eq!(
-            Launcher::choose(LauncherChoice::Direct, Duration::from_secs(1)),
-            Launcher::Direct
-        );
+        assert_eq!(Launcher::choose(LauncherChoice::Direct), Launcher::Direct);
     }
 }

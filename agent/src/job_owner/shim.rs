@@ -35,6 +35,7 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::launch::{valid_job_id, ActivationAnswer, ActivationRequest};
 use super::{
     boot_id, ExitRecord, JobDir, JobDirError, JobFile, OwnerRecord, Reply, Request, StopWhy,
     PROTOCOL,
@@ -55,7 +56,7 @@ const MAX_REQUEST: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
-    #[error("usage: rsql-job-owner --job-dir DIR")]
+    #[error("usage: rsql-job-owner --job-dir DIR | --socket-activated --owners-dir DIR")]
     Usage,
     #[error(transparent)]
     JobDir(#[from] JobDirError),
@@ -79,6 +80,8 @@ pub enum ShimError {
     Supervisor(#[source] SupervisorError),
     #[error("cannot open the job log")]
     Log(#[source] JobLogError),
+    #[error("the job's user")]
+    User(#[source] crate::supervisor::JobUserError),
 }
 
 /// `main` of `rsql-job-owner`. Exit codes: 0 the job ran and its exit is recorded (whatever
@@ -90,20 +93,102 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging();
-    let dir = match args.as_slice() {
-        [flag, dir] if flag == "--job-dir" => JobDir::new(dir),
+    let (dir, activation) = match args.as_slice() {
+        [flag, dir] if flag == "--job-dir" => (JobDir::new(dir), None),
+        [flag, owners_flag, owners]
+            if flag == "--socket-activated" && owners_flag == "--owners-dir" =>
+        {
+            match activated(std::path::Path::new(owners)) {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::error!(error = %crate::error_chain(&e), "the job owner was started for no valid job");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         _ => {
             eprintln!("{}", ShimError::Usage);
             return ExitCode::from(2);
         }
     };
-    match run(&dir) {
+    match run(&dir, activation) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(job_dir = %dir.path().display(), error = %crate::error_chain(&e), "the job owner failed");
             ExitCode::FAILURE
         }
     }
+}
+
+/// How long a socket-activated owner waits for the agent to name its job.
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A socket-activated start (`rsql-job-owner@.service`, `StandardInput=socket`): reads the
+/// agent's [`ActivationRequest`] from standard input, the accepted connection, and returns the
+/// job's directory under `owners` with the connection to answer on. Standard input becomes
+/// `/dev/null`, so the connection is not inherited by the job.
+fn activated(owners: &std::path::Path) -> Result<(JobDir, Option<UnixStream>), ShimError> {
+    let stdin = nix::unistd::dup(std::io::stdin()).map_err(|e| ShimError::Receive(e.into()))?;
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdin(&null);
+    }
+    let stream = UnixStream::from(stdin);
+    let answer_error = |stream: &UnixStream, reason: &str| {
+        answer(
+            stream,
+            &ActivationAnswer {
+                ok: false,
+                unit: None,
+                error: Some(reason.to_string()),
+            },
+        )
+    };
+    stream
+        .set_read_timeout(Some(ACTIVATION_TIMEOUT))
+        .map_err(ShimError::Receive)?;
+    let mut line = Vec::new();
+    BufReader::new(std::io::Read::take(&stream, 4096))
+        .read_until(b'\n', &mut line)
+        .map_err(ShimError::Receive)?;
+    let request: ActivationRequest = match serde_json::from_slice(line.trim_ascii_end()) {
+        Ok(request) => request,
+        Err(e) => {
+            answer_error(&stream, &format!("not an activation request: {e}"));
+            return Err(ShimError::BadStart(format!(
+                "not an activation request: {e}"
+            )));
+        }
+    };
+    if !valid_job_id(&request.job_id) {
+        let reason = format!("{:?} is not a job id", request.job_id);
+        answer_error(&stream, &reason);
+        return Err(ShimError::BadStart(reason));
+    }
+    let path = owners.join(&request.job_id);
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.is_dir() => {}
+        _ => {
+            let reason = format!("{} is not a job directory", path.display());
+            answer_error(&stream, &reason);
+            return Err(ShimError::BadStart(reason));
+        }
+    }
+    Ok((JobDir::new(path), Some(stream)))
+}
+
+/// Writes the activation answer line; the agent reads it with a timeout of its own.
+fn answer(stream: &UnixStream, answer: &ActivationAnswer) {
+    let mut line = serde_json::to_vec(answer).unwrap_or_default();
+    line.push(b'\n');
+    let _ = (&*stream).write_all(&line);
+}
+
+/// This process's systemd unit: the last part of its cgroup path, if that is a unit.
+fn own_unit() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let last = path.rsplit('/').next()?;
+    last.ends_with(".service").then(|| last.to_string())
 }
 
 fn init_logging() {
@@ -116,9 +201,25 @@ fn init_logging() {
         .try_init();
 }
 
-/// Runs the job of `dir`; see the module doc.
-pub fn run(dir: &JobDir) -> Result<(), ShimError> {
-    let job = dir.read_job()?;
+/// Runs the job of `dir`; see the module doc. `activation`: the connection of a
+/// socket-activated start, answered once this owner listens on its own socket.
+pub fn run(dir: &JobDir, activation: Option<UnixStream>) -> Result<(), ShimError> {
+    let job = match dir.read_job() {
+        Ok(job) => job,
+        Err(e) => {
+            if let Some(stream) = &activation {
+                answer(
+                    stream,
+                    &ActivationAnswer {
+                        ok: false,
+                        unit: None,
+                        error: Some(crate::error_chain(&e)),
+                    },
+                );
+            }
+            return Err(e.into());
+        }
+    };
     let me = std::process::id() as i32;
     let mut owner = OwnerRecord {
         protocol: PROTOCOL,
@@ -136,6 +237,16 @@ pub fn run(dir: &JobDir) -> Result<(), ShimError> {
         source,
     })?;
     let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
+    if let Some(stream) = activation {
+        answer(
+            &stream,
+            &ActivationAnswer {
+                ok: true,
+                unit: own_unit(),
+                error: None,
+            },
+        );
+    }
 
     let StartRequest {
         stream: first,
@@ -317,6 +428,12 @@ fn build_launch(
     let plan = &job.launch;
     let mut all_env = plan.env.clone();
     all_env.extend(env);
+    // Looked up again here: the owner, not the job file, decides that a job never runs as
+    // root or as the owner's own user.
+    let user = match &plan.user {
+        Some(user) => Some(user.verify().map_err(ShimError::User)?),
+        None => None,
+    };
     Ok(Launch {
         program: plan.program.clone(),
         args: plan.args.clone(),
@@ -329,6 +446,7 @@ fn build_launch(
         job_id: plan.job_id.clone(),
         inherit_fd: Some(held.as_fd().as_raw_fd()),
         cgroup: cgroup.map(|c| c.payload().clone()),
+        user,
     })
 }
 
