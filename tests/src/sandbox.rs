@@ -175,6 +175,16 @@ impl Sandbox {
         .into_owned()
     }
 
+    /// The whole journal (the agent, the owners, systemd), for a failure message.
+    pub fn journal_all(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .exec(&["journalctl", "--no-pager", "-o", "short-precise"])
+                .stdout,
+        )
+        .into_owned()
+    }
+
     /// Waits until `systemctl is-active UNIT` says `active`.
     pub fn wait_active(&self, unit: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

@@ -703,3 +703,55 @@ async fn a_dead_agents_jobs_die_with_it_or_with_the_next_agent() {
     let _next_agent = Supervisor::new().expect("supervisor");
     wait_dead(child_pid, "the job's child").await;
 }
+
+/// The first child of `parent`, once it has one.
+async fn child_of(parent: u32) -> i32 {
+    let path = format!("/proc/{parent}/task/{parent}/children");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(pid) = text.split_whitespace().next() {
+            return pid.parse().expect("a pid");
+        }
+        assert!(Instant::now() < deadline, "{parent} has no child");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A root agent's orphan sweep at start must not take the jobs of an agent in another PID
+/// namespace (a container, a systemd sandbox) for orphans: their supervisor's pid means
+/// nothing here. Each process below carries the marker of a supervisor pid that does not
+/// exist; the one in this namespace is killed, the one in a namespace of its own lives.
+#[tokio::test]
+async fn the_orphan_sweep_leaves_jobs_of_other_pid_namespaces_alone() {
+    let dead_supervisor = "999999:1";
+    let spawn = |program: &str, args: &[&str]| {
+        std::process::Command::new(program)
+            .args(args)
+            .env(rsql_agent::supervisor::SUPERVISOR_ENV, dead_supervisor)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} (util-linux, root): {e}"))
+    };
+    let mut elsewhere = spawn(
+        "unshare",
+        &["--pid", "--fork", "--kill-child", "sleep", "60"],
+    );
+    let inner = child_of(elsewhere.id()).await;
+    let mut here = spawn("sleep", &["60"]);
+    let here_pid = here.id() as i32;
+
+    rsql_agent::supervisor::kill_orphaned_jobs();
+
+    let status = here.wait().expect("wait for the orphan here");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "an orphan of this namespace (pid {here_pid}) was not killed"
+    );
+    assert!(
+        !is_gone(inner),
+        "the sweep killed {inner}, a job of another PID namespace"
+    );
+    let _ = kill(Pid::from_raw(elsewhere.id() as i32), Signal::SIGKILL);
+    let _ = elsewhere.wait();
+}

@@ -312,7 +312,8 @@ async fn restart_upgrade_crash_and_stop_then_start_leave_the_job_running_once() 
     let alive = host.job_processes();
     assert!(
         alive.contains("gated.sh"),
-        "the job did not outlive `systemctl stop rsql-agent`: {alive:?}"
+        "the job did not outlive `systemctl stop rsql-agent`: {alive:?}\n{}",
+        host.sandbox.journal_all()
     );
     host.sandbox.ok(&["systemctl", "start", "rsql-agent"]);
     host.sandbox.wait_active("rsql-agent", WAIT);
@@ -359,7 +360,12 @@ async fn a_job_that_ignores_sigterm_is_gone_after_its_timeout_and_kill_grace() {
     host.wait_evidence("sbx_stubborn_1", "pid").await;
     let done = host.world.wait_execution(&exec).await;
     let output = moto::execution_output(&done);
-    assert_eq!(output["error"]["Error"], "Rsql.Timeout", "{output}");
+    assert_eq!(
+        output["error"]["Error"],
+        "Rsql.Timeout",
+        "{output}\n{}",
+        host.sandbox.journal_all()
+    );
     assert_eq!(
         host.job_processes(),
         "",
@@ -417,7 +423,12 @@ async fn a_job_can_neither_control_the_agent_nor_touch_another_job() {
     // takes jobs: it did not drain.
     host.release("sbx_sibling_1");
     let output = host.finished(&sibling).await;
-    assert_eq!(output["status"], "completed", "{output}");
+    assert_eq!(
+        output["status"],
+        "completed",
+        "{output}\n{tries}\n{}",
+        host.sandbox.journal_all()
+    );
     let after = host.start("sbx_after_1", "escapee.sh", 120, &[]).await;
     let output = host.finished(&after).await;
     assert_eq!(output["status"], "completed", "{output}");

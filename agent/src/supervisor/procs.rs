@@ -120,12 +120,20 @@ pub(super) fn supervisor_identity() -> &'static str {
 /// its agent's identity, so the next agent on the host finds and kills them. Jobs of agents
 /// that are alive (a standalone wrapper run, say) are left alone. Returns how many were
 /// killed.
+///
+/// Only processes of this process's own PID namespace count: the identity's pid means
+/// nothing in another one, so a root agent on a host would otherwise take every job of an
+/// agent in a container (or in a test's systemd sandbox) for an orphan and kill it.
 pub(super) fn kill_orphaned_jobs() -> usize {
     let me = std::process::id() as i32;
     let prefix = format!("{}=", super::SUPERVISOR_ENV).into_bytes();
+    let my_namespace = fs::read_link("/proc/self/ns/pid").ok();
     let mut killed = 0;
     for pid in all_pids() {
         if pid == me {
+            continue;
+        }
+        if fs::read_link(format!("/proc/{pid}/ns/pid")).ok() != my_namespace {
             continue;
         }
         let Ok(environ) = fs::read(format!("/proc/{pid}/environ")) else {
