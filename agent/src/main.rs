@@ -264,6 +264,9 @@ fn check_config(path: &Path) -> Exit {
     match Config::load(path) {
         Ok(config) => {
             println!("{}: OK", path.display());
+            for warning in &config.warnings {
+                println!("  warning:    {warning}");
+            }
             println!("  script_dir: {}", config.jobs.script_dir.display());
             println!("  state_dir:  {}", config.agent.state_dir.display());
             println!("  lock dir:   {}", config.lock.dir.display());
@@ -390,6 +393,9 @@ fn daemon_run(path: &Path) -> Exit {
             config = %path.display(),
             "rsql-agent started"
         );
+        for warning in &config.warnings {
+            tracing::warn!(config = %path.display(), "{warning}");
+        }
         let notifier = rsql_agent::notify::Notifier::from_env();
         match daemon.with_notifier(notifier).run(controls).await {
             Ok(()) => {
