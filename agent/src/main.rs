@@ -744,18 +744,16 @@ fn progress_line(event: Progress) -> (String, bool) {
         ),
         // On stderr, as the signal's answer; stdout stays the run's record.
         Progress::Stopping { now: false } => (
-            format!(
-                "rsql-agent: interrupted: stopping the running jobs (SIGTERM, then SIGKILL after \
+            "rsql-agent: interrupted: stopping the running jobs (SIGTERM, then SIGKILL after \
              kill_grace); they are reported Rsql.Interrupted and nothing more starts. \
              Interrupt again to kill them now."
-            ),
+                .to_string(),
             true,
         ),
         Progress::Stopping { now: true } => (
-            format!(
-                "rsql-agent: interrupted again: killing the running jobs now (they are still \
+            "rsql-agent: interrupted again: killing the running jobs now (they are still \
              reported). A third interrupt ends rsql-agent at once."
-            ),
+                .to_string(),
             true,
         ),
     }
