@@ -299,7 +299,8 @@ fn check_config(path: &Path) -> Exit {
 }
 
 /// `rsql-agent drain`: exit 0 once intake is stopped (with `--wait`: once no job runs and
-/// the outbox is empty), 69 when the agent cannot be reached, 78 for a bad config.
+/// the outbox is empty), 69 when the agent cannot be reached or whoever listens on its socket
+/// is not root, this user or the agent's user (nothing is sent then), 78 for a bad config.
 fn drain(path: &Path, wait: bool) -> Exit {
     use rsql_agent::daemon::control::{ask, ControlRequest};
     let config = match Config::load(path) {
