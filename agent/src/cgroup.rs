@@ -45,6 +45,11 @@ pub const PAYLOAD_LEAF: &str = "payload";
 /// may be a sibling owner's that is being set up.
 const STALE_AFTER: Duration = Duration::from_secs(60);
 
+/// The extended attribute an owner sets on a job cgroup it makes under a configured parent:
+/// the job id, which is also the cgroup's name. Clean-up removes only a cgroup that carries
+/// it with its own name, so a cgroup someone else made there is never touched.
+pub const MARK_XATTR: &str = "user.rsql-agent.job";
+
 /// `[jobs] cgroup`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +91,8 @@ pub enum CgroupError {
     NoOwnCgroup,
     #[error("{path} is the root of the cgroup hierarchy, which is never delegated")]
     Root { path: PathBuf },
+    #[error("{path} is not a cgroup of this job: {why}; nothing is killed through it")]
+    NotJobs { path: PathBuf, why: String },
     #[error("cannot {action} {path}")]
     Io {
         action: &'static str,
@@ -293,6 +300,9 @@ impl JobCgroup {
                 remove_stale(parent, STALE_AFTER);
                 let dir = parent.join(job_id);
                 make_dir(&dir)?;
+                if let Err(e) = mark(&dir, job_id) {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "cannot mark the job cgroup as the agent's; a leftover of it will not be removed");
+                }
                 (dir, own_cgroup())
             }
         };
@@ -382,8 +392,115 @@ fn enable_controllers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Whether `name` has the shape of a job id (`<lock key hash>-<attempt id>`, lowercase hex
+/// around one dash; see `attempt::job_id`).
+fn is_job_id(name: &str) -> bool {
+    let hex = |part: &str| {
+        !part.is_empty() && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    name.split_once('-').is_some_and(|(a, b)| hex(a) && hex(b))
+}
+
+/// Sets [`MARK_XATTR`] on a job cgroup just made.
+fn mark(dir: &Path, job_id: &str) -> nix::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| nix::Error::EINVAL)?;
+    let name = std::ffi::CString::new(MARK_XATTR).map_err(|_| nix::Error::EINVAL)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; the value is a valid
+    // slice of its stated length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            job_id.as_ptr().cast(),
+            job_id.len(),
+            0,
+        )
+    };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// Whether `dir` carries [`MARK_XATTR`] with its own name: a cgroup an owner made for a job.
+fn is_marked(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(name) = dir.file_name() else {
+        return false;
+    };
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let Ok(attr) = std::ffi::CString::new(MARK_XATTR) else {
+        return false;
+    };
+    let mut value = [0u8; 256];
+    // SAFETY: both strings are NUL-terminated and outlive the call; the kernel writes at
+    // most `value.len()` bytes into `value`.
+    let len = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            attr.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
+    usize::try_from(len).is_ok_and(|len| &value[..len] == name.as_bytes())
+}
+
+/// Checks a job's payload cgroup as a record names it (`owner.json`, which whoever could
+/// write the state directory could forge) before anything is killed through it: it must be
+/// a cgroup v2 directory, the `payload` leaf of this job's cgroup, and that cgroup either
+/// `<parent>/<job id>` under the configured parent or the job's systemd unit
+/// (`<unit>` in `<slice>`). Returns the resolved path.
+pub fn check_job_payload(
+    payload: &Path,
+    job_id: &str,
+    parent: Option<&Path>,
+    slice: &str,
+    unit: &str,
+) -> Result<PathBuf, CgroupError> {
+    let refuse = |why: &str| CgroupError::NotJobs {
+        path: payload.to_path_buf(),
+        why: why.to_string(),
+    };
+    let real = payload
+        .canonicalize()
+        .map_err(|e| refuse(&format!("it cannot be resolved ({e})")))?;
+    if !is_cgroup2(&real) {
+        return Err(refuse("it is not a cgroup v2 directory"));
+    }
+    let job = real
+        .parent()
+        .filter(|_| real.file_name().is_some_and(|n| n == PAYLOAD_LEAF))
+        .ok_or_else(|| refuse("it is not a job's payload leaf"))?;
+    let under_parent = parent.and_then(|p| p.canonicalize().ok()).is_some_and(|p| {
+        job.parent() == Some(p.as_path()) && job.file_name().is_some_and(|n| n == job_id)
+    });
+    let in_unit = job.file_name().is_some_and(|n| n == unit)
+        && job
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|n| n == slice);
+    if under_parent || in_unit {
+        Ok(real)
+    } else {
+        Err(refuse(
+            "it is neither under [jobs] cgroup_parent with the job's id nor the job's own \
+             systemd unit",
+        ))
+    }
+}
+
+/// Whether `path` is the root of a cgroup v2 hierarchy (which has no `cgroup.type`), a
+/// place shared with every service of the host.
+pub fn is_root(path: &Path) -> bool {
+    is_cgroup2(path) && !path.join("cgroup.type").exists()
+}
+
 /// Removes job cgroups under `parent` that are empty and older than `age`, deepest first.
 /// `rmdir` refuses a cgroup that holds a process or a child, so a live job is never touched.
+/// Only cgroups provably an owner's are touched: named like a job id and marked with
+/// [`MARK_XATTR`] holding that name; anything else under the parent is someone else's.
 fn remove_stale(parent: &Path, age: Duration) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
@@ -398,6 +515,9 @@ fn remove_stale(parent: &Path, age: Duration) {
             continue;
         }
         let dir = entry.path();
+        if !entry.file_name().to_str().is_some_and(is_job_id) || !is_marked(&dir) {
+            continue;
+        }
         let _ = std::fs::remove_dir(dir.join(PAYLOAD_LEAF));
         let _ = std::fs::remove_dir(dir.join(SUPERVISOR_LEAF));
         if std::fs::remove_dir(&dir).is_ok() {
@@ -459,6 +579,35 @@ mod tests {
         });
         assert_eq!(found.level(), Level::None, "{found:?}");
         assert!(found.describe().contains("not a cgroup v2 directory"));
+    }
+
+    #[test]
+    fn job_ids_have_one_shape() {
+        assert!(is_job_id("3f9a1c2e-3f9a1c2e1"));
+        for other in [
+            "system.slice",
+            "3f9a1c2e",
+            "-1",
+            "a-b-c",
+            "3F9A-1",
+            "user-1000",
+        ] {
+            assert!(!is_job_id(other), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_plain_directory_is_never_a_jobs_payload() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let payload = dir.path().join("3f9a-1").join(PAYLOAD_LEAF);
+        std::fs::create_dir_all(&payload).expect("mkdir");
+        std::fs::write(payload.join("cgroup.procs"), "1\n").expect("write");
+        let err = check_job_payload(&payload, "3f9a-1", Some(dir.path()), "s.slice", "u")
+            .expect_err("a plain directory");
+        assert!(
+            err.to_string().contains("not a cgroup v2 directory"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -81,7 +81,9 @@ struct RawAgent {
     state_dir: Option<PathBuf>,
     max_concurrent_jobs: Option<i64>,
     instance_id: Option<String>,
-    shutdown_grace: Option<String>,
+    /// No longer used (SIGTERM hands running jobs to their owners, it does not wait for
+    /// them); accepted with any value so that old configs keep working, and warned about.
+    shutdown_grace: Option<toml::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -215,6 +217,9 @@ pub struct Config {
     pub audit: AuditSettings,
     pub database: DatabaseSettings,
     pub metrics: MetricsSettings,
+    /// Keys the file sets that are no longer used, each with why: `check-config` prints
+    /// them and the daemon logs them; they never fail the config.
+    pub warnings: Vec<String>,
 }
 
 /// `[metrics]`: CloudWatch embedded-metric records written to the job log group (so only
@@ -280,7 +285,6 @@ pub struct AgentSettings {
     pub max_concurrent_jobs: usize,
     /// Overrides the instance id that would otherwise come from IMDS.
     pub instance_id: Option<String>,
-    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -443,6 +447,12 @@ fn positive_or(key: &'static str, value: Option<i64>, default: u64) -> Result<u6
     }
 }
 
+/// What `check-config` and the daemon say about `[agent] shutdown_grace`.
+pub const SHUTDOWN_GRACE_UNUSED: &str = "agent.shutdown_grace is no longer used and is \
+     ignored: on SIGTERM the agent hands its running jobs to their owner processes and stops \
+     without waiting for them (they go on, and the next start adopts them); remove the \
+     key";
+
 /// The state directory of a system-wide agent.
 const SYSTEM_STATE_DIR: &str = "/var/lib/rsql-agent";
 
@@ -453,7 +463,6 @@ impl Default for AgentSettings {
             state_dir: PathBuf::from(SYSTEM_STATE_DIR),
             max_concurrent_jobs: 4,
             instance_id: None,
-            shutdown_grace: Duration::from_secs(300),
         }
     }
 }
@@ -474,11 +483,6 @@ impl AgentSettings {
                 defaults.max_concurrent_jobs as u64,
             )? as usize,
             instance_id: raw.instance_id,
-            shutdown_grace: duration_or(
-                "agent.shutdown_grace",
-                raw.shutdown_grace,
-                defaults.shutdown_grace,
-            )?,
         })
     }
 }
@@ -754,6 +758,10 @@ impl Config {
         };
         // With no file, state lives in a per-user directory so a newcomer can run at once.
         let per_user = path.is_none();
+        let mut warnings = Vec::new();
+        if raw.agent.shutdown_grace.is_some() {
+            warnings.push(SHUTDOWN_GRACE_UNUSED.to_string());
+        }
         let agent = AgentSettings::from_raw(raw.agent, per_user).map_err(invalid)?;
         let mut jobs = JobSettings::from_raw(raw.jobs, script_dir, &agent.state_dir, per_user)
             .map_err(invalid)?;
@@ -788,6 +796,7 @@ impl Config {
             agent,
             jobs,
             database,
+            warnings,
         })
     }
 
@@ -977,6 +986,78 @@ impl Config {
         ] {
             real_writable_fs(dir).map_err(|reason| invalid(key, reason))?;
         }
+        self.check_state_dirs()?;
+        self.check_cgroup_parent()
+    }
+
+    /// `[jobs] cgroup_parent` is a directory delegated to the jobs, never the root of the
+    /// hierarchy: every service of the host lives there, and job cgroups would be mixed in
+    /// with theirs.
+    fn check_cgroup_parent(&self) -> Result<(), ConfigError> {
+        match &self.jobs.cgroup_parent {
+            Some(parent) if crate::cgroup::is_root(parent) => Err(ConfigError::Invalid {
+                path: self.source.clone().unwrap_or_default(),
+                key: "jobs.cgroup_parent",
+                reason: format!(
+                    "{} is the root of the cgroup v2 hierarchy, shared with every service on \
+                     the host; make a directory for the jobs under it (`mkdir {}`) and \
+                     delegate that",
+                    parent.display(),
+                    parent.join("rsql-jobs").display()
+                ),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The state directory holds the control socket, the owners' records and the outbox:
+    /// whoever can change it can plant a symlink, a record or a listener. It (or, before its
+    /// first start, the directory it will be made in) passes the trust rule for the agent's
+    /// uids. The lock directory may be on EFS, whose owners are the access point's, so only
+    /// its mode is checked: nobody but its owner and root's group may write to it.
+    fn check_state_dirs(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| ConfigError::Invalid {
+            path: self.source.clone().unwrap_or_default(),
+            key,
+            reason,
+        };
+        use std::os::unix::fs::MetadataExt;
+        let mut state_dir = nearest_existing(&self.agent.state_dir);
+        // Not made yet, in a sticky root-owned directory like /tmp: the agent makes it its
+        // own, and nobody else can then rename or replace it; the rule applies above.
+        let sticky_root = |dir: &Path| {
+            std::fs::metadata(dir).is_ok_and(|m| m.uid() == 0 && m.mode() & 0o1000 != 0)
+        };
+        if state_dir != self.agent.state_dir && sticky_root(&state_dir) {
+            state_dir = state_dir.parent().unwrap_or(Path::new("/")).to_path_buf();
+        }
+        crate::trust::check(&state_dir, &crate::trust::agent_uids()).map_err(|e| {
+            invalid(
+                "agent.state_dir",
+                format!(
+                    "{e} (anyone who can change it could plant records, symlinks or a \
+                     listener the agent and its tools trust)"
+                ),
+            )
+        })?;
+        let lock_dir = nearest_existing(&self.lock.dir);
+        if lock_dir != self.lock.dir && sticky_root(&lock_dir) {
+            return Ok(());
+        }
+        if let Ok(meta) = std::fs::metadata(&lock_dir) {
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != 0) {
+                return Err(invalid(
+                    "lock.dir",
+                    format!(
+                        "{} is writable by other users (mode {mode:o}), who could take or \
+                         plant job locks; run `chmod go-w {}`",
+                        lock_dir.display(),
+                        lock_dir.display()
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -987,13 +1068,6 @@ impl Config {
         const HOUR: Duration = Duration::from_secs(3600);
         const DAY: Duration = Duration::from_secs(24 * 3600);
         let mut checks: Vec<(&'static str, Duration, Duration, Duration, &'static str)> = vec![
-            (
-                "agent.shutdown_grace",
-                self.agent.shutdown_grace,
-                Duration::ZERO,
-                HOUR,
-                "systemd and the ASG lifecycle hook wait for the agent only so long",
-            ),
             (
                 "jobs.kill_grace",
                 self.jobs.kill_grace,
@@ -1115,6 +1189,18 @@ const PSEUDO_FS: [i64; 10] = [
 
 /// `dir`, or its nearest existing ancestor (the agent creates the rest), is on a writable,
 /// real filesystem.
+/// `path`, or the nearest directory above it that exists (where it will be made).
+fn nearest_existing(path: &Path) -> PathBuf {
+    let mut probe = path;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(parent) => probe = parent,
+            None => break,
+        }
+    }
+    probe.to_path_buf()
+}
+
 fn real_writable_fs(dir: &Path) -> Result<(), String> {
     let mut probe = dir;
     while !probe.exists() {
@@ -1293,7 +1379,7 @@ secret_id = "redshift/etl"
         let hours = |h: u64| Duration::from_secs(h * 3600);
         assert_eq!(config.agent.state_dir, PathBuf::from("/var/lib/rsql-agent"));
         assert_eq!(config.agent.max_concurrent_jobs, 4);
-        assert_eq!(config.agent.shutdown_grace, Duration::from_secs(300));
+        assert!(config.warnings.is_empty(), "{:?}", config.warnings);
         assert_eq!(
             config.jobs.log_dir,
             PathBuf::from("/var/log/rsql-agent/jobs")
@@ -1315,6 +1401,22 @@ secret_id = "redshift/etl"
         assert_eq!(cw.flush_interval, Duration::from_secs(1));
         assert_eq!(cw.final_flush_timeout, Duration::from_secs(10));
         assert!(config.socket.is_none());
+    }
+
+    /// `[agent] shutdown_grace` was parsed, bounded and documented, and nothing read it.
+    /// An old config keeps working, with any value, and is told the key is unused.
+    #[test]
+    fn shutdown_grace_is_accepted_with_a_warning_and_no_longer_bounded() {
+        let dir = scripts();
+        for value in ["\"5m\"", "\"2h\"", "300"] {
+            let text = format!(
+                "[agent]\nshutdown_grace = {value}\n[jobs]\nscript_dir = \"{}\"\n",
+                dir.path().display()
+            );
+            let config = parse(&text).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(config.warnings, [SHUTDOWN_GRACE_UNUSED], "{value}");
+        }
+        assert!(SHUTDOWN_GRACE_UNUSED.contains("no longer used"));
     }
 
     #[test]

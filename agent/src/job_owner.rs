@@ -86,7 +86,17 @@ pub enum JobDirError {
     },
     #[error("{path} has protocol {found}; this program speaks up to {PROTOCOL}")]
     Protocol { path: PathBuf, found: u32 },
+    #[error(
+        "{path} is larger than {MAX_RECORD_BYTES} bytes, more than any record the agent \
+         writes; it is not read"
+    )]
+    TooLarge { path: PathBuf },
 }
+
+/// The largest `job.json`, `owner.json` or `exit.json` read: the biggest holds a job's
+/// success output (at most 256 KiB) or its environment; a bigger file was not written by an
+/// agent, and reading it whole would let it take the agent's memory.
+pub const MAX_RECORD_BYTES: u64 = 1 << 20;
 
 /// Where an SQS job came from, so whichever agent watches the job can keep its message
 /// hidden and delete it at the end (receipt handles stay valid across processes).
@@ -328,9 +338,14 @@ impl JobDir {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, JobDirError> {
-    let bytes = match std::fs::read(path) {
+    let bytes = match read_bounded(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+            return Err(JobDirError::TooLarge {
+                path: path.to_path_buf(),
+            })
+        }
         Err(source) => {
             return Err(JobDirError::Read {
                 path: path.to_path_buf(),
@@ -344,6 +359,29 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, J
             path: path.to_path_buf(),
             source,
         })
+}
+
+/// Reads at most [`MAX_RECORD_BYTES`] of the regular file `path`, never through a symlink;
+/// a longer file is [`io::ErrorKind::FileTooLarge`].
+fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_RECORD_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_RECORD_BYTES {
+        return Err(io::ErrorKind::FileTooLarge.into());
+    }
+    Ok(bytes)
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JobDirError> {
@@ -361,18 +399,29 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JobDirError> {
 const LEFTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Kills what is left of the job of `dir`, whose owner died: everything in its cgroup (as
-/// `owner.json` names it), then every process still carrying its marker (a job without a
-/// cgroup, or one its owner had not set up yet). Returns how many it killed.
-pub fn kill_leftovers(dir: &JobDir) -> usize {
-    let in_cgroup = dir
+/// `owner.json` names it, once [`crate::cgroup::check_job_payload`] found it to be this
+/// job's cgroup under `cgroup_parent` or the job's unit), then every process still carrying
+/// its marker (a job without a cgroup, or one its owner had not set up yet). Returns how
+/// many it killed.
+pub fn kill_leftovers(dir: &JobDir, cgroup_parent: Option<&Path>) -> usize {
+    let job_id = dir.job_id();
+    let unit = format!("{}{job_id}.service", launch::UNIT_PREFIX);
+    let payload = dir
         .read_owner()
         .ok()
         .flatten()
-        .and_then(|owner| owner.cgroup)
-        .map_or(0, |payload| {
-            crate::cgroup::kill_leftovers(&payload, LEFTOVER_WAIT)
-        });
-    in_cgroup + crate::supervisor::kill_job_processes(&dir.job_id())
+        .and_then(|owner| owner.cgroup);
+    let in_cgroup = match payload
+        .map(|p| crate::cgroup::check_job_payload(&p, &job_id, cgroup_parent, launch::SLICE, &unit))
+    {
+        None => 0,
+        Some(Ok(payload)) => crate::cgroup::kill_leftovers(&payload, LEFTOVER_WAIT),
+        Some(Err(e)) => {
+            tracing::error!(error = %crate::error_chain(&e), "the job's owner record names a cgroup that is not the job's");
+            0
+        }
+    };
+    in_cgroup + crate::supervisor::kill_job_processes(&job_id)
 }
 
 /// This host's boot id, which tells a pid from before a reboot apart from one after it.
@@ -475,6 +524,19 @@ mod tests {
         let shown = format!("{:?}", sample_job(PROTOCOL));
         assert!(!shown.contains("secret-token"), "{shown}");
         assert!(shown.contains("abcd"), "{shown}");
+    }
+
+    #[test]
+    fn an_oversize_or_symlinked_record_is_refused_unread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let job_dir = JobDir::new(dir.path());
+        let exit = std::fs::File::create(job_dir.exit_path()).expect("create");
+        exit.set_len(MAX_RECORD_BYTES + 1).expect("grow");
+        let err = job_dir.read_exit().expect_err("oversize");
+        assert!(matches!(err, JobDirError::TooLarge { .. }), "{err}");
+        std::fs::write(dir.path().join("elsewhere"), b"{}").expect("write");
+        std::os::unix::fs::symlink("elsewhere", dir.path().join(OWNER_FILE)).expect("symlink");
+        assert!(job_dir.read_owner().is_err());
     }
 
     #[test]

@@ -594,6 +594,8 @@ fn lock_stem(dir: &Path, stem: &str) -> Result<Option<HeldFile>, LockError> {
             .create(true)
             .truncate(false)
             .mode(FILE_MODE)
+            // Never through a name planted in the lock directory.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
             .open(&path)
             .map_err(|source| LockError::OpenLock {
                 path: path.clone(),

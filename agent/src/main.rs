@@ -15,7 +15,9 @@ use rsql_agent::error_chain;
 use rsql_agent::exit::Exit;
 use rsql_agent::signals::Controls;
 use rsql_agent::supervisor::Supervisor;
-use rsql_agent::workflow::{self, Progress, RunOptions, Runner, WorkflowConfig, WorkflowReport};
+use rsql_agent::workflow::{
+    self, terminal_text, Progress, RunOptions, Runner, WorkflowConfig, WorkflowReport,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -253,7 +255,8 @@ where
     E: std::error::Error,
     for<'a> Exit: From<&'a E>,
 {
-    eprintln!("rsql-agent: {}", error_chain(e));
+    // An error can quote a database, AWS or a job: escaped for the terminal.
+    eprintln!("rsql-agent: {}", terminal_text(&error_chain(e)));
     Exit::from(e)
 }
 
@@ -261,6 +264,9 @@ fn check_config(path: &Path) -> Exit {
     match Config::load(path) {
         Ok(config) => {
             println!("{}: OK", path.display());
+            for warning in &config.warnings {
+                println!("  warning:    {warning}");
+            }
             println!("  script_dir: {}", config.jobs.script_dir.display());
             println!("  state_dir:  {}", config.agent.state_dir.display());
             println!("  lock dir:   {}", config.lock.dir.display());
@@ -303,7 +309,8 @@ fn check_config(path: &Path) -> Exit {
 }
 
 /// `rsql-agent drain`: exit 0 once intake is stopped (with `--wait`: once no job runs and
-/// the outbox is empty), 69 when the agent cannot be reached, 78 for a bad config.
+/// the outbox is empty), 69 when the agent cannot be reached or whoever listens on its socket
+/// is not root, this user or the agent's user (nothing is sent then), 78 for a bad config.
 fn drain(path: &Path, wait: bool) -> Exit {
     use rsql_agent::daemon::control::{ask, ControlRequest};
     let config = match Config::load(path) {
@@ -402,6 +409,9 @@ fn daemon_run(path: &Path) -> Exit {
             config = %path.display(),
             "rsql-agent started"
         );
+        for warning in &config.warnings {
+            tracing::warn!(config = %path.display(), "{warning}");
+        }
         match daemon.with_notifier(notifier).run(controls).await {
             Ok(()) => {
                 tracing::info!("rsql-agent stopped");
@@ -436,7 +446,8 @@ fn scripts_check(dir: &Path, config_path: Option<&Path>) -> Exit {
         Err(e) => return fail(&e),
     };
     for finding in &report.findings {
-        println!("{finding}");
+        // A file's name is anyone's choice: escaped for the terminal.
+        println!("{}", terminal_text(&finding.to_string()));
     }
     let errors = report.errors();
     println!(
@@ -553,7 +564,7 @@ fn print_summary(file: &Path, report: &WorkflowReport) -> Exit {
             )
         })
         .count();
-    println!(
+    let verdict = format!(
         "workflow {} execution {}: {} ({done}/{} jobs completed)",
         report.workflow_id,
         report.workflow_execution_id,
@@ -564,12 +575,14 @@ fn print_summary(file: &Path, report: &WorkflowReport) -> Exit {
         },
         report.jobs.len()
     );
+    println!("{}", terminal_text(&verdict));
     if code != Exit::Ok {
-        println!(
+        let resume = format!(
             "resume with: rsql-agent workflow run {} --resume {}",
             file.display(),
             report.workflow_execution_id
         );
+        println!("{}", terminal_text(&resume));
     }
     code
 }
@@ -635,13 +648,14 @@ fn workflow_report(
         Some(path) => match std::fs::write(path, rendered) {
             Ok(()) => {
                 let (done, total) = timeline.completed_jobs();
-                eprintln!(
+                let wrote = format!(
                     "wrote {}: workflow {}, execution {}, {}, {done}/{total} jobs completed",
                     path.display(),
                     timeline.workflow_id,
                     timeline.execution_id,
                     timeline.status
                 );
+                eprintln!("{}", terminal_text(&wrote));
                 Exit::Ok
             }
             Err(e) => {
@@ -658,15 +672,29 @@ fn clock() -> String {
     now.get(11..23).unwrap_or(&now).to_string()
 }
 
+/// Prints one progress event; names, ids and error text come from the workflow file and the
+/// jobs, so each line is escaped for the terminal.
 fn print_progress(event: Progress) {
+    let (line, to_stderr) = progress_line(event);
+    if to_stderr {
+        eprintln!("{}", terminal_text(&line));
+    } else {
+        println!("{}", terminal_text(&line));
+    }
+}
+
+fn progress_line(event: Progress) -> (String, bool) {
     match event {
         Progress::Started {
             workflow_id,
             workflow_execution_id,
             resumed,
-        } => println!(
-            "{} workflow {workflow_id}, execution {workflow_execution_id}",
-            if resumed { "resuming" } else { "running" }
+        } => (
+            format!(
+                "{} workflow {workflow_id}, execution {workflow_execution_id}",
+                if resumed { "resuming" } else { "running" }
+            ),
+            false,
         ),
         Progress::Stage {
             stage,
@@ -674,24 +702,30 @@ fn print_progress(event: Progress) {
             description,
             execution_type,
             enabled,
-        } => println!(
-            "\nstage {stage}/{of}: {description} ({}){}",
-            match execution_type {
-                workflow::ExecutionType::Sequential => "sequential",
-                workflow::ExecutionType::Parallel => "parallel",
-            },
-            if enabled {
-                ""
-            } else {
-                " — disabled, execution_flag is not \"y\""
-            }
+        } => (
+            format!(
+                "\nstage {stage}/{of}: {description} ({}){}",
+                match execution_type {
+                    workflow::ExecutionType::Sequential => "sequential",
+                    workflow::ExecutionType::Parallel => "parallel",
+                },
+                if enabled {
+                    ""
+                } else {
+                    " — disabled, execution_flag is not \"y\""
+                }
+            ),
+            false,
         ),
         Progress::JobStarted {
             job_name, log_file, ..
-        } => println!(
-            "  {}  start      {job_name}  (log {})",
-            clock(),
-            log_file.display()
+        } => (
+            format!(
+                "  {}  start      {job_name}  (log {})",
+                clock(),
+                log_file.display()
+            ),
+            false,
         ),
         Progress::JobFinished(report) => {
             let duration = report
@@ -702,7 +736,7 @@ fn print_progress(event: Progress) {
                 .exit_code
                 .map(|c| format!("exit {c}"))
                 .unwrap_or_else(|| "no exit code".into());
-            println!(
+            let line = format!(
                 "  {}  {:<9}  {}  {exit}, {duration}{}",
                 clock(),
                 report.status.as_str(),
@@ -712,22 +746,30 @@ fn print_progress(event: Progress) {
                     .map(|m| format!("\n      {m}"))
                     .unwrap_or_default()
             );
+            (line, false)
         }
-        Progress::JobSkipped(report) => println!(
-            "  {}  skipped    {}  ({})",
-            clock(),
-            report.job_name,
-            report.status.as_str()
+        Progress::JobSkipped(report) => (
+            format!(
+                "  {}  skipped    {}  ({})",
+                clock(),
+                report.job_name,
+                report.status.as_str()
+            ),
+            false,
         ),
         // On stderr, as the signal's answer; stdout stays the run's record.
-        Progress::Stopping { now: false } => eprintln!(
+        Progress::Stopping { now: false } => (
             "rsql-agent: interrupted: stopping the running jobs (SIGTERM, then SIGKILL after \
              kill_grace); they are reported Rsql.Interrupted and nothing more starts. \
              Interrupt again to kill them now."
+                .to_string(),
+            true,
         ),
-        Progress::Stopping { now: true } => eprintln!(
+        Progress::Stopping { now: true } => (
             "rsql-agent: interrupted again: killing the running jobs now (they are still \
              reported). A third interrupt ends rsql-agent at once."
+                .to_string(),
+            true,
         ),
     }
 }
@@ -789,8 +831,9 @@ mod orchestrate {
         });
         match result {
             Ok(arn) => {
-                eprintln!("started workflow {workflow_id}, execution {execution_id}");
-                println!("{arn}");
+                let started = format!("started workflow {workflow_id}, execution {execution_id}");
+                eprintln!("{}", super::terminal_text(&started));
+                println!("{}", super::terminal_text(&arn));
                 Exit::Ok
             }
             Err(code) => code,
@@ -825,7 +868,7 @@ mod orchestrate {
         });
         match result {
             Ok(report) => {
-                print!("{}", report.render());
+                print!("{}", super::terminal_text(&report.render()));
                 Exit::Ok
             }
             Err(code) => code,

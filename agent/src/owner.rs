@@ -9,7 +9,9 @@
 //!
 //! The lock goes with the process: the file is opened close-on-exec, so a job the agent
 //! started never inherits it, and the kernel drops it when the owner exits however it
-//! exits.
+//! exits. It is opened without following a symlink (`O_NOFOLLOW`, `O_NOCTTY`) and used only
+//! if it is a regular file of this process's user: a name planted in the state directory
+//! never gets another file truncated.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -27,6 +29,11 @@ pub enum OwnerError {
          has one owner: stop that process, or give this one another [agent] state_dir"
     )]
     InUse { dir: PathBuf, holder: String },
+    #[error(
+        "{path} is {what}, not the agent's own lock file; the agent never follows or writes \
+         through one: remove it (and check who could write to the state directory)"
+    )]
+    NotOwnFile { path: PathBuf, what: String },
     #[error("cannot lock {path}")]
     Io {
         path: PathBuf,
@@ -51,14 +58,25 @@ impl StateDirOwner {
             path: path.clone(),
             source,
         };
-        let mut file = OpenOptions::new()
+        let opened = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(&path)
-            .map_err(io)?;
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
+            .open(&path);
+        let mut file = match opened {
+            Ok(file) => file,
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(OwnerError::NotOwnFile {
+                    path,
+                    what: "a symlink".into(),
+                })
+            }
+            Err(e) => return Err(io(e)),
+        };
+        check_own_file(&file, &path)?;
         match ofd::try_write_lock(&file).map_err(|e| io(e.into()))? {
             TryLock::Locked => {}
             TryLock::Conflict => {
@@ -87,6 +105,33 @@ impl StateDirOwner {
     }
 }
 
+/// The opened lock file is a regular file owned by this process's user (or root), with one
+/// name: never a device, a FIFO, or a hard link to a file elsewhere.
+fn check_own_file(file: &File, path: &Path) -> Result<(), OwnerError> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().map_err(|source| OwnerError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let own = nix::unistd::geteuid().as_raw();
+    let what = if !meta.is_file() {
+        Some("not a regular file".to_string())
+    } else if meta.uid() != own && meta.uid() != 0 {
+        Some(format!("a file owned by uid {}", meta.uid()))
+    } else if meta.nlink() > 1 {
+        Some(format!("a file with {} hard links", meta.nlink()))
+    } else {
+        None
+    };
+    match what {
+        Some(what) => Err(OwnerError::NotOwnFile {
+            path: path.to_path_buf(),
+            what,
+        }),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -107,5 +152,23 @@ mod tests {
         let again = StateDirOwner::claim(dir.path(), "rsql-wrapper run")
             .expect("free again once the first owner is gone");
         assert_eq!(again.path(), dir.path().join(FILE_NAME));
+    }
+
+    #[test]
+    fn a_planted_symlink_or_hard_link_is_refused_and_its_target_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious\n").expect("write");
+        std::os::unix::fs::symlink(&victim, dir.path().join(FILE_NAME)).expect("symlink");
+        let err = StateDirOwner::claim(dir.path(), "test").expect_err("a symlink");
+        assert!(err.to_string().contains("symlink"), "{err}");
+        std::fs::remove_file(dir.path().join(FILE_NAME)).expect("rm");
+        std::fs::hard_link(&victim, dir.path().join(FILE_NAME)).expect("link");
+        let err = StateDirOwner::claim(dir.path(), "test").expect_err("a hard link");
+        assert!(err.to_string().contains("hard links"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&victim).expect("read"),
+            "precious\n"
+        );
     }
 }

@@ -13,7 +13,6 @@ use crate::config::Config;
 /// settings they started with), for the next housekeeping pass, and for the next shutdown.
 pub const RELOADABLE: &[&str] = &[
     "agent.max_concurrent_jobs",
-    "agent.shutdown_grace",
     "jobs.default_timeout",
     "jobs.kill_grace",
     "jobs.interpreter",
@@ -63,7 +62,6 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
     }
 
     live!("agent.max_concurrent_jobs", agent.max_concurrent_jobs);
-    live!("agent.shutdown_grace", agent.shutdown_grace);
     live!("jobs.default_timeout", jobs.default_timeout);
     live!("jobs.kill_grace", jobs.kill_grace);
     live!("jobs.interpreter", jobs.interpreter);
@@ -114,24 +112,16 @@ mod tests {
     fn live_keys_apply_and_restart_keys_keep_their_running_values() {
         let dir = tempfile::tempdir().expect("tempdir");
         let running = parse(dir.path(), "max_concurrent_jobs = 4");
-        let mut new = parse(
-            dir.path(),
-            "max_concurrent_jobs = 2\nshutdown_grace = \"7s\"",
-        );
+        let mut new = parse(dir.path(), "max_concurrent_jobs = 2");
         new.agent.state_dir = "/elsewhere".into();
         new.jobs.kill_grace = Duration::from_secs(9);
         let plan = plan(&running, &new);
         assert_eq!(
             plan.applied,
-            vec![
-                "agent.max_concurrent_jobs",
-                "agent.shutdown_grace",
-                "jobs.kill_grace"
-            ]
+            vec!["agent.max_concurrent_jobs", "jobs.kill_grace"]
         );
         assert_eq!(plan.needs_restart, vec!["agent.state_dir"]);
         assert_eq!(plan.config.agent.max_concurrent_jobs, 2);
-        assert_eq!(plan.config.agent.shutdown_grace, Duration::from_secs(7));
         assert_eq!(plan.config.jobs.kill_grace, Duration::from_secs(9));
         assert_eq!(plan.config.agent.state_dir, Path::new("/var/lib/x"));
         for key in &plan.applied {

@@ -99,8 +99,9 @@ pub enum CheckError {
 /// Checks every script under `dir` (recursively; hidden entries skipped). A script is a
 /// file named `*.sh`, an executable file, or a file that starts with `#!`.
 pub fn check_dir(dir: &Path, settings: &CheckSettings) -> Result<Report, CheckError> {
-    let mut files = Vec::new();
-    collect(dir, &mut files)?;
+    let mut found = Found::default();
+    collect(dir, &mut found)?;
+    let mut files = found.real_files();
     files.sort();
     let mut report = Report::default();
     for path in files {
@@ -122,24 +123,52 @@ pub fn check_dir(dir: &Path, settings: &CheckSettings) -> Result<Report, CheckEr
     Ok(report)
 }
 
-fn collect(dir: &Path, files: &mut Vec<PathBuf>) -> Result<(), CheckError> {
-    let entries = std::fs::read_dir(dir).map_err(|source| CheckError::Read {
+/// What [`collect`] found: each directory and file by its identity (device and inode), so
+/// that a symlink loop (`ln -s . loop`) or a second name for a file is walked once.
+#[derive(Default)]
+struct Found {
+    dirs: std::collections::HashSet<(u64, u64)>,
+    /// Every path found to a regular file, with the file's identity.
+    files: Vec<(PathBuf, (u64, u64))>,
+}
+
+impl Found {
+    /// One path per real file: the shortest (then the first in order), so a script is shown
+    /// by its own name rather than through a symlink to a directory above it.
+    fn real_files(mut self) -> Vec<PathBuf> {
+        self.files.sort_by(|(a, _), (b, _)| {
+            (a.components().count(), a).cmp(&(b.components().count(), b))
+        });
+        let mut seen = std::collections::HashSet::new();
+        self.files
+            .into_iter()
+            .filter(|(_, id)| seen.insert(*id))
+            .map(|(path, _)| path)
+            .collect()
+    }
+}
+
+fn collect(dir: &Path, found: &mut Found) -> Result<(), CheckError> {
+    use std::os::unix::fs::MetadataExt;
+    let read = |source| CheckError::Read {
         path: dir.to_path_buf(),
         source,
-    })?;
+    };
+    let meta = std::fs::metadata(dir).map_err(read)?;
+    if !found.dirs.insert((meta.dev(), meta.ino())) {
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(dir).map_err(read)?;
     for entry in entries {
-        let entry = entry.map_err(|source| CheckError::Read {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        let entry = entry.map_err(read)?;
         if entry.file_name().to_string_lossy().starts_with('.') {
             continue;
         }
         let path = entry.path();
         // Follows symlinks, as the agent does when it resolves a job's script.
         match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() => collect(&path, files)?,
-            Ok(meta) if meta.is_file() => files.push(path),
+            Ok(meta) if meta.is_dir() => collect(&path, found)?,
+            Ok(meta) if meta.is_file() => found.files.push((path, (meta.dev(), meta.ino()))),
             _ => {}
         }
     }
@@ -476,6 +505,35 @@ mod tests {
             &mut findings,
         );
         findings
+    }
+
+    /// `ln -s . loop` once reported each script 41 times, and two loops (`a -> .`,
+    /// `b -> .`) never ended.
+    #[test]
+    fn symlink_loops_and_second_names_are_walked_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir(root.join("sub")).expect("mkdir");
+        std::fs::write(root.join("job.sh"), "#!/bin/bash\necho one\n").expect("write");
+        std::fs::write(root.join("sub/other.sh"), "#!/bin/bash\necho two\n").expect("write");
+        for (name, target) in [("loop", "."), ("a", "."), ("b", "."), ("sub/up", "..")] {
+            std::os::unix::fs::symlink(target, root.join(name)).expect("symlink");
+        }
+        std::os::unix::fs::symlink("job.sh", root.join("alias.sh")).expect("symlink");
+        let settings = CheckSettings {
+            interpreter: PathBuf::from("/bin/bash"),
+            legacy: None,
+        };
+        let (done, report) = std::sync::mpsc::channel();
+        let walked = root.to_path_buf();
+        std::thread::spawn(move || {
+            let _ = done.send(check_dir(&walked, &settings).map(|r| r.scripts));
+        });
+        let scripts = report
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("scripts check must end on symlink loops")
+            .expect("check_dir");
+        assert_eq!(scripts, 2, "each real script once");
     }
 
     #[test]

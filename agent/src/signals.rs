@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 /// What the daemon is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// Stop taking jobs; let the running ones finish within `shutdown_grace`.
+    /// Stop taking jobs; the running ones go on under their owner processes.
     Stop,
     /// Stop the running jobs at once (SIGKILL), report them, and exit.
     StopNow,

@@ -1,6 +1,6 @@
 //! Whether a file or directory can be trusted not to be changed by another local user: the
 //! rule sshd's `StrictModes` applies to `~/.ssh` (OpenSSH's `secure_path`), applied to the
-//! job scripts, their interpreter and the socket's directory.
+//! job scripts, their interpreter, the socket's directory and the state directory.
 //!
 //! Owns: the rule, and the message that names the offending path and its fix. The rule, for
 //! a path and every directory above it up to `/` (each checked both as written and after
@@ -39,6 +39,29 @@ pub fn trusted_uids() -> Vec<u32> {
     } else {
         vec![0, own]
     }
+}
+
+/// The uids trusted to be the agent: root, this process's user, and the agent's service
+/// user (`$RSQL_AGENT_USER`, a name or a uid, else `rsql` when that user exists), as
+/// `rsql-wrapper submit` trusts them. For what the daemon owns and serves: the state
+/// directory (a root operator's `drain` reads the config too) and the control socket's
+/// listener.
+pub fn agent_uids() -> Vec<u32> {
+    let mut uids = vec![0, nix::unistd::geteuid().as_raw()];
+    let name = std::env::var("RSQL_AGENT_USER")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "rsql".to_string());
+    let uid = name.parse::<u32>().ok().or_else(|| {
+        nix::unistd::User::from_name(&name)
+            .ok()
+            .flatten()
+            .map(|u| u.uid.as_raw())
+    });
+    uids.extend(uid);
+    uids.sort_unstable();
+    uids.dedup();
+    uids
 }
 
 /// Checks `path` and every directory above it (see the module doc for the rule).

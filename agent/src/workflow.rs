@@ -719,11 +719,31 @@ fn in_config_order(
     reports.into_iter().map(|(_, _, r)| r).collect()
 }
 
+/// `text` made safe for a terminal: every control character but newline and tab (escape,
+/// carriage return, the C1 controls) written as a Rust escape, so that text from a job, a
+/// database or a message cannot move the cursor, recolour or retitle the operator's
+/// terminal. Lines stay lines. Everything the CLI prints that it did not write itself goes
+/// through here.
+pub fn terminal_text(text: &str) -> String {
+    text.split('\n')
+        .map(crate::logging::escape_controls)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A plain-text table: a header row, a rule, then the rows, columns padded to their widest
-/// cell, the last column left unpadded. Shared by every table the CLI prints.
+/// cell, the last column left unpadded. Shared by every table the CLI prints; each cell is
+/// escaped as one line ([`crate::logging::escape_controls`]), so the columns stay aligned.
 pub fn render_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) -> String {
+    let rows: Vec<[String; N]> = rows
+        .iter()
+        .map(|row| {
+            row.clone()
+                .map(|cell| crate::logging::escape_controls(&cell).into_owned())
+        })
+        .collect();
     let mut widths = headers.map(str::len);
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -745,7 +765,7 @@ pub fn render_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) -
     };
     let mut out = line(&headers.map(String::from));
     out.push_str(&line(&widths.map(|w| "-".repeat(w))));
-    for row in rows {
+    for row in &rows {
         out.push_str(&line(row));
     }
     out
@@ -845,6 +865,29 @@ mod tests {
             let err = WorkflowConfig::load(&path).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    /// A script that printed `ESC ]0;PWNED BEL ESC [31m` once retitled and recoloured the
+    /// operator's terminal through the summary and the progress lines.
+    #[test]
+    fn terminal_text_and_tables_carry_no_control_characters() {
+        let hostile = "ERROR: \u{1b}]0;PWNED\u{7}\u{1b}[31mred\r\u{9b}2J";
+        let shown = terminal_text(&format!("line one\n{hostile}"));
+        assert!(
+            !shown.chars().any(|c| c.is_control() && c != '\n'),
+            "{shown:?}"
+        );
+        assert_eq!(shown.lines().count(), 2, "{shown:?}");
+        assert!(shown.contains("\\u{1b}]0;PWNED"), "{shown:?}");
+        let table = render_table(
+            &["job", "error"],
+            &[[hostile.to_string(), format!("two\nlines {hostile}")]],
+        );
+        assert!(
+            !table.chars().any(|c| c.is_control() && c != '\n'),
+            "{table:?}"
+        );
+        assert_eq!(table.lines().count(), 3, "{table:?}");
     }
 
     #[test]

@@ -633,7 +633,10 @@ async fn run_as_root_refuses_a_state_dir_that_belongs_to_the_service_user() {
         .unwrap()
         .expect("user nobody");
     nix::unistd::chown(&state_dir, Some(nobody.uid), None).unwrap();
+    // `nobody` plays the service user here: named as such, its state directory passes the
+    // config's trust rule, and it is the wrapper's own check that refuses root.
     let out = standalone(&world, &config, ["T", "w", "e", "hello.sh"], &[])
+        .env("RSQL_AGENT_USER", "nobody")
         .output()
         .unwrap();
     let stderr = text(&out.stderr);

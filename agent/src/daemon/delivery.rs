@@ -97,11 +97,16 @@ pub(crate) fn on(step: &Step, event: Event, origin: Origin) -> (Step, Vec<Effect
             (Step::Elsewhere(holder), vec![E::KeepAliveForOwner])
         }
         (Step::Parsed, Event::LockFailed { error }) => match origin {
-            // Nobody would send a socket job again: report the failure now.
+            // Nobody would send a socket job again: report the failure now, as the retryable
+            // `Rsql.Interrupted` a job that could not be started gets (an SQS copy is simply
+            // left, and runs when it comes back). Never `Rsql.ScriptFailed`: no script ran,
+            // and workflows do not retry that.
             Origin::Local => {
                 let outcome = failure(
-                    ErrorName::ScriptFailed,
-                    format!("the agent could not take the job's lock: {error}"),
+                    ErrorName::Interrupted,
+                    format!(
+                        "the job was not started: the agent could not take the job's lock: {error}"
+                    ),
                 );
                 (
                     Step::Finished(outcome.clone()),
@@ -426,10 +431,12 @@ mod tests {
         );
         assert!(fake.done.is_empty());
         let got = drive(&mut fake, error, Origin::Local).await;
-        assert!(matches!(
-            got,
-            Err(Step::Acknowledged(Some(Outcome::Failed(_))))
-        ));
+        let Err(Step::Acknowledged(Some(Outcome::Failed(f)))) = got else {
+            panic!("a local job with a lock error must fail at once: {got:?}");
+        };
+        // Retryable, as the SQS copy's redelivery is: no script ran.
+        assert_eq!(f.error, ErrorName::Interrupted, "{f:?}");
+        assert!(f.cause.message.contains("not started"), "{f:?}");
         assert_eq!(fake.done, ["store", "delete", "release"]);
     }
 

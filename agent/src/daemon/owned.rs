@@ -519,7 +519,7 @@ fn start_shipment(shared: &Shared, job: &JobFile, adopted: bool) -> Option<Shipm
 /// under this token, so the message, made visible again now, runs the job again once the
 /// leftovers are gone and the lock is free.
 async fn requeue_for_rerun(shared: &Shared, source: &Source, dir: &JobDir) {
-    kill_leftovers(dir).await;
+    kill_leftovers(shared, dir).await;
     if let (Source::Sqs(message), Some(sqs)) = (source, &shared.sqs) {
         tracing::warn!(
             "the job's owner process died; running the job again (on_interrupted = \"rerun\")"
@@ -628,7 +628,7 @@ fn outcome_of(exit: &ExitRecord) -> Outcome {
 /// processes keep the lock until then), record the interruption under the lock, and return
 /// the outcome to report.
 async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
-    let (owner, killed) = kill_leftovers(dir).await;
+    let (owner, killed) = kill_leftovers(shared, dir).await;
     let outcome = failure(
         ErrorName::Interrupted,
         format!(
@@ -671,7 +671,10 @@ async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
 
 /// Kills what is left of a job whose owner died (its processes carry the owner's identity);
 /// returns the owner's record and how many processes were killed.
-async fn kill_leftovers(dir: &JobDir) -> (Option<crate::job_owner::OwnerRecord>, usize) {
+async fn kill_leftovers(
+    shared: &Shared,
+    dir: &JobDir,
+) -> (Option<crate::job_owner::OwnerRecord>, usize) {
     let owner = dir.read_owner().ok().flatten();
     tracing::error!(
         owner_pid = owner.as_ref().map(|o| o.pid),
@@ -686,9 +689,14 @@ async fn kill_leftovers(dir: &JobDir) -> (Option<crate::job_owner::OwnerRecord>,
         }
     }
     let leftovers = dir.clone();
-    let killed = tokio::task::spawn_blocking(move || crate::job_owner::kill_leftovers(&leftovers))
-        .await
-        .unwrap_or(0);
+    // Only through a cgroup under the configured parent (or the job's unit): see
+    // `job_owner::kill_leftovers`.
+    let parent = shared.attempts.live().jobs.cgroup_parent.clone();
+    let killed = tokio::task::spawn_blocking(move || {
+        crate::job_owner::kill_leftovers(&leftovers, parent.as_deref())
+    })
+    .await
+    .unwrap_or(0);
     (owner, killed)
 }
 

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 use super::{JobDir, Reply, Request, PROTOCOL};
 use crate::lock::{JobLock, LockError};
@@ -54,8 +54,10 @@ pub struct OwnerConn {
 impl OwnerConn {
     /// Waits until the owner has exited.
     pub async fn closed(&mut self) {
-        let mut lines = tokio::io::BufReader::new(&mut self.stream).lines();
-        while let Ok(Some(_)) = lines.next_line().await {}
+        // Nothing it sends now matters: read into a fixed buffer, never a growing line.
+        use tokio::io::AsyncReadExt;
+        let mut sink = [0u8; 1024];
+        while let Ok(1..) = self.stream.read(&mut sink).await {}
     }
 }
 
@@ -131,15 +133,27 @@ fn start_blocking(
     Ok((stream, reply))
 }
 
+/// The longest reply line an owner sends (a few hundred bytes); a longer one is refused
+/// unread past this.
+const MAX_REPLY: u64 = 16 * 1024;
+
 fn read_reply(stream: &UnixStream, path: &std::path::Path) -> Result<Reply, ClientError> {
-    let mut text = String::new();
+    use std::io::Read;
+    let mut text = Vec::new();
     BufReader::new(stream)
-        .read_line(&mut text)
+        .take(MAX_REPLY + 1)
+        .read_until(b'\n', &mut text)
         .map_err(|source| ClientError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-    parse_reply(text.trim().as_bytes(), path)
+    if text.len() as u64 > MAX_REPLY {
+        return Err(ClientError::BadReply {
+            path: path.to_path_buf(),
+            detail: format!("a reply longer than {MAX_REPLY} bytes"),
+        });
+    }
+    parse_reply(text.trim_ascii(), path)
 }
 
 /// One reply line (without its newline): the owner's answer, or why it is not one.
@@ -235,6 +249,12 @@ async fn exchange(
         let n = stream.read(&mut byte).await.map_err(io)?;
         if n == 0 || byte[0] == b'\n' {
             break;
+        }
+        if text.len() as u64 >= MAX_REPLY {
+            return Err(ClientError::BadReply {
+                path: path.to_path_buf(),
+                detail: format!("a reply longer than {MAX_REPLY} bytes"),
+            });
         }
         text.push(byte[0]);
     }

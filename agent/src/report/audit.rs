@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -197,9 +198,11 @@ fn append<T: Serialize>(path: &Path, record: &T) -> Result<(), AuditError> {
         .map_err(|e| err(std::io::Error::other(e)))?
         .into_bytes();
     line.push(b'\n');
+    // Never through a name planted in the state directory.
     let mut file = OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOCTTY)
         .open(path)
         .map_err(err)?;
     // One write of a whole line on an O_APPEND file: concurrent jobs never interleave.

@@ -13,8 +13,10 @@ use crate::workflow::{render_table, ExecutionType};
 
 const BAR_WIDTH: usize = 40;
 
+/// The whole report, with every control character a job or a message put in it escaped
+/// ([`crate::workflow::terminal_text`]): it goes to a terminal.
 pub fn render(t: &Timeline) -> String {
-    let mut out = header(t);
+    let mut out = crate::workflow::terminal_text(&header(t));
     out.push('\n');
     out.push_str(&render_table(&HEADERS, &rows(t)));
     out.push_str(
@@ -254,5 +256,30 @@ mod tests {
         assert!(line("b.sh").contains("failed: Rsql.ScriptFailed"));
         assert!(line("c.sh").contains("not run"));
         assert!(text.contains("critical path: b.sh (10.0s, 5.0s waiting for a slot)"));
+    }
+
+    /// `workflow report --format text` once printed execution ids and SQL error text raw:
+    /// a script's `ESC ]0;PWNED BEL` retitled the operator's terminal.
+    #[test]
+    fn text_escapes_what_jobs_and_messages_put_in_it() {
+        let evil = "\u{1b}]0;PWNED\u{7}\u{1b}[31m";
+        let mut t = timeline(vec![stage(
+            1,
+            ExecutionType::Sequential,
+            vec![job(
+                &format!("a{evil}.sh"),
+                vec![attempt(0, 0, 5000, Outcome::Completed)],
+            )],
+        )]);
+        t.execution_id = format!("exec{evil}");
+        t.workflow_id = format!("wf{evil}");
+        t.error = Some(format!("Rsql.ScriptFailed{evil}"));
+        t.cause = Some(format!("{{\"errorMessage\":\"ERROR: {evil}\\nsecond\"}}"));
+        let text = render(&t);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(text.contains("exec\\u{1b}]0;PWNED\\u{7}"), "{text}");
     }
 }
