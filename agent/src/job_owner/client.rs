@@ -1,7 +1,7 @@
 //! The agent's side of the owner protocol: hand a job over, re-attach after a restart, ask
 //! for a stop, and learn when the owner is gone.
 
-use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use super::{JobDir, Reply, Request, PROTOCOL};
+use super::{ExitRecord, JobDir, Reply, Request, PROTOCOL};
 use crate::lock::{JobLock, LockError};
 
 /// How often a connect is retried while a fresh owner is still starting.
@@ -49,13 +49,24 @@ pub struct OwnerConn {
     stream: tokio::net::UnixStream,
     /// The job's leader, as the owner said.
     pub job_pid: Option<u32>,
+    /// The job's exit record, when the owner already said how it ended.
+    exit: Option<ExitRecord>,
 }
 
 impl OwnerConn {
-    /// Waits until the owner has exited.
-    pub async fn closed(&mut self) {
+    /// Waits until the owner has exited, and returns the exit record it sent last, if any:
+    /// the outcome, even when the owner could not write it down.
+    pub async fn closed(&mut self) -> Option<ExitRecord> {
         let mut lines = tokio::io::BufReader::new(&mut self.stream).lines();
-        while let Ok(Some(_)) = lines.next_line().await {}
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Ok(Reply {
+                exit: Some(exit), ..
+            }) = serde_json::from_str(&line)
+            {
+                self.exit = Some(exit);
+            }
+        }
+        self.exit.take()
     }
 }
 
@@ -132,14 +143,23 @@ fn start_blocking(
 }
 
 fn read_reply(stream: &UnixStream, path: &std::path::Path) -> Result<Reply, ClientError> {
-    let mut text = String::new();
-    BufReader::new(stream)
-        .read_line(&mut text)
-        .map_err(|source| ClientError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    parse_reply(text.trim().as_bytes(), path)
+    // Byte by byte up to the newline: the owner's last line (the exit record) may follow at
+    // once, and must stay in the stream for `OwnerConn::closed`.
+    let mut text = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        let n = (&*stream)
+            .read(&mut byte)
+            .map_err(|source| ClientError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 0 || byte[0] == b'\n' {
+            break;
+        }
+        text.push(byte[0]);
+    }
+    parse_reply(text.trim_ascii(), path)
 }
 
 /// One reply line (without its newline): the owner's answer, or why it is not one.
@@ -176,6 +196,7 @@ fn into_conn(stream: UnixStream, reply: Reply) -> Result<OwnerConn, ClientError>
     Ok(OwnerConn {
         stream,
         job_pid: reply.job_pid,
+        exit: reply.exit,
     })
 }
 
@@ -199,6 +220,7 @@ pub async fn attach(dir: &JobDir) -> Result<Option<OwnerConn>, ClientError> {
     Ok(Some(OwnerConn {
         stream,
         job_pid: reply.job_pid,
+        exit: reply.exit,
     }))
 }
 
