@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use aws_sdk_sfn::types::ExecutionStatus;
 use rsql_agent_tests::agent::{process_alive, wait_until, write_script, Agent, AgentConfig};
+use rsql_agent_tests::cgroup::TestCgroup;
 use rsql_agent_tests::host::Tmpfs;
 use rsql_agent_tests::moto;
 use rsql_agent_tests::world::{audit_item, eventually_with, s, World, WAIT};
@@ -243,9 +244,25 @@ async fn an_owner_killed_by_its_job_at_the_start_leaves_no_process_and_no_lock()
 
 /// Defect 4: the owner is stopped (`kill -STOP`, as a job can do to its parent) once the job
 /// runs, so the owner's timer stands still. The agent's backstop ends the job past its
-/// timeout and reports `Rsql.Timeout`.
+/// timeout and reports `Rsql.Timeout`. Without a cgroup, through the marker sweep.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_owner_does_not_stop_time_the_agent_ends_the_job_as_timed_out() {
+    stopped_owner_is_overtaken(DIRECT.into()).await;
+}
+
+/// Defect 4 with the job in a cgroup of its own: the agent ends the job through it, a
+/// `setsid` escapee included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_owners_job_is_ended_through_its_cgroup() {
+    let cgroup = TestCgroup::new();
+    stopped_owner_is_overtaken(format!(
+        "{DIRECT}cgroup_parent = \"{}\"\n",
+        cgroup.path().display()
+    ))
+    .await;
+}
+
+async fn stopped_owner_is_overtaken(jobs_extra: String) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
     let world = World::builder("owner-stop").build().await;
@@ -254,14 +271,14 @@ async fn a_stopped_owner_does_not_stop_time_the_agent_ends_the_job_as_timed_out(
         &world.scripts,
         "stop.sh",
         &format!(
-            "sleep 300 &\necho $! >> {pids}\nwait",
+            "sleep 300 &\necho $! >> {pids}\nsetsid sleep 301 &\necho $! >> {pids}\nwait",
             pids = pids.display()
         ),
     );
-    let agent = world.agent(|c| c.jobs_extra = DIRECT.into());
+    let agent = world.agent(|c| c.jobs_extra = jobs_extra);
     let sm = state_machine(&world, 30, true).await;
     let exec = start(&world, &sm, "stop_1", "stop.sh", 3).await;
-    wait_until("the job to start", WAIT, || read_pids(&pids).len() == 1);
+    wait_until("the job to start", WAIT, || read_pids(&pids).len() == 2);
     // Stopped once the agent has heard the job started (a stop before that is the slow
     // owner of the hand-over, another path).
     agent.wait_for_log("job started", WAIT);
