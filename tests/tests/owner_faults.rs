@@ -135,6 +135,46 @@ async fn a_job_that_ended_while_state_dir_was_full_is_reported_as_it_ended() {
     assert_eq!(output["exit_code"], 0, "{output}");
 }
 
+/// Defect 1, where only the watching agent knows the outcome: `state_dir` and the lock dir
+/// are both full when the job ends, so the owner can write neither its exit record nor the
+/// lock state; it tells the agent on its socket. The agent holds the outcome in memory until
+/// the disk has room again, and reports what really happened.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outcome_only_the_watching_agent_holds_is_reported_as_it_ended() {
+    let world = World::builder("memory-exit").build().await;
+    let disk = Tmpfs::new("1m");
+    let runs = world.scripts.join("memory.runs");
+    let done = world.scripts.join("memory.done");
+    write_script(
+        &world.scripts,
+        "memory.sh",
+        &format!(
+            "echo started >> {runs}\nsleep 4\necho done >> {done}\nexit 0",
+            runs = runs.display(),
+            done = done.display()
+        ),
+    );
+    let mut config = world.config();
+    config.state_dir = Some(disk.path().join("state"));
+    config.lock_dir = Some(disk.path().join("locks"));
+    config.visibility_timeout = "10s".into();
+    config.jobs_extra = DIRECT.into();
+    let agent = Agent::start(config, &world.moto.endpoint());
+    let sm = state_machine(&world, 30, false).await;
+    let exec = start(&world, &sm, "memory_1", "memory.sh", 60).await;
+    wait_until("the job to start", WAIT, || lines(&runs).len() == 1);
+    live_owner(&agent).await;
+
+    let filler = fill(&disk.path());
+    agent.wait_for_log("holding it in memory", WAIT);
+    std::fs::remove_file(filler).expect("free the disk");
+
+    let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
+    assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());
+    assert_eq!(lines(&runs).len(), 1, "the script ran more than once");
+    assert_eq!(moto::execution_output(&out)["exit_code"], 0);
+}
+
 /// Defect 1, where nothing can hold the outcome: `state_dir` and the lock dir are both full
 /// when the job ends, and no agent watches (it was SIGKILLed). The next agent must not call
 /// it an interruption (which the workflow retries: the job would run twice): it says the

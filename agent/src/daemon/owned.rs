@@ -497,23 +497,64 @@ async fn report(
     if let Err(e) = shared.attempts.audit.record_job(&record) {
         tracing::warn!(error = %e, "cannot write the local audit record");
     }
-    let token = match outcome {
-        Outcome::Cancelled { .. } => None,
-        _ => Some(job.task_token.as_str()),
-    };
-    let delivered = finish_stored(
-        &shared,
-        &source,
-        token,
-        outcome,
-        Some(record),
-        Some(job.outbox_id.clone()),
-    )
-    .await;
+    let delivered = store_known(&shared, &source, &job, outcome, record).await;
     if matches!(delivered, Delivered::Stored(_)) {
         dir.remove();
     }
     delivered
+}
+
+/// How long the agent holds a known outcome in memory, trying again, when it cannot store it
+/// (a full `state_dir`), before it leaves the message to come back.
+const HOLD_IN_MEMORY_FOR: Duration = Duration::from_secs(600);
+/// How often it tries again meanwhile (the message kept hidden, the task heartbeated).
+const HOLD_RETRY: Duration = Duration::from_secs(2);
+
+/// Stores the job's outcome and deletes its message. When the outbox cannot take it, the
+/// outcome may be known nowhere else (the owner could write neither its exit record nor the
+/// lock state): hold it here, keeping the message hidden and the task alive, and try again
+/// for up to [`HOLD_IN_MEMORY_FOR`], rather than leave a redelivery to call the job
+/// interrupted.
+async fn store_known(
+    shared: &Shared,
+    source: &Source,
+    job: &JobFile,
+    outcome: Outcome,
+    record: JobAuditRecord,
+) -> Delivered {
+    let token = match outcome {
+        Outcome::Cancelled { .. } => None,
+        _ => Some(job.task_token.as_str()),
+    };
+    let until = tokio::time::Instant::now() + HOLD_IN_MEMORY_FOR;
+    loop {
+        let delivered = finish_stored(
+            shared,
+            source,
+            token,
+            outcome.clone(),
+            Some(record.clone()),
+            Some(job.outbox_id.clone()),
+        )
+        .await;
+        if !matches!(delivered, Delivered::Left) || tokio::time::Instant::now() >= until {
+            return delivered;
+        }
+        tracing::warn!(
+            "the job's outcome cannot be stored yet; holding it in memory and trying again"
+        );
+        if let Some(token) = token {
+            if let Err(e) = shared.sfn.heartbeat(token).await {
+                tracing::warn!(error = %e, "heartbeat while holding the outcome failed");
+            }
+        }
+        if let (Source::Sqs(message), Some(sqs)) = (source, &shared.sqs) {
+            if let Err(e) = sqs.keep_hidden(&message.receipt_handle).await {
+                tracing::warn!(error = %e, "cannot extend the message's visibility");
+            }
+        }
+        tokio::time::sleep(HOLD_RETRY).await;
+    }
 }
 
 /// The job's outcome, from the best record there is: the exit record (the file, or the
