@@ -450,14 +450,14 @@ fn is_marked(dir: &Path) -> bool {
 /// Checks a job's payload cgroup as a record names it (`owner.json`, which whoever could
 /// write the state directory could forge) before anything is killed through it: it must be
 /// a cgroup v2 directory, the `payload` leaf of this job's cgroup, and that cgroup either
-/// `<parent>/<job id>` under the configured parent or the job's systemd unit
-/// (`<unit>` in `<slice>`). Returns the resolved path.
+/// `<parent>/<job id>` under the configured parent or a job owner's systemd unit (named
+/// `<unit_prefix>….service`, in `<slice>`). Returns the resolved path.
 pub fn check_job_payload(
     payload: &Path,
     job_id: &str,
     parent: Option<&Path>,
     slice: &str,
-    unit: &str,
+    unit_prefix: &str,
 ) -> Result<PathBuf, CgroupError> {
     let refuse = |why: &str| CgroupError::NotJobs {
         path: payload.to_path_buf(),
@@ -476,7 +476,12 @@ pub fn check_job_payload(
     let under_parent = parent.and_then(|p| p.canonicalize().ok()).is_some_and(|p| {
         job.parent() == Some(p.as_path()) && job.file_name().is_some_and(|n| n == job_id)
     });
-    let in_unit = job.file_name().is_some_and(|n| n == unit)
+    // Owner units are `rsql-job-owner@<connection>.service`: systemd names the instance, so
+    // the unit is known by its template's prefix, in the jobs' slice.
+    let in_unit = job
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(unit_prefix) && n.ends_with(".service"))
         && job
             .parent()
             .and_then(Path::file_name)

@@ -1155,34 +1155,7 @@ async fn run_delivery(
         held: None,
         holder: None,
     };
-    let first = match shared.attempts.acquire(&spec, &token_hash) {
-        Ok(Acquired { held, decision }) => {
-            match &decision {
-                Decision::Replay(state) => {
-                    tracing::info!(state = ?state.state, "the job already finished: replaying its recorded outcome")
-                }
-                Decision::Interrupted(_) => tracing::warn!(
-                    "the job's previous runner died while it ran: reporting Rsql.Interrupted"
-                ),
-                Decision::Run { .. } => {}
-            }
-            effects.held = Some(held);
-            delivery::Event::Locked { decision }
-        }
-        Err(AttemptError::Busy { holder, state, .. }) => {
-            // Another runner has it now; this copy comes back later to find it finished,
-            // and then replays its outcome.
-            tracing::info!(holder = %holder, receive_count = delivery.receive_count(), "job is running elsewhere; leaving this copy");
-            effects.holder = state.map(|s| *s);
-            delivery::Event::Busy { holder }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot take the job's lock");
-            delivery::Event::LockFailed {
-                error: e.to_string(),
-            }
-        }
-    };
+    let first = effects.take_lock();
     let attempt = match delivery::drive(&mut effects, first, origin).await {
         Ok(attempt) => attempt,
         Err(delivery::Step::Acknowledged(outcome)) => {
@@ -1236,13 +1209,50 @@ struct LiveEffects<'a> {
     holder: Option<LockState>,
 }
 
+impl LiveEffects<'_> {
+    /// Takes the job's lock and says what it found, as the delivery's next event.
+    fn take_lock(&mut self) -> delivery::Event {
+        match self.shared.attempts.acquire(self.spec, self.token_hash) {
+            Ok(Acquired { held, decision }) => {
+                match &decision {
+                    Decision::Replay(state) => {
+                        tracing::info!(state = ?state.state, "the job already finished: replaying its recorded outcome")
+                    }
+                    Decision::Interrupted(_) => tracing::warn!(
+                        "the job's previous runner died while it ran: reporting Rsql.Interrupted"
+                    ),
+                    Decision::Run { .. } => {}
+                }
+                self.held = Some(held);
+                delivery::Event::Locked { decision }
+            }
+            Err(AttemptError::Busy { holder, state, .. }) => {
+                // Another runner has it now; this copy comes back soon (heartbeating its
+                // task meanwhile) to find it free, or finished and then replays its outcome.
+                tracing::info!(holder = %holder, receive_count = self.delivery.receive_count(), "job is running elsewhere; leaving this copy");
+                self.holder = state.map(|s| *s);
+                delivery::Event::Busy { holder }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot take the job's lock");
+                delivery::Event::LockFailed {
+                    error: e.to_string(),
+                }
+            }
+        }
+    }
+}
+
 impl delivery::Effects for LiveEffects<'_> {
+    fn relock(&mut self) -> delivery::Event {
+        self.take_lock()
+    }
+
     async fn keep_alive_for_owner(&mut self) {
         keep_alive_for_owner(
             self.shared,
             self.delivery,
-            self.token,
-            self.token_hash,
+            (self.token, self.token_hash, self.spec.heartbeat),
             self.holder.as_ref(),
         )
         .await
@@ -1260,8 +1270,8 @@ impl delivery::Effects for LiveEffects<'_> {
         }
     }
 
-    async fn store(&mut self, outcome: &Outcome, interrupted: Option<&LockState>) -> bool {
-        if interrupted.is_some() {
+    async fn store(&mut self, outcome: &Outcome, run: Option<&LockState>) -> bool {
+        if run.is_some_and(|r| !r.is_final()) {
             // A run that died with its host ends here, on whichever agent found it.
             job_end_metrics(
                 self.shared,
@@ -1275,8 +1285,7 @@ impl delivery::Effects for LiveEffects<'_> {
                 None,
             );
         }
-        let audit = interrupted
-            .map(|previous| interrupted_record(self.shared, self.spec, previous, outcome));
+        let audit = run.map(|previous| run_record(self.shared, self.spec, previous, outcome));
         let token = match outcome {
             Outcome::Cancelled { .. } => None,
             _ => Some(self.token),
@@ -1313,16 +1322,19 @@ async fn adopt_scan(shared: &Shared) -> Vec<owned::Found> {
     found
 }
 
-/// A copy of a message whose job runs under an owner that holds the lock and renews its
-/// lease: the job is alive even if no agent watches it (its agent is down, or restarting).
-/// Keep its task alive on the owner's behalf with one heartbeat, and have the copy come back
-/// after one tick, so that while the owner's agent is away the task never times out. A copy
-/// whose task is closed is deleted: nobody can report to that task any more.
+/// How soon a copy comes back when the lock's holder is not a live job (no state, a
+/// finished one, or a stale lease): a mere check, which holds the lock for moments.
+const BUSY_RECHECK: Duration = Duration::from_secs(2);
+
+/// A copy of a message whose job's lock is busy. Its task must not time out while it waits:
+/// one heartbeat now (for the owner of a live job of this very token, on its behalf while
+/// its agent is away; for any other copy, its own task waiting its turn), and the copy comes
+/// back after one tick of its heartbeat, or at once ([`BUSY_RECHECK`]) when the holder is no
+/// live job. A copy whose task is closed is deleted: nobody can report to that task any more.
 async fn keep_alive_for_owner(
     shared: &Shared,
     delivery: &Source,
-    token: &str,
-    token_hash: &str,
+    (token, token_hash, heartbeat): (&str, &str, Option<Duration>),
     holder: Option<&LockState>,
 ) {
     let Source::Sqs(message) = delivery else {
@@ -1331,28 +1343,35 @@ async fn keep_alive_for_owner(
     let Some(sqs) = &shared.sqs else { return };
     let live = shared.attempts.live();
     let lease = live.jobs.heartbeat_interval;
-    let fresh = holder.is_some_and(|h| {
-        h.token_hash == token_hash
-            && !h.is_final()
+    let live_job = holder.is_some_and(|h| {
+        !h.is_final()
             && h.heartbeat_age(std::time::SystemTime::now())
                 .is_some_and(|age| age <= lease * 3)
     });
-    if !fresh {
-        return;
-    }
+    let ours = live_job && holder.is_some_and(|h| h.token_hash == token_hash);
     match shared.sfn.heartbeat(token).await {
-        Ok(()) => {
-            tracing::info!("the job's owner is alive (fresh lease): heartbeat sent on its behalf");
-            let tick = tick_for(None, lease, sqs.visibility_timeout());
-            if let Err(e) = sqs.release(&message.receipt_handle, tick).await {
-                tracing::warn!(error = %e, "cannot shorten the copy's visibility");
-            }
+        Ok(()) if ours => {
+            tracing::info!("the job's owner is alive (fresh lease): heartbeat sent on its behalf")
         }
+        Ok(()) => tracing::info!(
+            live_job,
+            "heartbeat sent for this copy's task while it waits for the job's lock"
+        ),
         Err(e) if e.is_task_closed() => {
             tracing::info!(reason = %e, "the task of a job running elsewhere is closed: deleting this copy");
             delete_message(shared, message).await;
+            return;
         }
-        Err(e) => tracing::warn!(error = %e, "heartbeat on the owner's behalf failed"),
+        Err(e) => tracing::warn!(error = %e, "heartbeat for a copy waiting for the lock failed"),
+    }
+    let tick = tick_for(heartbeat, lease, sqs.visibility_timeout());
+    let back_in = if live_job {
+        tick
+    } else {
+        tick.min(BUSY_RECHECK)
+    };
+    if let Err(e) = sqs.release(&message.receipt_handle, back_in).await {
+        tracing::warn!(error = %e, "cannot shorten the copy's visibility");
     }
 }
 
@@ -1495,31 +1514,61 @@ async fn delete_message(shared: &Shared, delivery: &Delivery) {
     tracing::warn!(message_id = %delivery.message_id, "giving up deleting the message; its redelivery will replay the outcome");
 }
 
-fn interrupted_record(
+/// The final audit record of the run `previous` describes, reported by this agent: one that
+/// died while it ran (still `running` in the lock state), or one whose recorded outcome is
+/// replayed (final: it ended on `previous.instance_id`, perhaps while no agent watched it).
+fn run_record(
     shared: &Shared,
     spec: &JobSpec,
     previous: &LockState,
     outcome: &Outcome,
 ) -> JobAuditRecord {
+    let replayed = previous.is_final();
+    let (log_group, log_stream, log_file, duration_ms) = match outcome {
+        Outcome::Completed(out) => (
+            out.log_group.clone(),
+            out.log_stream.clone(),
+            out.log_file.clone(),
+            Some(out.duration_ms),
+        ),
+        Outcome::Failed(f) => (
+            f.cause.log_group.clone(),
+            f.cause.log_stream.clone(),
+            f.cause.log_file.clone(),
+            None,
+        ),
+        Outcome::Cancelled { .. } => (None, None, None, None),
+    };
     JobAuditRecord {
         job_name: spec.job_name.clone(),
         workflow_execution_id: spec.workflow_execution_id.clone(),
         workflow_id: spec.workflow_id.clone(),
         execution_status: outcome.status().to_string(),
         execution_start_ts: previous.started_at.clone(),
-        execution_end_ts: Some(crate::workflow::now_ts()),
-        instance_id: shared.attempts.instance_id.clone(),
-        exit_code: None,
+        execution_end_ts: Some(if replayed {
+            previous.updated_at.clone()
+        } else {
+            crate::workflow::now_ts()
+        }),
+        instance_id: if replayed {
+            previous.instance_id.clone()
+        } else {
+            shared.attempts.instance_id.clone()
+        },
+        exit_code: outcome.exit_code(),
         error_message: outcome.error_message(),
-        sql_state: None,
-        log_group: None,
-        log_stream: None,
-        log_file: None,
+        sql_state: match outcome {
+            Outcome::Failed(f) => f.cause.sql_state.clone(),
+            _ => None,
+        },
+        log_group,
+        log_stream,
+        log_file,
         attempt: previous.attempt,
-        duration_ms: None,
-        cpu_ms: None,
-        max_rss_mb: None,
-        log_complete: None,
+        duration_ms,
+        cpu_ms: outcome.cpu_ms(),
+        max_rss_mb: outcome.max_rss_mb(),
+        log_complete: outcome.log_complete(),
         ssm_command_id: spec.ssm_command_id.clone(),
         stage: None,
     }

@@ -57,6 +57,9 @@ const OWNER_FILE: &str = "owner.json";
 const EXIT_FILE: &str = "exit.json";
 const SOCKET_FILE: &str = "owner.sock";
 const LOG_FILE: &str = "owner.log";
+/// An empty file: the job ended, and its owner could record its outcome nowhere (no exit
+/// record, no lock state). Empty, so that a full filesystem can still hold it.
+const LOST_FILE: &str = "exit.lost";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobDirError {
@@ -208,7 +211,9 @@ impl OwnerRecord {
 }
 
 /// `exit.json`: how the job ended, written durably before the lock state and the unlock.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The same record goes to every agent connected at the end, in the owner's last [`Reply`],
+/// so a watching agent knows the outcome even when the file could not be written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitRecord {
     pub protocol: u32,
     /// The classified outcome (`outcome::Outcome`), as sent to Step Functions.
@@ -254,6 +259,10 @@ pub struct Reply {
     pub job_pid: Option<u32>,
     #[serde(default)]
     pub error: Option<String>,
+    /// Set in the owner's last line on each open connection, once the job has ended: its
+    /// exit record (older owners close the connection without one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitRecord>,
 }
 
 /// One job's directory under `state_dir/owners`.
@@ -324,6 +333,26 @@ impl JobDir {
 
     pub fn write_exit(&self, exit: &ExitRecord) -> Result<(), JobDirError> {
         write_json(&self.path.join(EXIT_FILE), exit)
+    }
+
+    /// Marks the job as ended with its outcome recorded nowhere (see [`JobDir::outcome_lost`]).
+    pub fn mark_outcome_lost(&self) -> Result<(), JobDirError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path.join(LOST_FILE);
+        std::fs::OpenOptions::new()
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map(drop)
+            .map_err(|source| JobDirError::Write { path, source })
+    }
+
+    /// Whether the owner said the job ended but its outcome could be recorded nowhere.
+    pub fn outcome_lost(&self) -> bool {
+        self.path.join(LOST_FILE).exists()
     }
 
     /// Removes the directory once the job is reported (best effort: a leftover is reported
@@ -405,15 +434,20 @@ const LEFTOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// many it killed.
 pub fn kill_leftovers(dir: &JobDir, cgroup_parent: Option<&Path>) -> usize {
     let job_id = dir.job_id();
-    let unit = format!("{}{job_id}.service", launch::UNIT_PREFIX);
     let payload = dir
         .read_owner()
         .ok()
         .flatten()
         .and_then(|owner| owner.cgroup);
-    let in_cgroup = match payload
-        .map(|p| crate::cgroup::check_job_payload(&p, &job_id, cgroup_parent, launch::SLICE, &unit))
-    {
+    let in_cgroup = match payload.map(|p| {
+        crate::cgroup::check_job_payload(
+            &p,
+            &job_id,
+            cgroup_parent,
+            launch::SLICE,
+            launch::UNIT_PREFIX,
+        )
+    }) {
         None => 0,
         Some(Ok(payload)) => crate::cgroup::kill_leftovers(&payload, LEFTOVER_WAIT),
         Some(Err(e)) => {

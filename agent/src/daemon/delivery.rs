@@ -4,12 +4,16 @@
 //! without any AWS at all.
 //!
 //! ```text
-//!  parsed ──lock──▶ locked ──check the task──open──▶ handed over ──(owner watched; see `owned`)
-//!    │  busy: elsewhere │                  └──closed──▶ acknowledged (stale copy, never run)
-//!    │                  │ replay / interrupted
+//!  parsed ──lock──▶ to run ──unlock, check the task──open──▶ relock ──run──▶ handed over
+//!    │  busy: elsewhere │                      └──closed──▶ acknowledged     (owner watched;
+//!    │                  │ replay / interrupted              (never run)        see `owned`)
 //!    ▼                  ▼
-//!  left          finished(outcome) ──store──▶ stored ──delete──▶ acknowledged
+//!  left          finished(outcome) ──store──▶ stored ──unlock, delete──▶ acknowledged
 //! ```
+//!
+//! No lock is held across a network call: the task check runs unlocked (a copy that only
+//! learns its task is closed must not make another copy of the job find the lock busy), and
+//! the decision is taken again under the lock afterwards.
 //!
 //! Adopted jobs (`owned::watch_job`) come in at "handed over".
 
@@ -23,11 +27,14 @@ use super::failure;
 pub(crate) enum Step {
     /// The message is valid and has a token; nothing is held yet.
     Parsed,
-    /// Lock held and the decision is to run: ask Step Functions whether this copy's task is
-    /// still open first. A task that waited in the queue may have been closed meanwhile
-    /// (its execution stopped, or timed out and retried under a new token), and a job must
-    /// never start for a closed task.
-    CheckingTask { attempt: u32 },
+    /// The decision was to run: with the lock released, ask Step Functions whether this
+    /// copy's task is still open first. A task that waited in the queue may have been closed
+    /// meanwhile (its execution stopped, or timed out and retried under a new token), and a
+    /// job must never start for a closed task.
+    CheckingTask,
+    /// The task is open: take the lock again and decide again (another copy may have run
+    /// the job meanwhile).
+    Relocking,
     /// Lock held and the decision is to run this attempt: hand it to an owner process.
     HandingOver { attempt: u32 },
     /// The outcome is known (replayed, interrupted, or an agent-side failure) and must be
@@ -69,10 +76,12 @@ pub(crate) enum Effect {
     CheckTask,
     /// Hand the job to a new owner process (it takes the lock), as `attempt`.
     HandOver { attempt: u32 },
+    /// Take the lock again; its answer is the next event.
+    Relock,
     /// Record this interruption in the lock state (under the lock).
     RecordInterrupted(Box<LockState>, Outcome),
-    /// Store the outcome in the outbox (with the interruption's audit record when
-    /// `interrupted` names the dead run).
+    /// Store the outcome in the outbox, with the final audit record of the run named (a
+    /// replayed run, or one that died): every reported outcome ends the job's audit.
     Store(Outcome, Option<Box<LockState>>),
     /// Delete the SQS message.
     Delete,
@@ -118,12 +127,13 @@ pub(crate) fn on(step: &Step, event: Event, origin: Origin) -> (Step, Vec<Effect
         (Step::Parsed, Event::Locked { decision }) => match decision {
             // Every run, first or retry, is preceded by one look at its task: the cost is a
             // SendTaskHeartbeat per job, the gain that a closed task never runs its SQL.
-            Decision::Run { attempt } => (Step::CheckingTask { attempt }, vec![E::CheckTask]),
+            // The attempt is decided again under the lock, after the check.
+            Decision::Run { .. } => (Step::CheckingTask, vec![E::Release, E::CheckTask]),
             Decision::Replay(state) => {
                 let outcome = recorded_outcome(&state);
                 (
                     Step::Finished(outcome.clone()),
-                    vec![E::Store(outcome, None)],
+                    vec![E::Store(outcome, Some(Box::new(state)))],
                 )
             }
             Decision::Interrupted(previous) => {
@@ -140,19 +150,25 @@ pub(crate) fn on(step: &Step, event: Event, origin: Origin) -> (Step, Vec<Effect
         // A stale copy of a task Step Functions already closed (its execution was stopped,
         // or its attempt timed out and was retried under a new token): never run the job
         // for it, and report nothing (nobody can be told).
-        (Step::CheckingTask { .. }, Event::TaskClosed(true)) => (
+        (Step::CheckingTask, Event::TaskClosed(true)) => (
             Step::Acknowledged(Some(Outcome::Cancelled {
                 message: "the task was already closed: the job was not run".into(),
             })),
-            vec![E::Delete, E::Release],
+            vec![E::Delete],
         ),
-        (Step::CheckingTask { attempt }, Event::TaskClosed(false)) => (
-            Step::HandingOver { attempt: *attempt },
-            vec![E::HandOver { attempt: *attempt }],
-        ),
+        (Step::CheckingTask, Event::TaskClosed(false)) => (Step::Relocking, vec![E::Relock]),
+        (
+            Step::Relocking,
+            Event::Locked {
+                decision: Decision::Run { attempt },
+            },
+        ) => (Step::HandingOver { attempt }, vec![E::HandOver { attempt }]),
+        // Anything else (busy, replay, interrupted) is answered as for a first lock.
+        (Step::Relocking, event) => on(&Step::Parsed, event, origin),
+        // The lock goes before the (network) delete: the outcome is durable by now.
         (Step::Finished(outcome), Event::Stored) => (
             Step::Acknowledged(Some(outcome.clone())),
-            vec![E::Delete, E::Release],
+            vec![E::Release, E::Delete],
         ),
         (Step::Finished(_), Event::StoreFailed) => (Step::Left, vec![E::Release]),
         // Anything else is a driver bug; stay put and do nothing.
@@ -205,11 +221,14 @@ pub(crate) fn interrupted_state(previous: &LockState, outcome: &Outcome) -> Lock
 pub(crate) trait Effects {
     fn keep_alive_for_owner(&mut self) -> impl std::future::Future<Output = ()> + Send;
     fn task_closed(&mut self) -> impl std::future::Future<Output = bool> + Send;
+    /// Takes the job's lock again (after the task check) and says what it found.
+    fn relock(&mut self) -> Event;
     fn record_interrupted(&mut self, state: &LockState);
+    /// `run`: the lock state of the run the outcome ends, for its final audit record.
     fn store(
         &mut self,
         outcome: &Outcome,
-        interrupted: Option<&LockState>,
+        run: Option<&LockState>,
     ) -> impl std::future::Future<Output = bool> + Send;
     fn delete(&mut self) -> impl std::future::Future<Output = ()> + Send;
     fn release(&mut self);
@@ -233,11 +252,12 @@ pub(crate) async fn drive(
                 Effect::KeepAliveForOwner => effects.keep_alive_for_owner().await,
                 Effect::CheckTask => event = Some(Event::TaskClosed(effects.task_closed().await)),
                 Effect::HandOver { attempt } => return Ok(attempt),
+                Effect::Relock => event = Some(effects.relock()),
                 Effect::RecordInterrupted(previous, outcome) => {
                     effects.record_interrupted(&interrupted_state(&previous, &outcome));
                 }
-                Effect::Store(outcome, interrupted) => {
-                    event = Some(if effects.store(&outcome, interrupted.as_deref()).await {
+                Effect::Store(outcome, run) => {
+                    event = Some(if effects.store(&outcome, run.as_deref()).await {
                         Event::Stored
                     } else {
                         Event::StoreFailed
@@ -270,7 +290,10 @@ mod tests {
         store_ok: bool,
         done: Vec<&'static str>,
         stored: Vec<Outcome>,
+        audited: Vec<RunState>,
         recorded: Vec<RunState>,
+        /// What the lock says when taken again; `None`: run as attempt 1.
+        relocked: Option<Event>,
     }
 
     impl Effects for Fake {
@@ -281,13 +304,20 @@ mod tests {
             self.done.push("check_task");
             self.closed
         }
+        fn relock(&mut self) -> Event {
+            self.done.push("relock");
+            self.relocked.clone().unwrap_or(Event::Locked {
+                decision: Decision::Run { attempt: 1 },
+            })
+        }
         fn record_interrupted(&mut self, state: &LockState) {
             self.done.push("record_interrupted");
             self.recorded.push(state.state);
         }
-        async fn store(&mut self, outcome: &Outcome, _: Option<&LockState>) -> bool {
+        async fn store(&mut self, outcome: &Outcome, run: Option<&LockState>) -> bool {
             self.done.push("store");
             self.stored.push(outcome.clone());
+            self.audited.extend(run.map(|r| r.state));
             self.store_ok
         }
         async fn delete(&mut self) {
@@ -308,7 +338,11 @@ mod tests {
             let mut fake = Fake::default();
             let got = drive(&mut fake, locked(Decision::Run { attempt: 1 }), origin).await;
             assert_eq!(got, Ok(1));
-            assert_eq!(fake.done, ["check_task"], "{origin:?}");
+            assert_eq!(
+                fake.done,
+                ["release", "check_task", "relock"],
+                "{origin:?}: no lock is held across the check"
+            );
         }
     }
 
@@ -323,7 +357,7 @@ mod tests {
             got,
             Err(Step::Acknowledged(Some(Outcome::Cancelled { .. })))
         ));
-        assert_eq!(fake.done, ["check_task", "delete", "release"]);
+        assert_eq!(fake.done, ["release", "check_task", "delete"]);
         assert!(fake.stored.is_empty(), "nothing is audited as run");
     }
 
@@ -338,15 +372,37 @@ mod tests {
             got,
             Err(Step::Acknowledged(Some(Outcome::Cancelled { .. })))
         ));
-        assert_eq!(fake.done, ["check_task", "delete", "release"]);
+        assert_eq!(fake.done, ["release", "check_task", "delete"]);
     }
 
     #[tokio::test]
     async fn a_retry_whose_task_is_open_runs_as_the_next_attempt() {
-        let mut fake = Fake::default();
+        let mut fake = Fake {
+            relocked: Some(locked(Decision::Run { attempt: 2 })),
+            ..Fake::default()
+        };
         let got = drive(&mut fake, locked(Decision::Run { attempt: 2 }), Origin::Sqs).await;
         assert_eq!(got, Ok(2));
-        assert_eq!(fake.done, ["check_task"]);
+        assert_eq!(fake.done, ["release", "check_task", "relock"]);
+    }
+
+    #[tokio::test]
+    async fn a_copy_that_finds_the_job_run_meanwhile_decides_again_under_the_lock() {
+        let done = crate::daemon::failure(ErrorName::ScriptFailed, "exit 3".into());
+        let previous = state("t", RunState::Failed, Some(done.clone()));
+        let mut fake = Fake {
+            store_ok: true,
+            relocked: Some(locked(Decision::Replay(previous))),
+            ..Fake::default()
+        };
+        let got = drive(&mut fake, locked(Decision::Run { attempt: 1 }), Origin::Sqs).await;
+        assert_eq!(got, Err(Step::Acknowledged(Some(done))));
+        let mut fake = Fake {
+            relocked: Some(Event::Busy { holder: "h".into() }),
+            ..Fake::default()
+        };
+        let got = drive(&mut fake, locked(Decision::Run { attempt: 1 }), Origin::Sqs).await;
+        assert_eq!(got, Err(Step::Elsewhere("h".into())));
     }
 
     #[tokio::test]
@@ -360,7 +416,12 @@ mod tests {
         let got = drive(&mut fake, locked(Decision::Replay(previous)), Origin::Sqs).await;
         assert_eq!(got, Err(Step::Acknowledged(Some(done.clone()))));
         assert_eq!(fake.stored, [done]);
-        assert_eq!(fake.done, ["store", "delete", "release"]);
+        assert_eq!(
+            fake.audited,
+            [RunState::Failed],
+            "the replay ends the audit"
+        );
+        assert_eq!(fake.done, ["store", "release", "delete"]);
     }
 
     #[tokio::test]
@@ -388,7 +449,7 @@ mod tests {
         assert_eq!(fake.recorded, [RunState::Interrupted]);
         assert_eq!(
             fake.done,
-            ["record_interrupted", "store", "delete", "release"]
+            ["record_interrupted", "store", "release", "delete"]
         );
     }
 
@@ -437,7 +498,7 @@ mod tests {
         // Retryable, as the SQS copy's redelivery is: no script ran.
         assert_eq!(f.error, ErrorName::Interrupted, "{f:?}");
         assert!(f.cause.message.contains("not started"), "{f:?}");
-        assert_eq!(fake.done, ["store", "delete", "release"]);
+        assert_eq!(fake.done, ["store", "release", "delete"]);
     }
 
     #[test]

@@ -9,6 +9,12 @@
 //!   adopted (at start) ────┘   exit record found ───────┘   (a dead owner: finished as Interrupted)
 //! ```
 //!
+//! The outcome comes from the best record there is: the exit record (its file, or the
+//! owner's last line on the socket), the lock state, the owner's "outcome lost" marker. Only
+//! with none of them did the owner die. An owner that dies or hangs during the hand-over is
+//! killed with everything its job started; one that stops answering past the job's timeout
+//! (stopped, hung) is killed too, and the job reported `Rsql.Timeout`.
+//!
 //! While handed over, the agent only watches: heartbeats to Step Functions, the message kept
 //! hidden, the log shipped to CloudWatch, a stop asked of the owner when the task closes. A
 //! hand-off at shutdown ([`JobStop::HandOff`]) just stops watching; the next agent adopts.
@@ -28,7 +34,7 @@ use crate::job_owner::{
 };
 use crate::joblog::cloudwatch::Shipment;
 use crate::joblog::{self, JobLog, LogName};
-use crate::lock::{Acquire, JobLock, RunState};
+use crate::lock::{Acquire, JobLock};
 use crate::outcome::{ErrorName, Outcome};
 use crate::report::audit::JobAuditRecord;
 use crate::report::outbox::OutboxEntry;
@@ -165,12 +171,24 @@ pub(super) async fn run(
         Ok(unit) => unit,
         Err(reason) => {
             dir.remove();
-            return not_started(
+            let reason = format!("cannot start the job's owner process: {reason}");
+            let outcome = failure(
+                ErrorName::Interrupted,
+                format!("the job was not started: {reason}"),
+            );
+            tracing::error!(reason = %reason, "the job could not be started");
+            // Its audit said `running` (locally): end it.
+            let record = final_record(&shared, &job, &outcome, None);
+            if let Err(e) = shared.attempts.audit.record_job(&record) {
+                tracing::warn!(error = %e, "cannot write the local audit record");
+            }
+            return super::finish(
                 &shared,
                 &source,
-                held,
-                &token,
-                format!("cannot start the job's owner process: {reason}"),
+                Some(held),
+                Some(&token),
+                outcome,
+                Some(record),
             )
             .await;
         }
@@ -178,18 +196,13 @@ pub(super) async fn run(
     let conn = match client::start(&dir, held, env, OWNER_START_TIMEOUT).await {
         Ok(conn) => conn,
         Err(e) => {
-            // The lock went with the request, or is released with our copy: either way the
-            // job did not start under this agent's eyes. Say what happened.
-            tracing::error!(error = %crate::error_chain(&e), "cannot hand the job to its owner process");
-            let outcome = failure(
-                ErrorName::Interrupted,
-                format!(
-                    "the job was not started: cannot hand it to its owner process: {}",
-                    crate::error_chain(&e)
-                ),
-            );
-            dir.remove();
-            return super::finish(&shared, &source, None, Some(&token), outcome, None).await;
+            // The lock went with the request, or is released with our copy. The owner may
+            // have started the job and died (or hang, slower than the timeout): no process of
+            // the job may outlive this, nor keep its lock. End the owner, then the job.
+            let reason = crate::error_chain(&e);
+            tracing::error!(error = %reason, "cannot hand the job to its owner process; ending the owner and whatever it started");
+            kill_owner(&dir);
+            return report(shared, source, dir, job, None, Ending::StartFailed(reason)).await;
         }
     };
     tracing::info!(
@@ -427,29 +440,46 @@ pub(super) async fn watch_job(
 ) -> Delivered {
     let shipment = start_shipment(&shared, &job, adopted);
     // The owner writes the log in another process; keep housekeeping away from it here.
-    let _pin = joblog::pin(&job.log_file).ok();
-    if let Some(conn) = conn {
-        if let Some(handed_off) = watch_owner(&shared, &source, &dir, &job, conn, shutdown).await {
-            return handed_off;
+    let pin = joblog::pin(&job.log_file).ok();
+    let ending = match conn {
+        Some(conn) => {
+            let overdue = overdue_in(&job, adopted);
+            match watch_owner(&shared, &source, &dir, &job, conn, shutdown, overdue).await {
+                Watched::HandedOff => return Delivered::HandedOff,
+                Watched::Ended(exit) => Ending::Ended(exit),
+                Watched::Overdue => Ending::Overdue,
+            }
         }
-    }
-    let exit = match dir.read_exit() {
-        Ok(Some(exit)) => Some(exit),
-        Ok(None) => None,
-        Err(e) => {
-            tracing::error!(error = %crate::error_chain(&e), "the job's exit record cannot be read");
-            None
-        }
+        None => Ending::Ended(None),
     };
-    let rerun = shared.attempts.live().jobs.on_interrupted == crate::lock::OnInterrupted::Rerun
-        && matches!(source, Source::Sqs(_));
-    let (outcome, exit) = match exit {
-        Some(exit) => (outcome_of(&exit), Some(exit)),
-        None if rerun => {
-            requeue_for_rerun(&shared, &source, &dir).await;
-            return Delivered::Left;
-        }
-        None => (dead_owner(&shared, &dir, &job).await, None),
+    let delivered = report(shared, source, dir, job, shipment, ending).await;
+    drop(pin);
+    delivered
+}
+
+/// How the agent's watch of an owner ended.
+enum Ending {
+    /// The owner exited; with the exit record it sent last, if any.
+    Ended(Option<ExitRecord>),
+    /// The owner outlived the job's time limit (stopped or hung): the agent ends the job.
+    Overdue,
+    /// The job could not be handed to its owner (it died or was too slow); the owner is
+    /// already killed.
+    StartFailed(String),
+}
+
+/// Reports a job whose watch has ended: settles its outcome, audits it, stores it, and
+/// removes its directory once stored.
+async fn report(
+    shared: Arc<Shared>,
+    source: Source,
+    dir: JobDir,
+    job: JobFile,
+    shipment: Option<Shipment>,
+    ending: Ending,
+) -> Delivered {
+    let Some((outcome, exit)) = settle(&shared, &source, &dir, &job, ending).await else {
+        return Delivered::Left;
     };
     if let Some(shipment) = shipment {
         final_flush(&shared, shipment).await;
@@ -476,23 +506,143 @@ pub(super) async fn watch_job(
     if let Err(e) = shared.attempts.audit.record_job(&record) {
         tracing::warn!(error = %e, "cannot write the local audit record");
     }
-    let token = match outcome {
-        Outcome::Cancelled { .. } => None,
-        _ => Some(job.task_token.as_str()),
-    };
-    let delivered = finish_stored(
-        &shared,
-        &source,
-        token,
-        outcome,
-        Some(record),
-        Some(job.outbox_id.clone()),
-    )
-    .await;
+    let delivered = store_known(&shared, &source, &job, outcome, record).await;
     if matches!(delivered, Delivered::Stored(_)) {
         dir.remove();
     }
     delivered
+}
+
+/// How long the agent holds a known outcome in memory, trying again, when it cannot store it
+/// (a full `state_dir`), before it leaves the message to come back.
+const HOLD_IN_MEMORY_FOR: Duration = Duration::from_secs(600);
+/// How often it tries again meanwhile (the message kept hidden, the task heartbeated).
+const HOLD_RETRY: Duration = Duration::from_secs(2);
+
+/// Stores the job's outcome and deletes its message. When the outbox cannot take it, the
+/// outcome may be known nowhere else (the owner could write neither its exit record nor the
+/// lock state): hold it here, keeping the message hidden and the task alive, and try again
+/// for up to [`HOLD_IN_MEMORY_FOR`], rather than leave a redelivery to call the job
+/// interrupted.
+async fn store_known(
+    shared: &Shared,
+    source: &Source,
+    job: &JobFile,
+    outcome: Outcome,
+    record: JobAuditRecord,
+) -> Delivered {
+    let token = match outcome {
+        Outcome::Cancelled { .. } => None,
+        _ => Some(job.task_token.as_str()),
+    };
+    let until = tokio::time::Instant::now() + HOLD_IN_MEMORY_FOR;
+    loop {
+        let delivered = finish_stored(
+            shared,
+            source,
+            token,
+            outcome.clone(),
+            Some(record.clone()),
+            Some(job.outbox_id.clone()),
+        )
+        .await;
+        if !matches!(delivered, Delivered::Left) || tokio::time::Instant::now() >= until {
+            return delivered;
+        }
+        tracing::warn!(
+            "the job's outcome cannot be stored yet; holding it in memory and trying again"
+        );
+        if let Some(token) = token {
+            if let Err(e) = shared.sfn.heartbeat(token).await {
+                tracing::warn!(error = %e, "heartbeat while holding the outcome failed");
+            }
+        }
+        if let (Source::Sqs(message), Some(sqs)) = (source, &shared.sqs) {
+            if let Err(e) = sqs.keep_hidden(&message.receipt_handle).await {
+                tracing::warn!(error = %e, "cannot extend the message's visibility");
+            }
+        }
+        tokio::time::sleep(HOLD_RETRY).await;
+    }
+}
+
+/// The job's outcome, from the best record there is: the exit record (the file, or the
+/// owner's last reply), the outcome in the lock state, the owner's "outcome lost" marker;
+/// only with none of them is the owner dead (or, overdue, the job timed out). `None`: the
+/// job is to run again (`on_interrupted = "rerun"`), nothing to report.
+async fn settle(
+    shared: &Shared,
+    source: &Source,
+    dir: &JobDir,
+    job: &JobFile,
+    ending: Ending,
+) -> Option<(Outcome, Option<ExitRecord>)> {
+    let (announced, start_error) = match ending {
+        Ending::Ended(exit) => (exit, None),
+        Ending::StartFailed(reason) => (None, Some(reason)),
+        Ending::Overdue => {
+            let outcome = overdue(shared, dir, job).await;
+            if let Some(exit) = read_exit(dir) {
+                // It ended on its own after all; that outcome is the one to report.
+                return Some((outcome_of(&exit), Some(exit)));
+            }
+            record_under_lock(shared, job, &outcome).await;
+            return Some((outcome, None));
+        }
+    };
+    if let Some(exit) = read_exit(dir).or(announced) {
+        return Some((outcome_of(&exit), Some(exit)));
+    }
+    if let Some(outcome) = recorded_in_lock(shared, job) {
+        tracing::warn!("the job's exit record is missing, but its outcome is in the lock state: reporting that");
+        return Some((outcome, None));
+    }
+    if dir.outcome_lost() {
+        // A redelivery replays this, rather than calling the job interrupted.
+        let outcome = lost_outcome();
+        record_under_lock(shared, job, &outcome).await;
+        return Some((outcome, None));
+    }
+    let rerun = shared.attempts.live().jobs.on_interrupted == crate::lock::OnInterrupted::Rerun
+        && matches!(source, Source::Sqs(_));
+    if rerun {
+        requeue_for_rerun(shared, source, dir).await;
+        return None;
+    }
+    Some((dead_owner(shared, dir, job, start_error).await, None))
+}
+
+fn read_exit(dir: &JobDir) -> Option<ExitRecord> {
+    match dir.read_exit() {
+        Ok(exit) => exit,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "the job's exit record cannot be read");
+            None
+        }
+    }
+}
+
+/// The outcome this very attempt recorded in the lock state (the owner writes it there as
+/// well as in its exit record), if it did.
+fn recorded_in_lock(shared: &Shared, job: &JobFile) -> Option<Outcome> {
+    let state = shared.attempts.locks.read_state(&job.lock_key).ok()??;
+    (state.is_final()
+        && state.token_hash == job.token_hash
+        && state.attempt == job.attempt
+        && state.outcome.is_some())
+    .then(|| super::delivery::recorded_outcome(&state))
+}
+
+/// The job ended, and its owner could record the outcome nowhere: not run again (it did
+/// run), and said as it is.
+fn lost_outcome() -> Outcome {
+    failure(
+        ErrorName::ScriptFailed,
+        "the job ended, but its owner process could record its outcome nowhere (no exit \
+         record, no lock state: state_dir and the lock dir full or unwritable); it is not run \
+         again, since it did run: see its log"
+            .to_string(),
+    )
 }
 
 /// Starts shipping the job's log to CloudWatch (resuming where an earlier agent left off
@@ -545,9 +695,40 @@ async fn final_flush(shared: &Shared, shipment: Shipment) {
     }
 }
 
+/// How a watch of a running owner ended.
+enum Watched {
+    /// The owner exited, with the exit record it sent last, if any.
+    Ended(Option<ExitRecord>),
+    /// The agent hands the job off to the next agent.
+    HandedOff,
+    /// The owner is still there past the job's time limit and every grace.
+    Overdue,
+}
+
+/// Past the job's timeout, `kill_grace` and `pipe_drain`, how long an owner may still take
+/// to report before the agent ends the job itself.
+const OVERDUE_MARGIN: Duration = Duration::from_secs(10);
+
+/// When an owner that has not reported is overdue, from now: the job's timeout, its
+/// `kill_grace` and `pipe_drain`, and [`OVERDUE_MARGIN`], counted from now for a job just
+/// started, and from its start (plus the owner's start time limit) for an adopted one.
+fn overdue_in(job: &JobFile, adopted: bool) -> Duration {
+    let plan = &job.launch;
+    let budget = Duration::from_millis(plan.timeout_ms + plan.kill_grace_ms + plan.pipe_drain_ms)
+        + OVERDUE_MARGIN;
+    if !adopted {
+        return budget;
+    }
+    let ran = humantime::parse_rfc3339(&job.started_at)
+        .ok()
+        .and_then(|started| started.elapsed().ok())
+        .unwrap_or_default();
+    (budget + OWNER_START_TIMEOUT).saturating_sub(ran)
+}
+
 /// Watches a running owner: heartbeats and message visibility every tick, a stop asked of
-/// the owner when the task closes or the agent says so, until the owner exits (`None`) or
-/// the agent hands the job off (`Some(HandedOff)`).
+/// the owner when the task closes or the agent says so, until the owner exits, the agent
+/// hands the job off, or the owner is overdue (stopped or hung: time stands still for it).
 async fn watch_owner(
     shared: &Arc<Shared>,
     source: &Source,
@@ -555,7 +736,8 @@ async fn watch_owner(
     job: &JobFile,
     mut conn: OwnerConn,
     mut shutdown: watch::Receiver<JobStop>,
-) -> Option<Delivered> {
+    overdue: Duration,
+) -> Watched {
     let tick = super::tick_for(
         job.heartbeat_ms.map(Duration::from_millis),
         shared.attempts.live().jobs.heartbeat_interval,
@@ -569,16 +751,23 @@ async fn watch_owner(
     tokio::pin!(heartbeats);
     let mut stops_sent = 0u32;
     let mut shutdown_open = true;
+    // One future for the whole watch: it keeps what it has read of the owner's last line.
+    let closed = conn.closed();
+    tokio::pin!(closed);
+    let overdue = tokio::time::sleep(overdue);
+    tokio::pin!(overdue);
     loop {
         let wanted = match *shutdown.borrow_and_update() {
             JobStop::Run => 0,
             // At host shutdown systemd stops the job units first (they are ordered after the
             // agent's) and this agent only then: an owner that has already recorded its exit
             // is reported now, while the agent can still send it, not handed off.
-            JobStop::HandOff if matches!(dir.read_exit(), Ok(Some(_))) => break,
+            JobStop::HandOff if matches!(dir.read_exit(), Ok(Some(_))) => {
+                return Watched::Ended(None)
+            }
             JobStop::HandOff => {
                 tracing::info!("handing the job off: it keeps running under its owner; the next agent adopts it");
-                return Some(Delivered::HandedOff);
+                return Watched::HandedOff;
             }
             JobStop::Stop => 1,
             JobStop::Kill => 2,
@@ -588,30 +777,34 @@ async fn watch_owner(
             stops_sent += 1;
         }
         tokio::select! {
-            _ = conn.closed() => break,
+            exit = &mut closed => return Watched::Ended(exit),
+            () = &mut overdue => return Watched::Overdue,
             _ = &mut heartbeats => {}
             Some(()) = closed_rx.recv() => ask_stop(dir, StopWhy::Cancelled).await,
             // Nobody can stop this watch any more once the sender is gone; keep watching.
             changed = shutdown.changed(), if shutdown_open => shutdown_open = changed.is_ok(),
         }
     }
-    None
 }
 
+/// How long a stop request may wait for the owner's answer: a stopped owner never answers,
+/// and the watch must go on (its overdue backstop ends the job).
+const ASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn ask_stop(dir: &JobDir, reason: StopWhy) {
-    match client::request(
-        dir,
-        &Request::Stop {
-            v: PROTOCOL,
-            reason,
-        },
-    )
-    .await
-    {
-        Ok(_) => tracing::info!(?reason, "asked the job's owner to stop the job"),
-        Err(e) => {
+    let stop = Request::Stop {
+        v: PROTOCOL,
+        reason,
+    };
+    match tokio::time::timeout(ASK_STOP_TIMEOUT, client::request(dir, &stop)).await {
+        Ok(Ok(_)) => tracing::info!(?reason, "asked the job's owner to stop the job"),
+        Ok(Err(e)) => {
             tracing::warn!(error = %crate::error_chain(&e), "cannot ask the job's owner to stop the job")
         }
+        Err(_) => tracing::warn!(
+            waited = ?ASK_STOP_TIMEOUT,
+            "the job's owner does not answer a stop request"
+        ),
     }
 }
 
@@ -626,16 +819,72 @@ fn outcome_of(exit: &ExitRecord) -> Outcome {
 
 /// The owner died without recording the job's exit: kill what is left of the job (its
 /// processes keep the lock until then), record the interruption under the lock, and return
-/// the outcome to report.
-async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
+/// the outcome to report. `start_error`: the job was never confirmed started (why).
+async fn dead_owner(
+    shared: &Shared,
+    dir: &JobDir,
+    job: &JobFile,
+    start_error: Option<String>,
+) -> Outcome {
     let (owner, killed) = kill_leftovers(shared, dir).await;
-    let outcome = failure(
-        ErrorName::Interrupted,
-        format!(
-            "the job's owner process (pid {}) died while the job ran; {killed} leftover process(es) killed",
-            owner.as_ref().map_or("unknown".to_string(), |o| o.pid.to_string())
+    let owner_pid = owner
+        .as_ref()
+        .map_or("unknown".to_string(), |o| o.pid.to_string());
+    let started = killed > 0 || owner.as_ref().is_some_and(|o| o.job_pid.is_some());
+    let message = match start_error {
+        Some(reason) if !started => {
+            format!("the job was not started: cannot hand it to its owner process: {reason}")
+        }
+        Some(reason) => format!(
+            "the job's owner process (pid {owner_pid}) died or hung right after starting the job ({reason}); {killed} leftover process(es) killed"
         ),
+        None => format!(
+            "the job's owner process (pid {owner_pid}) died while the job ran; {killed} leftover process(es) killed"
+        ),
+    };
+    let outcome = failure(ErrorName::Interrupted, message);
+    record_under_lock(shared, job, &outcome).await;
+    outcome
+}
+
+/// The owner is overdue (stopped or hung, so the job's own timeout never fires): end it and
+/// every process of the job, and report the job `Rsql.Timeout`.
+async fn overdue(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
+    let timeout = Duration::from_millis(job.launch.timeout_ms);
+    tracing::error!(
+        timeout = ?timeout,
+        "the job's owner process has not reported long past the job's timeout (stopped or hung): ending the job"
     );
+    kill_owner(dir);
+    let (_, killed) = kill_leftovers(shared, dir).await;
+    failure(
+        ErrorName::Timeout,
+        format!(
+            "killed after the {}s timeout by the agent: the job's owner process stopped answering, so the agent ended the job; {killed} process(es) killed",
+            timeout.as_secs()
+        ),
+    )
+}
+
+/// SIGKILLs the owner of `dir` if it still runs (same pid and start time): an owner that
+/// hangs or is stopped gets no say any more.
+fn kill_owner(dir: &JobDir) {
+    let Some(owner) = dir.read_owner().ok().flatten() else {
+        return;
+    };
+    if owner.is_alive() {
+        tracing::warn!(owner_pid = owner.pid, "killing the job's owner process");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(owner.pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Records `outcome` in the lock state of this attempt, once the lock is free (the job's
+/// leftovers, just killed, keep it until they are gone); a record of another attempt, or
+/// one already final, is left alone.
+async fn record_under_lock(shared: &Shared, job: &JobFile, outcome: &Outcome) {
     let deadline = tokio::time::Instant::now() + DEAD_OWNER_LOCK_WAIT;
     loop {
         match shared.attempts.locks.try_acquire(&job.lock_key) {
@@ -645,10 +894,9 @@ async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
                     // Someone else's record (a later attempt), or already final: leave it.
                     _ => break,
                 };
-                crate::attempt::record_outcome(&mut state, &outcome);
-                state.state = RunState::Interrupted;
+                crate::attempt::record_outcome(&mut state, outcome);
                 if let Err(e) = held.write_state(&state) {
-                    tracing::warn!(error = %e, "cannot record the interruption in the lock state");
+                    tracing::warn!(error = %e, "cannot record the job's outcome in the lock state");
                 }
                 let _ = held.release();
                 break;
@@ -661,12 +909,11 @@ async fn dead_owner(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
                 break;
             }
             Err(e) => {
-                tracing::warn!(error = %crate::error_chain(&e), "cannot take the job's lock to record the interruption");
+                tracing::warn!(error = %crate::error_chain(&e), "cannot take the job's lock to record the job's outcome");
                 break;
             }
         }
     }
-    outcome
 }
 
 /// Kills what is left of a job whose owner died (its processes carry the owner's identity);

@@ -1,7 +1,7 @@
 //! The agent's side of the owner protocol: hand a job over, re-attach after a restart, ask
 //! for a stop, and learn when the owner is gone.
 
-use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use tokio::io::AsyncWriteExt;
 
-use super::{JobDir, Reply, Request, PROTOCOL};
+use super::{ExitRecord, JobDir, Reply, Request, PROTOCOL};
 use crate::lock::{JobLock, LockError};
 
 /// How often a connect is retried while a fresh owner is still starting.
@@ -49,15 +49,41 @@ pub struct OwnerConn {
     stream: tokio::net::UnixStream,
     /// The job's leader, as the owner said.
     pub job_pid: Option<u32>,
+    /// The job's exit record, when the owner already said how it ended.
+    exit: Option<ExitRecord>,
 }
 
 impl OwnerConn {
-    /// Waits until the owner has exited.
-    pub async fn closed(&mut self) {
-        // Nothing it sends now matters: read into a fixed buffer, never a growing line.
+    /// Waits until the owner has exited, and returns the exit record it sent last, if any:
+    /// the outcome, even when the owner could not write it down. Lines are read into a
+    /// bounded buffer: a line longer than [`MAX_EXIT_LINE`] is dropped, never grown.
+    pub async fn closed(&mut self) -> Option<ExitRecord> {
         use tokio::io::AsyncReadExt;
-        let mut sink = [0u8; 1024];
-        while let Ok(1..) = self.stream.read(&mut sink).await {}
+        let mut line: Vec<u8> = Vec::new();
+        let mut overlong = false;
+        let mut chunk = [0u8; 8192];
+        while let Ok(n @ 1..) = self.stream.read(&mut chunk).await {
+            for part in chunk[..n].split_inclusive(|&b| b == b'\n') {
+                let complete = part.last() == Some(&b'\n');
+                if !overlong {
+                    line.extend_from_slice(part);
+                    overlong = line.len() > MAX_EXIT_LINE;
+                }
+                if complete {
+                    if !overlong {
+                        if let Ok(Reply {
+                            exit: Some(exit), ..
+                        }) = serde_json::from_slice(line.trim_ascii())
+                        {
+                            self.exit = Some(exit);
+                        }
+                    }
+                    line.clear();
+                    overlong = false;
+                }
+            }
+        }
+        self.exit.take()
     }
 }
 
@@ -136,22 +162,32 @@ fn start_blocking(
 /// The longest reply line an owner sends (a few hundred bytes); a longer one is refused
 /// unread past this.
 const MAX_REPLY: u64 = 16 * 1024;
+/// The longest last line (an exit record, which holds a failure's cause of at most 32 KiB
+/// and its output) that [`OwnerConn::closed`] keeps.
+const MAX_EXIT_LINE: usize = 1024 * 1024;
 
 fn read_reply(stream: &UnixStream, path: &std::path::Path) -> Result<Reply, ClientError> {
-    use std::io::Read;
+    // Byte by byte up to the newline: the owner's last line (the exit record) may follow at
+    // once, and must stay in the stream for `OwnerConn::closed`.
     let mut text = Vec::new();
-    BufReader::new(stream)
-        .take(MAX_REPLY + 1)
-        .read_until(b'\n', &mut text)
-        .map_err(|source| ClientError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    if text.len() as u64 > MAX_REPLY {
-        return Err(ClientError::BadReply {
-            path: path.to_path_buf(),
-            detail: format!("a reply longer than {MAX_REPLY} bytes"),
-        });
+    let mut byte = [0u8; 1];
+    loop {
+        let n = (&*stream)
+            .read(&mut byte)
+            .map_err(|source| ClientError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 0 || byte[0] == b'\n' {
+            break;
+        }
+        text.push(byte[0]);
+        if text.len() as u64 > MAX_REPLY {
+            return Err(ClientError::BadReply {
+                path: path.to_path_buf(),
+                detail: format!("a reply longer than {MAX_REPLY} bytes"),
+            });
+        }
     }
     parse_reply(text.trim_ascii(), path)
 }
@@ -190,6 +226,7 @@ fn into_conn(stream: UnixStream, reply: Reply) -> Result<OwnerConn, ClientError>
     Ok(OwnerConn {
         stream,
         job_pid: reply.job_pid,
+        exit: reply.exit,
     })
 }
 
@@ -213,6 +250,7 @@ pub async fn attach(dir: &JobDir) -> Result<Option<OwnerConn>, ClientError> {
     Ok(Some(OwnerConn {
         stream,
         job_pid: reply.job_pid,
+        exit: reply.exit,
     }))
 }
 

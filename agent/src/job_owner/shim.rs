@@ -16,7 +16,10 @@
 //!    shutdown) as a stop that reports `Rsql.Interrupted`;
 //! 5. when the job has ended (the supervisor has swept its processes; with a cgroup: the
 //!    payload is empty): classifies it, with what it used, writes `exit.json` durably,
-//!    records the outcome in the lock state, releases the lock, removes the cgroup, exits.
+//!    records the outcome in the lock state (each tried whatever became of the other: a
+//!    full `state_dir` must not lose a known outcome; with neither, an empty `exit.lost`
+//!    marker), sends the exit record to every agent connected, releases the lock, removes
+//!    the cgroup, exits.
 //!
 //! It runs on a current-thread tokio runtime: the same supervisor code as every other job
 //! (one implementation of pipes, timeouts and sweeps) on one thread, with no AWS SDK in the
@@ -33,7 +36,7 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use super::launch::{valid_job_id, ActivationAnswer, ActivationRequest};
 use super::{
@@ -270,17 +273,12 @@ pub fn run(dir: &JobDir, activation: Option<UnixStream>) -> Result<(), ShimError
         .enable_all()
         .build()
         .map_err(ShimError::Runtime)?;
-    let (outcome, exit) = runtime.block_on(supervise(
+    let (outcome, exit, watchers) = runtime.block_on(supervise(
         dir, &job, &mut owner, &mut held, first, listener, launch,
     ))?;
 
-    dir.write_exit(&exit)?;
-    record_outcome(&mut state, &outcome);
-    if let Err(e) = held.write_state(&state) {
-        // The exit record is durable; a later agent reports from it. Only a replay to a
-        // redelivery on another host would miss the outcome.
-        tracing::error!(error = %crate::error_chain(&e), "cannot record the outcome in the lock state");
-    }
+    record_end(dir, &mut held, &mut state, &outcome, &exit);
+    runtime.block_on(tell_watchers(watchers, &exit));
     if let Err(e) = held.release() {
         tracing::warn!(error = %crate::error_chain(&e), "cannot release the job's lock cleanly");
     }
@@ -295,6 +293,54 @@ pub fn run(dir: &JobDir, activation: Option<UnixStream>) -> Result<(), ShimError
         "job owner done"
     );
     Ok(())
+}
+
+/// Records how the job ended wherever it can: the exit record (for this host's agents), the
+/// lock state (for any agent of the fleet). A full `state_dir` must not turn a known outcome
+/// into a dead owner, so each is tried whatever became of the other; where neither holds it,
+/// an empty marker says the outcome was lost (an agent watching now still gets it from
+/// [`tell_watchers`]).
+fn record_end(
+    dir: &JobDir,
+    held: &mut JobLock,
+    state: &mut LockState,
+    outcome: &Outcome,
+    exit: &ExitRecord,
+) {
+    let exit_written = match dir.write_exit(exit) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "cannot write the job's exit record; recording its outcome in the lock state and telling the watching agent");
+            false
+        }
+    };
+    record_outcome(state, outcome);
+    let state_written = match held.write_state(state) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "cannot record the outcome in the lock state");
+            false
+        }
+    };
+    if !exit_written && !state_written {
+        match dir.mark_outcome_lost() {
+            Ok(()) => tracing::error!("the job's outcome could be recorded nowhere; marked it lost, so it is reported as such and not run again"),
+            Err(e) => tracing::error!(error = %crate::error_chain(&e), "the job's outcome could be recorded nowhere, not even as lost; only an agent watching now learns it"),
+        }
+    }
+}
+
+/// How long the owner waits for its last reply to reach the agents connected at the end.
+const TELL_WATCHERS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends the exit record to every agent connected now (the last line on each connection),
+/// and waits, at most [`TELL_WATCHERS_TIMEOUT`], until every connection has taken it.
+async fn tell_watchers(watchers: watch::Sender<Option<ExitRecord>>, exit: &ExitRecord) {
+    watchers.send_replace(Some(exit.clone()));
+    let deadline = tokio::time::Instant::now() + TELL_WATCHERS_TIMEOUT;
+    while watchers.receiver_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Accepts the agent's connection and reads its start request with the lock descriptor.
@@ -471,7 +517,9 @@ async fn supervise(
     first: UnixStream,
     listener: UnixListener,
     launch: Launch,
-) -> Result<(Outcome, ExitRecord), ShimError> {
+) -> Result<(Outcome, ExitRecord, Watchers), ShimError> {
+    // Every connection holds a receiver: the job's exit record is its last line.
+    let (watchers, ended) = watch::channel(None);
     let supervisor = Supervisor::for_one_job().map_err(ShimError::Supervisor)?;
     let plan = &job.launch;
     // The supervisor reads these from this process's environment; the owner may have been
@@ -505,9 +553,10 @@ async fn supervise(
                     ok: true,
                     job_pid: None,
                     error: Some(e.to_string()),
+                    exit: Some(early.1.clone()),
                 },
             );
-            return Ok(early);
+            return Ok((early.0, early.1, watchers));
         }
     };
     owner.job_pid = Some(handle.pid());
@@ -527,18 +576,24 @@ async fn supervise(
             ok: true,
             job_pid: Some(job_pid),
             error: None,
+            exit: None,
         };
         let mut line = serde_json::to_vec(&started).unwrap_or_default();
         line.push(b'\n');
         let _ = first.write_all(&line).await;
-        tokio::spawn(serve_connection(first, control_tx.clone(), job_pid));
+        tokio::spawn(serve_connection(
+            first,
+            control_tx.clone(),
+            job_pid,
+            ended.clone(),
+        ));
     }
     let run = watch_job(
         handle,
         held,
         listener,
-        control_tx,
-        control_rx,
+        (control_tx, control_rx),
+        ended,
         job.lease_interval_ms,
     )
     .await;
@@ -546,19 +601,24 @@ async fn supervise(
         Ok(run) => run,
         Err(e) => {
             tracing::error!(error = %crate::error_chain(&e), "lost the job's supervision");
-            return Ok(ended_early(
+            let (outcome, exit) = ended_early(
                 ErrorName::Interrupted,
                 format!("the job's owner lost its supervision: {e}"),
                 started_at,
-            ));
+            );
+            return Ok((outcome, exit, watchers));
         }
     };
     let mut run = run;
     if run.usage.cpu_ms.is_none() {
         run.usage.cpu_ms = reaped_cpu_ms();
     }
-    Ok(exit_of(job, &run))
+    let (outcome, exit) = exit_of(job, &run);
+    Ok((outcome, exit, watchers))
 }
+
+/// The connections open when the job ends: each takes the exit record as its last line.
+type Watchers = watch::Sender<Option<ExitRecord>>;
 
 /// The classified outcome of a finished run and its exit record.
 fn exit_of(job: &JobFile, run: &supervisor::RunOutcome) -> (Outcome, ExitRecord) {
@@ -593,8 +653,8 @@ async fn watch_job(
     handle: supervisor::JobHandle,
     held: &mut JobLock,
     listener: UnixListener,
-    control_tx: mpsc::Sender<Control>,
-    mut control_rx: mpsc::Receiver<Control>,
+    (control_tx, mut control_rx): (mpsc::Sender<Control>, mpsc::Receiver<Control>),
+    ended: watch::Receiver<Option<ExitRecord>>,
     lease_interval_ms: u64,
 ) -> Result<supervisor::RunOutcome, SupervisorError> {
     let job_pid = handle.pid();
@@ -613,7 +673,7 @@ async fn watch_job(
             run = &mut wait => break run,
             accepted = accept(listener.as_ref()) => {
                 if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_connection(stream, control_tx.clone(), job_pid));
+                    tokio::spawn(serve_connection(stream, control_tx.clone(), job_pid, ended.clone()));
                 }
             }
             Some(control) = control_rx.recv() => match control {
@@ -681,53 +741,64 @@ fn reply(stream: UnixStream, reply: &Reply) {
 }
 
 /// Answers one agent connection: `stop` and `status`, one line each, until it closes. The
-/// connection stays open for as long as the agent wants; it ends (EOF) when this process
-/// exits, which is how a watching agent learns that the job's exit is recorded.
+/// connection stays open for as long as the agent wants. When the job has ended, its exit
+/// record goes out as the last line (see [`tell_watchers`]); then the connection ends (EOF),
+/// which is how a watching agent learns that the job is over.
 async fn serve_connection(
     stream: tokio::net::UnixStream,
     control: mpsc::Sender<Control>,
     job_pid: u32,
+    mut ended: watch::Receiver<Option<ExitRecord>>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        let answer = match serde_json::from_str::<Request>(&line) {
-            Ok(Request::Stop { reason, .. }) => {
-                let reason = match reason {
-                    StopWhy::Cancelled => StopReason::Cancelled,
-                    StopWhy::Interrupted => StopReason::Shutdown,
-                };
-                let _ = control.send(Control::Stop(reason)).await;
-                Reply {
-                    v: PROTOCOL,
-                    ok: true,
-                    job_pid: Some(job_pid),
-                    error: None,
+    loop {
+        let answer = tokio::select! {
+            line = lines.next_line() => match line {
+                Ok(Some(line)) => answer_to(&line, &control, job_pid).await,
+                _ => break,
+            },
+            _ = ended.changed() => {
+                // Set once, when the job has ended; a sender gone without it: the owner exits.
+                let exit = ended.borrow_and_update().clone();
+                if exit.is_none() {
+                    break;
                 }
+                let last = Reply { v: PROTOCOL, ok: true, job_pid: Some(job_pid), error: None, exit };
+                let mut out = serde_json::to_vec(&last).unwrap_or_default();
+                out.push(b'\n');
+                let _ = write.write_all(&out).await;
+                break;
             }
-            Ok(Request::Status { .. }) => Reply {
-                v: PROTOCOL,
-                ok: true,
-                job_pid: Some(job_pid),
-                error: None,
-            },
-            Ok(Request::Start { .. }) => Reply {
-                v: PROTOCOL,
-                ok: false,
-                job_pid: Some(job_pid),
-                error: Some("the job has already started".into()),
-            },
-            Err(e) => Reply {
-                v: PROTOCOL,
-                ok: false,
-                job_pid: Some(job_pid),
-                error: Some(format!("not a request: {e}")),
-            },
         };
         let mut out = serde_json::to_vec(&answer).unwrap_or_default();
         out.push(b'\n');
         if write.write_all(&out).await.is_err() {
             break;
         }
+    }
+}
+
+/// The answer to one request line.
+async fn answer_to(line: &str, control: &mpsc::Sender<Control>, job_pid: u32) -> Reply {
+    let (ok, error) = match serde_json::from_str::<Request>(line) {
+        Ok(Request::Stop { reason, .. }) => {
+            let reason = match reason {
+                StopWhy::Cancelled => StopReason::Cancelled,
+                StopWhy::Interrupted => StopReason::Shutdown,
+            };
+            let _ = control.send(Control::Stop(reason)).await;
+            (true, None)
+        }
+        Ok(Request::Status { .. }) => (true, None),
+        Ok(Request::Start { .. }) => (false, Some("the job has already started".into())),
+        Err(e) => (false, Some(format!("not a request: {e}"))),
+    };
+    Reply {
+        v: PROTOCOL,
+        ok,
+        job_pid: Some(job_pid),
+        error,
+        exit: None,
     }
 }
