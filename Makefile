@@ -28,7 +28,7 @@ PACKAGED_BINS := rsql-agent:/usr/bin rsql-wrapper:/usr/bin rsql-job-owner:/usr/l
 PACKAGED_BIN_NAMES := $(foreach b,$(PACKAGED_BINS),$(firstword $(subst :, ,$(b))))
 export PACKAGED_BINS GLIBC_CEILING
 
-.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-smoke tools package release-aarch64 check-package clean
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-launchers bench-smoke tools package release-aarch64 check-package clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 # `build` compiled rsql-demo with every other binary of the workspace, in one feature
@@ -82,6 +82,13 @@ test: fmt-check clippy lint-cfn check-systemd nextest bench-smoke check-package
 ## (minutes; not part of `make test`). Prints a table and writes bench/results.json.
 bench: venv release
 	$(TARGET_DIR)/release/rsql-bench
+
+## bench-launchers: job start cost (dispatch, CPU per job with PID 1's share) under the systemd
+## launcher (the packaged owner units) and the direct one, on the installed .deb in a real
+## systemd (root; not part of `make test`). Prints a table and writes bench/launchers.json.
+bench-launchers: venv build package
+	RSQL_AGENT_DEB=$$(ls $(TARGET_DIR)/debian/rsql-agent_*.deb | tail -n 1) \
+	  $(TARGET_DIR)/debug/rsql-bench-launchers
 
 ## bench-smoke: the same program with a few jobs per figure (debug build; checks sanity, not targets)
 bench-smoke: venv build
