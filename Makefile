@@ -71,7 +71,7 @@ clippy:
 # The real-systemd tests (tests/tests/systemd_host.rs) install the .deb that `package` built,
 # in a systemd booted as PID 1 of its own namespaces (tests/sandbox/sandbox.sh; needs root).
 nextest: deps venv build package
-	RSQL_AGENT_DEB=$$(ls $(TARGET_DIR)/debian/rsql-agent_*.deb | tail -n 1) \
+	RSQL_AGENT_DEB=$$(ls $(abspath $(TARGET_DIR))/debian/rsql-agent_*.deb | tail -n 1) \
 	  $(CARGO) nextest run --workspace --no-fail-fast
 
 ## test: everything CI runs: formatting, lints, unit tests, system tests, the bench smoke run
@@ -87,7 +87,7 @@ bench: venv release
 ## launcher (the packaged owner units) and the direct one, on the installed .deb in a real
 ## systemd (root; not part of `make test`). Prints a table and writes bench/launchers.json.
 bench-launchers: venv build package
-	RSQL_AGENT_DEB=$$(ls $(TARGET_DIR)/debian/rsql-agent_*.deb | tail -n 1) \
+	RSQL_AGENT_DEB=$$(ls $(abspath $(TARGET_DIR))/debian/rsql-agent_*.deb | tail -n 1) \
 	  $(TARGET_DIR)/debug/rsql-bench-launchers
 
 ## bench-smoke: the same program with a few jobs per figure (debug build; checks sanity, not targets)

@@ -26,7 +26,8 @@ pub struct Sandbox {
 /// The `.deb` under test.
 pub fn package() -> PathBuf {
     if let Some(path) = std::env::var_os("RSQL_AGENT_DEB") {
-        let path = PathBuf::from(path);
+        // Relative to the workspace (the Makefile's view), not to the test's directory.
+        let path = bins::workspace_root().join(path);
         assert!(
             path.is_file(),
             "RSQL_AGENT_DEB={} is not a file",
