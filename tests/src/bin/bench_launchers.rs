@@ -12,7 +12,8 @@
 //!
 //! Figures:
 //! - dispatch: `date +%s%N` in the sandbox just before `rsql-wrapper submit` execs → the
-//!   job's first instruction (`$EPOCHREALTIME`), p50 and p95;
+//!   job's first instruction (`$EPOCHREALTIME`, printed and read back from the job log), p50
+//!   and p95;
 //! - CPU per job: the `usage_usec` of `rsql-agent.service` plus `rsql-jobs.slice` (the agent,
 //!   the owners and the jobs; with `direct` everything is in the agent's unit), plus PID 1's
 //!   utime+stime (systemd's work for each unit start), from the first to the last of the N
@@ -25,8 +26,9 @@ use rsql_agent_tests::moto;
 use rsql_agent_tests::sandbox::{package, show, Sandbox};
 use rsql_agent_tests::world::{StateMachine, World};
 
-const NOOP: &str =
-    "#!/bin/bash\necho \"$EPOCHREALTIME\" > \"/share/out/$RSQL_WORKFLOW_EXECUTION_ID.start\"\n";
+/// Prints its start; the stamp is read back from the job log, which both launchers write
+/// (under `direct` the job shares the agent unit's read-only file system).
+const NOOP: &str = "#!/bin/bash\necho \"start $EPOCHREALTIME\"\n";
 
 struct Figures {
     launcher: &'static str,
@@ -120,9 +122,15 @@ async fn measure(launcher: &'static str, jobs: usize) -> Figures {
                 .expect("date +%s%N");
             let done = world.wait_execution(&exec).await;
             assert_eq!(*done.status(), ExecutionStatus::Succeeded, "{id}");
-            let start = std::fs::read_to_string(sandbox.out().join(format!("{id}.start")))
-                .expect("the job's start stamp");
-            let start_s: f64 = start.trim().parse().expect("EPOCHREALTIME");
+            let output = moto::execution_output(&done);
+            assert_eq!(output["status"], "completed", "{id}: {output}");
+            let log = sandbox.sh(&format!("cat /var/log/rsql-agent/jobs/{id}/noop.sh.*.log"));
+            let start_s: f64 = log
+                .split_whitespace()
+                .skip_while(|w| *w != "start")
+                .nth(1)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_else(|| panic!("no start stamp in the job log of {id}: {log}"));
             (start_s * 1000.0) - (before_ns as f64 / 1e6)
         }
     };
