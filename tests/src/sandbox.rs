@@ -166,6 +166,19 @@ impl Sandbox {
         self.ok(&["dpkg", "-i", "/share/rsql-agent.deb"]);
     }
 
+    /// Points the agent's AWS SDK at `endpoint` (`/etc/rsql-agent/environment`, which the
+    /// agent's and the owners' units read) and installs `config` as
+    /// `/etc/rsql-agent/agent.toml`, `root:rsql` 0640 as the package ships it.
+    pub fn configure_agent(&self, endpoint: &str, config: &str) {
+        let env: String = crate::moto::aws_env(endpoint)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}\n"))
+            .collect();
+        self.write("/etc/rsql-agent/environment", &env, 0o640);
+        self.write("/etc/rsql-agent/agent.toml", config, 0o640);
+        self.ok(&["chgrp", "rsql", "/etc/rsql-agent/agent.toml"]);
+    }
+
     /// The journal of `unit` (all of it), as `journalctl -u UNIT` shows it.
     pub fn journal(&self, unit: &str) -> String {
         String::from_utf8_lossy(

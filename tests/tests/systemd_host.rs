@@ -102,11 +102,6 @@ impl Host {
             .await;
         let sandbox = Sandbox::boot(name);
         sandbox.install(&package());
-        let env: String = moto::aws_env(&world.moto.endpoint())
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}\n"))
-            .collect();
-        sandbox.write("/etc/rsql-agent/environment", &env, 0o640);
         let config = format!(
             "[agent]\nstate_dir = \"/var/lib/rsql-agent\"\ninstance_id = \"i-sandbox\"\n\
              [jobs]\nscript_dir = \"{SCRIPTS}\"\nlog_dir = \"/var/log/rsql-agent/jobs\"\n\
@@ -115,8 +110,7 @@ impl Host {
              [report.audit]\njob_table = \"{}\"\n",
             world.job_table()
         );
-        sandbox.write("/etc/rsql-agent/agent.toml", &config, 0o640);
-        sandbox.ok(&["chgrp", "rsql", "/etc/rsql-agent/agent.toml"]);
+        sandbox.configure_agent(&world.moto.endpoint(), &config);
         for (name, text) in [
             ("gated.sh", GATED),
             ("escapee.sh", ESCAPEE),

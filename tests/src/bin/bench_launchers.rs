@@ -81,25 +81,18 @@ async fn measure(launcher: &'static str, jobs: usize) -> Figures {
         .await;
     let sandbox = Sandbox::boot(&format!("bench-{launcher}"));
     sandbox.install(&package());
-    let env: String = moto::aws_env(&world.moto.endpoint())
-        .into_iter()
-        .map(|(k, v)| format!("{k}={v}\n"))
-        .collect();
-    sandbox.write("/etc/rsql-agent/environment", &env, 0o640);
     let launcher_line = match launcher {
         "direct" => "launcher = \"direct\"\n",
         _ => "",
     };
-    sandbox.write(
-        "/etc/rsql-agent/agent.toml",
+    sandbox.configure_agent(
+        &world.moto.endpoint(),
         &format!(
             "[agent]\nstate_dir = \"/var/lib/rsql-agent\"\ninstance_id = \"i-bench\"\n\
              [jobs]\nscript_dir = \"/opt/rsql/rsql_scripts\"\n{launcher_line}\
              [intake.socket]\npath = \"/run/rsql-agent/agent.sock\"\n"
         ),
-        0o640,
     );
-    sandbox.ok(&["chgrp", "rsql", "/etc/rsql-agent/agent.toml"]);
     sandbox.write("/opt/rsql/rsql_scripts/noop.sh", NOOP, 0o755);
     sandbox.ok(&["systemctl", "enable", "--now", "rsql-agent"]);
     sandbox.wait_active("rsql-agent", Duration::from_secs(60));
