@@ -653,13 +653,23 @@ fn set_aside(dir: &Path, stem: &str) -> Result<PathBuf, LockError> {
     Ok(to)
 }
 
+/// The largest lock state file read: a state holds ids, times and a short outcome.
+const MAX_STATE_BYTES: u64 = 1 << 20;
+
 /// Reads and parses a state file; `Ok(None)` when there is none.
 fn read_state_file(path: &Path) -> Result<Option<LockState>, LockError> {
     let mut tries = 0;
     let bytes = loop {
-        match fs::read(path) {
+        match crate::fsutil::read_bounded(path, MAX_STATE_BYTES) {
             Ok(bytes) => break bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            // Nothing this agent writes is that large: a corrupt state, set aside as one.
+            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+                return Err(LockError::ParseState {
+                    path: path.to_path_buf(),
+                    source: serde_json::Error::io(e),
+                })
+            }
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) && tries < MAX_STALE_RETRIES => {
                 tries += 1;
             }

@@ -47,6 +47,9 @@ use crate::aws::retry::{ErrorClass, RetryPolicy};
 use crate::fsutil;
 use crate::outcome::Outcome;
 
+/// The largest outbox entry: a success output (at most 262,144 bytes), a cause (32,768) and
+/// an audit record, with room to spare.
+const MAX_ENTRY_BYTES: u64 = 1 << 20;
 const DIR_NAME: &str = "outbox";
 const DIR_MODE: u32 = 0o700;
 const FILE_MODE: u32 = 0o600;
@@ -485,10 +488,17 @@ impl Outbox {
     }
 
     fn read_entry(&self, path: &Path) -> Option<OutboxEntry> {
-        let bytes = match fs::read(path) {
+        let bytes = match crate::fsutil::read_bounded(path, MAX_ENTRY_BYTES) {
             Ok(bytes) => bytes,
             // Delivered and removed since the listing.
             Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) if e.kind() == io::ErrorKind::FileTooLarge => {
+                self.quarantine(
+                    path,
+                    &format!("it is larger than {MAX_ENTRY_BYTES} bytes, more than any report"),
+                );
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(
                     path = %path.display(),
@@ -1088,6 +1098,21 @@ mod tests {
             reopened.remove("../x"),
             Err(OutboxError::BadId { .. })
         ));
+    }
+
+    #[test]
+    fn an_entry_larger_than_any_report_is_set_aside_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let good = entry("t");
+        outbox.put(&good).unwrap();
+        let huge = outbox.dir().join("0000000000000-huge.json");
+        fs::File::create(&huge)
+            .unwrap()
+            .set_len(MAX_ENTRY_BYTES + 1)
+            .unwrap();
+        assert_eq!(outbox.pending().unwrap(), vec![good]);
+        assert!(outbox.dir().join("0000000000000-huge.json.bad").exists());
     }
 
     #[test]
