@@ -293,7 +293,7 @@ expect_perms "$CONFIG" "640 root:rsql"
 expect_perms /opt/rsql/rsql_scripts "755 root:root"
 expect_perms /var/lib/rsql-agent "750 rsql:rsql"
 expect_perms /var/log/rsql-agent "750 rsql:rsql"
-expect_perms /var/lib/rsql-job "750 rsql-job:rsql-job"
+expect_perms /var/lib/rsql-job "750 root:rsql-job"
 /usr/bin/rsql-agent check-config "$CONFIG" || fail "rsql-agent check-config $CONFIG fails"
 check_config_as_rsql
 # Every commented-out `# key = value` example and `# [table]` header, uncommented, is valid.
@@ -429,7 +429,7 @@ check_user "rpm %pre"
 /bin/sh "$work/POSTIN.sh" 1 || fail "rpm %post failed"
 expect_perms /var/lib/rsql-agent "750 rsql:rsql"
 expect_perms /var/log/rsql-agent "750 rsql:rsql"
-expect_perms /var/lib/rsql-job "750 rsql-job:rsql-job"
+expect_perms /var/lib/rsql-job "750 root:rsql-job"
 expect_perms /opt/rsql/rsql_scripts "755 root:root"
 # What rpm would have unpacked and, on erase, removed again: the directories stay behind.
 mkdir -p /etc/rsql-agent /usr/libexec/rsql-agent

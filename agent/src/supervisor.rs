@@ -563,10 +563,30 @@ fn build_command(launch: &Launch) -> std::process::Command {
     command
 }
 
+/// `_LINUX_CAPABILITY_VERSION_3` of `<linux/capability.h>`: two 32-bit words per set.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `struct __user_cap_header_struct`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
 /// In the forked child: supplementary groups, gid, then uid of the job's user, then no
-/// ambient capabilities. From a non-root owner the kernel keeps ambient capabilities across
-/// a setuid to another non-root uid, so they are cleared here; with no ambient set and
-/// `no_new_privs` (the owner unit's `NoNewPrivileges=yes`), the exec leaves the job none.
+/// capabilities at all (ambient, effective, permitted, inheritable). From a non-root owner
+/// the kernel keeps all of them across a setuid to another non-root uid, so they are
+/// cleared here; with none left and `no_new_privs` (the owner unit's `NoNewPrivileges=yes`),
+/// no program the job runs gets any back.
 fn drop_to_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
     // SAFETY: setgroups/setgid/setuid/prctl are plain system calls here (a forked child has
     // one thread, so glibc's all-threads set*id broadcast has nobody else to reach); the
@@ -589,6 +609,21 @@ fn drop_to_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
             0 as libc::c_ulong,
             0 as libc::c_ulong,
         );
+        // A setuid between two non-root uids keeps the permitted, effective and inheritable
+        // sets: empty them, or a file-capability program could get them back at exec.
+        let mut header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = [CapData::default(); 2];
+        if libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        ) == -1
+        {
+            return Err(io::Error::last_os_error());
+        }
     }
     if nix::unistd::getuid().as_raw() != uid || nix::unistd::geteuid().as_raw() != uid {
         return Err(io::Error::from(Errno::EPERM));

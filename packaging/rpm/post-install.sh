@@ -17,8 +17,10 @@ make_dir() {
 # so that check-config and a manual `rsql-agent run` work before then.
 make_dir /var/lib/rsql-agent 0750 rsql rsql
 make_dir /var/log/rsql-agent 0750 rsql rsql
-# The jobs' HOME (the AWS CLI and rsql read their settings from it).
-make_dir /var/lib/rsql-job 0750 rsql-job rsql-job
+# The jobs' HOME (the AWS CLI and rsql read their settings from it): root's, readable by
+# the jobs and not writable by them, or one job could plant settings (a credential_process,
+# an ODBC driver, a python .pth) that every later job would run.
+make_dir /var/lib/rsql-job 0750 root rsql-job
 # [jobs] script_dir: check-config needs it to exist and not be world-writable.
 make_dir /opt/rsql 0755 root root
 make_dir /opt/rsql/rsql_scripts 0755 root root

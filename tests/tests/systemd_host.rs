@@ -49,7 +49,8 @@ while :; do sleep 0.2; done
 "##;
 
 /// Tries, as a job, everything a job must not be able to do, and writes one line per try:
-/// `denied NAME` or `ALLOWED NAME`. `$1` is a running sibling's owner directory.
+/// `denied NAME` or `ALLOWED NAME`. `$1` is a running sibling's owner directory, `$2` the
+/// pid of its job.
 const HOSTILE: &str = r##"#!/bin/bash
 out=/share/out/$RSQL_WORKFLOW_EXECUTION_ID.tries
 sib="$1"
@@ -81,6 +82,10 @@ try leave-its-cgroup-for-its-unit sh -c 'cg=$(sed -n "s/^0:://p" /proc/self/cgro
 try become-root-with-systemd-run systemd-run --quiet --wait --property=User=root true
 try become-root-with-su su -s /bin/sh -c true root
 try become-root-with-setuid python3 -c 'import os; os.setuid(0)'
+try hold-a-capability sh -c 'grep -E "^Cap(Inh|Prm|Eff|Amb):" /proc/self/status | grep -vq "0000000000000000"'
+try keep-a-socket-of-its-owner sh -c 'ls -l /proc/$$/fd | grep -q socket:'
+try trace-a-sibling python3 -c 'import ctypes, sys; sys.exit(0 if ctypes.CDLL(None).ptrace(16, int(sys.argv[1]), 0, 0) == 0 else 1)' "$2"
+try read-a-siblings-memory python3 -c 'import ctypes, sys; b = ctypes.create_string_buffer(8); local = (ctypes.c_void_p * 2)(ctypes.addressof(b), 8); start = int(open("/proc/%s/maps" % sys.argv[1]).readline().split("-")[0], 16); remote = (ctypes.c_void_p * 2)(start, 8); sys.exit(0 if ctypes.CDLL(None).process_vm_readv(int(sys.argv[1]), local, 1, remote, 1, 0) > 0 else 1)' "$2"
 echo "tried everything"
 "##;
 
@@ -388,13 +393,23 @@ async fn a_job_can_neither_control_the_agent_nor_touch_another_job() {
         job["task_token"].as_str().expect("a token").to_string()
     };
 
+    let sibling_pid = host
+        .evidence("sbx_sibling_1", "runs")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let hostile = host
-        .start("sbx_hostile_1", "hostile.sh", 120, &[&sibling_dir])
+        .start(
+            "sbx_hostile_1",
+            "hostile.sh",
+            120,
+            &[&sibling_dir, &sibling_pid],
+        )
         .await;
     let output = host.finished(&hostile).await;
     assert_eq!(output["status"], "completed", "{output}");
     let tries = host.evidence("sbx_hostile_1", "tries").unwrap_or_default();
-    assert!(tries.lines().count() >= 20, "not every try ran:\n{tries}");
+    assert_eq!(tries.lines().count(), 24, "not every try ran:\n{tries}");
     let allowed: Vec<&str> = tries
         .lines()
         .filter(|l| !l.starts_with("denied "))

@@ -5,10 +5,10 @@
 //!   socket `rsql-job-owner.socket` listens on (`Accept=yes`). The agent sends the job's id
 //!   on that connection; the owner answers once it listens on its own socket. So:
 //!   - the agent needs no privilege at all: no polkit rule, no `systemd-run`, no D-Bus
-//!     call. Only members of the agent's group may connect (the socket is `root:rsql`
-//!     0660), and all they can ask for is an owner for a job directory under the state
-//!     directory: every property of the unit (user, capabilities, sandbox, slice,
-//!     delegation) is fixed by the packaged template, not by the caller;
+//!     call. Only the agent's user and root may connect (the socket is `rsql` 0600), and
+//!     all they can ask for is an owner for a job directory under the state directory:
+//!     every property of the unit (user, capabilities, sandbox, slice, delegation, and the
+//!     one user its job may run as) is fixed by the packaged template, not by the caller;
 //!   - the job is not in the agent's cgroup (a `systemctl restart rsql-agent` leaves it
 //!     alone); the unit is ordered after the agent, so at shutdown job units stop first,
 //!     while the agent can still report them; systemd is the owner's parent, so there is no

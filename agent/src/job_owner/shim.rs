@@ -59,7 +59,9 @@ const MAX_REQUEST: usize = 256 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
-    #[error("usage: rsql-job-owner --job-dir DIR | --socket-activated --owners-dir DIR")]
+    #[error(
+        "usage: rsql-job-owner --job-dir DIR | --socket-activated --owners-dir DIR --job-user NAME"
+    )]
     Usage,
     #[error(transparent)]
     JobDir(#[from] JobDirError),
@@ -85,6 +87,8 @@ pub enum ShimError {
     Log(#[source] JobLogError),
     #[error("the job's user")]
     User(#[source] crate::supervisor::JobUserError),
+    #[error("the job file asks to run the job as {asked}, but this owner unit runs jobs only as {allowed:?} (RSQL_JOB_USER of rsql-job-owner@.service; set it in /etc/rsql-agent/environment to match [jobs] user)")]
+    UserNotAllowed { asked: String, allowed: String },
 }
 
 /// `main` of `rsql-job-owner`. Exit codes: 0 the job ran and its exit is recorded (whatever
@@ -96,13 +100,15 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging();
-    let (dir, activation) = match args.as_slice() {
-        [flag, dir] if flag == "--job-dir" => (JobDir::new(dir), None),
-        [flag, owners_flag, owners]
-            if flag == "--socket-activated" && owners_flag == "--owners-dir" =>
+    let (dir, activation, job_user) = match args.as_slice() {
+        [flag, dir] if flag == "--job-dir" => (JobDir::new(dir), None, None),
+        [flag, owners_flag, owners, user_flag, user]
+            if flag == "--socket-activated"
+                && owners_flag == "--owners-dir"
+                && user_flag == "--job-user" =>
         {
             match activated(std::path::Path::new(owners)) {
-                Ok(pair) => pair,
+                Ok((dir, stream)) => (dir, stream, Some(user.clone())),
                 Err(e) => {
                     tracing::error!(error = %crate::error_chain(&e), "the job owner was started for no valid job");
                     return ExitCode::FAILURE;
@@ -114,7 +120,7 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(&dir, activation) {
+    match run(&dir, activation, job_user.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(job_dir = %dir.path().display(), error = %crate::error_chain(&e), "the job owner failed");
@@ -131,6 +137,16 @@ const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(10);
 /// job's directory under `owners` with the connection to answer on. Standard input becomes
 /// `/dev/null`, so the connection is not inherited by the job.
 fn activated(owners: &std::path::Path) -> Result<(JobDir, Option<UnixStream>), ShimError> {
+    // systemd passes the connection as fd 3 too (`LISTEN_FDS`): not for the job to inherit.
+    let passed: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    for fd in 3..3 + passed.clamp(0, 64) {
+        // SAFETY: fcntl on an integer descriptor this process was given; it touches no
+        // Rust-owned memory.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let stdin = nix::unistd::dup(std::io::stdin()).map_err(|e| ShimError::Receive(e.into()))?;
     if let Ok(null) = std::fs::File::open("/dev/null") {
         let _ = nix::unistd::dup2_stdin(&null);
@@ -205,8 +221,14 @@ fn init_logging() {
 }
 
 /// Runs the job of `dir`; see the module doc. `activation`: the connection of a
-/// socket-activated start, answered once this owner listens on its own socket.
-pub fn run(dir: &JobDir, activation: Option<UnixStream>) -> Result<(), ShimError> {
+/// socket-activated start, answered once this owner listens on its own socket. `job_user`:
+/// the only user this owner may run the job as (its unit's `--job-user`, which root set);
+/// a job file that names another, or none, is refused.
+pub fn run(
+    dir: &JobDir,
+    activation: Option<UnixStream>,
+    job_user: Option<&str>,
+) -> Result<(), ShimError> {
     let job = match dir.read_job() {
         Ok(job) => job,
         Err(e) => {
@@ -268,7 +290,7 @@ pub fn run(dir: &JobDir, activation: Option<UnixStream>) -> Result<(), ShimError
 
     let cgroup = set_up_cgroup(&job);
     owner.cgroup = cgroup.as_ref().map(|c| c.payload().path().to_path_buf());
-    let launch = build_launch(&job, &held, env, cgroup.as_ref())?;
+    let launch = build_launch(&job, &held, env, cgroup.as_ref(), job_user)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -470,15 +492,29 @@ fn build_launch(
     held: &JobLock,
     env: Vec<(String, String)>,
     cgroup: Option<&JobCgroup>,
+    job_user: Option<&str>,
 ) -> Result<Launch, ShimError> {
     let plan = &job.launch;
     let mut all_env = plan.env.clone();
     all_env.extend(env);
     // Looked up again here: the owner, not the job file, decides that a job never runs as
-    // root or as the owner's own user.
-    let user = match &plan.user {
-        Some(user) => Some(user.verify().map_err(ShimError::User)?),
-        None => None,
+    // root or as the owner's own user; a socket-activated owner runs it only as the user its
+    // unit names.
+    let user = match (&plan.user, job_user) {
+        (Some(user), Some(allowed)) if user.name != allowed => {
+            return Err(ShimError::UserNotAllowed {
+                asked: user.name.clone(),
+                allowed: allowed.to_string(),
+            })
+        }
+        (None, Some(allowed)) => {
+            return Err(ShimError::UserNotAllowed {
+                asked: "the owner's own user".into(),
+                allowed: allowed.to_string(),
+            })
+        }
+        (Some(user), _) => Some(user.verify().map_err(ShimError::User)?),
+        (None, None) => None,
     };
     Ok(Launch {
         program: plan.program.clone(),

@@ -37,6 +37,8 @@ pub enum JobUserError {
     Root { name: String },
     #[error("[jobs] user {name:?} is the agent's own user (uid {uid}); a job under the agent's uid could control the agent and other jobs: give jobs a user of their own")]
     AgentsOwn { name: String, uid: u32 },
+    #[error("[jobs] user {name:?} is in group {gid} (root's or the agent's); a job's user must belong to neither")]
+    PrivilegedGroup { name: String, gid: u32 },
     #[error("the job file names user {name:?} as uid {recorded}, but this host says uid {found}")]
     Mismatch {
         name: String,
@@ -86,6 +88,19 @@ impl JobUser {
             return Err(JobUserError::AgentsOwn {
                 name: user.name,
                 uid: me,
+            });
+        }
+        // A group of root's, or of the agent's, would hand the job their files.
+        let my_group = nix::unistd::getegid().as_raw();
+        if let Some(&gid) = user
+            .groups
+            .iter()
+            .chain([&user.gid])
+            .find(|&&g| g == 0 || (g == my_group && my_group != 0))
+        {
+            return Err(JobUserError::PrivilegedGroup {
+                name: user.name,
+                gid,
             });
         }
         Ok(user)
