@@ -29,7 +29,6 @@ pub struct AgentConfig {
     pub max_concurrent_jobs: usize,
     pub kill_grace: String,
     pub heartbeat_interval: String,
-    pub shutdown_grace: String,
     pub visibility_timeout: String,
     pub wait_time: String,
     pub job_table: Option<String>,
@@ -59,7 +58,6 @@ impl AgentConfig {
             max_concurrent_jobs: 4,
             kill_grace: "2s".to_string(),
             heartbeat_interval: "2s".to_string(),
-            shutdown_grace: "30s".to_string(),
             visibility_timeout: "30s".to_string(),
             wait_time: "1s".to_string(),
             job_table: None,
@@ -102,14 +100,13 @@ impl AgentConfig {
 
     fn render(&self, state_dir: &Path, lock_dir: &Path) -> String {
         let mut text = format!(
-            "[agent]\nstate_dir = \"{state}\"\nmax_concurrent_jobs = {max}\ninstance_id = \"{id}\"\nshutdown_grace = \"{sg}\"\n\
+            "[agent]\nstate_dir = \"{state}\"\nmax_concurrent_jobs = {max}\ninstance_id = \"{id}\"\n\
              [jobs]\nscript_dir = \"{scripts}\"\nlog_dir = \"{state}/jobs\"\ndefault_timeout = \"10m\"\n\
              kill_grace = \"{kg}\"\nheartbeat_interval = \"{hb}\"\n{oi}{je}{sqs}\
              [lock]\ndir = \"{locks}\"\n",
             state = state_dir.display(),
             max = self.max_concurrent_jobs,
             id = self.instance_id,
-            sg = self.shutdown_grace,
             scripts = self.script_dir.display(),
             kg = self.kill_grace,
             hb = self.heartbeat_interval,

@@ -6,8 +6,8 @@
 //!   one outcome;
 //! - crashes: agents SIGKILLed at random while a Map of jobs runs; every item succeeds, no
 //!   two runs of one job overlap, and no job process outlives its agent;
-//! - drain: SIGTERM lets short jobs finish and stops intake at once; a job longer than
-//!   `shutdown_grace` is killed and reported `Rsql.Interrupted`; the process exits 0;
+//! - SIGTERM: intake stops at once and the running jobs are handed off to their owners (the
+//!   next agent adopts them); a second SIGTERM exits at once and loses no outcome;
 //! - start-up after a crash: a `running` state file whose owner is dead is reported
 //!   `Rsql.Interrupted`, or rerun with `on_interrupted = "rerun"`;
 //! - systemd: READY, STATUS, WATCHDOG, (a SIGHUP reload,) STOPPING, in that order.
