@@ -50,6 +50,9 @@ pub const AGENT_UNIT: &str = "rsql-agent.service";
 pub const OWNER_SOCKET: &str = "/run/rsql-job-owner.sock";
 /// The user jobs run as under systemd when `[jobs] user` is not set; the packages create it.
 pub const DEFAULT_JOB_USER: &str = "rsql-job";
+/// The only user an owner unit runs jobs as (`rsql-job-owner@.service`'s `--job-user`);
+/// set in `/etc/rsql-agent/environment`, which the agent's unit reads too.
+pub const JOB_USER_ENV: &str = "RSQL_JOB_USER";
 /// How long a socket-activated owner may take to answer that it listens.
 const OWNER_ANSWER_TIMEOUT: Duration = Duration::from_secs(20);
 /// The owner's answer is one short JSON line.
@@ -166,6 +169,21 @@ impl Launcher {
             (None, Launcher::Systemd { .. }) => DEFAULT_JOB_USER,
             (None, Launcher::Direct) => return Ok(None),
         };
+        if let Launcher::Systemd { .. } = self {
+            // The owner unit runs jobs only as its RSQL_JOB_USER, which both units read from
+            // /etc/rsql-agent/environment: a different [jobs] user would fail every job, so
+            // say so now, at check-config and at start.
+            let allowed = std::env::var(JOB_USER_ENV)
+                .ok()
+                .filter(|u| !u.is_empty())
+                .unwrap_or_else(|| DEFAULT_JOB_USER.to_string());
+            if name != allowed {
+                return Err(JobUserError::NotTheOwnersUser {
+                    name: name.to_string(),
+                    allowed,
+                });
+            }
+        }
         JobUser::resolve_for_jobs(name).map(Some)
     }
 
@@ -363,6 +381,13 @@ mod tests {
             Ok(None) => panic!("systemd jobs must get a user of their own"),
             Err(e) => assert!(e.to_string().contains(DEFAULT_JOB_USER), "{e}"),
         }
+        // Another user than the owner units run jobs as would fail every job: refused now.
+        assert!(
+            matches!(
+                systemd.job_user(Some("etl")),
+                Err(JobUserError::NotTheOwnersUser { .. })
+            ) || std::env::var(JOB_USER_ENV).is_ok_and(|u| u == "etl")
+        );
         assert_eq!(Launcher::Direct.job_user(None), Ok(None));
         assert!(matches!(
             Launcher::Direct.job_user(Some("root")),

@@ -37,6 +37,8 @@ pub enum JobUserError {
     Root { name: String },
     #[error("[jobs] user {name:?} is the agent's own user (uid {uid}); a job under the agent's uid could control the agent and other jobs: give jobs a user of their own")]
     AgentsOwn { name: String, uid: u32 },
+    #[error("[jobs] user is {name:?}, but the job owner units run jobs only as {allowed:?}: set RSQL_JOB_USER={name} in /etc/rsql-agent/environment (both units read it), or [jobs] user = {allowed:?}")]
+    NotTheOwnersUser { name: String, allowed: String },
     #[error("[jobs] user {name:?} is in group {gid} (root's or the agent's); a job's user must belong to neither")]
     PrivilegedGroup { name: String, gid: u32 },
     #[error("the job file names user {name:?} as uid {recorded}, but this host says uid {found}")]
