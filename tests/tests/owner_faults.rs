@@ -88,31 +88,65 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
-/// Defect 1: the owner cannot write its exit record (its `state_dir` is full when the job
-/// ends); the job exited 0, and the task must succeed, not come back `Rsql.Interrupted`.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_that_ended_while_state_dir_was_full_is_reported_as_it_ended() {
-    let world = World::builder("full-exit").build().await;
+/// A job on an agent whose `state_dir` (and, with `locks_too`, its lock dir) is on a 1 MiB
+/// tmpfs, running: `NAME.sh` records its start in `NAME.runs`, sleeps `secs`, records its end
+/// in `NAME.done` and exits 0, as execution `NAME_1` (its task caught when `catch`).
+struct OnSmallDisk {
+    world: World,
+    disk: Tmpfs,
+    runs: PathBuf,
+    done: PathBuf,
+    agent: Agent,
+    exec: String,
+}
+
+async fn on_a_small_disk(name: &str, secs: u64, locks_too: bool, catch: bool) -> OnSmallDisk {
+    let world = World::builder(&format!("{name}-exit")).build().await;
     let disk = Tmpfs::new("1m");
-    let runs = world.scripts.join("full.runs");
-    let done = world.scripts.join("full.done");
+    let runs = world.scripts.join(format!("{name}.runs"));
+    let done = world.scripts.join(format!("{name}.done"));
     write_script(
         &world.scripts,
-        "full.sh",
+        &format!("{name}.sh"),
         &format!(
-            "echo started >> {runs}\nsleep 5\necho done >> {done}\nexit 0",
+            "echo started >> {runs}\nsleep {secs}\necho done >> {done}\nexit 0",
             runs = runs.display(),
             done = done.display()
         ),
     );
     let mut config = world.config();
     config.state_dir = Some(disk.path().join("state"));
+    if locks_too {
+        config.lock_dir = Some(disk.path().join("locks"));
+    }
     config.visibility_timeout = "10s".into();
     config.jobs_extra = DIRECT.into();
     let agent = Agent::start(config, &world.moto.endpoint());
-    let sm = state_machine(&world, 30, false).await;
-    let exec = start(&world, &sm, "full_1", "full.sh", 60).await;
+    let sm = state_machine(&world, 30, catch).await;
+    let exec = start(&world, &sm, &format!("{name}_1"), &format!("{name}.sh"), 60).await;
     wait_until("the job to start", WAIT, || lines(&runs).len() == 1);
+    OnSmallDisk {
+        world,
+        disk,
+        runs,
+        done,
+        agent,
+        exec,
+    }
+}
+
+/// Defect 1: the owner cannot write its exit record (its `state_dir` is full when the job
+/// ends); the job exited 0, and the task must succeed, not come back `Rsql.Interrupted`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_ended_while_state_dir_was_full_is_reported_as_it_ended() {
+    let OnSmallDisk {
+        world,
+        disk,
+        runs,
+        done,
+        agent,
+        exec,
+    } = on_a_small_disk("full", 5, false, false).await;
     let owner = live_owner(&agent).await;
 
     let filler = fill(&disk.path());
@@ -141,28 +175,14 @@ async fn a_job_that_ended_while_state_dir_was_full_is_reported_as_it_ended() {
 /// the disk has room again, and reports what really happened.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outcome_only_the_watching_agent_holds_is_reported_as_it_ended() {
-    let world = World::builder("memory-exit").build().await;
-    let disk = Tmpfs::new("1m");
-    let runs = world.scripts.join("memory.runs");
-    let done = world.scripts.join("memory.done");
-    write_script(
-        &world.scripts,
-        "memory.sh",
-        &format!(
-            "echo started >> {runs}\nsleep 4\necho done >> {done}\nexit 0",
-            runs = runs.display(),
-            done = done.display()
-        ),
-    );
-    let mut config = world.config();
-    config.state_dir = Some(disk.path().join("state"));
-    config.lock_dir = Some(disk.path().join("locks"));
-    config.visibility_timeout = "10s".into();
-    config.jobs_extra = DIRECT.into();
-    let agent = Agent::start(config, &world.moto.endpoint());
-    let sm = state_machine(&world, 30, false).await;
-    let exec = start(&world, &sm, "memory_1", "memory.sh", 60).await;
-    wait_until("the job to start", WAIT, || lines(&runs).len() == 1);
+    let OnSmallDisk {
+        world,
+        disk,
+        runs,
+        done: _,
+        agent,
+        exec,
+    } = on_a_small_disk("memory", 4, true, false).await;
     live_owner(&agent).await;
 
     let filler = fill(&disk.path());
@@ -181,28 +201,14 @@ async fn an_outcome_only_the_watching_agent_holds_is_reported_as_it_ended() {
 /// outcome was lost, with a non-retryable error.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outcome_that_could_be_recorded_nowhere_is_reported_lost_and_not_retried() {
-    let world = World::builder("lost-exit").build().await;
-    let disk = Tmpfs::new("1m");
-    let runs = world.scripts.join("lost.runs");
-    let done = world.scripts.join("lost.done");
-    write_script(
-        &world.scripts,
-        "lost.sh",
-        &format!(
-            "echo started >> {runs}\nsleep 4\necho done >> {done}\nexit 0",
-            runs = runs.display(),
-            done = done.display()
-        ),
-    );
-    let mut config = world.config();
-    config.state_dir = Some(disk.path().join("state"));
-    config.lock_dir = Some(disk.path().join("locks"));
-    config.visibility_timeout = "10s".into();
-    config.jobs_extra = DIRECT.into();
-    let mut agent = Agent::start(config, &world.moto.endpoint());
-    let sm = state_machine(&world, 30, true).await;
-    let exec = start(&world, &sm, "lost_1", "lost.sh", 60).await;
-    wait_until("the job to start", WAIT, || lines(&runs).len() == 1);
+    let OnSmallDisk {
+        world,
+        disk,
+        runs,
+        done,
+        mut agent,
+        exec,
+    } = on_a_small_disk("lost", 4, true, true).await;
     let owner = live_owner(&agent).await;
     agent.kill();
 
