@@ -15,6 +15,9 @@ use serde::Deserialize;
 
 use crate::lock::OnInterrupted;
 
+mod fleet;
+pub use fleet::{FleetMode, FleetSettings};
+
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rsql-agent/agent.toml";
 
@@ -64,6 +67,8 @@ struct RawConfig {
     database: Option<RawDatabase>,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    fleet: fleet::RawFleet,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +222,7 @@ pub struct Config {
     pub audit: AuditSettings,
     pub database: DatabaseSettings,
     pub metrics: MetricsSettings,
+    pub fleet: FleetSettings,
     /// Keys the file sets that are no longer used, each with why: `check-config` prints
     /// them and the daemon logs them; they never fail the config.
     pub warnings: Vec<String>,
@@ -793,6 +799,7 @@ impl Config {
                 .map(AuditSettings::from_raw)
                 .unwrap_or_default(),
             metrics: MetricsSettings::from_raw(raw.metrics).map_err(invalid)?,
+            fleet: FleetSettings::from_raw(raw.fleet, jobs.kill_grace).map_err(invalid)?,
             agent,
             jobs,
             database,

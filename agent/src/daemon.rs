@@ -27,6 +27,7 @@ use crate::aws::retry::RetryPolicy;
 use crate::aws::AwsClients;
 use crate::config::Config;
 use crate::error_chain;
+use crate::fleet::{Fleet, FleetParts, Load, Notice};
 use crate::intake::socket::{self, SocketError, Submission, SubmitReply};
 use crate::intake::sqs::{Delivery, SqsError, SqsIntake};
 use crate::job::{InvalidJob, JobRules, JobSpec};
@@ -161,6 +162,8 @@ pub struct Daemon {
     shared: Arc<Shared>,
     policy: RetryPolicy,
     notifier: Notifier,
+    /// Scale-in and Spot handling; only the resident daemon has it.
+    fleet: Option<FleetParts>,
 }
 
 /// The heartbeat period for a job: a third of its `heartbeat_seconds`, or the configured
@@ -188,7 +191,14 @@ impl Daemon {
         if config.sqs.is_none() && config.socket.is_none() {
             return Err(DaemonError::NoIntake);
         }
-        Daemon::standalone(config, attempts, clients, "rsql-agent run")
+        let fleet = FleetParts {
+            settings: config.fleet.clone(),
+            instance_id: attempts.instance_id.clone(),
+            autoscaling: clients.autoscaling.clone(),
+        };
+        let mut daemon = Daemon::standalone(config, attempts, clients, "rsql-agent run")?;
+        daemon.fleet = Some(fleet);
+        Ok(daemon)
     }
 
     /// For [`Daemon::run_one`]: the same parts, with no intake needed (any configured one
@@ -252,6 +262,7 @@ impl Daemon {
                 ..RetryPolicy::default()
             },
             notifier: Notifier::disabled(),
+            fleet: None,
         })
     }
 
@@ -291,6 +302,10 @@ impl Daemon {
         );
         metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let background = Background::start(&shared, self.policy);
+        let mut fleet = self.fleet.clone().and_then(|parts| {
+            let outbox = shared.outbox.clone();
+            Fleet::start(parts, Arc::new(move || outbox.len().unwrap_or(0)))
+        });
         let (socket_task, mut submit_rx) = open_socket(&shared)?;
         let has_socket = socket_task.is_some();
         let mut lp = Loop::new(shared.clone());
@@ -319,6 +334,9 @@ impl Daemon {
         self.notifier.ready(&lp.status());
         loop {
             while lp.jobs.try_join_next().is_some() {}
+            if let Some(fleet) = &fleet {
+                fleet.publish(lp.load());
+            }
             tokio::select! {
                 control = controls.recv(), if controls_open => match control {
                     Some(Control::Stop) => break,
@@ -338,6 +356,8 @@ impl Daemon {
                 _ = metrics_tick.tick(), if shared.metrics.get().is_some() => lp.write_gauges(),
                 Some(_) = lp.jobs.join_next(), if !lp.jobs.is_empty() => {}
                 Some(asked) = ctl_rx.recv() => lp.on_control(asked, &self.notifier),
+                notice = next_notice(&mut fleet), if fleet.is_some() => lp.on_notice(notice, &self.notifier),
+                _ = sleep_until_some(lp.stop_jobs_at), if lp.stop_jobs_at.is_some() => lp.stop_for_spot(),
                 _ = sleep_until_some(lp.retry_at), if lp.retry_at.is_some() => lp.retry_at = None,
                 // Wait for a free slot first: never take a message there is no room to run.
                 Some(submission) = submit_rx.recv(), if has_socket => lp.on_submission(submission),
@@ -350,6 +370,9 @@ impl Daemon {
                     lp.on_received(received, &self.policy);
                 }
             }
+        }
+        if let Some(fleet) = fleet {
+            fleet.stop();
         }
         lp.hand_off(HandOff {
             socket_task,
@@ -506,6 +529,8 @@ struct Loop {
     retry_at: Option<tokio::time::Instant>,
     receive_failures: u32,
     draining: bool,
+    /// A Spot interruption's deadline less `spot_stop_margin`: running jobs are stopped then.
+    stop_jobs_at: Option<tokio::time::Instant>,
 }
 
 /// What the hand-off at shutdown takes over from the loop.
@@ -535,6 +560,7 @@ impl Loop {
             retry_at: None,
             receive_failures: 0,
             draining: false,
+            stop_jobs_at: None,
         }
     }
 
@@ -586,16 +612,8 @@ impl Loop {
 
     /// `rsql-agent drain` and its status queries.
     fn on_control(&mut self, asked: control::Asked, notifier: &Notifier) {
-        if asked.request == control::ControlRequest::Drain && !self.draining {
-            self.draining = true;
-            tracing::warn!(running = self.jobs.len(), "draining: intake stopped; running jobs are watched and reported until the agent is stopped");
-            self.first = None;
-            if let Some(task) = self.receiving.take() {
-                if let Some(sqs) = self.shared.sqs.clone() {
-                    tokio::spawn(return_unstarted(sqs, task));
-                }
-            }
-            notifier.status("draining");
+        if asked.request == control::ControlRequest::Drain {
+            self.drain(notifier);
         }
         let _ = asked.reply.send(control::ControlReply {
             ok: true,
@@ -603,6 +621,58 @@ impl Loop {
             running: self.jobs.len(),
             outbox: self.shared.outbox.len().unwrap_or(0),
         });
+    }
+
+    /// Stops intake for good: nothing new is received or accepted, a receive in flight hands
+    /// its messages back to the queue, and running jobs are watched and reported.
+    fn drain(&mut self, notifier: &Notifier) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        tracing::warn!(running = self.jobs.len(), "draining: intake stopped; running jobs are watched and reported until the agent is stopped");
+        self.first = None;
+        if let Some(task) = self.receiving.take() {
+            if let Some(sqs) = self.shared.sqs.clone() {
+                tokio::spawn(return_unstarted(sqs, task));
+            }
+        }
+        notifier.status("draining");
+    }
+
+    /// A scale-in, Spot interruption or rebalance notice (see `fleet`): drain; for a Spot
+    /// interruption, stop what still runs `spot_stop_margin` before the deadline.
+    fn on_notice(&mut self, notice: Notice, notifier: &Notifier) {
+        self.drain(notifier);
+        if let Notice::Spot { deadline, .. } = notice {
+            let margin = self.shared.config.fleet.spot_stop_margin;
+            let left = deadline
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or_default()
+                .saturating_sub(margin);
+            self.stop_jobs_at = Some(tokio::time::Instant::now() + left);
+        }
+    }
+
+    /// The Spot deadline less the margin has come: every running job is stopped (SIGTERM,
+    /// `kill_grace`, SIGKILL) and reported `Rsql.Interrupted`, so its Retry can start
+    /// elsewhere at once, with its lock released.
+    fn stop_for_spot(&mut self) {
+        self.stop_jobs_at = None;
+        if !self.jobs.is_empty() {
+            tracing::warn!(
+                running = self.jobs.len(),
+                "the Spot interruption is near: stopping the running jobs; they are reported Rsql.Interrupted"
+            );
+        }
+        let _ = self.jobs_stop_tx.send(JobStop::Stop);
+    }
+
+    fn load(&self) -> Load {
+        Load {
+            running: self.jobs.len(),
+            draining: self.draining,
+        }
     }
 
     fn on_submission(&mut self, submission: Submission) {
@@ -969,6 +1039,13 @@ async fn return_unstarted(sqs: SqsIntake, task: JoinHandle<Result<Vec<Delivery>,
 async fn sleep_until_some(at: Option<tokio::time::Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_notice(fleet: &mut Option<Fleet>) -> Notice {
+    match fleet {
+        Some(fleet) => fleet.notice().await,
         None => std::future::pending().await,
     }
 }

@@ -302,6 +302,10 @@ fn check_config(path: &Path) -> Exit {
                     return Exit::Config;
                 }
             }
+            if let Some(runtime) = runtime() {
+                let detected = runtime.block_on(rsql_agent::fleet::detect(&config.fleet));
+                println!("  fleet:      {detected}");
+            }
             Exit::Ok
         }
         Err(e) => fail(&e),

@@ -85,6 +85,7 @@ pub fn plan(running: &Config, new: &Config) -> Plan {
     restart!("logs.cloudwatch", cloudwatch);
     restart!("report.audit", audit);
     restart!("database", database);
+    restart!("fleet", fleet);
 
     Plan {
         config,

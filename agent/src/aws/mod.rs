@@ -33,6 +33,7 @@ pub struct AwsClients {
     pub dynamodb: aws_sdk_dynamodb::Client,
     pub logs: aws_sdk_cloudwatchlogs::Client,
     pub secrets: aws_sdk_secretsmanager::Client,
+    pub autoscaling: aws_sdk_autoscaling::Client,
 }
 
 /// Loads the shared SDK config from the standard chain, with our timeouts and with the SDK's
@@ -66,6 +67,7 @@ impl AwsClients {
             dynamodb: aws_sdk_dynamodb::Client::new(config),
             logs: aws_sdk_cloudwatchlogs::Client::new(config),
             secrets: aws_sdk_secretsmanager::Client::new(config),
+            autoscaling: aws_sdk_autoscaling::Client::new(config),
         }
     }
 }
