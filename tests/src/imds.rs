@@ -183,12 +183,6 @@ impl Imds {
         self.shared.lock().rebalance = None;
     }
 
-    /// Forgets every token handed out: the client's next request with one gets 401 and it
-    /// must fetch a new one.
-    pub fn revoke_tokens(&self) {
-        self.shared.lock().tokens.clear();
-    }
-
     /// Every request answered so far, oldest first.
     pub fn requests(&self) -> Vec<ImdsRequest> {
         self.shared.lock().requests.clone()

@@ -708,12 +708,9 @@ fn the_imds_stand_in_follows_imdsv2_and_serves_what_the_test_sets() {
     imds.clear_rebalance();
     assert_eq!(get(imds::REBALANCE_PATH, &token).0, 404);
 
-    // A revoked token is refused; a new one works.
-    imds.revoke_tokens();
-    assert_eq!(get(imds::INSTANCE_ID_PATH, &token).0, 401);
+    // A token works until its TTL is over, and not a moment longer.
     let token = put(Some("1")).2;
     assert_eq!(get(imds::INSTANCE_ID_PATH, &token).0, 200);
-    // And a token outlives its TTL by nothing.
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(get(imds::INSTANCE_ID_PATH, &token).0, 401);
 
@@ -759,4 +756,41 @@ fn the_imds_stand_in_follows_imdsv2_and_serves_what_the_test_sets() {
         .wait_for_request(imds::TOKEN_PATH, Duration::from_secs(1))
         .expect("a token request");
     assert_eq!((first.method.as_str(), first.status), ("PUT", 400));
+}
+
+/// The client the agent uses, `aws-config`'s IMDS client, against the stand-in: a token, then
+/// the answers the test set; a 404 is an error the client reports, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_imds_stand_in_answers_the_aws_config_client() {
+    use rsql_agent_tests::imds::{self, Imds};
+    let imds = Imds::start();
+    let client = aws_config::imds::Client::builder()
+        .endpoint(imds.url())
+        .expect("endpoint")
+        .build();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move { client.get(path).await.map(|v| v.as_ref().to_string()) }
+    };
+    assert_eq!(
+        get(imds::INSTANCE_ID_PATH).await.expect("instance id"),
+        imds::DEFAULT_INSTANCE_ID
+    );
+    assert!(
+        get(imds::LIFECYCLE_STATE_PATH).await.is_err(),
+        "404 outside a group"
+    );
+    imds.set_lifecycle_state(Some("Terminated"));
+    assert_eq!(
+        get(imds::LIFECYCLE_STATE_PATH).await.expect("state"),
+        "Terminated"
+    );
+    imds.set_spot_action("terminate", "2026-12-07T17:00:00Z");
+    let notice = get(imds::SPOT_ACTION_PATH).await.expect("notice");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&notice).expect("JSON")["time"],
+        "2026-12-07T17:00:00Z"
+    );
+    // One token for all of it (the client caches it for its TTL).
+    assert_eq!(imds.count(imds::TOKEN_PATH), 1);
 }
