@@ -9,12 +9,17 @@
 #                [--queue-url URL] [--log-group G] [--job-table T] [--workflow-table T]
 #                [--secret-id ID] [--script-dir DIR]  config from flags (when no --config-parameter)
 #                [--fleet NAME]                    the Fleet dimension of the metrics (stack FleetName)
+#                [--auto-scaling-group NAME]       [fleet] auto_scaling_group (empty: asked of Auto Scaling)
+#                [--lifecycle-hook NAME]           [fleet] lifecycle_hook, the EC2_INSTANCE_TERMINATING hook
 #                [--efs fs-XXXX|DNS] [--region R]  EFS for the fleet lock, mounted at /mnt/efs
 #                [--dry-run]                       print each action instead of doing it
 #
 # The mount uses the options docs/operations.md documents for the lock (NFSv4.1; never nolock or
 # local_lock): nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport.
-# BOOTSTRAP_OS_RELEASE names another os-release file to read (the tests' fixtures).
+# An fstab entry at /mnt/efs or below it is left as it is, and mounted if it is not: the stack's
+# user data mounts its EFS access point at /mnt/efs/rsql-agent that way.
+# BOOTSTRAP_OS_RELEASE and BOOTSTRAP_FSTAB name other os-release and fstab files to read (the
+# tests' fixtures).
 set -euo pipefail
 
 readonly CONFIG=/etc/rsql-agent/agent.toml
@@ -23,12 +28,14 @@ readonly LOCK_DIR=/mnt/efs/rsql-agent/locks
 readonly NFS_OPTIONS=nfsvers=4.1,rsize=1048576,wsize=1048576,hard,timeo=600,retrans=2,noresvport
 readonly SERVICE=rsql-agent
 readonly OS_RELEASE="${BOOTSTRAP_OS_RELEASE:-/etc/os-release}"
+readonly FSTAB="${BOOTSTRAP_FSTAB:-/etc/fstab}"
 
 packages=() package="" config_parameter="" queue_url="" log_group="" job_table="" workflow_table=""
 secret_id="" script_dir=/opt/rsql/rsql_scripts efs="" region="" dry_run=0 fleet=""
+auto_scaling_group="" lifecycle_hook=""
 
 usage() {
-  sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -48,6 +55,8 @@ while [ $# -gt 0 ]; do
     --secret-id) secret_id="${2:?--secret-id needs a value}"; shift 2 ;;
     --script-dir) script_dir="${2:?--script-dir needs a value}"; shift 2 ;;
     --fleet) fleet="${2:?--fleet needs a value}"; shift 2 ;;
+    --auto-scaling-group) auto_scaling_group="${2:?--auto-scaling-group needs a value}"; shift 2 ;;
+    --lifecycle-hook) lifecycle_hook="${2:?--lifecycle-hook needs a value}"; shift 2 ;;
     --efs) efs="${2:?--efs needs a value}"; shift 2 ;;
     --region) region="${2:?--region needs a value}"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
@@ -56,11 +65,18 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ ${#packages[@]} -gt 0 ] || die "--package is required"
-for value in "$queue_url" "$log_group" "$job_table" "$workflow_table" "$secret_id" "$script_dir" "$fleet"; do
+for value in "$queue_url" "$log_group" "$job_table" "$workflow_table" "$secret_id" "$script_dir" "$fleet" \
+  "$auto_scaling_group" "$lifecycle_hook"; do
   case "$value" in
     *'"'* | *\\* | *$'\n'*) die "a quote, backslash or newline is not allowed in a config value: $value" ;;
   esac
 done
+# Auto Scaling's own limits: a group name of up to 255 characters; a hook name of up to 255
+# letters, digits, '-', '_' and '/'.
+[ ${#auto_scaling_group} -le 255 ] || die "--auto-scaling-group is longer than 255 characters"
+if [ -n "$lifecycle_hook" ] && ! [[ "$lifecycle_hook" =~ ^[A-Za-z0-9/_-]{1,255}$ ]]; then
+  die "--lifecycle-hook must be 1 to 255 letters, digits, '-', '_' or '/': $lifecycle_hook"
+fi
 
 # Runs a command, or prints it (on stderr, like every dry-run action) under --dry-run.
 run() {
@@ -198,32 +214,43 @@ install_package() {
   esac
 }
 
-# 2. EFS at /mnt/efs (fstab entry + mount) and the lock dir on it.
+# The mount point of the first fstab entry at MOUNT_POINT or below it; nothing when none.
+fstab_mount_point() {
+  awk -v mp="$MOUNT_POINT" '$1 !~ /^#/ && ($2 == mp || index($2, mp "/") == 1) { print $2; exit }' \
+    "$FSTAB" 2>/dev/null || true
+}
+
+# 2. EFS at /mnt/efs (fstab entry + mount) and the lock dir on it. An fstab entry someone else
+# wrote at /mnt/efs or below (the stack's access point) is kept, and only mounted.
 mount_efs() {
   [ -n "$efs" ] || return 0
-  local dns="$efs"
-  case "$efs" in
-    fs-*.*) ;;
-    fs-*) dns="$efs.efs.$(region_of_instance).amazonaws.com" ;;
-  esac
-  local line="$dns:/ $MOUNT_POINT nfs4 $NFS_OPTIONS,_netdev 0 0"
-  if ! command -v mount.nfs4 >/dev/null 2>&1 && ! command -v mount.nfs >/dev/null 2>&1; then
-    if [ "$installer" = apt-get ]; then
-      run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nfs-common
-    else
-      run "$installer" install -y -q nfs-utils
+  local existing
+  existing="$(fstab_mount_point)"
+  if [ -n "$existing" ]; then
+    mountpoint -q "$existing" 2>/dev/null || run mount "$existing"
+  else
+    local dns="$efs"
+    case "$efs" in
+      fs-*.*) ;;
+      fs-*) dns="$efs.efs.$(region_of_instance).amazonaws.com" ;;
+    esac
+    local line="$dns:/ $MOUNT_POINT nfs4 $NFS_OPTIONS,_netdev 0 0"
+    if ! command -v mount.nfs4 >/dev/null 2>&1 && ! command -v mount.nfs >/dev/null 2>&1; then
+      if [ "$installer" = apt-get ]; then
+        run env DEBIAN_FRONTEND=noninteractive apt-get install -y -q nfs-common
+      else
+        run "$installer" install -y -q nfs-utils
+      fi
     fi
-  fi
-  [ -d "$MOUNT_POINT" ] || run mkdir -p "$MOUNT_POINT"
-  if ! grep -qE "^[^#]*[[:space:]]${MOUNT_POINT}[[:space:]]" /etc/fstab 2>/dev/null; then
+    [ -d "$MOUNT_POINT" ] || run mkdir -p "$MOUNT_POINT"
     if [ "$dry_run" -eq 1 ]; then
-      echo "+ append to /etc/fstab: $line" >&2
+      echo "+ append to $FSTAB: $line" >&2
     else
-      echo "$line" >>/etc/fstab
+      echo "$line" >>"$FSTAB"
     fi
-  fi
-  if ! mountpoint -q "$MOUNT_POINT" 2>/dev/null; then
-    run mount -t nfs4 -o "$NFS_OPTIONS" "$dns:/" "$MOUNT_POINT"
+    if ! mountpoint -q "$MOUNT_POINT" 2>/dev/null; then
+      run mount -t nfs4 -o "$NFS_OPTIONS" "$dns:/" "$MOUNT_POINT"
+    fi
   fi
   [ -d "$LOCK_DIR" ] || run install -d -m 0750 -o rsql -g rsql "$LOCK_DIR"
 }
@@ -272,6 +299,11 @@ config_text() {
   if [ -n "$secret_id" ]; then
     echo "[database]"
     echo "secret_id = $(toml_string "$secret_id")"
+  fi
+  if [ -n "$auto_scaling_group" ] || [ -n "$lifecycle_hook" ]; then
+    echo "[fleet]"
+    [ -z "$auto_scaling_group" ] || echo "auto_scaling_group = $(toml_string "$auto_scaling_group")"
+    [ -z "$lifecycle_hook" ] || echo "lifecycle_hook = $(toml_string "$lifecycle_hook")"
   fi
 }
 

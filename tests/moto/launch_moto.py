@@ -7,9 +7,20 @@ through http://localhost:$MOTO_PORT.
 
 Each patch below checks that what it replaces still exists and has the shape it expects, and
 exits non-zero otherwise: a moto upgrade must break loudly, never silently drop a fix.
+
+Auto Scaling: moto has groups, lifecycle hooks and SetInstanceProtection but no
+CompleteLifecycleAction or RecordLifecycleActionHeartbeat; patch_lifecycle_actions adds both,
+validated as AWS validates them. Tests read what the agent did in two ways:
+  * DescribeAutoScalingInstances: a completed action moves the instance to
+    `Terminating:Proceed` (as on AWS), and a second heartbeat or completion is refused;
+  * GET /moto-api/rsql/lifecycle-actions (a test-only path on this server, not an AWS API):
+    a JSON list of every RecordLifecycleActionHeartbeat and CompleteLifecycleAction call, in
+    order, refused ones included, each {"op", "group", "hook", "instance", "result", "time"
+    (Unix seconds, float), "error" (null, or the ValidationError's message)}.
 """
 
 import inspect
+import json
 import os
 import sys
 import threading
@@ -178,6 +189,106 @@ def patch_start_execution_default_name() -> None:
     StepFunctionsParserBackend.start_execution = start_execution
 
 
+# Every lifecycle action call, in order (see the module docstring). One server process serves
+# one test, so a module-level list is the whole record.
+LIFECYCLE_ACTIONS: list[dict] = []
+LIFECYCLE_ACTIONS_PATH = "/moto-api/rsql/lifecycle-actions"
+
+
+def patch_lifecycle_actions() -> None:
+    """Add CompleteLifecycleAction and RecordLifecycleActionHeartbeat to moto's Auto Scaling.
+
+    moto 5.2.5 stores groups, their instances and lifecycle hooks, but answers these two
+    actions with "not yet implemented" (its AutoScalingResponse has no method for them). AWS
+    refuses, with a ValidationError, an action whose group does not exist, whose hook is not
+    a hook of that group, whose instance is not in that group or whose action is no longer
+    pending, and a LifecycleActionResult other than CONTINUE or ABANDON; so does this.
+
+    The action is pending until it is completed: moto never puts an instance in
+    `Terminating:Wait` (it terminates at once), so any instance of the group that was not
+    completed yet counts as waiting. Completing moves it to `Terminating:Proceed`, which
+    DescribeAutoScalingInstances then shows. Only InstanceId is supported, not
+    LifecycleActionToken (moto issues no tokens); a call with a token alone is refused.
+    """
+    from moto.autoscaling.exceptions import ValidationError
+    from moto.autoscaling.models import AutoScalingBackend, InstanceState
+    from moto.autoscaling.responses import AutoScalingResponse
+    from moto.core.responses import EmptyResult
+    from moto.moto_api._internal import urls as moto_api_urls
+
+    for op in ["complete_lifecycle_action", "record_lifecycle_action_heartbeat"]:
+        if hasattr(AutoScalingResponse, op):
+            die(f"AutoScalingResponse.{op} exists now; drop or re-check the lifecycle patch")
+    for attr in ["autoscaling_groups", "lifecycle_hooks"]:
+        if attr not in inspect.getsource(AutoScalingBackend.__init__):
+            die(f"AutoScalingBackend has no {attr}; re-check the lifecycle patch")
+    if "f\"{as_name}_{name}\"" not in inspect.getsource(AutoScalingBackend.create_lifecycle_hook):
+        die("AutoScalingBackend keys lifecycle hooks differently; re-check the lifecycle patch")
+    if "lifecycle_state" not in inspect.signature(InstanceState.__init__).parameters:
+        die("InstanceState has no lifecycle_state; re-check the lifecycle patch")
+    if not isinstance(getattr(moto_api_urls, "url_paths", None), dict):
+        die("moto.moto_api._internal.urls.url_paths is gone; re-check the lifecycle patch")
+
+    proceed = "Terminating:Proceed"
+
+    def act(self, op: str, result: str | None) -> None:  # type: ignore[no-untyped-def]
+        group_name = self._get_param("AutoScalingGroupName")
+        hook_name = self._get_param("LifecycleHookName")
+        instance_id = self._get_param("InstanceId")
+        entry = {
+            "op": op,
+            "group": group_name,
+            "hook": hook_name,
+            "instance": instance_id,
+            "result": result,
+            "time": time.time(),
+            "error": None,
+        }
+        LIFECYCLE_ACTIONS.append(entry)
+
+        def refuse(message: str) -> None:
+            entry["error"] = message
+            raise ValidationError(message)
+
+        backend = self.autoscaling_backend
+        group = backend.autoscaling_groups.get(group_name or "")
+        if group is None:
+            refuse(f"AutoScalingGroup name not found - {group_name}")
+        if not hook_name or f"{group_name}_{hook_name}" not in backend.lifecycle_hooks:
+            refuse(f"No Lifecycle Hook found with name {hook_name} for group {group_name}")
+        if not instance_id:
+            refuse("InstanceId is required (this emulator issues no LifecycleActionToken)")
+        state = next((s for s in group.instance_states if s.instance.id == instance_id), None)
+        if state is None:
+            refuse(f"Instance {instance_id} is not part of Auto Scaling group {group_name}")
+        if state.lifecycle_state == proceed:
+            refuse(f"No active Lifecycle Action found with instance ID {instance_id}")
+        if op == "CompleteLifecycleAction":
+            if result not in ("CONTINUE", "ABANDON"):
+                refuse(
+                    f"Value '{result}' at 'lifecycleActionResult' failed to satisfy "
+                    "constraint: Member must be CONTINUE or ABANDON"
+                )
+            state.lifecycle_state = proceed
+
+    def complete_lifecycle_action(self):  # type: ignore[no-untyped-def]
+        act(self, "CompleteLifecycleAction", self._get_param("LifecycleActionResult"))
+        return EmptyResult()
+
+    def record_lifecycle_action_heartbeat(self):  # type: ignore[no-untyped-def]
+        act(self, "RecordLifecycleActionHeartbeat", None)
+        return EmptyResult()
+
+    AutoScalingResponse.complete_lifecycle_action = complete_lifecycle_action
+    AutoScalingResponse.record_lifecycle_action_heartbeat = record_lifecycle_action_heartbeat
+
+    def lifecycle_actions(request, full_url, headers):  # type: ignore[no-untyped-def]
+        return 200, {"Content-Type": "application/json"}, json.dumps(LIFECYCLE_ACTIONS)
+
+    # Read when the moto-api app is first built, on the first /moto-api request: after this.
+    moto_api_urls.url_paths["{0}" + LIFECYCLE_ACTIONS_PATH + "$"] = lifecycle_actions
+
+
 def exit_with_parent() -> None:
     """Exit when the process that started us dies (RSQL_MOTO_PARENT_PID names it).
 
@@ -205,6 +316,7 @@ def main() -> None:
     patch_send_task_failure_cause()
     patch_task_token_lifecycle()
     patch_start_execution_default_name()
+    patch_lifecycle_actions()
     server.main(sys.argv[1:])
 
 

@@ -1,5 +1,5 @@
-//! Shared harness for the system tests: a throwaway PostgreSQL, the AWS emulator, a cuttable
-//! TCP proxy, and the paths of the binaries under test.
+//! Shared harness for the system tests: a throwaway PostgreSQL, the AWS emulator, an EC2
+//! instance metadata stand-in, a cuttable TCP proxy, and the paths of the binaries under test.
 //!
 //! Every part either starts for real or panics with a message that says how to install it:
 //! a system test never skips silently.
@@ -9,6 +9,7 @@ pub mod bins;
 pub mod cgroup;
 pub mod chromium;
 pub mod host;
+pub mod imds;
 pub mod moto;
 pub mod pg;
 pub mod proxy;

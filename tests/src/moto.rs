@@ -1,7 +1,9 @@
 //! The AWS emulator: a real `moto` server (pinned in `tests/moto/requirements.txt`, installed
 //! by `make venv`) on a free loopback port, started through `tests/moto/launch_moto.py`, which
 //! patches the moto bugs the tests would otherwise trip over (the dropped `SendTaskFailure`
-//! cause, task tokens that never close, one token for every Retry attempt).
+//! cause, task tokens that never close, one token for every Retry attempt) and adds the two
+//! Auto Scaling actions moto lacks (`CompleteLifecycleAction`, `RecordLifecycleActionHeartbeat`,
+//! recorded for [`Moto::lifecycle_actions`]).
 //!
 //! State machines really run (`execute_state_machine` is switched on at start), so a
 //! `…sqs:sendMessage.waitForTaskToken` task puts its message on a moto queue and waits for
@@ -21,6 +23,10 @@
 //!   handles. Check such limits on the wire with a recording [`crate::proxy::Proxy`].
 //! - the server closes every HTTP connection after one response (werkzeug's dev server), so
 //!   clients never reuse a pooled connection against it.
+//! - Auto Scaling groups launch their instances at once, all `InService`, and never run a
+//!   lifecycle hook: nothing puts an instance in `Terminating:Wait`. Any instance of the group
+//!   counts as having a pending terminating action until it is completed; completing moves it
+//!   to `Terminating:Proceed`, where it stays (moto never terminates it).
 //!
 //! The helpers at the bottom are thin, generic wrappers over the SDK that panic with the
 //! service error, for test code's own calls; the agent under test makes its own calls.
@@ -45,6 +51,35 @@ pub const REGION: &str = "us-east-1";
 pub const ACCOUNT_ID: &str = "123456789012";
 /// The role ARN given to state machines (moto does not check it).
 pub const DUMMY_ROLE_ARN: &str = "arn:aws:iam::123456789012:role/rsql-agent-test";
+
+/// The launcher's test-only path listing the lifecycle action calls (see
+/// `tests/moto/launch_moto.py`).
+const LIFECYCLE_ACTIONS_PATH: &str = "/moto-api/rsql/lifecycle-actions";
+
+/// One `RecordLifecycleActionHeartbeat` or `CompleteLifecycleAction` call, as the emulator
+/// recorded it ([`Moto::lifecycle_actions`]).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct LifecycleActionCall {
+    /// `RecordLifecycleActionHeartbeat` or `CompleteLifecycleAction`.
+    pub op: String,
+    pub group: Option<String>,
+    pub hook: Option<String>,
+    pub instance: Option<String>,
+    /// `LifecycleActionResult` of a completion (`CONTINUE`, `ABANDON`), `None` for a
+    /// heartbeat.
+    pub result: Option<String>,
+    /// When the server got it, in Unix seconds.
+    pub time: f64,
+    /// `None` when it was accepted; else the `ValidationError` message it was refused with.
+    pub error: Option<String>,
+}
+
+impl LifecycleActionCall {
+    /// When the server got it.
+    pub fn at(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs_f64(self.time)
+    }
+}
 
 /// How long the server may take to answer after it was spawned (python imports are slow on a
 /// loaded two-core box).
@@ -136,6 +171,37 @@ impl Moto {
     /// The server's log (stdout and stderr).
     pub fn log_path(&self) -> &Path {
         &self.log_path
+    }
+
+    /// Every `RecordLifecycleActionHeartbeat` and `CompleteLifecycleAction` the server got,
+    /// oldest first, refused ones included (their `error` says why).
+    pub fn lifecycle_actions(&self) -> Vec<LifecycleActionCall> {
+        match http_call(self.addr(), "GET", LIFECYCLE_ACTIONS_PATH, "") {
+            Ok((200, body)) => serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("GET {LIFECYCLE_ACTIONS_PATH}: {e}: {body}")),
+            other => panic!("GET {LIFECYCLE_ACTIONS_PATH}: {other:?}"),
+        }
+    }
+
+    /// Polls [`Moto::lifecycle_actions`] until one with operation `op` (e.g.
+    /// `CompleteLifecycleAction`) was accepted, and returns the first such; `None` after
+    /// `timeout`.
+    pub fn wait_for_lifecycle_action(
+        &self,
+        op: &str,
+        timeout: Duration,
+    ) -> Option<LifecycleActionCall> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self
+                .lifecycle_actions()
+                .into_iter()
+                .find(|a| a.op == op && a.error.is_none());
+            if found.is_some() || Instant::now() >= deadline {
+                return found;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The last `lines` lines of the server's log.
@@ -692,4 +758,132 @@ impl JobTask<'_> {
         })
         .to_string()
     }
+}
+
+/// An Auto Scaling group made by [`create_group_with_terminating_hook`].
+#[derive(Debug, Clone)]
+pub struct TestGroup {
+    pub name: String,
+    /// Its `autoscaling:EC2_INSTANCE_TERMINATING` lifecycle hook.
+    pub hook: String,
+    /// Its instances, all `InService`, unprotected.
+    pub instance_ids: Vec<String>,
+}
+
+/// Creates an Auto Scaling group `name` of `size` instances (a launch configuration of its
+/// own, one Availability Zone) with an `autoscaling:EC2_INSTANCE_TERMINATING` lifecycle hook
+/// `hook` (`heartbeat_timeout` seconds, default result `CONTINUE`), as the stack makes it.
+pub async fn create_group_with_terminating_hook(
+    config: &SdkConfig,
+    name: &str,
+    hook: &str,
+    size: i32,
+    heartbeat_timeout: i32,
+) -> TestGroup {
+    use aws_sdk_autoscaling::error::DisplayErrorContext;
+    let autoscaling = aws_sdk_autoscaling::Client::new(config);
+    let launch_configuration = format!("{name}-lc");
+    autoscaling
+        .create_launch_configuration()
+        .launch_configuration_name(&launch_configuration)
+        // One of the images moto's EC2 knows.
+        .image_id("ami-12c6146b")
+        .instance_type("t3.micro")
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "CreateLaunchConfiguration {launch_configuration}: {}",
+                DisplayErrorContext(&e)
+            )
+        });
+    autoscaling
+        .create_auto_scaling_group()
+        .auto_scaling_group_name(name)
+        .launch_configuration_name(&launch_configuration)
+        .min_size(size)
+        .max_size(size.max(1) * 2)
+        .desired_capacity(size)
+        .availability_zones(format!("{REGION}a"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("CreateAutoScalingGroup {name}: {}", DisplayErrorContext(&e)));
+    autoscaling
+        .put_lifecycle_hook()
+        .auto_scaling_group_name(name)
+        .lifecycle_hook_name(hook)
+        .lifecycle_transition("autoscaling:EC2_INSTANCE_TERMINATING")
+        .heartbeat_timeout(heartbeat_timeout)
+        .default_result("CONTINUE")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("PutLifecycleHook {hook}: {}", DisplayErrorContext(&e)));
+    let group = autoscaling
+        .describe_auto_scaling_groups()
+        .auto_scaling_group_names(name)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "DescribeAutoScalingGroups {name}: {}",
+                DisplayErrorContext(&e)
+            )
+        });
+    let instance_ids: Vec<String> = group
+        .auto_scaling_groups()
+        .iter()
+        .flat_map(|g| g.instances())
+        .filter_map(|i| i.instance_id().map(str::to_string))
+        .collect();
+    assert_eq!(
+        instance_ids.len(),
+        size as usize,
+        "group {name} has {instance_ids:?}"
+    );
+    TestGroup {
+        name: name.to_string(),
+        hook: hook.to_string(),
+        instance_ids,
+    }
+}
+
+/// What Auto Scaling says of one instance (`DescribeAutoScalingInstances`); panics when it
+/// is in no group.
+pub async fn describe_auto_scaling_instance(
+    config: &SdkConfig,
+    instance_id: &str,
+) -> aws_sdk_autoscaling::types::AutoScalingInstanceDetails {
+    let out = aws_sdk_autoscaling::Client::new(config)
+        .describe_auto_scaling_instances()
+        .instance_ids(instance_id)
+        .send()
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "DescribeAutoScalingInstances {instance_id}: {}",
+                aws_sdk_autoscaling::error::DisplayErrorContext(&e)
+            )
+        });
+    out.auto_scaling_instances()
+        .first()
+        .cloned()
+        .unwrap_or_else(|| panic!("{instance_id} is in no Auto Scaling group"))
+}
+
+/// Whether the instance is protected from scale-in.
+pub async fn is_protected_from_scale_in(config: &SdkConfig, instance_id: &str) -> bool {
+    describe_auto_scaling_instance(config, instance_id)
+        .await
+        .protected_from_scale_in()
+        .unwrap_or_else(|| panic!("{instance_id}: no ProtectedFromScaleIn"))
+}
+
+/// The instance's lifecycle state as Auto Scaling says it, e.g. `InService`, or
+/// `Terminating:Proceed` once its terminating action was completed.
+pub async fn lifecycle_state(config: &SdkConfig, instance_id: &str) -> String {
+    describe_auto_scaling_instance(config, instance_id)
+        .await
+        .lifecycle_state()
+        .unwrap_or_else(|| panic!("{instance_id}: no LifecycleState"))
+        .to_string()
 }

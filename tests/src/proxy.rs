@@ -62,11 +62,37 @@ impl RecordedRequest {
         self.header("x-amz-target")
     }
 
-    /// The operation name of an AWS JSON-protocol call: the part of `X-Amz-Target` after the
-    /// dot, e.g. `SendTaskFailure`.
+    /// The operation name of an AWS call: for the JSON protocols the part of `X-Amz-Target`
+    /// after the dot, e.g. `SendTaskFailure`; for the query protocol (Auto Scaling) the
+    /// `Action` of the form body, e.g. `CompleteLifecycleAction`.
     pub fn operation(&self) -> Option<&str> {
-        self.amz_target()
-            .map(|t| t.rsplit_once('.').map_or(t, |(_, op)| op))
+        match self.amz_target() {
+            Some(t) => Some(t.rsplit_once('.').map_or(t, |(_, op)| op)),
+            None => self
+                .form_pairs()?
+                .find_map(|(k, v)| (k == "Action").then_some(v)),
+        }
+    }
+
+    /// A parameter of a query-protocol call's form body, percent-decoded, e.g.
+    /// `form_param("LifecycleActionResult")` or `form_param("InstanceIds.member.1")`. `None`
+    /// when the body is no form or lacks it.
+    pub fn form_param(&self, name: &str) -> Option<String> {
+        self.form_pairs()?
+            .find(|(k, _)| percent_decode(k) == name)
+            .map(|(_, v)| percent_decode(v))
+    }
+
+    /// The raw `key=value` pairs of an `application/x-www-form-urlencoded` body.
+    fn form_pairs(&self) -> Option<impl Iterator<Item = (&str, &str)>> {
+        let form = self
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/x-www-form-urlencoded"));
+        let body = std::str::from_utf8(&self.body).ok().filter(|_| form)?;
+        Some(
+            body.split('&')
+                .filter_map(|pair| pair.split_once('=').or(Some((pair, "")))),
+        )
     }
 
     /// The body as text (lossy).
@@ -78,6 +104,31 @@ impl RecordedRequest {
     pub fn body_json(&self) -> Option<serde_json::Value> {
         serde_json::from_slice(&self.body).ok()
     }
+}
+
+/// `application/x-www-form-urlencoded` decoding: `+` is a space, `%XX` a byte.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

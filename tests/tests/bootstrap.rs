@@ -15,8 +15,14 @@ fn repo() -> PathBuf {
 }
 
 /// Runs the dry run as on the host that `os_release` (a file in tests/fixtures/os-release/)
-/// describes; returns (exit status ok, stderr) — every dry-run action goes to stderr.
+/// describes, with an empty fstab; returns (exit status ok, stderr) — every dry-run action
+/// goes to stderr.
 fn dry_run_on(os_release: &str, args: &[&str]) -> (bool, String) {
+    dry_run_with_fstab(os_release, std::path::Path::new("/dev/null"), args)
+}
+
+/// [`dry_run_on`] with `fstab` as the host's /etc/fstab.
+fn dry_run_with_fstab(os_release: &str, fstab: &std::path::Path, args: &[&str]) -> (bool, String) {
     let out = Command::new("bash")
         .arg(repo().join("packaging/bootstrap.sh"))
         .arg("--dry-run")
@@ -25,6 +31,7 @@ fn dry_run_on(os_release: &str, args: &[&str]) -> (bool, String) {
             "BOOTSTRAP_OS_RELEASE",
             repo().join("tests/fixtures/os-release").join(os_release),
         )
+        .env("BOOTSTRAP_FSTAB", fstab)
         .output()
         .expect("run bash");
     (
@@ -88,16 +95,16 @@ fn dry_run_prints_every_action() {
     ] {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
-    // The fstab entry, unless this machine's fstab already mounts /mnt/efs.
-    let fstab = std::fs::read_to_string("/etc/fstab").unwrap_or_default();
-    if !fstab.contains(" /mnt/efs ") {
-        assert!(
-            out.contains(&format!(
-                "+ append to /etc/fstab: fs-12345678.efs.us-east-1.amazonaws.com:/ /mnt/efs nfs4 {opts},_netdev 0 0"
-            )),
-            "no fstab entry in:\n{out}"
-        );
-    }
+    assert!(
+        out.contains(&format!(
+            "+ append to /dev/null: fs-12345678.efs.us-east-1.amazonaws.com:/ /mnt/efs nfs4 {opts},_netdev 0 0"
+        )),
+        "no fstab entry in:\n{out}"
+    );
+    assert!(
+        !out.contains("[fleet]"),
+        "no fleet flags, no [fleet]:\n{out}"
+    );
     assert!(!out.contains("nolock") && !out.contains("local_lock"));
 
     // The config it would write is a valid agent config.
@@ -226,6 +233,120 @@ fn a_package_of_the_wrong_kind_is_refused() {
     assert!(!ok);
     assert!(
         out.contains("cannot tell which --package fits this host"),
+        "{out}"
+    );
+}
+
+/// The `[fleet]` lines of a dry run's config, in order.
+fn fleet_table(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("|   "))
+        .skip_while(|l| *l != "[fleet]")
+        .take_while(|l| *l == "[fleet]" || !l.starts_with('['))
+        .collect()
+}
+
+#[test]
+fn dry_run_writes_the_fleet_table_from_its_flags() {
+    let base = ["--package", "x.deb", "--queue-url", "https://sqs.example/q"];
+    let with = |extra: &[&str]| {
+        let mut args = base.to_vec();
+        args.extend(extra);
+        let (ok, out) = dry_run(&args);
+        assert!(ok, "dry run failed:\n{out}");
+        out
+    };
+    let out = with(&[
+        "--auto-scaling-group",
+        "rsql-fleet",
+        "--lifecycle-hook",
+        "rsql-terminating",
+    ]);
+    assert_eq!(
+        fleet_table(&out),
+        [
+            "[fleet]",
+            "auto_scaling_group = \"rsql-fleet\"",
+            "lifecycle_hook = \"rsql-terminating\"",
+        ],
+        "{out}"
+    );
+    // Only the keys given: the agent asks Auto Scaling for the rest.
+    let out = with(&["--lifecycle-hook", "rsql-terminating"]);
+    assert_eq!(
+        fleet_table(&out),
+        ["[fleet]", "lifecycle_hook = \"rsql-terminating\""],
+        "{out}"
+    );
+    let out = with(&["--auto-scaling-group", "My Fleet (prod)"]);
+    assert_eq!(
+        fleet_table(&out),
+        ["[fleet]", "auto_scaling_group = \"My Fleet (prod)\""],
+        "{out}"
+    );
+    assert!(fleet_table(&with(&[])).is_empty());
+
+    // Validated like the other values, and against Auto Scaling's own name rules.
+    for (args, expected) in [
+        (["--auto-scaling-group", "a\"b"], "not allowed"),
+        (["--lifecycle-hook", "a\\b"], "not allowed"),
+        (
+            ["--lifecycle-hook", "no spaces"],
+            "--lifecycle-hook must be",
+        ),
+        (["--lifecycle-hook", "ok;rm"], "--lifecycle-hook must be"),
+    ] {
+        let mut all = base.to_vec();
+        all.extend(args);
+        let (ok, out) = dry_run(&all);
+        assert!(!ok, "{args:?} accepted:\n{out}");
+        assert!(out.contains(expected), "{args:?}: {out}");
+    }
+    let long = "g".repeat(256);
+    let (ok, out) = dry_run(&["--package", "x.deb", "--auto-scaling-group", &long]);
+    assert!(!ok && out.contains("longer than 255"), "{out}");
+    let (ok, out) = dry_run(&["--package", "x.deb", "--lifecycle-hook"]);
+    assert!(
+        !ok && out.contains("--lifecycle-hook needs a value"),
+        "{out}"
+    );
+}
+
+#[test]
+fn an_efs_mount_already_in_fstab_below_the_mount_point_is_kept_and_mounted() {
+    // As the stack's user data leaves it: its access point at /mnt/efs/rsql-agent.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fstab = dir.path().join("fstab");
+    std::fs::write(
+        &fstab,
+        "# a comment at /mnt/efs/x\n\
+         UUID=1 / ext4 defaults 0 1\n\
+         fs-12345678:/ /mnt/efs/rsql-agent efs _netdev,tls,iam,accesspoint=fsap-1,nfsvers=4.1 0 0\n",
+    )
+    .expect("write fstab");
+    let (ok, out) = dry_run_with_fstab(
+        "amzn-2023",
+        &fstab,
+        &[
+            "--package",
+            "/tmp/rsql-agent-0.1.0-1.x86_64.rpm",
+            "--region",
+            "us-east-1",
+            "--efs",
+            "fs-12345678",
+        ],
+    );
+    assert!(ok, "dry run failed:\n{out}");
+    assert!(out.contains("+ mount /mnt/efs/rsql-agent\n"), "{out}");
+    assert!(!out.contains("append to"), "{out}");
+    assert!(!out.contains("mount -t nfs4"), "{out}");
+    assert!(!out.contains("nfs-utils"), "{out}");
+    assert!(
+        out.contains("+ install -d -m 0750 -o rsql -g rsql /mnt/efs/rsql-agent/locks"),
+        "{out}"
+    );
+    assert!(
+        out.contains("|   dir = \"/mnt/efs/rsql-agent/locks\""),
         "{out}"
     );
 }

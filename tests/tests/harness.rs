@@ -421,3 +421,165 @@ POST /b HTTP/1.1\r\nHost: x\r\nx-amz-target: Svc.Second\r\nTransfer-Encoding: ch
         .expect("forwarded and recorded after restore");
     assert!(got.body.is_empty());
 }
+
+/// The launcher's Auto Scaling lifecycle actions: validated as AWS validates them, recorded
+/// with their time (refusals too), visible in DescribeAutoScalingInstances once completed,
+/// and named by a recording proxy like any other call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_actions_are_validated_recorded_and_seen_through_a_proxy() {
+    use aws_sdk_autoscaling::error::ProvideErrorMetadata as _;
+    use aws_sdk_autoscaling::types::LifecycleState;
+
+    let moto = Moto::start();
+    let proxy = Proxy::start_recording(moto.addr());
+    let config = moto::sdk_config_for(&proxy.url()).await;
+    let name = moto::unique_name("fleet");
+    let hook = format!("{name}-terminating");
+    let group = moto::create_group_with_terminating_hook(&config, &name, &hook, 2, 600).await;
+    assert_eq!(group.instance_ids.len(), 2);
+    let (me, other) = (&group.instance_ids[0], &group.instance_ids[1]);
+    assert_eq!(moto::lifecycle_state(&config, me).await, "InService");
+    assert!(!moto::is_protected_from_scale_in(&config, me).await);
+
+    let autoscaling = aws_sdk_autoscaling::Client::new(&config);
+    let hooks = autoscaling
+        .describe_lifecycle_hooks()
+        .auto_scaling_group_name(&name)
+        .send()
+        .await
+        .expect("DescribeLifecycleHooks");
+    let hooks = hooks.lifecycle_hooks();
+    assert_eq!(hooks.len(), 1);
+    assert_eq!(hooks[0].lifecycle_hook_name(), Some(hook.as_str()));
+    assert_eq!(
+        hooks[0].lifecycle_transition(),
+        Some("autoscaling:EC2_INSTANCE_TERMINATING")
+    );
+
+    autoscaling
+        .set_instance_protection()
+        .auto_scaling_group_name(&name)
+        .instance_ids(me)
+        .protected_from_scale_in(true)
+        .send()
+        .await
+        .expect("SetInstanceProtection");
+    assert!(moto::is_protected_from_scale_in(&config, me).await);
+    assert!(!moto::is_protected_from_scale_in(&config, other).await);
+
+    let heartbeat = || {
+        autoscaling
+            .record_lifecycle_action_heartbeat()
+            .auto_scaling_group_name(&name)
+            .lifecycle_hook_name(&hook)
+            .instance_id(me)
+    };
+    let complete = |hook: &str, result: &str| {
+        autoscaling
+            .complete_lifecycle_action()
+            .auto_scaling_group_name(&name)
+            .lifecycle_hook_name(hook)
+            .instance_id(me)
+            .lifecycle_action_result(result)
+    };
+    heartbeat()
+        .send()
+        .await
+        .expect("RecordLifecycleActionHeartbeat");
+    for (request, expected) in [
+        (complete(&hook, "MAYBE"), "CONTINUE or ABANDON"),
+        (
+            complete("not-a-hook", "CONTINUE"),
+            "No Lifecycle Hook found",
+        ),
+    ] {
+        let err = request.send().await.expect_err("refused");
+        assert_eq!(err.code(), Some("ValidationError"), "{err:?}");
+        assert!(
+            err.message().unwrap_or_default().contains(expected),
+            "{err:?}"
+        );
+    }
+    let err = autoscaling
+        .record_lifecycle_action_heartbeat()
+        .auto_scaling_group_name("no-such-group")
+        .lifecycle_hook_name(&hook)
+        .instance_id(me)
+        .send()
+        .await
+        .expect_err("no such group");
+    assert_eq!(err.code(), Some("ValidationError"), "{err:?}");
+    assert_eq!(moto::lifecycle_state(&config, me).await, "InService");
+
+    complete(&hook, "CONTINUE")
+        .send()
+        .await
+        .expect("CompleteLifecycleAction");
+    assert_eq!(
+        moto::describe_auto_scaling_instance(&config, me)
+            .await
+            .lifecycle_state(),
+        Some(LifecycleState::TerminatingProceed.as_str())
+    );
+    assert_eq!(moto::lifecycle_state(&config, other).await, "InService");
+    // Completed: no action is pending any more.
+    let err = heartbeat().send().await.expect_err("no active action");
+    assert!(
+        err.message()
+            .unwrap_or_default()
+            .contains("No active Lifecycle Action"),
+        "{err:?}"
+    );
+
+    let calls = moto.lifecycle_actions();
+    let summary: Vec<(&str, Option<&str>, bool)> = calls
+        .iter()
+        .map(|c| (c.op.as_str(), c.result.as_deref(), c.error.is_none()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("RecordLifecycleActionHeartbeat", None, true),
+            ("CompleteLifecycleAction", Some("MAYBE"), false),
+            ("CompleteLifecycleAction", Some("CONTINUE"), false),
+            ("RecordLifecycleActionHeartbeat", None, false),
+            ("CompleteLifecycleAction", Some("CONTINUE"), true),
+            ("RecordLifecycleActionHeartbeat", None, false),
+        ]
+    );
+    let done = moto
+        .wait_for_lifecycle_action("CompleteLifecycleAction", DEADLINE)
+        .expect("the accepted completion");
+    assert_eq!(done.group.as_deref(), Some(name.as_str()));
+    assert_eq!(done.hook.as_deref(), Some(hook.as_str()));
+    assert_eq!(done.instance.as_deref(), Some(me.as_str()));
+    assert!(calls.windows(2).all(|w| w[0].at() <= w[1].at()));
+
+    // The recording proxy names query-protocol calls by their Action, and reads their form.
+    let completions = proxy.requests_for("CompleteLifecycleAction");
+    assert_eq!(completions.len(), 3, "{:?}", proxy.requests());
+    assert_eq!(
+        completions[2]
+            .form_param("LifecycleActionResult")
+            .as_deref(),
+        Some("CONTINUE")
+    );
+    assert_eq!(
+        completions[2].form_param("InstanceId").as_deref(),
+        Some(me.as_str())
+    );
+    let protection = proxy.requests_for("SetInstanceProtection");
+    assert_eq!(protection.len(), 1);
+    assert_eq!(
+        protection[0].form_param("InstanceIds.member.1").as_deref(),
+        Some(me.as_str())
+    );
+    assert_eq!(
+        protection[0].form_param("ProtectedFromScaleIn").as_deref(),
+        Some("true")
+    );
+    assert_eq!(
+        proxy.requests_for("RecordLifecycleActionHeartbeat").len(),
+        3
+    );
+}

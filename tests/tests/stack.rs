@@ -1,15 +1,16 @@
 //! packaging/aws/stack.yaml's fleet (`CreateFleet`), read as CloudFormation reads it: the user
 //! data takes every agent setting from the stack's own resources, through flags
 //! packaging/bootstrap.sh accepts; the lock dir is on the stack's EFS, mounted through its
-//! access point under the uid the user data gives `rsql`; the lifecycle hook the instances are
-//! told about is the group's own; the lifecycle and protection rights reach that group only;
-//! and a stack without the fleet creates none of it.
+//! access point under the uid the user data gives `rsql`, below a local directory jobs cannot
+//! traverse; the group and lifecycle hook the agents are told about (`[fleet]`, through
+//! bootstrap.sh's flags) are the stack's own; the lifecycle and protection rights reach that
+//! group only; and a stack without the fleet creates none of it.
 //!
 //! The template's short tags (`!Ref`, `!Sub`, ...) are read by cfn-lint's own loader
 //! (`cfnlint.decode`) from the tests' Python environment (`make venv`), which turns them into
 //! the long form (`{"Ref": ...}`, `{"Fn::Sub": ...}`). No AWS call is made.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -147,31 +148,14 @@ fn bootstrap_constant(name: &str) -> String {
         .to_string()
 }
 
-/// The `NAME=value` lines the user data writes to /etc/rsql-agent/fleet.env.
-fn fleet_env(user_data: &str) -> BTreeMap<String, String> {
-    let start = user_data
-        .find("cat >/etc/rsql-agent/fleet.env <<'EOF'\n")
-        .expect("the user data writes /etc/rsql-agent/fleet.env");
-    user_data[start..]
-        .lines()
-        .skip(1)
-        .take_while(|l| *l != "EOF")
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// The here-document the user data installs as `path`.
-fn heredoc<'a>(user_data: &'a str, path: &str) -> &'a str {
-    let open = format!("cat >{path} <<'EOF'\n");
-    let start = user_data
-        .find(&open)
-        .unwrap_or_else(|| panic!("the user data writes no {path}"))
-        + open.len();
-    let end = user_data[start..]
-        .find("\nEOF\n")
-        .expect("a here-document ends with EOF");
-    &user_data[start..start + end + 1]
+/// The value of `Key=` in the agent's systemd unit (the first such line).
+fn unit_value(key: &str) -> String {
+    let unit = std::fs::read_to_string(repo().join("systemd/rsql-agent.service"))
+        .expect("read systemd/rsql-agent.service");
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("systemd/rsql-agent.service has no {key}="))
+        .to_string()
 }
 
 /// Every IAM statement of the stack, with the logical id of the role or policy holding it.
@@ -306,21 +290,19 @@ fn user_data_takes_every_agent_setting_from_the_stacks_own_resources() {
         json!({"Ref": "DatabaseSecretArn"})
     );
 
-    // The script itself parses as bash, and so does the scale-in helper it installs.
+    // The agent handles scale-in itself: no side channel, no drain script of the stack's.
+    for gone in ["fleet.env", "rsql-agent-scale-in", "rsql-agent drain"] {
+        assert!(!data.contains(gone), "the user data still has {gone}");
+    }
+
+    // The script itself parses as bash.
     let substituted = user_data_substituted(&t);
     let dir = tempfile::tempdir().expect("temp dir");
     let script = dir.path().join("user-data.sh");
     std::fs::write(&script, &substituted).expect("write user data");
-    let helper = dir.path().join("rsql-agent-scale-in");
-    std::fs::write(
-        &helper,
-        heredoc(&substituted, "/usr/local/sbin/rsql-agent-scale-in"),
-    )
-    .expect("write helper");
     let status = Command::new("shellcheck")
         .args(["--shell=bash"])
         .arg(&script)
-        .arg(&helper)
         .status()
         .expect("shellcheck is missing: run .ci/install-deps (apt-get install shellcheck)");
     assert!(
@@ -334,15 +316,19 @@ fn the_lock_dir_is_on_the_stacks_efs_through_its_access_point_as_rsql() {
     let t = template();
     let data = user_data(&t);
 
-    // The fstab line: the stack's file system and access point, at the mount point under
-    // which bootstrap.sh makes the lock dir, with _netdev and none of the local-lock options
-    // that would let two instances run one job.
-    let mount_point = bootstrap_constant("MOUNT_POINT");
+    // The fstab line: the stack's file system and access point, at `rsql-agent` below
+    // bootstrap.sh's mount point (where bootstrap.sh keeps it) and above its lock dir, with
+    // _netdev and none of the local-lock options that would let two instances run one job.
+    let parent = bootstrap_constant("MOUNT_POINT");
+    let mount_point = format!("{parent}/rsql-agent");
     let lock_dir = bootstrap_constant("LOCK_DIR");
     assert!(
         lock_dir.starts_with(&format!("{mount_point}/")),
         "{lock_dir}"
     );
+    // The agent's unit waits for that mount and may write below it.
+    assert_eq!(unit_value("RequiresMountsFor"), mount_point);
+    assert_eq!(unit_value("ReadWritePaths"), format!("-{mount_point}"));
     let fstab = data
         .lines()
         .find(|l| l.contains(">>/etc/fstab") && l.contains(" efs "))
@@ -354,6 +340,12 @@ fn the_lock_dir_is_on_the_stacks_efs_through_its_access_point_as_rsql() {
         .collect();
     assert_eq!(fields[0], "${LockFileSystem}:/");
     assert_eq!(fields[1], mount_point);
+    assert!(
+        data.contains(&format!(
+            "grep -qE '^[^#]*[[:space:]]{mount_point}[[:space:]]' /etc/fstab ||"
+        )),
+        "the fstab line is added once"
+    );
     assert_eq!(fields[2], "efs");
     let options: BTreeSet<&str> = fields[3].split(',').collect();
     for required in [
@@ -377,12 +369,20 @@ fn the_lock_dir_is_on_the_stacks_efs_through_its_access_point_as_rsql() {
     );
     // The user data mounts before bootstrap.sh runs, so bootstrap finds the mount in place.
     let mount_at = data
-        .find("mount /mnt/efs")
-        .expect("the user data mounts /mnt/efs");
+        .find(&format!("\n  mount {mount_point} ||"))
+        .expect("the user data mounts the access point");
     let bootstrap_at = data
         .find("bash /var/tmp/rsql-agent-bootstrap.sh")
         .expect("the user data runs bootstrap.sh");
     assert!(mount_at < bootstrap_at);
+
+    // The access point makes every local user rsql on EFS, so the server cannot keep a job
+    // (rsql-job) out of the lock dir: the local directory above the mount does, traversable by
+    // root and rsql only, and made before the mount.
+    let guard = data
+        .find(&format!("install -d -m 0710 -o root -g rsql {parent}\n"))
+        .unwrap_or_else(|| panic!("the user data makes {parent} root:rsql 0710"));
+    assert!(guard < mount_at);
 
     // The access point imposes AgentPosixId, and the user data gives rsql that uid and gid
     // before the package could make rsql with a dynamic one.
@@ -404,7 +404,10 @@ fn the_lock_dir_is_on_the_stacks_efs_through_its_access_point_as_rsql() {
     let useradd = data
         .find("useradd --system --uid \"$posix_id\" --gid rsql")
         .expect("useradd");
-    assert!(groupadd < bootstrap_at && useradd < bootstrap_at);
+    assert!(
+        groupadd < guard && useradd < guard,
+        "rsql exists before {parent} is given to it"
+    );
 
     // Encrypted; NFS reaches it only from the fleet's own security group; and mounting needs
     // TLS and an access point, whoever asks.
@@ -474,10 +477,16 @@ fn the_lock_dir_is_on_the_stacks_efs_through_its_access_point_as_rsql() {
 }
 
 #[test]
-fn the_hook_the_instances_are_told_about_is_the_groups_own() {
+fn the_group_and_hook_the_agents_are_told_about_are_the_stacks_own() {
     let t = template();
     let data = user_data(&t);
-    let env = fleet_env(&data);
+    let accepted = bootstrap_flags();
+    for flag in ["--auto-scaling-group", "--lifecycle-hook"] {
+        assert!(
+            accepted.contains(flag),
+            "packaging/bootstrap.sh has no {flag}"
+        );
+    }
     let group = props(&t, "FleetGroup");
 
     let hooks = group["LifecycleHookSpecificationList"]
@@ -490,7 +499,7 @@ fn the_hook_the_instances_are_told_about_is_the_groups_own() {
     assert_eq!(terminating.len(), 1, "one terminating hook");
     let hook = terminating[0];
     let hook_name = sub_text(&hook["LifecycleHookName"]);
-    assert_eq!(env["RSQL_AGENT_LIFECYCLE_HOOK"], hook_name);
+    assert_eq!(flag_value(&data, "--lifecycle-hook"), hook_name);
     assert_eq!(
         sub_text(&t["Outputs"]["LifecycleHookName"]["Value"]),
         hook_name
@@ -502,28 +511,33 @@ fn the_hook_the_instances_are_told_about_is_the_groups_own() {
     assert_eq!(hook["DefaultResult"], "CONTINUE");
 
     let group_name = sub_text(&group["AutoScalingGroupName"]);
-    assert_eq!(env["RSQL_AGENT_AUTO_SCALING_GROUP"], group_name);
+    assert_eq!(flag_value(&data, "--auto-scaling-group"), group_name);
     assert_eq!(
         t["Outputs"]["FleetGroupName"]["Value"],
         json!({"Ref": "FleetGroup"})
     );
-    assert_eq!(env["AWS_REGION"], "${AWS::Region}");
 
-    // The scale-in helper acts on exactly what fleet.env names.
-    let helper = heredoc(&data, "/usr/local/sbin/rsql-agent-scale-in");
-    assert!(helper.contains(". /etc/rsql-agent/fleet.env"));
-    assert!(helper.contains("--lifecycle-hook-name \"$RSQL_AGENT_LIFECYCLE_HOOK\""));
-    assert!(helper.contains("--auto-scaling-group-name \"$RSQL_AGENT_AUTO_SCALING_GROUP\""));
-    let drain = helper
-        .find("rsql-agent drain --config /etc/rsql-agent/agent.toml --wait")
-        .expect("the helper drains the agent");
-    let complete = helper
-        .find("complete-lifecycle-action --lifecycle-action-result CONTINUE")
-        .expect("the helper completes the lifecycle action");
-    assert!(
-        drain < complete,
-        "the action completes only after the drain"
-    );
+    // With the names filled in, bootstrap.sh accepts them and writes them to [fleet].
+    let substituted = user_data_substituted(&t);
+    let group_value = flag_value(&substituted, "--auto-scaling-group");
+    let hook_value = flag_value(&substituted, "--lifecycle-hook");
+    assert_eq!(group_value, "rsql-fleet");
+    assert_eq!(hook_value, "rsql-terminating");
+    let out = Command::new("bash")
+        .arg(repo().join("packaging/bootstrap.sh"))
+        .args(["--dry-run", "--package", "x.rpm", "--queue-url", "q"])
+        .args(["--auto-scaling-group", group_value])
+        .args(["--lifecycle-hook", hook_value])
+        .env(
+            "BOOTSTRAP_OS_RELEASE",
+            repo().join("tests/fixtures/os-release/amzn-2023"),
+        )
+        .env("BOOTSTRAP_FSTAB", "/dev/null")
+        .output()
+        .expect("run bash");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("|   [fleet]\n|   auto_scaling_group = \"rsql-fleet\"\n|   lifecycle_hook = \"rsql-terminating\"\n"), "{err}");
 }
 
 #[test]
@@ -538,7 +552,16 @@ fn lifecycle_and_protection_rights_reach_only_the_fleets_own_group() {
     .map(String::from)
     .into();
 
+    // Finding the group and its hook: read-only, and these actions take no resource.
+    let lookups: BTreeSet<String> = [
+        "autoscaling:DescribeAutoScalingInstances",
+        "autoscaling:DescribeLifecycleHooks",
+    ]
+    .map(String::from)
+    .into();
+
     let mut granted = BTreeSet::new();
+    let mut looked_up = BTreeSet::new();
     for (holder, s) in iam_statements(&t) {
         let acts = actions(&s);
         assert!(
@@ -557,6 +580,15 @@ fn lifecycle_and_protection_rights_reach_only_the_fleets_own_group() {
             "only the fleet policy grants Auto Scaling actions"
         );
         assert_eq!(s["Effect"], "Allow");
+        if scaling.iter().any(|a| lookups.contains(*a)) {
+            assert!(
+                scaling.iter().all(|a| lookups.contains(*a)),
+                "lookups and actions on the group share a statement: {scaling:?}"
+            );
+            assert_eq!(s["Resource"], "*");
+            looked_up.extend(scaling.into_iter().cloned());
+            continue;
+        }
         let resource = sub_text(&s["Resource"]);
         assert!(
             resource.starts_with("arn:${AWS::Partition}:autoscaling:${AWS::Region}:${AWS::AccountId}:autoScalingGroup:")
@@ -566,6 +598,7 @@ fn lifecycle_and_protection_rights_reach_only_the_fleets_own_group() {
         granted.extend(scaling.into_iter().cloned());
     }
     assert_eq!(granted, wanted);
+    assert_eq!(looked_up, lookups);
 
     let policy = resource(&t, "FleetPolicy");
     assert_eq!(policy["Type"], "AWS::IAM::Policy");

@@ -1,5 +1,7 @@
-//! The `rsql` stand-in against a real, throwaway PostgreSQL: what a script's author sees on
-//! stdout and stderr, the exit code, and what ends up in the tables.
+//! The stand-ins tests run against: the `rsql` stand-in against a real, throwaway
+//! PostgreSQL (what a script's author sees on stdout and stderr, the exit code, and what ends
+//! up in the tables), and the EC2 instance metadata stand-in (`tests/src/imds.rs`) spoken to
+//! in plain HTTP, as IMDSv2 rules have it.
 
 use std::io::Write;
 use std::path::Path;
@@ -584,4 +586,211 @@ fn two_test_servers_run_side_by_side_and_vanish_when_dropped() {
         1,
         "dropping one leaves the other running"
     );
+}
+
+/// One plain HTTP/1.1 request to the IMDS stand-in; returns (status, headers, body).
+fn imds_call(
+    imds: &rsql_agent_tests::imds::Imds,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect_timeout(&imds.addr(), Duration::from_secs(2))
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\n", imds.addr());
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn the_imds_stand_in_follows_imdsv2_and_serves_what_the_test_sets() {
+    use rsql_agent_tests::imds::{self, Imds};
+    let imds = Imds::start();
+    assert!(imds.url().starts_with("http://127.0.0.1:"));
+    let env = imds.env();
+    assert!(env.contains(&("AWS_EC2_METADATA_SERVICE_ENDPOINT".to_string(), imds.url())));
+
+    // A token needs a PUT with a TTL within 1..=21600; its TTL comes back in a header.
+    let put = |ttl: Option<&str>| {
+        let headers: Vec<(&str, &str)> = ttl
+            .map(|t| vec![("X-aws-ec2-metadata-token-ttl-seconds", t)])
+            .unwrap_or_default();
+        imds_call(&imds, "PUT", imds::TOKEN_PATH, &headers)
+    };
+    assert_eq!(put(None).0, 400);
+    assert_eq!(put(Some("0")).0, 400);
+    assert_eq!(put(Some("21601")).0, 400);
+    assert_eq!(imds_call(&imds, "GET", imds::TOKEN_PATH, &[]).0, 405);
+    let (status, head, token) = put(Some("60"));
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("x-aws-ec2-metadata-token-ttl-seconds: 60"),
+        "{head}"
+    );
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(!token.is_empty());
+
+    // Without a valid token: 401, whatever the path (IMDSv1 is off).
+    let get = |path: &str, token: &str| {
+        let (status, _, body) =
+            imds_call(&imds, "GET", path, &[("X-aws-ec2-metadata-token", token)]);
+        (status, body)
+    };
+    assert_eq!(imds_call(&imds, "GET", imds::INSTANCE_ID_PATH, &[]).0, 401);
+    assert_eq!(get(imds::INSTANCE_ID_PATH, "not-a-token").0, 401);
+
+    assert_eq!(
+        get(imds::INSTANCE_ID_PATH, &token),
+        (200, imds::DEFAULT_INSTANCE_ID.to_string())
+    );
+    assert_eq!(
+        get(imds::REGION_PATH, &token),
+        (200, "us-east-1".to_string())
+    );
+    assert_eq!(get("/latest/meta-data/no-such-thing", &token).0, 404);
+    // In no group, no notice, no recommendation: 404 until the test says otherwise.
+    for path in [
+        imds::LIFECYCLE_STATE_PATH,
+        imds::SPOT_ACTION_PATH,
+        imds::REBALANCE_PATH,
+    ] {
+        assert_eq!(get(path, &token).0, 404, "{path}");
+    }
+
+    imds.set_instance_id("i-0fleet00000000001");
+    imds.set_lifecycle_state(Some("InService"));
+    assert_eq!(get(imds::INSTANCE_ID_PATH, &token).1, "i-0fleet00000000001");
+    assert_eq!(
+        get(imds::LIFECYCLE_STATE_PATH, &token),
+        (200, "InService".to_string())
+    );
+    imds.set_lifecycle_state(Some("Terminated"));
+    assert_eq!(get(imds::LIFECYCLE_STATE_PATH, &token).1, "Terminated");
+    imds.set_lifecycle_state(None);
+    assert_eq!(get(imds::LIFECYCLE_STATE_PATH, &token).0, 404);
+
+    let deadline = imds::rfc3339_in(Duration::from_secs(120));
+    assert!(
+        deadline.ends_with('Z') && deadline.len() == 20,
+        "{deadline}"
+    );
+    imds.set_spot_action("terminate", &deadline);
+    let (status, body) = get(imds::SPOT_ACTION_PATH, &token);
+    assert_eq!(status, 200);
+    let notice: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(
+        notice,
+        serde_json::json!({"action": "terminate", "time": deadline})
+    );
+    imds.clear_spot_action();
+    assert_eq!(get(imds::SPOT_ACTION_PATH, &token).0, 404);
+
+    imds.set_rebalance("2026-12-07T17:00:00Z");
+    let (status, body) = get(imds::REBALANCE_PATH, &token);
+    assert_eq!(status, 200);
+    assert_eq!(body, r#"{"noticeTime":"2026-12-07T17:00:00Z"}"#);
+    imds.clear_rebalance();
+    assert_eq!(get(imds::REBALANCE_PATH, &token).0, 404);
+
+    // A token works until its TTL is over, and not a moment longer.
+    let token = put(Some("1")).2;
+    assert_eq!(get(imds::INSTANCE_ID_PATH, &token).0, 200);
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(get(imds::INSTANCE_ID_PATH, &token).0, 401);
+
+    // Every request is logged with its status; waiting sees a later poll.
+    let log = imds.requests();
+    assert!(log
+        .iter()
+        .any(|r| r.path == imds::SPOT_ACTION_PATH && r.status == 200));
+    assert!(log
+        .iter()
+        .any(|r| r.path == imds::SPOT_ACTION_PATH && r.status == 404));
+    let polls = imds.count(imds::LIFECYCLE_STATE_PATH);
+    assert_eq!(polls, 4);
+    assert!(!imds.wait_for_count(
+        imds::LIFECYCLE_STATE_PATH,
+        polls + 1,
+        Duration::from_millis(100)
+    ));
+    let poller = {
+        let url = imds.addr();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut s = std::net::TcpStream::connect(url).expect("connect");
+            s.write_all(
+                format!(
+                    "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
+                    imds::LIFECYCLE_STATE_PATH
+                )
+                .as_bytes(),
+            )
+            .expect("send");
+            let mut sink = String::new();
+            let _ = std::io::Read::read_to_string(&mut s, &mut sink);
+        })
+    };
+    assert!(imds.wait_for_count(
+        imds::LIFECYCLE_STATE_PATH,
+        polls + 1,
+        Duration::from_secs(10)
+    ));
+    poller.join().expect("poller");
+    let first = imds
+        .wait_for_request(imds::TOKEN_PATH, Duration::from_secs(1))
+        .expect("a token request");
+    assert_eq!((first.method.as_str(), first.status), ("PUT", 400));
+}
+
+/// The client the agent uses, `aws-config`'s IMDS client, against the stand-in: a token, then
+/// the answers the test set; a 404 is an error the client reports, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_imds_stand_in_answers_the_aws_config_client() {
+    use rsql_agent_tests::imds::{self, Imds};
+    let imds = Imds::start();
+    let client = aws_config::imds::Client::builder()
+        .endpoint(imds.url())
+        .expect("endpoint")
+        .build();
+    let get = |path: &'static str| {
+        let client = client.clone();
+        async move { client.get(path).await.map(|v| v.as_ref().to_string()) }
+    };
+    assert_eq!(
+        get(imds::INSTANCE_ID_PATH).await.expect("instance id"),
+        imds::DEFAULT_INSTANCE_ID
+    );
+    assert!(
+        get(imds::LIFECYCLE_STATE_PATH).await.is_err(),
+        "404 outside a group"
+    );
+    imds.set_lifecycle_state(Some("Terminated"));
+    assert_eq!(
+        get(imds::LIFECYCLE_STATE_PATH).await.expect("state"),
+        "Terminated"
+    );
+    imds.set_spot_action("terminate", "2026-12-07T17:00:00Z");
+    let notice = get(imds::SPOT_ACTION_PATH).await.expect("notice");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&notice).expect("JSON")["time"],
+        "2026-12-07T17:00:00Z"
+    );
+    // One token for all of it (the client caches it for its TTL).
+    assert_eq!(imds.count(imds::TOKEN_PATH), 1);
 }
