@@ -11,7 +11,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::lock::OnInterrupted;
 
@@ -99,7 +99,7 @@ struct RawJobs {
     log_retention: Option<String>,
     log_max_total_mb: Option<i64>,
     pipe_drain: Option<String>,
-    launcher: Option<crate::job_owner::launch::LauncherChoice>,
+    launcher: Option<LauncherChoice>,
     user: Option<String>,
     cgroup: Option<crate::cgroup::CgroupChoice>,
     cgroup_parent: Option<PathBuf>,
@@ -188,6 +188,18 @@ pub enum AuditFormat {
     /// The replaced framework's values, for dashboards written against its table:
     /// `triggered|successful|failed` and `%m-%d-%y-%H-%M-%S` (UTC) timestamps.
     Legacy,
+}
+
+/// `[jobs] launcher`: how job owner processes are started (`job_owner::launch`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherChoice {
+    /// systemd when the agent runs as a systemd service and the owner socket is there,
+    /// direct otherwise.
+    #[default]
+    Auto,
+    Systemd,
+    Direct,
 }
 
 #[derive(Debug, Deserialize)]
@@ -300,7 +312,7 @@ pub struct JobSettings {
     pub log_max_total_bytes: u64,
     pub pipe_drain: Duration,
     /// How job owner processes are started (`job_owner::launch`).
-    pub launcher: crate::job_owner::launch::LauncherChoice,
+    pub launcher: LauncherChoice,
     /// The user jobs run as (`job_owner::launch::JobUser`); `None`: the launcher's default
     /// (`rsql-job` for owners started as systemd units, the agent's own user otherwise).
     pub user: Option<String>,
