@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::lock::OnInterrupted;
+use crate::secrets::DatabaseSettings;
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rsql-agent/agent.toml";
@@ -363,76 +364,6 @@ pub struct AuditSettings {
     pub format: AuditFormat,
 }
 
-/// Connection settings handed to every job as `RSQL_HOST`, `RSQL_PORT`, `RSQL_USER`,
-/// `RSQL_DB` and `RSPASSWORD`.
-#[derive(Clone, Default, PartialEq)]
-pub struct DatabaseSettings {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub user: Option<String>,
-    pub dbname: Option<String>,
-    pub password: Option<String>,
-    pub secret_id: Option<String>,
-    pub secret_ttl: Duration,
-}
-
-// Hand-written so that a `{:?}` of the config can never print the password.
-impl std::fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("user", &self.user)
-            .field("dbname", &self.dbname)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("secret_id", &self.secret_id)
-            .field("secret_ttl", &self.secret_ttl)
-            .finish()
-    }
-}
-
-impl DatabaseSettings {
-    /// The job environment these settings produce (secrets resolved elsewhere are merged in
-    /// by the caller).
-    pub fn job_env(&self) -> Vec<(String, String)> {
-        let mut env = Vec::new();
-        if let Some(host) = &self.host {
-            env.push(("RSQL_HOST".to_string(), host.clone()));
-        }
-        if let Some(port) = self.port {
-            env.push(("RSQL_PORT".to_string(), port.to_string()));
-        }
-        if let Some(user) = &self.user {
-            env.push(("RSQL_USER".to_string(), user.clone()));
-        }
-        if let Some(db) = &self.dbname {
-            env.push(("RSQL_DB".to_string(), db.clone()));
-        }
-        if let Some(password) = &self.password {
-            env.push(("RSPASSWORD".to_string(), password.clone()));
-        }
-        env
-    }
-
-    /// Settings taken from the agent's own `RSQL_*`/`RSPASSWORD` environment; used when the
-    /// config has no `[database]` table, so a workflow can run with no config file at all.
-    fn from_process_env() -> DatabaseSettings {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        if let Some(password) = var("RSPASSWORD") {
-            crate::secrets::remember(&password);
-        }
-        DatabaseSettings {
-            host: var("RSQL_HOST"),
-            port: var("RSQL_PORT").and_then(|p| p.parse().ok()),
-            user: var("RSQL_USER"),
-            dbname: var("RSQL_DB"),
-            password: var("RSPASSWORD"),
-            secret_id: None,
-            secret_ttl: DEFAULT_SECRET_TTL,
-        }
-    }
-}
-
 const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(300);
 
 /// A config key and what is wrong with its value; [`Config`] adds the file.
@@ -708,6 +639,24 @@ impl AuditSettings {
 }
 
 impl DatabaseSettings {
+    /// Settings taken from the agent's own `RSQL_*`/`RSPASSWORD` environment; used when the
+    /// config has no `[database]` table, so a workflow can run with no config file at all.
+    fn from_process_env() -> DatabaseSettings {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(password) = var("RSPASSWORD") {
+            crate::secrets::remember(&password);
+        }
+        DatabaseSettings {
+            host: var("RSQL_HOST"),
+            port: var("RSQL_PORT").and_then(|p| p.parse().ok()),
+            user: var("RSQL_USER"),
+            dbname: var("RSQL_DB"),
+            password: var("RSPASSWORD"),
+            secret_id: None,
+            secret_ttl: DEFAULT_SECRET_TTL,
+        }
+    }
+
     fn from_raw(raw: RawDatabase) -> Result<DatabaseSettings, KeyError> {
         Ok(DatabaseSettings {
             host: raw.host,
