@@ -486,7 +486,7 @@ pub fn build_launch(
     attempt_id: &str,
 ) -> Launch {
     let (program, mut args) = supervisor::command_for_script(&spec.script, &jobs.interpreter);
-    args.extend(crate::legacy::script_args(spec, jobs.legacy.as_ref()));
+    args.extend(crate::job::script_args(spec, jobs.legacy.as_ref()));
     env.push(("RSQL_WORKFLOW_ID".into(), spec.workflow_id.clone()));
     env.push((
         "RSQL_WORKFLOW_EXECUTION_ID".into(),

@@ -11,9 +11,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::lock::OnInterrupted;
+use crate::secrets::DatabaseSettings;
 
 mod fleet;
 pub use fleet::{FleetMode, FleetSettings};
@@ -104,7 +105,7 @@ struct RawJobs {
     log_retention: Option<String>,
     log_max_total_mb: Option<i64>,
     pipe_drain: Option<String>,
-    launcher: Option<crate::job_owner::launch::LauncherChoice>,
+    launcher: Option<LauncherChoice>,
     user: Option<String>,
     cgroup: Option<crate::cgroup::CgroupChoice>,
     cgroup_parent: Option<PathBuf>,
@@ -193,6 +194,18 @@ pub enum AuditFormat {
     /// The replaced framework's values, for dashboards written against its table:
     /// `triggered|successful|failed` and `%m-%d-%y-%H-%M-%S` (UTC) timestamps.
     Legacy,
+}
+
+/// `[jobs] launcher`: how job owner processes are started (`job_owner::launch`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LauncherChoice {
+    /// systemd when the agent runs as a systemd service and the owner socket is there,
+    /// direct otherwise.
+    #[default]
+    Auto,
+    Systemd,
+    Direct,
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,7 +319,7 @@ pub struct JobSettings {
     pub log_max_total_bytes: u64,
     pub pipe_drain: Duration,
     /// How job owner processes are started (`job_owner::launch`).
-    pub launcher: crate::job_owner::launch::LauncherChoice,
+    pub launcher: LauncherChoice,
     /// The user jobs run as (`job_owner::launch::JobUser`); `None`: the launcher's default
     /// (`rsql-job` for owners started as systemd units, the agent's own user otherwise).
     pub user: Option<String>,
@@ -355,76 +368,6 @@ pub struct AuditSettings {
     pub job_table: Option<String>,
     pub workflow_table: Option<String>,
     pub format: AuditFormat,
-}
-
-/// Connection settings handed to every job as `RSQL_HOST`, `RSQL_PORT`, `RSQL_USER`,
-/// `RSQL_DB` and `RSPASSWORD`.
-#[derive(Clone, Default, PartialEq)]
-pub struct DatabaseSettings {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub user: Option<String>,
-    pub dbname: Option<String>,
-    pub password: Option<String>,
-    pub secret_id: Option<String>,
-    pub secret_ttl: Duration,
-}
-
-// Hand-written so that a `{:?}` of the config can never print the password.
-impl std::fmt::Debug for DatabaseSettings {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatabaseSettings")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("user", &self.user)
-            .field("dbname", &self.dbname)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("secret_id", &self.secret_id)
-            .field("secret_ttl", &self.secret_ttl)
-            .finish()
-    }
-}
-
-impl DatabaseSettings {
-    /// The job environment these settings produce (secrets resolved elsewhere are merged in
-    /// by the caller).
-    pub fn job_env(&self) -> Vec<(String, String)> {
-        let mut env = Vec::new();
-        if let Some(host) = &self.host {
-            env.push(("RSQL_HOST".to_string(), host.clone()));
-        }
-        if let Some(port) = self.port {
-            env.push(("RSQL_PORT".to_string(), port.to_string()));
-        }
-        if let Some(user) = &self.user {
-            env.push(("RSQL_USER".to_string(), user.clone()));
-        }
-        if let Some(db) = &self.dbname {
-            env.push(("RSQL_DB".to_string(), db.clone()));
-        }
-        if let Some(password) = &self.password {
-            env.push(("RSPASSWORD".to_string(), password.clone()));
-        }
-        env
-    }
-
-    /// Settings taken from the agent's own `RSQL_*`/`RSPASSWORD` environment; used when the
-    /// config has no `[database]` table, so a workflow can run with no config file at all.
-    fn from_process_env() -> DatabaseSettings {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        if let Some(password) = var("RSPASSWORD") {
-            crate::secrets::remember(&password);
-        }
-        DatabaseSettings {
-            host: var("RSQL_HOST"),
-            port: var("RSQL_PORT").and_then(|p| p.parse().ok()),
-            user: var("RSQL_USER"),
-            dbname: var("RSQL_DB"),
-            password: var("RSPASSWORD"),
-            secret_id: None,
-            secret_ttl: DEFAULT_SECRET_TTL,
-        }
-    }
 }
 
 const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(300);
@@ -702,6 +645,24 @@ impl AuditSettings {
 }
 
 impl DatabaseSettings {
+    /// Settings taken from the agent's own `RSQL_*`/`RSPASSWORD` environment; used when the
+    /// config has no `[database]` table, so a workflow can run with no config file at all.
+    fn from_process_env() -> DatabaseSettings {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        if let Some(password) = var("RSPASSWORD") {
+            crate::secrets::remember(&password);
+        }
+        DatabaseSettings {
+            host: var("RSQL_HOST"),
+            port: var("RSQL_PORT").and_then(|p| p.parse().ok()),
+            user: var("RSQL_USER"),
+            dbname: var("RSQL_DB"),
+            password: var("RSPASSWORD"),
+            secret_id: None,
+            secret_ttl: DEFAULT_SECRET_TTL,
+        }
+    }
+
     fn from_raw(raw: RawDatabase) -> Result<DatabaseSettings, KeyError> {
         Ok(DatabaseSettings {
             host: raw.host,

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::config::MAX_JOB_TIMEOUT;
+use crate::legacy::LegacySettings;
 
 /// Largest message body accepted (the SQS maximum).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -493,6 +494,21 @@ fn seconds(map: &Map<String, Value>, field: &'static str) -> Result<Option<Durat
             got: kind(other),
         }),
     }
+}
+
+/// The arguments `spec`'s script gets: the job's own `legacy_args`, else the configured
+/// `[jobs.legacy]` pair when it applies, then the job's `args`.
+pub fn script_args(spec: &JobSpec, legacy: Option<&LegacySettings>) -> Vec<String> {
+    let mut args = Vec::with_capacity(spec.args.len() + 2);
+    if let Some([code_dir, secret]) = &spec.legacy_args {
+        args.push(code_dir.clone());
+        args.push(secret.clone());
+    } else if let Some(legacy) = legacy.filter(|l| l.applies_to(&spec.workflow_id)) {
+        args.push(legacy.instance_code_dir.display().to_string());
+        args.push(legacy.secret_id.clone().unwrap_or_default());
+    }
+    args.extend(spec.args.iter().cloned());
+    args
 }
 
 /// Resolves `job_name` inside `script_dir`, following symlinks, and refuses anything that

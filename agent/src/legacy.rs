@@ -7,17 +7,15 @@
 //! arguments when its message carries `legacy_args` (the 11-argument `rsql-wrapper` form
 //! sets them from the old call) or when `[jobs.legacy]` applies to its workflow.
 //!
-//! Owns: [`LegacySettings`] (the validated `[jobs.legacy]`), the argv a job's script gets
-//! ([`script_args`]), and CRLF detection ([`first_crlf_line`], [`CRLF_HELP`]), which both the
-//! job validation and `rsql-agent scripts check` use.
+//! Owns: [`LegacySettings`] (the validated `[jobs.legacy]`, which `job::script_args` turns
+//! into the argv a job's script gets), and CRLF detection ([`first_crlf_line`],
+//! [`CRLF_HELP`]), which both the job validation and `rsql-agent scripts check` use.
 //!
 //! Must not touch: processes, AWS, or the credentials themselves: the drop-in
 //! `get_redshift_creds.sh` (packaging/legacy/) reads what the agent already put in the job's
 //! environment.
 
 use std::path::{Path, PathBuf};
-
-use crate::job::JobSpec;
 
 /// Where the packages install the drop-in `get_redshift_creds.sh`; the default
 /// `[jobs.legacy] instance_code_dir`.
@@ -48,21 +46,6 @@ impl LegacySettings {
             .as_ref()
             .is_none_or(|list| list.iter().any(|w| w == workflow_id))
     }
-}
-
-/// The arguments `spec`'s script gets: the job's own `legacy_args`, else the configured
-/// `[jobs.legacy]` pair when it applies, then the job's `args`.
-pub fn script_args(spec: &JobSpec, legacy: Option<&LegacySettings>) -> Vec<String> {
-    let mut args = Vec::with_capacity(spec.args.len() + 2);
-    if let Some([code_dir, secret]) = &spec.legacy_args {
-        args.push(code_dir.clone());
-        args.push(secret.clone());
-    } else if let Some(legacy) = legacy.filter(|l| l.applies_to(&spec.workflow_id)) {
-        args.push(legacy.instance_code_dir.display().to_string());
-        args.push(legacy.secret_id.clone().unwrap_or_default());
-    }
-    args.extend(spec.args.iter().cloned());
-    args
 }
 
 /// The file every legacy script sources from its `$1`.

@@ -13,11 +13,10 @@
 //!      lock::LockDir::try_acquire, lock::decision::decide ──finished──▶ replay the recorded outcome
 //!                                                       │
 //!                                                       ▼
-//!      audit: running (report::audit::dynamodb::JobAuditTable, a conditional write)
-//!                                                       │
-//!                                                       ▼
 //!      job_owner::client::start ─▶ rsql-job-owner (job_owner::shim::run)
 //!         │  supervisor::Supervisor::start: own process group and cgroup, timeout, kill_grace
+//!         │  once the owner says the job started: audit running
+//!         │     (report::audit::dynamodb::JobAuditTable, a conditional write)
 //!         │  stdout/stderr ─▶ joblog::JobLog (timestamped, durable)
 //!         │                      └─▶ joblog::cloudwatch::Shipper (tails the file)
 //!         │  every tick: SendTaskHeartbeat + ChangeMessageVisibility + lock lease

@@ -1,7 +1,8 @@
 //! Database credentials from AWS Secrets Manager, cached with a TTL.
 //!
-//! Owns: reading `[database] secret_id` in the usual Redshift secret shape (`username`,
-//! `password`, `host`, `port`, `dbname`), caching it, and producing the job environment
+//! Owns: [`DatabaseSettings`] (the validated `[database]`), reading `[database] secret_id`
+//! in the usual Redshift secret shape (`username`, `password`, `host`, `port`, `dbname`),
+//! caching it, and producing the job environment
 //! (`RSQL_*`, `RSPASSWORD`, and `RSQL_SECRET_ID` naming the secret they came from). The password lives only in memory and in the job's
 //! environment: no `Debug`, log line, audit item or callback ever carries it.
 //!
@@ -22,8 +23,6 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use tokio::sync::Mutex;
-
-use crate::config::DatabaseSettings;
 
 /// The shortest value [`remember`] keeps: shorter ones are too likely to be ordinary text.
 pub const MIN_MASKED_CHARS: usize = 4;
@@ -131,6 +130,58 @@ fn port_from_number_or_string<'de, D: serde::Deserializer<'de>>(
         Some(Port::N(n)) => Some(n),
         Some(Port::S(s)) => s.trim().parse().ok(),
     })
+}
+
+/// Connection settings handed to every job as `RSQL_HOST`, `RSQL_PORT`, `RSQL_USER`,
+/// `RSQL_DB` and `RSPASSWORD`.
+#[derive(Clone, Default, PartialEq)]
+pub struct DatabaseSettings {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub user: Option<String>,
+    pub dbname: Option<String>,
+    pub password: Option<String>,
+    pub secret_id: Option<String>,
+    pub secret_ttl: Duration,
+}
+
+// Hand-written so that a `{:?}` of the config can never print the password.
+impl std::fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("secret_id", &self.secret_id)
+            .field("secret_ttl", &self.secret_ttl)
+            .finish()
+    }
+}
+
+impl DatabaseSettings {
+    /// The job environment these settings produce (secrets resolved elsewhere are merged in
+    /// by the caller).
+    pub fn job_env(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some(host) = &self.host {
+            env.push(("RSQL_HOST".to_string(), host.clone()));
+        }
+        if let Some(port) = self.port {
+            env.push(("RSQL_PORT".to_string(), port.to_string()));
+        }
+        if let Some(user) = &self.user {
+            env.push(("RSQL_USER".to_string(), user.clone()));
+        }
+        if let Some(db) = &self.dbname {
+            env.push(("RSQL_DB".to_string(), db.clone()));
+        }
+        if let Some(password) = &self.password {
+            env.push(("RSPASSWORD".to_string(), password.clone()));
+        }
+        env
+    }
 }
 
 /// When the secret was fetched, and the environment made from it.

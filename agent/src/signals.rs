@@ -2,8 +2,8 @@
 //!
 //! | signal | meaning |
 //! |---|---|
-//! | first SIGTERM or SIGINT | [`Control::Stop`]: stop intake, let running jobs drain |
-//! | any later SIGTERM or SIGINT | [`Control::StopNow`]: kill the running jobs now, still report them |
+//! | first SIGTERM or SIGINT | [`Control::Stop`]: the daemon hands off (intake stops, running jobs keep running under their owners, the next agent adopts them); a foreground run (`workflow run`, one job without a daemon) stops its jobs and reports them |
+//! | any later SIGTERM or SIGINT | [`Control::StopNow`]: the daemon exits at once, without waiting for the outbox (its jobs still run on); a foreground run kills its jobs now and still reports them |
 //! | SIGHUP | [`Control::Reload`]: reload the config where that is safe |
 //! | third SIGTERM or SIGINT | the process ends at once, by the signal's default action |
 //!
@@ -25,9 +25,11 @@ use tokio::sync::mpsc;
 /// What the daemon is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// Stop taking jobs; the running ones go on under their owner processes.
+    /// Stop taking jobs. The daemon hands the running ones off (they go on under their owner
+    /// processes); a foreground run stops its jobs gracefully.
     Stop,
-    /// Stop the running jobs at once (SIGKILL), report them, and exit.
+    /// Stop at once. The daemon exits without waiting for the outbox (its jobs still go on
+    /// under their owners); a foreground run kills its jobs (SIGKILL), reports them and exits.
     StopNow,
     /// Reload the config file.
     Reload,
@@ -162,7 +164,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_stop_drains_later_ones_stop_now_and_hup_reloads() {
+    fn first_stop_hands_off_later_ones_stop_now_and_hup_reloads() {
         assert_eq!(meaning(Received::Terminate, 0), Control::Stop);
         assert_eq!(meaning(Received::Interrupt, 0), Control::Stop);
         assert_eq!(meaning(Received::Terminate, 1), Control::StopNow);

@@ -7,6 +7,8 @@
 //! Must not touch: AWS. It runs every job through the same [`crate::attempt`] path as the
 //! daemon (lock, supervisor, job log, outcome, audit), with no task token.
 
+pub mod stage;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +29,8 @@ use crate::report::audit::{AuditError, JobAuditRecord, LocalAudit, WorkflowAudit
 use crate::signals::{Control, Controls};
 use crate::supervisor::StopReason;
 
+pub use stage::{ExecutionType, Stage};
+
 /// The legacy workflow config item.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,30 +39,6 @@ pub struct WorkflowConfig {
     #[serde(default)]
     pub workflow_description: Option<String>,
     pub workflow_stages: Vec<Stage>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Stage {
-    pub execution_flag: String,
-    pub execution_type: ExecutionType,
-    #[serde(default)]
-    pub stage_description: String,
-    pub scripts: Vec<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExecutionType {
-    Sequential,
-    Parallel,
-}
-
-impl Stage {
-    /// The legacy flag is `y` to run; anything else (`n`) skips the stage.
-    pub fn enabled(&self) -> bool {
-        self.execution_flag.trim().eq_ignore_ascii_case("y")
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,8 +15,13 @@
 //! And the README's architecture section names every module under `agent/src`, and no
 //! module that is gone.
 //!
-//! Each test reports every broken reference at once, as `file:line: what`. Plain file reads:
-//! no network, no binaries.
+//! And docs/configuration.md documents every config key, and only those: the keys are asked
+//! of the agent's own config parser (which refuses an unknown key, listing the table's
+//! keys), so a table added to the parser is picked up without touching this test. The keys
+//! it and docs/operations.md say a SIGHUP applies are `reload::RELOADABLE`.
+//!
+//! Each test reports every broken reference at once, as `file:line: what`. File reads and
+//! the config parser: no network, no binaries.
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Component, Path, PathBuf};
@@ -501,5 +506,175 @@ fn the_readme_architecture_names_every_module() {
     report(
         &broken,
         "differences between agent/src and the README's architecture",
+    );
+}
+
+/// A key no table of the config has; the parser's refusal of it lists the table's keys.
+const PROBE_KEY: &str = "no_such_key_the_docs_test_probes";
+
+/// The keys of the config table at `table` (`""`: the top level, `jobs.legacy`), asked of
+/// the agent's own parser: an unknown key is an error that lists every key the table takes
+/// (serde's "unknown field `x`, expected one of `a`, `b`"). `None` when `table` is no table
+/// that refuses unknown keys (a plain value).
+fn config_table_keys(table: &str) -> Option<Vec<String>> {
+    let text = if table.is_empty() {
+        format!("{PROBE_KEY} = 1\n")
+    } else {
+        format!("[{table}]\n{PROBE_KEY} = 1\n")
+    };
+    let error = rsql_agent::config::Config::parse(&text, Path::new("/probe/agent.toml"))
+        .err()?
+        .to_string();
+    let refused = format!("unknown field `{PROBE_KEY}`, expected ");
+    let listed = &error[error.find(&refused)? + refused.len()..];
+    let listed = listed.lines().next().unwrap_or("");
+    // "one of `a`, `b`", "`a` or `b`", "`a`", or "there are no fields".
+    Some(
+        listed
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .map(String::from)
+            .collect(),
+    )
+}
+
+/// Every key the agent's config parser accepts, as `table.key` (`jobs.legacy.workflows`):
+/// the tables' keys, found from the top level down.
+fn config_keys() -> BTreeSet<String> {
+    let mut keys = BTreeSet::new();
+    let mut tables = vec![String::new()];
+    while let Some(table) = tables.pop() {
+        let fields = config_table_keys(&table).unwrap_or_else(|| {
+            panic!("the config parser does not refuse an unknown key in [{table}]")
+        });
+        for field in fields {
+            let path = if table.is_empty() {
+                field
+            } else {
+                format!("{table}.{field}")
+            };
+            if config_table_keys(&path).is_some() {
+                tables.push(path);
+            } else {
+                keys.insert(path);
+            }
+        }
+    }
+    keys
+}
+
+/// The rows of the "Every key" table of docs/configuration.md: the keys of each row's first
+/// column, its last column (what SIGHUP does), and its line.
+fn documented_key_rows(text: &str) -> Vec<(Vec<String>, String, usize)> {
+    let mut rows = Vec::new();
+    let mut inside = false;
+    for (n, line) in text.lines().enumerate() {
+        if line.starts_with("## ") {
+            inside = line == "## Every key";
+            continue;
+        }
+        if !inside || !line.starts_with("| `") {
+            continue;
+        }
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        let keys = cells[0].split('`').skip(1).step_by(2).map(String::from);
+        let on_sighup = cells.last().copied().unwrap_or("").to_string();
+        rows.push((keys.collect(), on_sighup, n + 1));
+    }
+    rows
+}
+
+#[test]
+fn every_config_key_is_documented_and_every_documented_key_exists() {
+    let root = repo();
+    let doc = "docs/configuration.md";
+    let rows = documented_key_rows(&read(&root.join(doc)));
+    let code = config_keys();
+    assert!(code.len() > 30, "the parser gave only {code:?}");
+    let mut broken = Vec::new();
+    let mut documented = BTreeSet::new();
+    for (keys, _, line) in &rows {
+        for key in keys {
+            documented.insert(key.clone());
+            if !code.contains(key) {
+                broken.push(format!(
+                    "{doc}:{line}: documents `{key}`, which the config parser does not accept \
+                     (renamed or gone? or its table does not refuse unknown keys)"
+                ));
+            }
+        }
+    }
+    for key in code.difference(&documented) {
+        broken.push(format!(
+            "{doc}: the config parser accepts `{key}`, which the table under \"Every key\" \
+             does not document; add a row"
+        ));
+    }
+    report(
+        &broken,
+        "differences between the config keys and docs/configuration.md",
+    );
+}
+
+#[test]
+fn the_docs_name_exactly_the_keys_a_reload_applies() {
+    let root = repo();
+    let reloadable: BTreeSet<String> = rsql_agent::reload::RELOADABLE
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    let mut broken = Vec::new();
+    // docs/configuration.md: the rows whose "on SIGHUP" says "applies".
+    let doc = "docs/configuration.md";
+    let mut rows = BTreeSet::new();
+    for (keys, on_sighup, line) in documented_key_rows(&read(&root.join(doc))) {
+        for key in keys {
+            let says = on_sighup.starts_with("applies");
+            if says != reloadable.contains(&key) {
+                broken.push(format!(
+                    "{doc}:{line}: `{key}` says \"{on_sighup}\" on SIGHUP, but a reload {} it \
+                     (reload::RELOADABLE)",
+                    if says { "does not apply" } else { "applies" }
+                ));
+            }
+            rows.insert(key);
+        }
+    }
+    for key in reloadable.difference(&rows) {
+        broken.push(format!("{doc}: a reload applies `{key}`, which has no row"));
+    }
+    // docs/operations.md: the SIGHUP row of the signals table. A bare name (`kill_grace`)
+    // belongs to the table of the dotted key before it (`jobs.default_timeout`).
+    let doc = "docs/operations.md";
+    let text = read(&root.join(doc));
+    let (n, row) = text
+        .lines()
+        .enumerate()
+        .find(|(_, l)| l.starts_with("| SIGHUP |"))
+        .expect("docs/operations.md has a SIGHUP row in its signals table");
+    let mut table = String::new();
+    let mut named = BTreeSet::new();
+    for span in row.split('`').skip(1).step_by(2) {
+        let key = match span.rsplit_once('.') {
+            Some((t, _)) => {
+                table = t.to_string();
+                span.to_string()
+            }
+            None => format!("{table}.{span}"),
+        };
+        named.insert(key);
+    }
+    for key in named.symmetric_difference(&reloadable) {
+        let what = if named.contains(key) {
+            "names as applied by a reload, but reload::RELOADABLE does not have it"
+        } else {
+            "does not name as applied by a reload, but reload::RELOADABLE has it"
+        };
+        broken.push(format!("{doc}:{}: the SIGHUP row {what}: `{key}`", n + 1));
+    }
+    report(
+        &broken,
+        "differences between the docs and the keys a reload applies",
     );
 }

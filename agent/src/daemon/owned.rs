@@ -283,10 +283,7 @@ fn prepare(
     };
     let (program, mut args) =
         supervisor::command_for_script(&spec.script, &config.jobs.interpreter);
-    args.extend(crate::legacy::script_args(
-        spec,
-        config.jobs.legacy.as_ref(),
-    ));
+    args.extend(crate::job::script_args(spec, config.jobs.legacy.as_ref()));
     let outbox_id = crate::report::outbox::new_entry_id();
     Ok(JobFile {
         protocol: PROTOCOL,

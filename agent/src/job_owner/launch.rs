@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::JobDir;
 use crate::cgroup::{self, Capability, CgroupChoice, CgroupPlan, Placement};
-use crate::config::JobSettings;
+use crate::config::{JobSettings, LauncherChoice};
 use crate::supervisor::{JobUser, JobUserError};
 
 /// The systemd slice every job owner unit runs in.
@@ -62,18 +62,6 @@ const MAX_ANSWER: u64 = 4096;
 pub const OWNER_PROGRAM: &str = "rsql-job-owner";
 /// Where the packages install it.
 pub const OWNER_PROGRAM_INSTALLED: &str = "/usr/libexec/rsql-agent/rsql-job-owner";
-
-/// `[jobs] launcher`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LauncherChoice {
-    /// systemd when the agent runs as a systemd service and the owner socket is there,
-    /// direct otherwise.
-    #[default]
-    Auto,
-    Systemd,
-    Direct,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {

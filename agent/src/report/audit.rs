@@ -76,7 +76,7 @@ pub struct WorkflowAuditRecord {
     /// The workflow's stages as the run had them, so that `workflow report` can group the
     /// jobs by stage in config order (older records lack it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workflow_stages: Option<Vec<crate::workflow::Stage>>,
+    pub workflow_stages: Option<Vec<crate::workflow::stage::Stage>>,
 }
 
 #[derive(Debug, thiserror::Error)]

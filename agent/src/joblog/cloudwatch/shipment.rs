@@ -2,9 +2,11 @@
 //! the one [`RetryPolicy`](crate::aws::retry::RetryPolicy)) and record the position, until the
 //! job has ended and its log is shipped to the end.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use aws_sdk_cloudwatchlogs::types::InputLogEvent;
@@ -12,10 +14,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::batch::Batch;
-use super::shipper::Inner;
 use super::state::{save_state, InFlight, ShipState};
 use super::tail::{Filled, Tail};
-use crate::aws::retry::{classify, ErrorClass};
+use crate::aws::retry::{classify, ErrorClass, RetryPolicy};
 use crate::joblog::JobLogError;
 
 /// How often a shipment looks for new records at most; new records are sent within
@@ -60,6 +61,27 @@ impl Shipment {
             job_ended,
             caught_up,
         }
+    }
+}
+
+/// What every shipment of one [`Shipper`](super::Shipper) shares: the client, the group, the
+/// retry policy and the log files being shipped.
+#[derive(Debug)]
+pub(super) struct Inner {
+    pub(super) client: aws_sdk_cloudwatchlogs::Client,
+    pub(super) log_group: String,
+    pub(super) create_group: bool,
+    pub(super) flush_interval: Duration,
+    pub(super) policy: RetryPolicy,
+    pub(super) state_dir: PathBuf,
+    /// Log files with a shipment running in this process, so none is shipped twice at once.
+    pub(super) active: Mutex<HashSet<PathBuf>>,
+}
+
+impl Inner {
+    pub(super) fn active(&self) -> MutexGuard<'_, HashSet<PathBuf>> {
+        // Every update is a single insert or remove: a poisoned set is still consistent.
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -4,14 +4,14 @@ use std::collections::HashSet;
 use std::fs::{self, DirBuilder};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::shipment::{run_shipment, Shipment};
+use super::shipment::{run_shipment, Inner, Shipment};
 use super::state::{load_state, save_state, Position, ShipState};
 use super::ShipperError;
 use crate::aws::retry::RetryPolicy;
@@ -21,25 +21,6 @@ use crate::config::CloudWatchSettings;
 #[derive(Debug, Clone)]
 pub struct Shipper {
     inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-pub(super) struct Inner {
-    pub(super) client: aws_sdk_cloudwatchlogs::Client,
-    pub(super) log_group: String,
-    pub(super) create_group: bool,
-    pub(super) flush_interval: Duration,
-    pub(super) policy: RetryPolicy,
-    pub(super) state_dir: PathBuf,
-    /// Log files with a shipment running in this process, so none is shipped twice at once.
-    pub(super) active: Mutex<HashSet<PathBuf>>,
-}
-
-impl Inner {
-    pub(super) fn active(&self) -> MutexGuard<'_, HashSet<PathBuf>> {
-        // Every update is a single insert or remove: a poisoned set is still consistent.
-        self.active.lock().unwrap_or_else(|e| e.into_inner())
-    }
 }
 
 impl Shipper {
