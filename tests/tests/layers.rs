@@ -30,8 +30,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "plumbing that knows no job",
         &[
-            "fsutil", "trust", "secrets", "signals", "notify", "identity", "slots", "logging",
-            "aws",
+            "fsutil", "trust", "secrets", "signals", "notify", "identity", "imds", "slots",
+            "logging", "aws",
         ],
     ),
     (
@@ -52,8 +52,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["config", "reload", "job"],
     ),
     (
-        "in and out: intake, reporting, log shipping, metrics",
-        &["intake", "report", "joblog::cloudwatch", "metrics"],
+        "in and out: intake, reporting, log shipping, metrics, the fleet's notices",
+        &["intake", "report", "joblog::cloudwatch", "metrics", "fleet"],
     ),
     ("one job attempt", &["attempt"]),
     (
