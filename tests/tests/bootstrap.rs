@@ -285,6 +285,29 @@ fn dry_run_writes_the_fleet_table_from_its_flags() {
         "{out}"
     );
     assert!(fleet_table(&with(&[])).is_empty());
+    // What bootstrap writes is what the agent reads.
+    let scripts = tempfile::tempdir().expect("tempdir");
+    let table = fleet_table(&with(&[
+        "--auto-scaling-group",
+        "rsql-fleet",
+        "--lifecycle-hook",
+        "rsql-terminating",
+    ]))
+    .join("\n");
+    let text = format!(
+        "[jobs]\nscript_dir = \"{}\"\n{table}\n",
+        scripts.path().display()
+    );
+    let parsed = rsql_agent::config::Config::parse(&text, std::path::Path::new("agent.toml"))
+        .unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(
+        parsed.fleet.auto_scaling_group.as_deref(),
+        Some("rsql-fleet")
+    );
+    assert_eq!(
+        parsed.fleet.lifecycle_hook.as_deref(),
+        Some("rsql-terminating")
+    );
 
     // Validated like the other values, and against Auto Scaling's own name rules.
     for (args, expected) in [
