@@ -70,8 +70,10 @@ clippy:
 
 # The real-systemd tests (tests/tests/systemd_host.rs) install the .deb that `package` built,
 # in a systemd booted as PID 1 of its own namespaces (tests/sandbox/sandbox.sh; needs root).
+# rsql-with-moto starts one AWS emulator that the whole run shares (tests/src/moto.rs).
 nextest: deps venv build package
 	RSQL_AGENT_DEB=$$(ls $(abspath $(TARGET_DIR))/debian/rsql-agent_*.deb | tail -n 1) \
+	  $(abspath $(TARGET_DIR))/debug/rsql-with-moto \
 	  $(CARGO) nextest run --workspace --no-fail-fast
 
 ## test: everything CI runs: formatting, lints, unit tests, system tests, the bench smoke run

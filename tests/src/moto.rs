@@ -93,16 +93,58 @@ pub struct Moto {
     python: PathBuf,
     launcher: PathBuf,
     log_path: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The run's one emulator (see [`Moto::start`]): not ours to stop or restart.
+    shared: bool,
+    _dir: Option<tempfile::TempDir>,
 }
 
+/// Set by `rsql-with-moto` (which `make test` runs the suite under): the port of the one
+/// emulator every test of the run shares, and its log.
+pub const SHARED_PORT_ENV: &str = "RSQL_TEST_MOTO_PORT";
+pub const SHARED_LOG_ENV: &str = "RSQL_TEST_MOTO_LOG";
+
 impl Moto {
-    /// Starts moto on a free loopback port and switches on state machine execution.
-    /// Blocks until the server answers (a few seconds; at most a minute).
+    /// The emulator for a test: the run's shared one when `rsql-with-moto` started one (as
+    /// `make test` does: one server for the whole run instead of one per test), else a
+    /// private one ([`Moto::start_private`]). Tests on a shared server keep to names of their
+    /// own ([`unique_name`]), as they do on AWS.
+    pub fn start() -> Moto {
+        match std::env::var(SHARED_PORT_ENV)
+            .ok()
+            .and_then(|p| p.parse::<u16>().ok())
+        {
+            Some(port) => Moto::shared(port),
+            None => Moto::start_private(),
+        }
+    }
+
+    fn shared(port: u16) -> Moto {
+        let log_path = std::env::var_os(SHARED_LOG_ENV)
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let mut moto = Moto {
+            port,
+            child: None,
+            python: PathBuf::new(),
+            launcher: PathBuf::new(),
+            log_path,
+            shared: true,
+            _dir: None,
+        };
+        // It answered when the run began; it must still answer now.
+        if let Err(e) = moto.wait_ready() {
+            moto.fail(&format!("the shared emulator on port {port} is gone: {e}"));
+        }
+        moto
+    }
+
+    /// Starts a server of the test's own on a free loopback port and switches on state
+    /// machine execution: for tests that stop or restart it, or that read everything it
+    /// holds. Blocks until the server answers (a few seconds; at most a minute).
     ///
     /// Panics, naming the fix, when the virtualenv is missing, and with the tail of the
     /// server's log when it does not come up.
-    pub fn start() -> Moto {
+    pub fn start_private() -> Moto {
         let python = venv_dir().join("bin").join("python");
         assert!(
             python.exists(),
@@ -122,7 +164,8 @@ impl Moto {
             python,
             launcher,
             log_path,
-            _dir: dir,
+            shared: false,
+            _dir: Some(dir),
         };
         // A free port can be taken by someone else between our probe and moto's bind; try a
         // few ports before giving up.
@@ -184,10 +227,11 @@ impl Moto {
     }
 
     /// Polls [`Moto::lifecycle_actions`] until one with operation `op` (e.g.
-    /// `CompleteLifecycleAction`) was accepted, and returns the first such; `None` after
-    /// `timeout`.
+    /// `CompleteLifecycleAction`) on `group` was accepted, and returns the first such; `None`
+    /// after `timeout`. (Other tests' groups may share the server.)
     pub fn wait_for_lifecycle_action(
         &self,
+        group: &str,
         op: &str,
         timeout: Duration,
     ) -> Option<LifecycleActionCall> {
@@ -196,7 +240,7 @@ impl Moto {
             let found = self
                 .lifecycle_actions()
                 .into_iter()
-                .find(|a| a.op == op && a.error.is_none());
+                .find(|a| a.op == op && a.error.is_none() && a.group.as_deref() == Some(group));
             if found.is_some() || Instant::now() >= deadline {
                 return found;
             }
@@ -212,12 +256,14 @@ impl Moto {
     /// Kills the server (SIGKILL) and waits for it: requests now fail with "connection
     /// refused". Idempotent.
     pub fn stop(&mut self) {
+        self.assert_private("stop");
         self.kill();
     }
 
     /// Starts the server again on the same port. moto keeps everything in memory, so the new
     /// server has no queues, tables or state machines.
     pub fn restart(&mut self) {
+        self.assert_private("restart");
         self.kill();
         // The old listener may linger for a moment; werkzeug binds with SO_REUSEADDR, so only
         // a port stolen meanwhile can make this fail.
@@ -296,6 +342,13 @@ impl Moto {
                 }
             }
         }
+    }
+
+    fn assert_private(&self, what: &str) {
+        assert!(
+            !self.shared,
+            "a test that would {what} the emulator needs its own: use Moto::start_private()"
+        );
     }
 
     fn kill(&mut self) {

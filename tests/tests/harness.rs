@@ -65,7 +65,7 @@ async fn assert_token_closed(sfn: &aws_sdk_sfn::Client, token: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn task_failure_cause_and_success_output_reach_the_execution() {
-    let moto = Moto::start();
+    let moto = Moto::start_private();
     let config = moto.sdk_config().await;
     let sfn = aws_sdk_sfn::Client::new(&config);
     let queue = moto::create_queue(&config, &moto::unique_name("jobs")).await;
@@ -158,7 +158,7 @@ async fn task_failure_cause_and_success_output_reach_the_execution() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_timeout_retries_with_a_new_token() {
-    let moto = Moto::start();
+    let moto = Moto::start_private();
     let config = moto.sdk_config().await;
     let sfn = aws_sdk_sfn::Client::new(&config);
     let queue = moto::create_queue(&config, &moto::unique_name("jobs")).await;
@@ -221,7 +221,7 @@ fn impatient(config: &SdkConfig) -> SdkConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_forwards_cuts_restores_and_records() {
-    let moto = Moto::start();
+    let moto = Moto::start_private();
     let proxy = Proxy::start_recording(moto.addr());
     let config = impatient(&moto::sdk_config_for(&proxy.url()).await);
     let sqs = aws_sdk_sqs::Client::new(&config);
@@ -300,7 +300,7 @@ async fn proxy_forwards_cuts_restores_and_records() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moto_stops_restarts_and_dies_with_its_handle() {
-    let mut moto = Moto::start();
+    let mut moto = Moto::start_private();
     let env = moto.env();
     let endpoint = moto.endpoint();
     assert!(env.contains(&("AWS_ENDPOINT_URL".to_string(), endpoint.clone())));
@@ -430,7 +430,7 @@ async fn lifecycle_actions_are_validated_recorded_and_seen_through_a_proxy() {
     use aws_sdk_autoscaling::error::ProvideErrorMetadata as _;
     use aws_sdk_autoscaling::types::LifecycleState;
 
-    let moto = Moto::start();
+    let moto = Moto::start_private();
     let proxy = Proxy::start_recording(moto.addr());
     let config = moto::sdk_config_for(&proxy.url()).await;
     let name = moto::unique_name("fleet");
@@ -548,7 +548,7 @@ async fn lifecycle_actions_are_validated_recorded_and_seen_through_a_proxy() {
         ]
     );
     let done = moto
-        .wait_for_lifecycle_action("CompleteLifecycleAction", DEADLINE)
+        .wait_for_lifecycle_action(&name, "CompleteLifecycleAction", DEADLINE)
         .expect("the accepted completion");
     assert_eq!(done.group.as_deref(), Some(name.as_str()));
     assert_eq!(done.hook.as_deref(), Some(hook.as_str()));

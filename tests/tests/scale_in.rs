@@ -185,7 +185,7 @@ async fn scale_in_lets_a_stage_of_three_jobs_finish_then_completes_the_lifecycle
     // While the jobs still run, the lifecycle action is kept alive, and not completed.
     let beat = world
         .moto
-        .wait_for_lifecycle_action("RecordLifecycleActionHeartbeat", WAIT)
+        .wait_for_lifecycle_action(&group.name, "RecordLifecycleActionHeartbeat", WAIT)
         .expect("a lifecycle heartbeat while the jobs run");
     assert_eq!(
         beat.instance.as_deref(),
@@ -205,7 +205,7 @@ async fn scale_in_lets_a_stage_of_three_jobs_finish_then_completes_the_lifecycle
     }
     let completed = world
         .moto
-        .wait_for_lifecycle_action("CompleteLifecycleAction", WAIT)
+        .wait_for_lifecycle_action(&group.name, "CompleteLifecycleAction", WAIT)
         .expect("the lifecycle action completed after the last outcome");
     assert_eq!(completed.result.as_deref(), Some("CONTINUE"));
     assert_eq!(
