@@ -419,9 +419,10 @@ async fn stop_mid_run_reports_stopped() {
 #[tokio::test]
 async fn a_second_stop_kills_at_once() {
     let f = fixture();
+    // It lives through SIGTERM, and says so.
     let script = f.script(
         "deaf.sh",
-        "trap '' TERM\necho ready\nwhile :; do sleep 0.1; done",
+        "trap 'echo TERM ignored' TERM\necho ready\nwhile :; do sleep 0.1; done",
     );
     let mut launch = f.launch("deaf", script, vec![]);
     launch.kill_grace = Duration::from_secs(60);
@@ -432,8 +433,8 @@ async fn a_second_stop_kills_at_once() {
     handle.stop(StopReason::Shutdown);
     let stopper = handle.stopper();
     let waiter = tokio::spawn(handle.wait());
-    // Give the first stop a moment to be seen as a first stop, then insist.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first stop has been acted on (the job got its SIGTERM and lives); now insist.
+    wait_for_output(&log, "TERM ignored").await;
     stopper.stop(StopReason::Cancelled);
     let outcome = waiter.await.expect("join").expect("outcome");
     assert_eq!(
