@@ -49,6 +49,18 @@ pub fn rsql() -> PathBuf {
     bin("rsql")
 }
 
+/// `rsql-test-lock-holder` (`tests/src/bin/lock_holder.rs`): another process holding a
+/// fleet lock until it is killed.
+pub fn lock_holder() -> PathBuf {
+    bin("rsql-test-lock-holder")
+}
+
+/// `rsql-test-killable-agent` (`tests/src/bin/killable_agent.rs`): a stand-in agent that
+/// starts one job under its own supervisor and waits to be SIGKILLed.
+pub fn killable_agent() -> PathBuf {
+    bin("rsql-test-killable-agent")
+}
+
 /// Directory holding the `rsql` stand-in, to put first on a job's `PATH`.
 pub fn rsql_dir() -> PathBuf {
     rsql().parent().expect("rsql has a parent").to_path_buf()

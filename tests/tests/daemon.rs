@@ -396,6 +396,14 @@ async fn outage_during_a_job_loses_nothing_and_reports_once() {
         1,
         "the outcome must wait in the outbox"
     );
+    // It waits there because its delivery was tried and failed, not because none was tried.
+    wait_until("a failed attempt to deliver the outcome", WAIT, || {
+        agent
+            .outbox_entries()
+            .iter()
+            .any(|e| e["attempts"].as_u64().is_some_and(|n| n >= 1))
+    });
+    assert_eq!(agent.pending_callbacks(), 1);
     proxy.restore();
     let out = world.wait_execution(&exec).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());

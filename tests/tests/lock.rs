@@ -3,11 +3,11 @@
 //! files stay readable through rapid rewrites, and clean-up never touches a live or unfinished
 //! job.
 //!
-//! The "separate process" is this test binary run again: `helper_holds_lock_until_killed`
-//! takes the lock when `HOLD_DIR` is set in its environment and otherwise does nothing.
+//! The "separate process" is `rsql-test-lock-holder` (`tests/src/bin/lock_holder.rs`): it
+//! takes the lock, records a `running` state, says so and blocks until it is killed.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -21,12 +21,10 @@ use nix::unistd::Pid;
 use rsql_agent::lock::{
     decide, token_hash, Acquire, Decision, JobLock, LockDir, LockState, OnInterrupted, RunState,
 };
+use rsql_agent_tests::bins;
 
-const HOLD_DIR: &str = "RSQL_LOCK_TEST_HOLD_DIR";
-const HOLD_KEY: &str = "RSQL_LOCK_TEST_HOLD_KEY";
-const HOLD_TOKEN: &str = "RSQL_LOCK_TEST_HOLD_TOKEN";
-const READY: &str = "rsql-lock-helper-locked";
-const HELPER_TEST: &str = "helper_holds_lock_until_killed";
+/// What the lock holder prints, followed by its pid, once it holds the lock.
+const READY: &str = "locked ";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn lock_dir() -> (tempfile::TempDir, LockDir) {
@@ -125,28 +123,7 @@ fn threads_racing_for_one_key_never_hold_it_together() {
     assert!(wins.load(Ordering::SeqCst) > 0);
 }
 
-/// Not a test on its own. When `lock_held_by_a_killed_process_is_freed_and_interrupted` runs
-/// this binary again with `HOLD_DIR` set, this takes the lock, records a `running` state,
-/// prints a ready line and blocks until it is killed. Without the variable it does nothing.
-#[test]
-fn helper_holds_lock_until_killed() {
-    let Some(dir) = std::env::var_os(HOLD_DIR) else {
-        return;
-    };
-    let key = std::env::var(HOLD_KEY).expect("helper: key");
-    let token = std::env::var(HOLD_TOKEN).expect("helper: token");
-    let locks = LockDir::open(Path::new(&dir)).expect("helper: open");
-    let mut lock = acquire(&locks, &key);
-    let state = LockState::new_running(&key, "i-helper", &token_hash(&token), 1);
-    lock.write_state(&state).expect("helper: write state");
-    println!("{READY} {}", std::process::id());
-    // The parent holds our stdin open; should the parent die before killing us, EOF ends the
-    // wait so no helper outlives the test run.
-    let _ = std::io::stdin().read_to_end(&mut Vec::new());
-    drop(lock);
-}
-
-/// Kills the helper if the test fails before it does.
+/// The lock holder process; killed if the test fails before it does.
 struct Helper(Child);
 
 impl Drop for Helper {
@@ -157,18 +134,15 @@ impl Drop for Helper {
 }
 
 fn spawn_holder(dir: &Path, key: &str, token: &str) -> Helper {
-    let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new(exe)
-        .args(["--exact", HELPER_TEST, "--nocapture", "--test-threads=1"])
-        .env(HOLD_DIR, dir)
-        .env(HOLD_KEY, key)
-        .env(HOLD_TOKEN, token)
+    let mut child = Command::new(bins::lock_holder())
+        .arg(dir)
+        .args([key, token])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawn helper");
-    let stdout = child.stdout.take().expect("helper stdout");
+        .expect("spawn the lock holder");
+    let stdout = child.stdout.take().expect("the lock holder's stdout");
     let helper = Helper(child);
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
@@ -179,15 +153,17 @@ fn spawn_holder(dir: &Path, key: &str, token: &str) -> Helper {
             }
         }
     });
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            // libtest may print "test <name> ... " on the same line first.
-            Ok(line) if line.contains(READY) => return helper,
-            Ok(_) => continue,
-            Err(e) => panic!("helper never reported the lock taken: {e}"),
+    match rx.recv_timeout(DEADLINE) {
+        Ok(line) if line.starts_with(READY) => {
+            assert_eq!(
+                line[READY.len()..].parse::<u32>().ok(),
+                Some(helper.0.id()),
+                "the lock holder named another pid: {line:?}"
+            );
+            helper
         }
+        Ok(line) => panic!("the lock holder said {line:?} instead of {READY:?}"),
+        Err(e) => panic!("the lock holder never reported the lock taken: {e}"),
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_sfn::types::ExecutionStatus;
-use rsql_agent_tests::agent::{write_script, Agent, AgentConfig};
+use rsql_agent_tests::agent::{wait_until, write_script, Agent, AgentConfig};
 use rsql_agent_tests::bins;
 use rsql_agent_tests::moto;
 use rsql_agent_tests::pg::TestPg;
@@ -815,9 +815,16 @@ async fn three_overlapping_workflows_on_one_fleet_run_every_job_once() {
                 expected.insert(format!("{execution} {job}"));
             }
         }
-        // Overlapping starts: the second and third arrive while the first is running.
-        if i > 0 {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Overlapping starts: the second and third arrive once a job of the one before has
+        // started, while it is running.
+        if let Some(previous) = i.checked_sub(1).map(|p| format!("{}_run ", workflows[p].0)) {
+            let what = format!("a job of {previous}to start");
+            wait_until(&what, WAIT, || {
+                std::fs::read_to_string(&starts)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.starts_with(&previous))
+            });
         }
         executions.push(world.workflow_start(id, &execution));
     }

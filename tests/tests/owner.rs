@@ -84,11 +84,58 @@ fn log_lines(agent: &Agent) -> Vec<String> {
     let mut files = Vec::new();
     collect_logs(&agent.state_dir.join("jobs"), &mut files);
     assert_eq!(files.len(), 1, "one job log expected: {files:?}");
-    std::fs::read_to_string(&files[0])
-        .expect("read job log")
-        .lines()
+    payloads(&std::fs::read_to_string(&files[0]).expect("read job log"))
+}
+
+/// How many lines the job's log holds so far: none while there is no log yet.
+fn logged_so_far(agent: &Agent) -> usize {
+    let mut files = Vec::new();
+    collect_logs(&agent.state_dir.join("jobs"), &mut files);
+    files
+        .iter()
+        .map(|f| payloads(&std::fs::read_to_string(f).unwrap_or_default()).len())
+        .sum()
+}
+
+fn payloads(log: &str) -> Vec<String> {
+    log.lines()
         .filter_map(|l| l.splitn(3, ' ').nth(2).map(str::to_string))
         .collect()
+}
+
+/// The messages CloudWatch holds so far in the one stream of `group` whose name starts with
+/// `prefix`; empty while there is no such group or stream.
+async fn cloudwatch_lines(world: &World, group: &str, prefix: &str) -> Vec<String> {
+    let logs = aws_sdk_cloudwatchlogs::Client::new(&world.sdk);
+    let Ok(streams) = logs
+        .describe_log_streams()
+        .log_group_name(group)
+        .log_stream_name_prefix(prefix)
+        .send()
+        .await
+    else {
+        return Vec::new();
+    };
+    let Some(stream) = streams
+        .log_streams()
+        .first()
+        .and_then(|s| s.log_stream_name())
+    else {
+        return Vec::new();
+    };
+    logs.get_log_events()
+        .log_group_name(group)
+        .log_stream_name(stream)
+        .start_from_head(true)
+        .send()
+        .await
+        .map(|out| {
+            out.events()
+                .iter()
+                .filter_map(|e| e.message().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn collect_logs(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -135,16 +182,30 @@ async fn a_sigkilled_agent_costs_no_job_and_the_restarted_agent_reports_it_once(
     let world = world().await;
     let (runs_file, pids) = ticking_job(&world, "tick.sh", 25);
     let mut config = world.config();
-    config.log_group = Some(moto::unique_name("/rsql/owner"));
+    let group = moto::unique_name("/rsql/owner");
+    config.log_group = Some(group.clone());
     let mut agent = Agent::start(config.clone(), &world.moto.endpoint());
-    // HeartbeatSeconds: shorter than the job (25 s), longer than the agent's absence (~4 s).
+    // HeartbeatSeconds: shorter than the job (25 s), longer than the agent's absence (~3 s).
     let sm = state_machine(&world, 12, false).await;
     let exec = start(&world, &sm, "kill_1", "tick.sh").await;
     wait_started(&agent, &pids).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Shipping has begun, so the restarted agent has a place to resume from.
+    eventually_with("the first lines in CloudWatch", WAIT, || async {
+        let shipped = cloudwatch_lines(&world, &group, "kill_1/tick.sh/").await;
+        if shipped.len() >= 2 {
+            Ok(())
+        } else {
+            Err(format!("{shipped:?}\n{}", agent.log()))
+        }
+    })
+    .await;
 
     agent.kill();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The job goes on without an agent: its owner keeps logging the lines it prints.
+    let at_kill = logged_so_far(&agent);
+    wait_until("the job to log two lines with no agent", WAIT, || {
+        logged_so_far(&agent) >= at_kill + 2
+    });
     for pid in read_pids(&pids) {
         assert!(
             process_alive(pid),
@@ -330,8 +391,10 @@ async fn an_agent_seeing_a_job_whose_owner_lives_neither_runs_nor_fails_it() {
         &world.moto.endpoint(),
     );
     b.wait_for_log("job is running elsewhere; leaving this copy", WAIT);
-    b.wait_for_log("heartbeat sent on its behalf", WAIT);
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // B comes back to the copy a tick later and again heartbeats for the owner.
+    wait_until("B to heartbeat twice on the owner's behalf", WAIT, || {
+        b.log().matches("heartbeat sent on its behalf").count() >= 2
+    });
     assert!(b.owners().is_empty(), "B started an owner of its own");
     assert_eq!(count(&world, &exec, HistoryEventType::TaskFailed).await, 0);
     a.restart();
@@ -394,8 +457,8 @@ async fn drain_wait_returns_once_the_running_job_completed_and_takes_no_new_job(
     assert_eq!(runs(&first_runs), 1);
     let said = String::from_utf8_lossy(&status.stdout);
     assert!(said.contains("drained"), "{said}");
-    // The job sent after the drain began was not taken by this agent.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The job sent after the drain began waits in the queue, taken by nobody.
+    world.wait_queue((1, 0), WAIT).await;
     assert_eq!(runs(&second_runs), 0, "a drained agent ran a new job");
     let out = moto::describe(&world.sdk, &second).await;
     assert_eq!(*out.status(), ExecutionStatus::Running);

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_sfn::types::ExecutionStatus;
 use rsql_agent_tests::agent::{process_alive, wait_until, write_script, Agent, AgentConfig};
@@ -449,8 +449,19 @@ async fn a_copy_that_finds_the_lock_held_by_no_live_job_keeps_its_task_and_runs_
     let sm = state_machine(&world, heartbeat, false).await;
     let exec = start(&world, &sm, "busy_1", "busy.sh", 60).await;
     agent.wait_for_log("job is running elsewhere; leaving this copy", WAIT);
-    // The fault lasts longer than the task's heartbeat timeout.
-    tokio::time::sleep(Duration::from_secs(heartbeat + 2)).await;
+    // The fault lasts longer than the task's heartbeat timeout, and meanwhile the copy keeps
+    // coming back to the lock and heartbeating its task.
+    let fault = Instant::now() + Duration::from_secs(heartbeat + 2);
+    wait_until(
+        "the copy to come back to the held lock and outlast HeartbeatSeconds",
+        WAIT,
+        || {
+            let log = agent.log();
+            Instant::now() >= fault
+                && log.matches("leaving this copy").count() >= 3
+                && log.contains("heartbeat sent for this copy's task")
+        },
+    );
     assert!(
         lines(&runs).is_empty(),
         "the job ran while its lock was held"

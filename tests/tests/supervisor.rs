@@ -18,6 +18,7 @@ use rsql_agent::supervisor::{
     command_for_script, Ending, Launch, RunOutcome, StopReason, Supervisor, SupervisorError,
     JOB_ID_ENV,
 };
+use rsql_agent_tests::bins;
 use sha2::{Digest, Sha256};
 use tempfile::TempDir;
 
@@ -418,9 +419,10 @@ async fn stop_mid_run_reports_stopped() {
 #[tokio::test]
 async fn a_second_stop_kills_at_once() {
     let f = fixture();
+    // It lives through SIGTERM, and says so.
     let script = f.script(
         "deaf.sh",
-        "trap '' TERM\necho ready\nwhile :; do sleep 0.1; done",
+        "trap 'echo TERM ignored' TERM\necho ready\nwhile :; do sleep 0.1; done",
     );
     let mut launch = f.launch("deaf", script, vec![]);
     launch.kill_grace = Duration::from_secs(60);
@@ -431,8 +433,8 @@ async fn a_second_stop_kills_at_once() {
     handle.stop(StopReason::Shutdown);
     let stopper = handle.stopper();
     let waiter = tokio::spawn(handle.wait());
-    // Give the first stop a moment to be seen as a first stop, then insist.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The first stop has been acted on (the job got its SIGTERM and lives); now insist.
+    wait_for_output(&log, "TERM ignored").await;
     stopper.stop(StopReason::Cancelled);
     let outcome = waiter.await.expect("join").expect("outcome");
     assert_eq!(
@@ -603,39 +605,6 @@ async fn a_job_outlives_the_thread_that_started_it() {
     assert!(stdout_text(&outcome).contains("still alive"));
 }
 
-/// Set in the environment of the helper process of the agent-death test.
-const HELPER_PID_FILE: &str = "RSQL_SUPERVISOR_TEST_HELPER_PID_FILE";
-
-/// Not a test on its own: `a_dead_agents_jobs_die_with_it_or_with_the_next_agent` runs this
-/// test binary again with only this test selected, as a stand-in agent it can SIGKILL.
-#[tokio::test]
-async fn helper_agent_process_for_the_agent_death_test() {
-    let Some(pid_file) = std::env::var_os(HELPER_PID_FILE) else {
-        return;
-    };
-    let pid_file = PathBuf::from(pid_file);
-    let child_file = pid_file.with_extension("child");
-    let f = fixture();
-    let script = f.script(
-        "doomed.sh",
-        "sleep 1000 &\necho $! > \"$1\"\nexec sleep 1000",
-    );
-    let launch = f.launch("doomed", script, vec![child_file.display().to_string()]);
-    let handle = f.supervisor.start(launch).expect("start");
-    // The child's pid first: the parent test takes the job's pid file as "ready".
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(&child_file).map_or(true, |t| t.trim().is_empty()) {
-        assert!(
-            Instant::now() < deadline,
-            "the job never wrote its child's pid"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    std::fs::write(&pid_file, handle.pid().to_string()).expect("pid file");
-    tokio::time::sleep(Duration::from_secs(60)).await;
-    panic!("the agent-death test should have killed this process");
-}
-
 /// Waits until `pid` is dead: gone, or a zombie (reaped here if it is this process's).
 async fn wait_dead(pid: i32, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(3);
@@ -665,18 +634,15 @@ async fn wait_dead(pid: i32, what: &str) {
 async fn a_dead_agents_jobs_die_with_it_or_with_the_next_agent() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pid_file = dir.path().join("job.pid");
-    let mut agent = std::process::Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "helper_agent_process_for_the_agent_death_test",
-            "--nocapture",
-        ])
-        .env(HELPER_PID_FILE, &pid_file)
-        .stdin(std::process::Stdio::null())
+    // A stand-in agent to SIGKILL: it starts the job and writes its pids. Its stdin stays
+    // open (held by `agent`) until this test is done with it.
+    let mut agent = std::process::Command::new(bins::killable_agent())
+        .arg(&pid_file)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
         .spawn()
-        .expect("helper agent");
+        .expect("the stand-in agent");
     let deadline = Instant::now() + Duration::from_secs(20);
     let job_pid = loop {
         if let Ok(text) = std::fs::read_to_string(&pid_file) {
@@ -684,10 +650,13 @@ async fn a_dead_agents_jobs_die_with_it_or_with_the_next_agent() {
                 break pid;
             }
         }
+        if let Some(status) = agent.try_wait().expect("try_wait the stand-in agent") {
+            panic!("the stand-in agent ended before it started its job: {status}");
+        }
         if Instant::now() >= deadline {
             let _ = agent.kill();
             let _ = agent.wait();
-            panic!("the helper agent never started its job");
+            panic!("the stand-in agent never started its job");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
