@@ -760,7 +760,11 @@ impl Config {
                 .map(AuditSettings::from_raw)
                 .unwrap_or_default(),
             metrics: MetricsSettings::from_raw(raw.metrics).map_err(invalid)?,
-            fleet: FleetSettings::from_raw(raw.fleet, jobs.kill_grace).map_err(invalid)?,
+            fleet: {
+                let fleet = FleetSettings::from_raw(raw.fleet).map_err(invalid)?;
+                warnings.extend(fleet.warning(jobs.kill_grace));
+                fleet
+            },
             agent,
             jobs,
             database,

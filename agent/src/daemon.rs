@@ -304,7 +304,8 @@ impl Daemon {
         let background = Background::start(&shared, self.policy);
         let mut fleet = self.fleet.clone().and_then(|parts| {
             let outbox = shared.outbox.clone();
-            Fleet::start(parts, Arc::new(move || outbox.len().unwrap_or(0)))
+            // An outbox that cannot be read is not known to be empty.
+            Fleet::start(parts, Arc::new(move || outbox.len().unwrap_or(1)))
         });
         let (socket_task, mut submit_rx) = open_socket(&shared)?;
         let has_socket = socket_task.is_some();
@@ -634,7 +635,9 @@ impl Loop {
         self.first = None;
         if let Some(task) = self.receiving.take() {
             if let Some(sqs) = self.shared.sqs.clone() {
-                tokio::spawn(return_unstarted(sqs, task));
+                // Watched like a job, so a drained instance is not let go (or reported idle)
+                // while the messages are still on their way back to the queue.
+                self.jobs.spawn(return_unstarted(sqs, task));
             }
         }
         notifier.status("draining");

@@ -81,24 +81,43 @@ fn starts(dir: &Path, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// How the agent learns its group and hook.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Names {
+    /// `[fleet] auto_scaling_group` and `lifecycle_hook`, as bootstrap.sh writes them.
+    Configured,
+    /// Neither: the agent asks Auto Scaling (DescribeAutoScalingInstances,
+    /// DescribeLifecycleHooks), and its instance id comes from the instance metadata.
+    Discovered,
+}
+
 /// An agent of `group`'s first instance, talking to AWS through `proxy` and to `imds`.
 fn fleet_agent(
     world: &World,
     proxy: &Proxy,
     imds: &Imds,
     group: &TestGroup,
+    names: Names,
     edit: impl FnOnce(&mut AgentConfig),
 ) -> Agent {
     let instance = &group.instance_ids[0];
     imds.set_instance_id(instance);
     let mut config = world.config();
-    config.instance_id = instance.clone();
     config.env.extend(imds.env());
-    config.extra.push_str(&format!(
-        "[fleet]\nauto_scaling_group = \"{}\"\nlifecycle_hook = \"{}\"\npoll_interval = \"200ms\"\n\
-         lifecycle_heartbeat = \"1s\"\nunprotect_after_idle = \"5s\"\n",
-        group.name, group.hook
-    ));
+    config.extra.push_str(
+        "[fleet]\npoll_interval = \"200ms\"\nlifecycle_heartbeat = \"1s\"\nunprotect_after_idle = \"15s\"\n",
+    );
+    match names {
+        Names::Configured => {
+            config.instance_id = instance.clone();
+            config.extra.push_str(&format!(
+                "auto_scaling_group = \"{}\"\nlifecycle_hook = \"{}\"\n",
+                group.name, group.hook
+            ));
+        }
+        // An empty instance_id: the agent reads it from the metadata.
+        Names::Discovered => config.instance_id = String::new(),
+    }
     edit(&mut config);
     let agent = Agent::start(config, &proxy.url());
     agent.wait_for_log("fleet handling is on", WAIT);
@@ -140,7 +159,10 @@ async fn scale_in_lets_a_stage_of_three_jobs_finish_then_completes_the_lifecycle
     let imds = Imds::start();
     let group = group(&world, "scalein").await;
     imds.set_lifecycle_state(Some("InService"));
-    let agent = fleet_agent(&world, &proxy, &imds, &group, |c| c.max_concurrent_jobs = 4);
+    let agent = fleet_agent(&world, &proxy, &imds, &group, Names::Discovered, |c| {
+        c.max_concurrent_jobs = 4
+    });
+    agent.wait_for_log(&format!("auto_scaling_group={}", group.name), WAIT);
     let sm = moto::create_state_machine(
         &world.sdk,
         &moto::unique_name("stage"),
@@ -296,17 +318,29 @@ async fn a_spot_notice_stops_a_long_job_before_the_deadline_and_another_agent_ru
     });
 
     // The two-minute notice: the job is stopped 110 s before the deadline, ~10 s from now.
-    let deadline = SystemTime::now() + Duration::from_secs(120);
-    imds.set_spot_action(
-        "terminate",
-        &humantime::format_rfc3339_seconds(deadline).to_string(),
-    );
+    // Whole seconds, as the metadata gives it.
+    let deadline_text =
+        humantime::format_rfc3339_seconds(SystemTime::now() + Duration::from_secs(120)).to_string();
+    let deadline = humantime::parse_rfc3339(&deadline_text).expect("a deadline");
+    imds.set_spot_action("terminate", &deadline_text);
     first.wait_for_log("Spot interruption notice", WAIT);
     first.wait_for_log("draining: intake stopped", WAIT);
     let failure = proxy
         .wait_for_request(WAIT, |r| r.operation() == Some("SendTaskFailure"))
         .expect("the stopped job's failure callback");
-    assert!(failure.at < deadline, "reported after the deadline");
+    // Stopped at the deadline less the margin, not at the notice: SIGTERM ends it at once
+    // (kill_grace 2 s would allow more), and the report follows within moments.
+    let stop_at = deadline - Duration::from_secs(110);
+    assert!(
+        failure.at > stop_at - Duration::from_secs(1),
+        "stopped {:?} before the deadline less the margin",
+        stop_at.duration_since(failure.at).unwrap_or_default()
+    );
+    assert!(
+        failure.at < stop_at + Duration::from_secs(2 + 5),
+        "reported {:?} after the deadline less the margin",
+        failure.at.duration_since(stop_at).unwrap_or_default()
+    );
     let body = failure.body_json().expect("a JSON callback");
     assert_eq!(body["error"], "Rsql.Interrupted", "{body}");
     // The draining agent does not take the Retry; a second agent on the same lock directory
@@ -361,7 +395,9 @@ async fn protection_is_set_while_busy_and_cleared_when_idle_with_one_call_each_w
     imds.set_lifecycle_state(Some("InService"));
     let instance = group.instance_ids[0].clone();
     assert!(!moto::is_protected_from_scale_in(&world.sdk, &instance).await);
-    let agent = fleet_agent(&world, &proxy, &imds, &group, |c| c.max_concurrent_jobs = 2);
+    let agent = fleet_agent(&world, &proxy, &imds, &group, Names::Configured, |c| {
+        c.max_concurrent_jobs = 2
+    });
     let sm = moto::create_state_machine(
         &world.sdk,
         &moto::unique_name("protect"),
@@ -444,6 +480,11 @@ async fn without_instance_metadata_the_agent_starts_at_once_and_says_nothing_ala
     .await;
     for (what, endpoint) in [("refused", closed), ("unanswered", blackhole.url())] {
         let mut config = world.config();
+        if what == "refused" {
+            // No instance_id: the agent asks the metadata for it, and falls back to the host
+            // name at once.
+            config.instance_id = String::new();
+        }
         config.env.extend([
             ("AWS_EC2_METADATA_SERVICE_ENDPOINT".to_string(), endpoint),
             ("AWS_EC2_METADATA_DISABLED".to_string(), "false".to_string()),

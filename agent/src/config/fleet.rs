@@ -95,7 +95,7 @@ const HEARTBEAT_MAX: Duration = Duration::from_secs(3600);
 const SPOT_NOTICE: Duration = Duration::from_secs(120);
 
 impl FleetSettings {
-    pub(super) fn from_raw(raw: RawFleet, kill_grace: Duration) -> Result<Self, KeyError> {
+    pub(super) fn from_raw(raw: RawFleet) -> Result<Self, KeyError> {
         let d = FleetSettings::default();
         let mode = match raw.enabled {
             None => d.mode,
@@ -141,11 +141,26 @@ impl FleetSettings {
                 d.unprotect_after_idle,
             )?,
         };
-        settings.check(kill_grace)?;
+        settings.check()?;
         Ok(settings)
     }
 
-    fn check(&self, kill_grace: Duration) -> Result<(), KeyError> {
+    /// What `check-config` and the daemon say when a job stopped ahead of a Spot interruption
+    /// would not have the time its `kill_grace` and its report need.
+    pub fn warning(&self, kill_grace: Duration) -> Option<String> {
+        let needed = kill_grace + Duration::from_secs(5);
+        (self.mode != FleetMode::Off && self.spot_stop_margin <= needed).then(|| {
+            format!(
+                "fleet.spot_stop_margin ({}) is not more than jobs.kill_grace ({}) plus 5s: a job \
+                 stopped ahead of a Spot interruption may be killed with its host before it ends \
+                 or is reported; raise the margin (below 2m) or lower kill_grace",
+                humantime::format_duration(self.spot_stop_margin),
+                humantime::format_duration(kill_grace)
+            )
+        })
+    }
+
+    fn check(&self) -> Result<(), KeyError> {
         let human = |d: Duration| humantime::format_duration(d).to_string();
         if !(POLL_MIN..=POLL_MAX).contains(&self.poll_interval) {
             return Err((
@@ -167,17 +182,11 @@ impl FleetSettings {
                 ),
             ));
         }
-        // A stopped job gets SIGTERM, then `kill_grace`, then SIGKILL, and its outcome must
-        // still reach Step Functions before the host goes.
-        if self.spot_stop_margin <= kill_grace + Duration::from_secs(5)
-            || self.spot_stop_margin >= SPOT_NOTICE
-        {
+        if self.spot_stop_margin.is_zero() || self.spot_stop_margin >= SPOT_NOTICE {
             return Err((
                 "fleet.spot_stop_margin",
                 format!(
-                    "must be more than jobs.kill_grace ({}) plus 5s, for the stop and the report, \
-                     and less than the 2-minute Spot notice; got {}",
-                    human(kill_grace),
+                    "must be more than 0s and less than the 2-minute Spot notice; got {}",
                     human(self.spot_stop_margin)
                 ),
             ));
@@ -198,7 +207,7 @@ mod tests {
 
     fn parse(text: &str) -> Result<FleetSettings, KeyError> {
         let raw: RawFleet = toml::from_str(text).map_err(|e| ("toml", e.to_string()))?;
-        FleetSettings::from_raw(raw, Duration::from_secs(30))
+        FleetSettings::from_raw(raw)
     }
 
     #[test]
@@ -219,12 +228,19 @@ mod tests {
     }
 
     #[test]
-    fn a_spot_margin_that_leaves_no_time_for_the_kill_grace_is_refused() {
-        let (key, reason) = parse("spot_stop_margin = \"30s\"").unwrap_err();
-        assert_eq!(key, "fleet.spot_stop_margin");
-        assert!(reason.contains("kill_grace (30s)"), "{reason}");
-        assert!(parse("spot_stop_margin = \"2m\"").is_err());
-        assert!(parse("spot_stop_margin = \"36s\"").is_ok());
+    fn a_spot_margin_that_leaves_no_time_for_the_kill_grace_is_a_warning_not_an_error() {
+        let s = parse("spot_stop_margin = \"30s\"").unwrap();
+        let warning = s.warning(Duration::from_secs(30)).expect("a warning");
+        assert!(warning.contains("kill_grace (30s)"), "{warning}");
+        assert_eq!(s.warning(Duration::from_secs(20)), None);
+        // Off: nothing to warn about.
+        let off = parse("enabled = false\nspot_stop_margin = \"30s\"").unwrap();
+        assert_eq!(off.warning(Duration::from_secs(60)), None);
+        assert_eq!(
+            parse("spot_stop_margin = \"2m\"").unwrap_err().0,
+            "fleet.spot_stop_margin"
+        );
+        assert!(parse("spot_stop_margin = \"0s\"").is_err());
     }
 
     #[test]

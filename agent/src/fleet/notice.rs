@@ -1,7 +1,10 @@
-//! What the instance metadata says about this instance's end, read into [`Notice`]s. Pure:
-//! the polling is in `fleet`.
+//! What the instance metadata says about this instance's end, read into [`Notice`]s: the
+//! paths, the documents' shapes, and [`Reader`], which reads them once per poll and gives each
+//! notice once.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use crate::imds::Imds;
 
 /// `/latest/meta-data/autoscaling/target-lifecycle-state`: 404 outside a group.
 pub const LIFECYCLE_STATE: &str = "/latest/meta-data/autoscaling/target-lifecycle-state";
@@ -49,6 +52,99 @@ pub fn spot_action(body: &str) -> Result<Notice, String> {
         action: a.action,
         deadline,
     })
+}
+
+/// Reads the three notices each poll; remembers what it has already given.
+#[derive(Debug)]
+pub struct Reader {
+    terminating: bool,
+    spot: bool,
+    rebalance: bool,
+    failures: u32,
+    spot_stop_margin: Duration,
+}
+
+/// A run of failed reads this long is worth one warning.
+const FAILURES_WORTH_A_LINE: u32 = 10;
+
+impl Reader {
+    pub fn new(spot_stop_margin: Duration) -> Reader {
+        Reader {
+            terminating: false,
+            spot: false,
+            rebalance: false,
+            failures: 0,
+            spot_stop_margin,
+        }
+    }
+
+    /// Nothing more can come: the instance is being terminated and reclaimed.
+    pub fn done(&self) -> bool {
+        self.terminating && self.spot
+    }
+
+    /// One round of reads; the notices not given before.
+    pub async fn read(&mut self, imds: &Imds) -> Vec<Notice> {
+        let mut new = Vec::new();
+        let mut failed = None;
+        if !self.terminating {
+            match imds.get(LIFECYCLE_STATE).await {
+                Ok(Some(state)) if is_terminating(&state) => {
+                    self.terminating = true;
+                    tracing::warn!(
+                        lifecycle_state = %state,
+                        "the Auto Scaling group is terminating this instance: draining; running jobs finish, then the lifecycle action is completed"
+                    );
+                    new.push(Notice::ScaleIn);
+                }
+                Ok(_) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        if !self.spot {
+            match imds.get(SPOT_ACTION).await {
+                Ok(Some(body)) => match spot_action(&body) {
+                    Ok(n) => {
+                        self.spot = true;
+                        if let Notice::Spot { action, deadline } = &n {
+                            tracing::warn!(
+                                %action,
+                                deadline = %humantime::format_rfc3339_seconds(*deadline),
+                                "Spot interruption notice: draining; jobs still running {} before the deadline are stopped and reported Rsql.Interrupted",
+                                humantime::format_duration(self.spot_stop_margin)
+                            );
+                        }
+                        new.push(n);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the Spot interruption notice"),
+                },
+                Ok(None) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        if !self.rebalance && !self.spot {
+            match imds.get(REBALANCE).await {
+                Ok(Some(_)) => {
+                    self.rebalance = true;
+                    tracing::warn!("Spot rebalance recommendation: draining, so that an interruption finds no job running; the instance takes no new job until the agent restarts");
+                    new.push(Notice::Rebalance);
+                }
+                Ok(None) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        match failed {
+            None => self.failures = 0,
+            Some(e) => {
+                self.failures += 1;
+                // A lost read is retried at the next poll; only a run of them is worth a line.
+                if self.failures == FAILURES_WORTH_A_LINE {
+                    tracing::warn!(error = %e, "cannot read the instance metadata; scale-in and Spot notices may be seen late");
+                }
+            }
+        }
+        new
+    }
 }
 
 #[cfg(test)]
