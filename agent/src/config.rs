@@ -12,7 +12,8 @@
 //! values: `agent`, `jobs` (with `[jobs.legacy]`), `intake`, `lock`, `logs`, `report`,
 //! `database`, `metrics` and `fleet`. `duration` reads durations, sizes and counts the same
 //! way for every table; `validate` checks paths, filesystems and duration bounds. This file
-//! is the root: [`Config`], [`ConfigError`], loading and parsing.
+//! is the root: [`Config`], [`ConfigError`], loading and parsing, and the `[jobs]` types
+//! ([`JobSettings`], [`LauncherChoice`]) that the job owner's launcher shares.
 //!
 //! Why a `Raw*` mirror rather than deserializing straight into the settings (with
 //! `humantime-serde` for the durations): a value that does not parse must fail with
