@@ -16,13 +16,13 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::job::JobSpec;
 use crate::joblog::{self, JobLog, LogName};
-use crate::lock::{self, Acquire, Decision, JobLock, LockDir, LockState, RunState};
-use crate::outcome::{self, Finished, LogLocation, Outcome};
+use crate::lock::{self, Acquire, Decision, JobLock, LockDir, LockState};
+use crate::outcome::Outcome;
 use crate::report::audit::{AuditError, JobAuditRecord, LocalAudit};
 use crate::supervisor::{self, Launch, StopReason, Supervisor};
 
-/// How much of stderr goes into a failure cause.
-const STDERR_TAIL_BYTES: usize = 4096;
+// Classifying and recording a finished run is the job owner's too; this path keeps working.
+pub use rsql_agent_core::run::{classify_run, record_outcome, RunFacts};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttemptError {
@@ -517,41 +517,6 @@ pub fn job_id(spec: &JobSpec, attempt_id: &str) -> String {
     format!("{}-{attempt_id}", lock::token_hash(&spec.lock_key))
 }
 
-/// What classifying a finished run needs besides the run itself.
-#[derive(Debug, Clone)]
-pub struct RunFacts<'a> {
-    pub job_name: &'a str,
-    pub workflow_execution_id: &'a str,
-    pub instance_id: &'a str,
-    pub timeout: Duration,
-    pub log_group: Option<String>,
-    pub log_stream: Option<String>,
-}
-
-/// Classifies a finished run: its ending, with the SQL error and the stderr tail read back
-/// from its log.
-pub fn classify_run(facts: &RunFacts<'_>, run: &supervisor::RunOutcome) -> Outcome {
-    let log_file = &run.log_path;
-    outcome::classify(Finished {
-        job_name: facts.job_name,
-        workflow_execution_id: facts.workflow_execution_id,
-        instance_id: facts.instance_id,
-        ending: &run.ending,
-        duration_ms: run.duration.as_millis() as u64,
-        timeout_secs: facts.timeout.as_secs(),
-        sql_error: joblog::extract_sql_error(log_file),
-        stderr_tail: joblog::stderr_tail(log_file, STDERR_TAIL_BYTES),
-        log: LogLocation {
-            log_group: facts.log_group.clone(),
-            log_stream: facts.log_stream.clone(),
-            log_file: Some(log_file.display().to_string()),
-        },
-        usage: run.usage,
-        log_complete: run.log_complete,
-    })
-    .masked()
-}
-
 /// Completes an attempt's audit record with how it ended.
 fn finish_record(
     record: &mut JobAuditRecord,
@@ -573,17 +538,4 @@ fn finish_record(
     record.cpu_ms = outcome.cpu_ms();
     record.max_rss_mb = outcome.max_rss_mb();
     record.log_complete = outcome.log_complete();
-}
-
-/// Sets a lock state record to the final state `outcome` means, with the outcome to replay.
-pub fn record_outcome(state: &mut LockState, outcome: &Outcome) {
-    state.state = match outcome {
-        Outcome::Completed(_) => RunState::Completed,
-        Outcome::Failed(f) if f.error == outcome::ErrorName::Interrupted => RunState::Interrupted,
-        Outcome::Failed(_) => RunState::Failed,
-        Outcome::Cancelled { .. } => RunState::Cancelled,
-    };
-    state.exit_code = outcome.exit_code();
-    state.outcome = serde_json::to_value(outcome.masked()).ok();
-    state.updated_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
 }

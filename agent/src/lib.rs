@@ -33,14 +33,16 @@
 //! (a local workflow runs each job in its own process, without an owner). The README has the
 //! same picture and what every module owns; docs/contract.md has what goes in and out.
 
+// The job's parts that know no AWS live in the core crate, which `rsql-job-owner` links
+// alone; re-exported at their old paths, so `crate::supervisor::Supervisor` still names them.
+pub use rsql_agent_core::{cgroup, error_chain, fsutil, lock, outcome, supervisor, trust};
+
 pub mod attempt;
 pub mod aws;
-pub mod cgroup;
 pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod fleet;
-pub mod fsutil;
 pub mod identity;
 pub mod imds;
 pub mod intake;
@@ -48,12 +50,10 @@ pub mod job;
 pub mod job_owner;
 pub mod joblog;
 pub mod legacy;
-pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod notify;
 pub mod orchestrate;
-pub mod outcome;
 pub mod owner;
 pub mod reload;
 pub mod report;
@@ -62,23 +62,5 @@ pub mod secrets;
 pub mod signals;
 pub mod slots;
 pub mod startup;
-pub mod supervisor;
 pub mod timeline;
-pub mod trust;
 pub mod workflow;
-
-/// An error and its sources on one line (`outer: inner: root`), each said once: a message
-/// that already includes its source's text is not repeated.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}

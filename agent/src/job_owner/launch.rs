@@ -33,17 +33,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+// The owner socket's protocol and the unit names are shared with the owner itself.
+pub use super::activation::{
+    valid_job_id, ActivationAnswer, ActivationRequest, SLICE, UNIT_PREFIX,
+};
 use super::JobDir;
 use crate::cgroup::{self, Capability, CgroupChoice, CgroupPlan, Placement};
 use crate::config::{JobSettings, LauncherChoice};
 use crate::supervisor::{JobUser, JobUserError};
 
-/// The systemd slice every job owner unit runs in.
-pub const SLICE: &str = "rsql-jobs.slice";
-/// Job owner units are instances of `rsql-job-owner@.service`.
-pub const UNIT_PREFIX: &str = "rsql-job-owner@";
 /// The agent's own unit; job units are ordered after it.
 pub const AGENT_UNIT: &str = "rsql-agent.service";
 /// Where `rsql-job-owner.socket` listens: a connection starts one owner unit.
@@ -79,34 +77,6 @@ pub enum LaunchError {
     },
     #[error("the job owner unit for job {job_id} refused it: {reason}")]
     Refused { job_id: String, reason: String },
-}
-
-/// A request on the owner socket: the job whose directory the new owner takes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActivationRequest {
-    pub v: u32,
-    pub job_id: String,
-}
-
-/// The owner's answer on the owner socket, once it listens on its own socket (or why not).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ActivationAnswer {
-    pub ok: bool,
-    /// The owner's systemd unit, for `systemctl status` and `journalctl -u`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unit: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// Whether `job_id` can only name a directory directly under the owners' directory.
-pub fn valid_job_id(job_id: &str) -> bool {
-    !job_id.is_empty()
-        && job_id.len() <= 200
-        && !job_id.starts_with('.')
-        && job_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
 /// How owners are started; see the module doc.
@@ -349,14 +319,6 @@ fn launch_direct(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_job_id_names_one_directory_under_the_owners_dir() {
-        assert!(valid_job_id("blog_1-rsql_blog_script_1.sh-a1b2"));
-        for bad in ["", "..", ".hidden", "a/b", "../etc", "a b", "a\nb"] {
-            assert!(!valid_job_id(bad), "{bad:?}");
-        }
-    }
 
     #[test]
     fn systemd_jobs_default_to_the_packaged_job_user() {

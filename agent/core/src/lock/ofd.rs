@@ -10,7 +10,7 @@ use nix::fcntl::{fcntl, FcntlArg};
 
 /// What a non-blocking lock attempt found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TryLock {
+pub enum TryLock {
     /// The lock is ours now.
     Locked,
     /// Another open file description (here, in another process, or on another NFS client)
@@ -33,7 +33,7 @@ fn whole_file(l_type: libc::c_int) -> libc::flock {
 }
 
 /// `F_OFD_SETLK` with a write lock on the whole file. Never blocks.
-pub(crate) fn try_write_lock(file: &File) -> Result<TryLock, Errno> {
+pub fn try_write_lock(file: &File) -> Result<TryLock, Errno> {
     let fl = whole_file(libc::F_WRLCK);
     loop {
         match fcntl(file, FcntlArg::F_OFD_SETLK(&fl)) {

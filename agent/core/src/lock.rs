@@ -59,7 +59,7 @@
 //! the path still names the file it locked, and starts over if not.
 
 mod decision;
-pub(crate) mod ofd;
+pub mod ofd;
 mod state;
 
 pub use decision::{decide, Decision, OnInterrupted};

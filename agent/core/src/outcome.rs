@@ -201,7 +201,7 @@ impl Outcome {
             }),
             Outcome::Cancelled { message } => Some(message.clone()),
         };
-        text.map(|t| crate::secrets::mask(&t).into_owned())
+        text.map(|t| crate::masking::mask(&t).into_owned())
     }
 }
 
@@ -584,7 +584,7 @@ impl SuccessOutput {
         // backslash in it must not cut across JSON's escaping.
         let masked = |out: &SuccessOutput| {
             let mut value = serde_json::to_value(out).unwrap_or_default();
-            crate::secrets::mask_json(&mut value);
+            crate::masking::mask_json(&mut value);
             serde_json::to_string(&value).unwrap_or_else(|_| "{}".to_string())
         };
         let json = masked(self);
@@ -603,7 +603,7 @@ impl SuccessOutput {
 /// `cause` with every secret the process knows written as `***` (see `secrets::mask`).
 fn mask_cause(cause: &FailureCause) -> FailureCause {
     let mut value = serde_json::to_value(cause).unwrap_or_default();
-    crate::secrets::mask_json(&mut value);
+    crate::masking::mask_json(&mut value);
     serde_json::from_value(value).unwrap_or_else(|_| cause.clone())
 }
 
@@ -612,7 +612,7 @@ impl Outcome {
     /// leaves the process (callbacks, audit, lock state).
     pub fn masked(&self) -> Outcome {
         let mut value = serde_json::to_value(self).unwrap_or_default();
-        crate::secrets::mask_json(&mut value);
+        crate::masking::mask_json(&mut value);
         serde_json::from_value(value).unwrap_or_else(|_| self.clone())
     }
 }
@@ -623,7 +623,7 @@ mod tests {
     fn a_password_with_json_escapes_is_masked_value_by_value_and_the_output_stays_json() {
         // A password no other test uses: the set of remembered secrets is process-wide.
         let password = "q\"uo\\te-9f3Z";
-        crate::secrets::remember(password);
+        crate::masking::remember(password);
         let out = super::SuccessOutput {
             job_name: "rsql_blog_script_1.sh".into(),
             workflow_execution_id: "night_1".into(),

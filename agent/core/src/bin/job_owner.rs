@@ -2,5 +2,5 @@
 //! by the agent, never by hand.
 
 fn main() -> std::process::ExitCode {
-    rsql_agent::job_owner::shim::main(std::env::args())
+    rsql_agent_core::job_owner::shim::main(std::env::args())
 }

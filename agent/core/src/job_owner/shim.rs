@@ -38,16 +38,16 @@ use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use super::launch::{valid_job_id, ActivationAnswer, ActivationRequest};
+use super::activation::{valid_job_id, ActivationAnswer, ActivationRequest};
 use super::{
     boot_id, ExitRecord, JobDir, JobDirError, JobFile, OwnerRecord, Reply, Request, StopWhy,
     PROTOCOL,
 };
-use crate::attempt::{classify_run, record_outcome, RunFacts};
 use crate::cgroup::JobCgroup;
 use crate::joblog::{JobLog, JobLogError};
 use crate::lock::{JobLock, LockError, LockState};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
+use crate::run::{classify_run, record_outcome, RunFacts};
 use crate::supervisor::{self, Launch, StopReason, Supervisor, SupervisorError};
 
 /// How long the owner waits for the agent's start request before it gives up, runs nothing
@@ -566,7 +566,7 @@ async fn supervise(
         unsafe { std::env::set_var(name, value) };
     }
     // The password this job gets is masked in everything this process writes about it.
-    crate::secrets::remember_env(&launch.env);
+    crate::masking::remember_env(&launch.env);
     let started_at = SystemTime::now();
     let handle = match supervisor.start(launch) {
         Ok(handle) => handle,
