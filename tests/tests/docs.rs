@@ -7,13 +7,14 @@
 //!   Markdown file names one of its headings;
 //! - every repository path written in backticks (`agent/src/daemon/owned.rs`,
 //!   `packaging/aws/stack.yaml`): it exists;
-//! - every `module::Item` of the agent crate, in backticks or in a code block
-//!   (`lock::JobLock`, `signals::Controls`, `supervisor::Supervisor::start`): the module path
-//!   is a module of `agent/src`, and its first item (and a method or variant after it) is
-//!   defined there.
+//! - every `module::Item` of the agent, in backticks or in a code block (`lock::JobLock`,
+//!   `signals::Controls`, `supervisor::Supervisor::start`): the module path is a module of
+//!   `agent/src` or of the core crate's `agent/core/src` (one module tree: the agent
+//!   re-exports the core's modules at the same paths), and its first item (and a method or
+//!   variant after it) is defined there.
 //!
-//! And the README's architecture section names every module under `agent/src`, and no
-//! module that is gone.
+//! And the README's architecture section names every module under `agent/src` and
+//! `agent/core/src`, and no module that is gone.
 //!
 //! And docs/configuration.md documents every config key, and only those: the keys are asked
 //! of the agent's own config parser (which refuses an unknown key, listing the table's
@@ -250,6 +251,7 @@ fn module_paths(text: &str, root: &Path) -> Vec<Vec<String>> {
         .filter_map(|token| {
             let token = token
                 .trim_start_matches("crate::")
+                .trim_start_matches("rsql_agent_core::")
                 .trim_start_matches("rsql_agent::")
                 .trim_matches(':');
             let segments: Vec<String> = token.split("::").map(str::to_string).collect();
@@ -263,25 +265,38 @@ fn module_paths(text: &str, root: &Path) -> Vec<Vec<String>> {
         .collect()
 }
 
-/// The source of a module path: its file and, when it has one, its directory. `None` when
-/// the path is not a module of `agent/src`.
-fn module_files(root: &Path, module: &[String]) -> Option<(PathBuf, Option<PathBuf>)> {
+/// Where the agent's modules live: its own crate and the core crate, one module tree (the
+/// agent re-exports the core's modules at the same paths).
+const SOURCE_ROOTS: &[&str] = &["agent/src", "agent/core/src"];
+
+/// A module's source in one crate: its file and, when it has one, its directory.
+type ModuleFiles = (PathBuf, Option<PathBuf>);
+
+/// The source of a module path in each crate that has it (`joblog` is in both). `None` when
+/// the path is a module of neither `agent/src` nor `agent/core/src`.
+fn module_files(root: &Path, module: &[String]) -> Option<Vec<ModuleFiles>> {
     if matches!(module, [m] if m == "lib" || m == "main") {
         return None;
     }
-    let mut dir = root.join("agent/src");
-    for part in &module[..module.len() - 1] {
-        dir = dir.join(part);
-    }
     let last = module.last()?;
-    let file = [
-        dir.join(format!("{last}.rs")),
-        dir.join(last).join("mod.rs"),
-    ]
-    .into_iter()
-    .find(|f| f.is_file())?;
-    let subdir = dir.join(last);
-    Some((file, subdir.is_dir().then_some(subdir)))
+    let found: Vec<ModuleFiles> = SOURCE_ROOTS
+        .iter()
+        .filter_map(|source_root| {
+            let mut dir = root.join(source_root);
+            for part in &module[..module.len() - 1] {
+                dir = dir.join(part);
+            }
+            let file = [
+                dir.join(format!("{last}.rs")),
+                dir.join(last).join("mod.rs"),
+            ]
+            .into_iter()
+            .find(|f| f.is_file())?;
+            let subdir = dir.join(last);
+            Some((file, subdir.is_dir().then_some(subdir)))
+        })
+        .collect();
+    (!found.is_empty()).then_some(found)
 }
 
 /// Every `.rs` file of a module: its own file and everything under its directory.
@@ -345,19 +360,29 @@ fn check_item(root: &Path, segments: &[String]) -> Result<(), String> {
         depth += 1;
     }
     let module = &segments[..depth];
-    let (file, dir) = module_files(root, module).expect("the first segment is a module");
+    let found = module_files(root, module).expect("the first segment is a module");
     let rest = &segments[depth..];
     let Some(item) = rest.first() else {
         return Ok(());
     };
-    let source = module_sources(&file, dir.as_deref());
-    let place = format!(
-        "{}{}",
-        file.strip_prefix(root).unwrap_or(&file).display(),
-        dir.as_ref()
-            .map(|d| format!(" or {}/", d.strip_prefix(root).unwrap_or(d).display()))
-            .unwrap_or_default()
-    );
+    let source: String = found
+        .iter()
+        .map(|(file, dir)| module_sources(file, dir.as_deref()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let place = found
+        .iter()
+        .map(|(file, dir)| {
+            format!(
+                "{}{}",
+                file.strip_prefix(root).unwrap_or(file).display(),
+                dir.as_ref()
+                    .map(|d| format!(" or {}/", d.strip_prefix(root).unwrap_or(d).display()))
+                    .unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" or ");
     if !defines_item(&source, item) {
         return Err(format!(
             "`{written}`: no item `{item}` in module `{}` ({place})",
@@ -421,32 +446,36 @@ fn every_path_link_and_item_the_docs_name_exists() {
     assert!(checked > 50, "only {checked} references found in the docs");
 }
 
-/// Module paths of `agent/src`, as `a` or `a/b`: every `.rs` file but the crate roots and
-/// the binaries.
+/// Module paths of `agent/src` and `agent/core/src`, as `a` or `a/b`: every `.rs` file but
+/// the crate roots and the binaries.
 fn agent_modules(root: &Path) -> BTreeSet<String> {
-    let src = root.join("agent/src");
     let mut modules = BTreeSet::new();
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("agent/src is readable") {
-            let path = entry.expect("directory entry").path();
-            let relative = path
-                .strip_prefix(&src)
-                .expect("under agent/src")
-                .to_path_buf();
-            if path.is_dir() {
-                if relative != Path::new("bin") {
-                    stack.push(path);
+    for source_root in SOURCE_ROOTS {
+        let src = root.join(source_root);
+        let mut stack = vec![src.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            {
+                let path = entry.expect("directory entry").path();
+                let relative = path
+                    .strip_prefix(&src)
+                    .expect("under the source root")
+                    .to_path_buf();
+                if path.is_dir() {
+                    if relative != Path::new("bin") {
+                        stack.push(path);
+                    }
+                    continue;
                 }
-                continue;
-            }
-            if path.extension().is_none_or(|e| e != "rs") {
-                continue;
-            }
-            let name = relative.with_extension("").to_string_lossy().into_owned();
-            let name = name.strip_suffix("/mod").unwrap_or(&name).to_string();
-            if name != "lib" && name != "main" {
-                modules.insert(name);
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let name = relative.with_extension("").to_string_lossy().into_owned();
+                let name = name.strip_suffix("/mod").unwrap_or(&name).to_string();
+                if name != "lib" && name != "main" {
+                    modules.insert(name);
+                }
             }
         }
     }
@@ -469,14 +498,18 @@ fn the_readme_architecture_names_every_module() {
         .split(|c: char| !(is_ident(c) || c == '/'))
         .collect();
     let modules = agent_modules(&root);
-    assert!(modules.len() > 20, "found only {modules:?} under agent/src");
+    assert!(
+        modules.len() > 20,
+        "found only {modules:?} under agent/src and agent/core/src"
+    );
     let missing: Vec<String> = modules
         .iter()
         .filter(|m| !words.contains(m.as_str()))
         .map(|m| {
             format!(
                 "README.md: the Architecture section does not name the module `{m}` \
-                 (agent/src/{m}.rs); add it, as `{m}`, with what it owns"
+                 (agent/src/{m}.rs or agent/core/src/{m}.rs); add it, as `{m}`, with what it \
+                 owns"
             )
         })
         .collect();
@@ -496,7 +529,7 @@ fn the_readme_architecture_names_every_module() {
         .map(|w| {
             format!(
                 "README.md: the Architecture section names `{w}`, which is not a module under \
-                 agent/src (moved or renamed?)"
+                 agent/src or agent/core/src (moved or renamed?)"
             )
         })
         .collect();
@@ -505,7 +538,7 @@ fn the_readme_architecture_names_every_module() {
     broken.extend(stale);
     report(
         &broken,
-        "differences between agent/src and the README's architecture",
+        "differences between the agent's modules and the README's architecture",
     );
 }
 

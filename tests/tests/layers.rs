@@ -1,13 +1,20 @@
-//! The modules of the `rsql_agent` library (`agent/src`) import each other in one direction:
-//! no import cycle, and no import from a lower layer up to a higher one.
+//! The modules of the agent import each other in one direction: no import cycle, and no
+//! import from a lower layer up to a higher one. And the core crate keeps out of the AWS SDKs.
+//!
+//! The agent is two crates with one module tree: `rsql_agent` (`agent/src`) and the core
+//! crate without AWS, `rsql_agent_core` (`agent/core/src`), whose modules the agent
+//! re-exports at the same paths (`crate::supervisor` is the core's `supervisor` in both).
+//! A module may have a file in each (`joblog`: the file in the core, its CloudWatch shipper in
+//! the agent); both files are read as that one module.
 //!
 //! The graph is read from the source itself (std only, no network, no build): every
 //! `use crate::…`/`use super::…`/`use self::…` (use trees included), every such path in code,
 //! and every path through a child module a file declares (`mod batch;` then `batch::Batch`).
 //! Comments, doc links and string literals do not count. A path is resolved to the module it
-//! names, one node per file (`attempt`, `report::audit`, `joblog::cloudwatch::shipper`); an
+//! names, one node per module (`attempt`, `report::audit`, `joblog::cloudwatch::shipper`); an
 //! item a module re-exports (`pub use state::Position`) counts as an import of the module
-//! that defines it. The crate root (`lib.rs`: the module list and `error_chain`) is no node.
+//! that defines it. The crate roots (`lib.rs`: the module lists, the re-exports and
+//! `error_chain`) are no node.
 //!
 //! - **Cycles.** A cycle between modules fails the test, spelled out as `a → b → c → a`, each
 //!   step with a `file:line` that makes it. Imports between a module and its own descendants
@@ -18,6 +25,8 @@
 //!   may import its own layer and any layer below; an import of a higher layer fails with
 //!   its `file:line`. A new module must be given a layer here, and an entry that names no
 //!   module fails too.
+//! - **No AWS in the core.** `agent/core/Cargo.toml` names no `aws-*` crate and not the
+//!   agent, in any dependency table: `rsql-job-owner` is built from that crate alone.
 //!
 //! The binaries (`main.rs`, `bin/`) are the top and are not checked.
 
@@ -30,8 +39,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "plumbing that knows no job",
         &[
-            "fsutil", "trust", "secrets", "signals", "notify", "identity", "imds", "slots",
-            "logging", "aws",
+            "fsutil", "trust", "masking", "secrets", "signals", "notify", "identity", "imds",
+            "slots", "logging", "aws",
         ],
     ),
     (
@@ -45,6 +54,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "workflow::stage",
             "supervisor",
             "outcome",
+            "run",
         ],
     ),
     (
@@ -86,37 +96,45 @@ fn name(module: &[String]) -> String {
     }
 }
 
-/// Every library module with a file of its own, and that file (relative to the repository).
-fn library_files(root: &Path) -> BTreeMap<ModPath, PathBuf> {
-    let src = root.join("agent/src");
-    let mut files = BTreeMap::new();
-    let mut stack = vec![src.clone()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).expect("agent/src is readable") {
-            let path = entry.expect("directory entry").path();
-            let relative = path.strip_prefix(&src).expect("under agent/src");
-            if path.is_dir() {
-                if relative != Path::new("bin") {
-                    stack.push(path);
+/// Where the library modules live: the agent's crate and the core crate, one module tree.
+const SOURCE_ROOTS: &[&str] = &["agent/src", "agent/core/src"];
+
+/// Every library module with a file of its own, and its files (relative to the repository):
+/// one, or one in each crate.
+fn library_files(root: &Path) -> BTreeMap<ModPath, Vec<PathBuf>> {
+    let mut files: BTreeMap<ModPath, Vec<PathBuf>> = BTreeMap::new();
+    for source_root in SOURCE_ROOTS {
+        let src = root.join(source_root);
+        let mut stack = vec![src.clone()];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+            {
+                let path = entry.expect("directory entry").path();
+                let relative = path.strip_prefix(&src).expect("under the source root");
+                if path.is_dir() {
+                    if relative != Path::new("bin") {
+                        stack.push(path);
+                    }
+                    continue;
                 }
-                continue;
+                if path.extension().is_none_or(|e| e != "rs") || relative == Path::new("main.rs") {
+                    continue;
+                }
+                let mut module: ModPath = relative
+                    .with_extension("")
+                    .iter()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .collect();
+                if matches!(module.last().map(String::as_str), Some("mod" | "lib")) {
+                    module.pop();
+                }
+                let file = path
+                    .strip_prefix(root)
+                    .expect("under the root")
+                    .to_path_buf();
+                files.entry(module).or_default().push(file);
             }
-            if path.extension().is_none_or(|e| e != "rs") || relative == Path::new("main.rs") {
-                continue;
-            }
-            let mut module: ModPath = relative
-                .with_extension("")
-                .iter()
-                .map(|s| s.to_string_lossy().into_owned())
-                .collect();
-            if matches!(module.last().map(String::as_str), Some("mod" | "lib")) {
-                module.pop();
-            }
-            let file = path
-                .strip_prefix(root)
-                .expect("under the root")
-                .to_path_buf();
-            files.insert(module, file);
         }
     }
     files
@@ -454,7 +472,7 @@ fn parse(code: &str, module: &ModPath) -> Parsed {
 
 /// The library's modules and who imports whom.
 struct Graph {
-    files: BTreeMap<ModPath, PathBuf>,
+    files: BTreeMap<ModPath, Vec<PathBuf>>,
     /// Every import: from, to, and the `file:line` that makes it.
     edges: Vec<(ModPath, ModPath, String)>,
 }
@@ -489,7 +507,7 @@ fn absolute(scope: &[String], segments: &[String]) -> Vec<String> {
 /// a re-exported item followed to the module that defines it.
 fn module_of(
     path: &[String],
-    files: &BTreeMap<ModPath, PathBuf>,
+    files: &BTreeMap<ModPath, Vec<PathBuf>>,
     reexports: &HashMap<(ModPath, String), Vec<String>>,
     hops: usize,
 ) -> ModPath {
@@ -518,17 +536,19 @@ fn graph() -> Graph {
     let files = library_files(&root);
     let mut parsed = Vec::new();
     let mut reexports = HashMap::new();
-    for (module, file) in &files {
-        let source = std::fs::read_to_string(root.join(file))
-            .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
-        let p = parse(&code_only(&source), module);
-        for (binds, reference) in &p.reexports {
-            reexports.insert(
-                (module.clone(), binds.clone()),
-                absolute(&reference.scope, &reference.segments),
-            );
+    for (module, module_files) in &files {
+        for file in module_files {
+            let source = std::fs::read_to_string(root.join(file))
+                .unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+            let p = parse(&code_only(&source), module);
+            for (binds, reference) in &p.reexports {
+                reexports.insert(
+                    (module.clone(), binds.clone()),
+                    absolute(&reference.scope, &reference.segments),
+                );
+            }
+            parsed.push((module.clone(), file.clone(), p));
         }
-        parsed.push((module.clone(), file.clone(), p));
     }
     let mut edges = Vec::new();
     for (module, file, p) in &parsed {
@@ -740,7 +760,7 @@ fn no_module_imports_a_higher_layer() {
         if layer_of(module).is_none() {
             broken.push(format!(
                 "{}: the module `{}` is in no layer; add it to LAYERS in tests/tests/layers.rs",
-                g.files[module].display(),
+                g.files[module][0].display(),
                 name(module)
             ));
         }
@@ -750,7 +770,8 @@ fn no_module_imports_a_higher_layer() {
             let path: ModPath = entry.split("::").map(str::to_string).collect();
             if !g.files.contains_key(&path) {
                 broken.push(format!(
-                    "tests/tests/layers.rs: LAYERS names `{entry}`, which is not a module of agent/src"
+                    "tests/tests/layers.rs: LAYERS names `{entry}`, which is not a module of agent/src \
+                     or agent/core/src"
                 ));
             }
         }
@@ -777,5 +798,135 @@ fn no_module_imports_a_higher_layer() {
          uses it, or the module to its layer in LAYERS):\n{}\n",
         broken.len(),
         broken.join("\n")
+    );
+}
+
+/// The crates `manifest` depends on, from every dependency table (`[dependencies]`,
+/// `[dev-dependencies]`, `[target.'…'.dependencies]`, `[dependencies.name]`), as
+/// `(line, crate)`: the key, or the crate a `package = "…"` renames. A line parser, enough for
+/// the manifest's plain `name = …` and `name.workspace = true` entries.
+fn manifest_dependencies(manifest: &str) -> Vec<(usize, String)> {
+    /// Where a line is: outside any dependency table, in one (`[dependencies]`), or in the
+    /// table of one dependency (`[dependencies.name]`).
+    #[derive(PartialEq)]
+    enum Table {
+        Other,
+        Dependencies,
+        One,
+    }
+    let mut found = Vec::new();
+    let mut table = Table::Other;
+    for (n, line) in manifest.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if let Some(header) = line.strip_prefix('[') {
+            let header = header.trim_end_matches(']').trim();
+            table = match header.rsplit_once("dependencies.") {
+                Some((_, name)) => {
+                    let name = name.trim_matches(|c| c == '"' || c == '\'');
+                    found.push((n + 1, name.to_string()));
+                    Table::One
+                }
+                None if header.ends_with("dependencies") => Table::Dependencies,
+                None => Table::Other,
+            };
+            continue;
+        }
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        if table == Table::Other {
+            continue;
+        }
+        // A renamed dependency: `sqs = { package = "aws-sdk-sqs" }` or `package = "…"`.
+        let renamed = if key == "package" {
+            value.split('"').nth(1)
+        } else {
+            value
+                .split_once("package")
+                .and_then(|(_, rest)| rest.split('"').nth(1))
+        };
+        if let Some(package) = renamed {
+            found.push((n + 1, package.to_string()));
+        }
+        if table == Table::Dependencies {
+            let name = key.split('.').next().unwrap_or("").trim_matches('"');
+            found.push((n + 1, name.to_string()));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_core_crate_depends_on_no_aws_crate() {
+    let manifest = repo().join("agent/core/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", manifest.display()));
+    let deps = manifest_dependencies(&text);
+    let names: BTreeSet<&str> = deps.iter().map(|(_, d)| d.as_str()).collect();
+    // The parser does read the manifest: the core's own dependencies are there.
+    for expected in ["tokio", "nix", "serde_json"] {
+        assert!(
+            names.contains(expected),
+            "found no `{expected}` among {names:?} in agent/core/Cargo.toml; is the parser broken?"
+        );
+    }
+    let aws: Vec<String> = deps
+        .iter()
+        .filter(|(_, d)| d.starts_with("aws-") || d.starts_with("aws_") || d == "rsql-agent")
+        .map(|(line, d)| format!("agent/core/Cargo.toml:{line}: `{d}`"))
+        .collect();
+    assert!(
+        aws.is_empty(),
+        "the core crate must not depend on an AWS crate (nor on the agent, which does): \
+         rsql-job-owner is built from it alone. Move the code that needs AWS to the agent:\n{}\n",
+        aws.join("\n")
+    );
+}
+
+#[test]
+fn the_manifest_parser_finds_every_kind_of_dependency() {
+    let manifest = r#"
+[package]
+name = "x"
+description = "aws-sdk-sqs in a description is no dependency"
+
+[dependencies]
+tokio.workspace = true
+serde = { version = "1" }
+sqs = { package = "aws-sdk-sqs", version = "1" }
+
+[dev-dependencies]
+aws-config = "1" # a comment
+
+[target.'cfg(unix)'.dependencies]
+libc = "0.2"
+
+[dependencies.aws-sdk-sfn]
+version = "1"
+
+[dependencies.sm]
+package = "aws-sdk-secretsmanager"
+
+[lints]
+workspace = true
+"#;
+    let found: Vec<String> = manifest_dependencies(manifest)
+        .into_iter()
+        .map(|(line, d)| format!("{line}:{d}"))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            "7:tokio",
+            "8:serde",
+            "9:aws-sdk-sqs",
+            "9:sqs",
+            "12:aws-config",
+            "15:libc",
+            "17:aws-sdk-sfn",
+            "20:sm",
+            "21:aws-sdk-secretsmanager"
+        ]
     );
 }
