@@ -135,7 +135,9 @@ impl Fleet {
 pub enum Detected {
     Off(String),
     /// On; `lifecycle_state` is `None` outside a group (`enabled = true`: Spot notices only).
-    On { lifecycle_state: Option<String> },
+    On {
+        lifecycle_state: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Detected {

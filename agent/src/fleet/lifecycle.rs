@@ -311,7 +311,9 @@ impl Me<'_> {
                 .send()
                 .await;
             match sent {
-                Ok(_) => tracing::debug!(lifecycle_hook = %hook.name, "lifecycle action heartbeat sent"),
+                Ok(_) => {
+                    tracing::debug!(lifecycle_hook = %hook.name, "lifecycle action heartbeat sent")
+                }
                 Err(e) => tracing::warn!(
                     lifecycle_hook = %hook.name,
                     error = %DisplayErrorContext(&e),
@@ -337,7 +339,9 @@ impl Me<'_> {
                 .send()
                 .await;
             match sent {
-                Ok(_) => tracing::info!(lifecycle_hook = %hook.name, "every outcome is delivered: completed the lifecycle action; the group terminates this instance"),
+                Ok(_) => {
+                    tracing::info!(lifecycle_hook = %hook.name, "every outcome is delivered: completed the lifecycle action; the group terminates this instance")
+                }
                 // No action waits on this hook: it timed out, or there was none.
                 Err(e) if no_action(&e) => {
                     tracing::info!(lifecycle_hook = %hook.name, error = %DisplayErrorContext(&e), "no lifecycle action to complete")
@@ -415,7 +419,10 @@ mod tests {
         let configured = Duration::from_secs(60);
         assert_eq!(heartbeat_period(configured, &[]), configured);
         assert_eq!(heartbeat_period(configured, &[hook(None)]), configured);
-        assert_eq!(heartbeat_period(configured, &[hook(Some(3600))]), configured);
+        assert_eq!(
+            heartbeat_period(configured, &[hook(Some(3600))]),
+            configured
+        );
         assert_eq!(
             heartbeat_period(configured, &[hook(Some(3600)), hook(Some(30))]),
             Duration::from_secs(10)

@@ -116,7 +116,9 @@ impl Reader {
                         }
                         new.push(n);
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot read the Spot interruption notice"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the Spot interruption notice")
+                    }
                 },
                 Ok(None) => {}
                 Err(e) => failed = Some(e.to_string()),
