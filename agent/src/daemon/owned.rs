@@ -25,7 +25,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 
-use super::{failure, finish_stored, Delivered, JobStop, Shared, Source};
+use super::ack::{finish, finish_stored};
+use super::audit::job_end_metrics;
+use super::heartbeat::{heartbeat_loop, tick_for};
+use super::{failure, Delivered, JobStop, Shared, Source};
 use crate::intake::sqs::Delivery;
 use crate::job::JobSpec;
 use crate::job_owner::client::{self, OwnerConn};
@@ -134,7 +137,7 @@ pub(super) async fn run(
         Err(e) => {
             let outcome = failure(ErrorName::ConnectionFailed, e.to_string());
             tracing::error!(error = %e, "cannot get the database credentials");
-            return super::finish(&shared, &source, Some(held), Some(&token), outcome, None).await;
+            return finish(&shared, &source, Some(held), Some(&token), outcome, None).await;
         }
     };
     let job = match prepare(&shared, &source, &spec, &token, &token_hash, attempt) {
@@ -182,7 +185,7 @@ pub(super) async fn run(
             if let Err(e) = shared.attempts.audit.record_job(&record) {
                 tracing::warn!(error = %e, "cannot write the local audit record");
             }
-            return super::finish(
+            return finish(
                 &shared,
                 &source,
                 Some(held),
@@ -241,7 +244,7 @@ async fn not_started(
         ErrorName::Interrupted,
         format!("the job was not started: {reason}"),
     );
-    super::finish(shared, source, Some(held), Some(token), outcome, None).await
+    finish(shared, source, Some(held), Some(token), outcome, None).await
 }
 
 /// Builds `job.json` and creates the job's log file (so a full or unwritable log directory
@@ -488,7 +491,7 @@ async fn report(
         error = outcome.error_message(),
         "job finished"
     );
-    super::job_end_metrics(
+    job_end_metrics(
         &shared,
         (&job.workflow_id, &job.workflow_execution_id, &job.job_name),
         &outcome,
@@ -735,7 +738,7 @@ async fn watch_owner(
     mut shutdown: watch::Receiver<JobStop>,
     overdue: Duration,
 ) -> Watched {
-    let tick = super::tick_for(
+    let tick = tick_for(
         job.heartbeat_ms.map(Duration::from_millis),
         shared.attempts.live().jobs.heartbeat_interval,
         match (source, &shared.sqs) {
@@ -744,7 +747,7 @@ async fn watch_owner(
         },
     );
     let (closed_tx, mut closed_rx) = mpsc::channel::<()>(1);
-    let heartbeats = super::heartbeat_loop(shared, &job.task_token, source, tick, closed_tx);
+    let heartbeats = heartbeat_loop(shared, &job.task_token, source, tick, closed_tx);
     tokio::pin!(heartbeats);
     let mut stops_sent = 0u32;
     let mut shutdown_open = true;
