@@ -5,7 +5,7 @@ use super::Shared;
 use crate::job::JobSpec;
 use crate::lock::LockState;
 use crate::outcome::Outcome;
-use crate::report::audit::JobAuditRecord;
+use crate::report::audit::{JobAuditRecord, JobNames};
 
 /// Writes a job's end to the metrics (when they are on).
 pub(super) fn job_end_metrics(
@@ -59,37 +59,24 @@ pub(super) fn run_record(
         ),
         Outcome::Cancelled { .. } => (None, None, None, None),
     };
-    JobAuditRecord {
-        job_name: spec.job_name.clone(),
-        workflow_execution_id: spec.workflow_execution_id.clone(),
-        workflow_id: spec.workflow_id.clone(),
-        execution_status: outcome.status().to_string(),
-        execution_start_ts: previous.started_at.clone(),
-        execution_end_ts: Some(if replayed {
+    JobAuditRecord::running(
+        JobNames::of(spec),
+        if replayed {
+            &previous.instance_id
+        } else {
+            &shared.attempts.instance_id
+        },
+        previous.started_at.clone(),
+        previous.attempt,
+    )
+    .with_log(log_group, log_stream, log_file)
+    .finished(
+        outcome,
+        if replayed {
             previous.updated_at.clone()
         } else {
             crate::workflow::now_ts()
-        }),
-        instance_id: if replayed {
-            previous.instance_id.clone()
-        } else {
-            shared.attempts.instance_id.clone()
         },
-        exit_code: outcome.exit_code(),
-        error_message: outcome.error_message(),
-        sql_state: match outcome {
-            Outcome::Failed(f) => f.cause.sql_state.clone(),
-            _ => None,
-        },
-        log_group,
-        log_stream,
-        log_file,
-        attempt: previous.attempt,
         duration_ms,
-        cpu_ms: outcome.cpu_ms(),
-        max_rss_mb: outcome.max_rss_mb(),
-        log_complete: outcome.log_complete(),
-        ssm_command_id: spec.ssm_command_id.clone(),
-        stage: None,
-    }
+    )
 }

@@ -39,7 +39,7 @@ use crate::joblog::cloudwatch::Shipment;
 use crate::joblog::{self, JobLog, LogName};
 use crate::lock::{Acquire, JobLock};
 use crate::outcome::{ErrorName, Outcome};
-use crate::report::audit::JobAuditRecord;
+use crate::report::audit::{JobAuditRecord, JobNames};
 use crate::report::outbox::OutboxEntry;
 use crate::supervisor::{self, INHERITED_ENV};
 
@@ -156,7 +156,7 @@ pub(super) async fn run(
         dir.remove();
         return not_started(&shared, &source, held, &token, reason).await;
     }
-    let record = running_record(&shared, &job, &spec);
+    let record = running_record(&shared, &job);
     if let Err(e) = shared.attempts.audit.record_job(&record) {
         tracing::warn!(error = %e, "cannot write the local audit record");
     }
@@ -346,29 +346,23 @@ fn prepare(
     })
 }
 
-fn running_record(shared: &Shared, job: &JobFile, spec: &JobSpec) -> JobAuditRecord {
-    JobAuditRecord {
-        job_name: job.job_name.clone(),
-        workflow_execution_id: job.workflow_execution_id.clone(),
-        workflow_id: job.workflow_id.clone(),
-        execution_status: "running".to_string(),
-        execution_start_ts: job.started_at.clone(),
-        execution_end_ts: None,
-        instance_id: shared.attempts.instance_id.clone(),
-        exit_code: None,
-        error_message: None,
-        sql_state: None,
-        log_group: job.log_group.clone(),
-        log_stream: job.log_stream.clone(),
-        log_file: Some(job.log_file.display().to_string()),
-        attempt: job.attempt,
-        duration_ms: None,
-        cpu_ms: None,
-        max_rss_mb: None,
-        log_complete: None,
-        ssm_command_id: spec.ssm_command_id.clone(),
-        stage: None,
-    }
+fn running_record(shared: &Shared, job: &JobFile) -> JobAuditRecord {
+    JobAuditRecord::running(
+        JobNames {
+            job_name: &job.job_name,
+            workflow_execution_id: &job.workflow_execution_id,
+            workflow_id: &job.workflow_id,
+            ssm_command_id: job.ssm_command_id.as_deref(),
+        },
+        &shared.attempts.instance_id,
+        job.started_at.clone(),
+        job.attempt,
+    )
+    .with_log(
+        job.log_group.clone(),
+        job.log_stream.clone(),
+        Some(job.log_file.display().to_string()),
+    )
 }
 
 /// What an adopted job's directory says.
@@ -953,34 +947,12 @@ fn final_record(
     outcome: &Outcome,
     exit: Option<&ExitRecord>,
 ) -> JobAuditRecord {
-    JobAuditRecord {
-        job_name: job.job_name.clone(),
-        workflow_execution_id: job.workflow_execution_id.clone(),
-        workflow_id: job.workflow_id.clone(),
-        execution_status: outcome.status().to_string(),
-        execution_start_ts: job.started_at.clone(),
-        execution_end_ts: Some(
-            exit.map(|e| e.ended_at.clone())
-                .unwrap_or_else(crate::workflow::now_ts),
-        ),
-        instance_id: shared.attempts.instance_id.clone(),
-        exit_code: outcome.exit_code(),
-        error_message: outcome.error_message(),
-        sql_state: match outcome {
-            Outcome::Failed(f) => f.cause.sql_state.clone(),
-            _ => None,
-        },
-        log_group: job.log_group.clone(),
-        log_stream: job.log_stream.clone(),
-        log_file: Some(job.log_file.display().to_string()),
-        attempt: job.attempt,
-        duration_ms: exit.map(|e| e.duration_ms),
-        cpu_ms: outcome.cpu_ms(),
-        max_rss_mb: outcome.max_rss_mb(),
-        log_complete: outcome.log_complete(),
-        ssm_command_id: job.ssm_command_id.clone(),
-        stage: None,
-    }
+    running_record(shared, job).finished(
+        outcome,
+        exit.map(|e| e.ended_at.clone())
+            .unwrap_or_else(crate::workflow::now_ts),
+        exit.map(|e| e.duration_ms),
+    )
 }
 
 /// The token hash of an adopted job, for its log span.
