@@ -46,6 +46,7 @@ mod ack;
 mod audit;
 pub mod control;
 mod delivery;
+mod ending;
 mod hand_off;
 mod heartbeat;
 mod live;

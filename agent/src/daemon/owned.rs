@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::ack::{finish, finish_stored};
 use super::audit::job_end_metrics;
+use super::ending::{self, Ending, Leftovers, OwnerEffects, WatchAction};
 use super::heartbeat::{heartbeat_loop, tick_for};
 use super::{failure, Delivered, JobStop, Shared, Source};
 use crate::intake::sqs::Delivery;
@@ -437,7 +438,13 @@ pub(super) async fn watch_job(
     let pin = joblog::pin(&job.log_file).ok();
     let ending = match conn {
         Some(conn) => {
-            let overdue = overdue_in(&job, adopted);
+            let ran = adopted.then(|| {
+                humantime::parse_rfc3339(&job.started_at)
+                    .ok()
+                    .and_then(|started| started.elapsed().ok())
+                    .unwrap_or_default()
+            });
+            let overdue = ending::overdue_in(&job, ran, OWNER_START_TIMEOUT);
             match watch_owner(&shared, &source, &dir, &job, conn, shutdown, overdue).await {
                 Watched::HandedOff => return Delivered::HandedOff,
                 Watched::Ended(exit) => Ending::Ended(exit),
@@ -451,17 +458,6 @@ pub(super) async fn watch_job(
     delivered
 }
 
-/// How the agent's watch of an owner ended.
-enum Ending {
-    /// The owner exited; with the exit record it sent last, if any.
-    Ended(Option<ExitRecord>),
-    /// The owner outlived the job's time limit (stopped or hung): the agent ends the job.
-    Overdue,
-    /// The job could not be handed to its owner (it died or was too slow); the owner is
-    /// already killed.
-    StartFailed(String),
-}
-
 /// Reports a job whose watch has ended: settles its outcome, audits it, stores it, and
 /// removes its directory once stored.
 async fn report(
@@ -472,7 +468,13 @@ async fn report(
     shipment: Option<Shipment>,
     ending: Ending,
 ) -> Delivered {
-    let Some((outcome, exit)) = settle(&shared, &source, &dir, &job, ending).await else {
+    let mut live = LiveOwner {
+        shared: &shared,
+        source: &source,
+        dir: &dir,
+        job: &job,
+    };
+    let Some((outcome, exit)) = ending::settle(&mut live, ending).await else {
         return Delivered::Left;
     };
     if let Some(shipment) = shipment {
@@ -560,52 +562,6 @@ async fn store_known(
     }
 }
 
-/// The job's outcome, from the best record there is: the exit record (the file, or the
-/// owner's last reply), the outcome in the lock state, the owner's "outcome lost" marker;
-/// only with none of them is the owner dead (or, overdue, the job timed out). `None`: the
-/// job is to run again (`on_interrupted = "rerun"`), nothing to report.
-async fn settle(
-    shared: &Shared,
-    source: &Source,
-    dir: &JobDir,
-    job: &JobFile,
-    ending: Ending,
-) -> Option<(Outcome, Option<ExitRecord>)> {
-    let (announced, start_error) = match ending {
-        Ending::Ended(exit) => (exit, None),
-        Ending::StartFailed(reason) => (None, Some(reason)),
-        Ending::Overdue => {
-            let outcome = overdue(shared, dir, job).await;
-            if let Some(exit) = read_exit(dir) {
-                // It ended on its own after all; that outcome is the one to report.
-                return Some((outcome_of(&exit), Some(exit)));
-            }
-            record_under_lock(shared, job, &outcome).await;
-            return Some((outcome, None));
-        }
-    };
-    if let Some(exit) = read_exit(dir).or(announced) {
-        return Some((outcome_of(&exit), Some(exit)));
-    }
-    if let Some(outcome) = recorded_in_lock(shared, job) {
-        tracing::warn!("the job's exit record is missing, but its outcome is in the lock state: reporting that");
-        return Some((outcome, None));
-    }
-    if dir.outcome_lost() {
-        // A redelivery replays this, rather than calling the job interrupted.
-        let outcome = lost_outcome();
-        record_under_lock(shared, job, &outcome).await;
-        return Some((outcome, None));
-    }
-    let rerun = shared.attempts.live().jobs.on_interrupted == crate::lock::OnInterrupted::Rerun
-        && matches!(source, Source::Sqs(_));
-    if rerun {
-        requeue_for_rerun(shared, source, dir).await;
-        return None;
-    }
-    Some((dead_owner(shared, dir, job, start_error).await, None))
-}
-
 fn read_exit(dir: &JobDir) -> Option<ExitRecord> {
     match dir.read_exit() {
         Ok(exit) => exit,
@@ -625,18 +581,6 @@ fn recorded_in_lock(shared: &Shared, job: &JobFile) -> Option<Outcome> {
         && state.attempt == job.attempt
         && state.outcome.is_some())
     .then(|| super::delivery::recorded_outcome(&state))
-}
-
-/// The job ended, and its owner could record the outcome nowhere: not run again (it did
-/// run), and said as it is.
-fn lost_outcome() -> Outcome {
-    failure(
-        ErrorName::ScriptFailed,
-        "the job ended, but its owner process could record its outcome nowhere (no exit \
-         record, no lock state: state_dir and the lock dir full or unwritable); it is not run \
-         again, since it did run: see its log"
-            .to_string(),
-    )
 }
 
 /// Starts shipping the job's log to CloudWatch (resuming where an earlier agent left off
@@ -699,27 +643,6 @@ enum Watched {
     Overdue,
 }
 
-/// Past the job's timeout, `kill_grace` and `pipe_drain`, how long an owner may still take
-/// to report before the agent ends the job itself.
-const OVERDUE_MARGIN: Duration = Duration::from_secs(10);
-
-/// When an owner that has not reported is overdue, from now: the job's timeout, its
-/// `kill_grace` and `pipe_drain`, and [`OVERDUE_MARGIN`], counted from now for a job just
-/// started, and from its start (plus the owner's start time limit) for an adopted one.
-fn overdue_in(job: &JobFile, adopted: bool) -> Duration {
-    let plan = &job.launch;
-    let budget = Duration::from_millis(plan.timeout_ms + plan.kill_grace_ms + plan.pipe_drain_ms)
-        + OVERDUE_MARGIN;
-    if !adopted {
-        return budget;
-    }
-    let ran = humantime::parse_rfc3339(&job.started_at)
-        .ok()
-        .and_then(|started| started.elapsed().ok())
-        .unwrap_or_default();
-    (budget + OWNER_START_TIMEOUT).saturating_sub(ran)
-}
-
 /// Watches a running owner: heartbeats and message visibility every tick, a stop asked of
 /// the owner when the task closes or the agent says so, until the owner exits, the agent
 /// hands the job off, or the owner is overdue (stopped or hung: time stands still for it).
@@ -751,20 +674,14 @@ async fn watch_owner(
     let overdue = tokio::time::sleep(overdue);
     tokio::pin!(overdue);
     loop {
-        let wanted = match *shutdown.borrow_and_update() {
-            JobStop::Run => 0,
-            // At host shutdown systemd stops the job units first (they are ordered after the
-            // agent's) and this agent only then: an owner that has already recorded its exit
-            // is reported now, while the agent can still send it, not handed off.
-            JobStop::HandOff if matches!(dir.read_exit(), Ok(Some(_))) => {
-                return Watched::Ended(None)
-            }
-            JobStop::HandOff => {
+        let stop = *shutdown.borrow_and_update();
+        let wanted = match ending::on_stop(stop, || matches!(dir.read_exit(), Ok(Some(_)))) {
+            WatchAction::Watch { stops } => stops,
+            WatchAction::Report => return Watched::Ended(None),
+            WatchAction::HandOff => {
                 tracing::info!("handing the job off: it keeps running under its owner; the next agent adopts it");
                 return Watched::HandedOff;
             }
-            JobStop::Stop => 1,
-            JobStop::Kill => 2,
         };
         while stops_sent < wanted {
             ask_stop(dir, StopWhy::Interrupted).await;
@@ -800,64 +717,6 @@ async fn ask_stop(dir: &JobDir, reason: StopWhy) {
             "the job's owner does not answer a stop request"
         ),
     }
-}
-
-fn outcome_of(exit: &ExitRecord) -> Outcome {
-    serde_json::from_value(exit.outcome.clone()).unwrap_or_else(|e| {
-        failure(
-            ErrorName::Interrupted,
-            format!("the job ended but its recorded outcome cannot be read ({e})"),
-        )
-    })
-}
-
-/// The owner died without recording the job's exit: kill what is left of the job (its
-/// processes keep the lock until then), record the interruption under the lock, and return
-/// the outcome to report. `start_error`: the job was never confirmed started (why).
-async fn dead_owner(
-    shared: &Shared,
-    dir: &JobDir,
-    job: &JobFile,
-    start_error: Option<String>,
-) -> Outcome {
-    let (owner, killed) = kill_leftovers(shared, dir).await;
-    let owner_pid = owner
-        .as_ref()
-        .map_or("unknown".to_string(), |o| o.pid.to_string());
-    let started = killed > 0 || owner.as_ref().is_some_and(|o| o.job_pid.is_some());
-    let message = match start_error {
-        Some(reason) if !started => {
-            format!("the job was not started: cannot hand it to its owner process: {reason}")
-        }
-        Some(reason) => format!(
-            "the job's owner process (pid {owner_pid}) died or hung right after starting the job ({reason}); {killed} leftover process(es) killed"
-        ),
-        None => format!(
-            "the job's owner process (pid {owner_pid}) died while the job ran; {killed} leftover process(es) killed"
-        ),
-    };
-    let outcome = failure(ErrorName::Interrupted, message);
-    record_under_lock(shared, job, &outcome).await;
-    outcome
-}
-
-/// The owner is overdue (stopped or hung, so the job's own timeout never fires): end it and
-/// every process of the job, and report the job `Rsql.Timeout`.
-async fn overdue(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
-    let timeout = Duration::from_millis(job.launch.timeout_ms);
-    tracing::error!(
-        timeout = ?timeout,
-        "the job's owner process has not reported long past the job's timeout (stopped or hung): ending the job"
-    );
-    kill_owner(dir);
-    let (_, killed) = kill_leftovers(shared, dir).await;
-    failure(
-        ErrorName::Timeout,
-        format!(
-            "killed after the {}s timeout by the agent: the job's owner process stopped answering, so the agent ended the job; {killed} process(es) killed",
-            timeout.as_secs()
-        ),
-    )
 }
 
 /// SIGKILLs the owner of `dir` if it still runs (same pid and start time): an owner that
@@ -939,6 +798,61 @@ async fn kill_leftovers(
     .await
     .unwrap_or(0);
     (owner, killed)
+}
+
+/// The side effects of ending a job ([`OwnerEffects`]), for real.
+struct LiveOwner<'a> {
+    shared: &'a Shared,
+    source: &'a Source,
+    dir: &'a JobDir,
+    job: &'a JobFile,
+}
+
+impl OwnerEffects for LiveOwner<'_> {
+    fn read_exit(&mut self) -> Option<ExitRecord> {
+        read_exit(self.dir)
+    }
+
+    fn recorded_in_lock(&mut self) -> Option<Outcome> {
+        recorded_in_lock(self.shared, self.job)
+    }
+
+    fn outcome_lost(&mut self) -> bool {
+        self.dir.outcome_lost()
+    }
+
+    fn rerun(&self) -> bool {
+        self.shared.attempts.live().jobs.on_interrupted == crate::lock::OnInterrupted::Rerun
+            && matches!(self.source, Source::Sqs(_))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.job.launch.timeout_ms)
+    }
+
+    async fn kill_leftovers(&mut self) -> Leftovers {
+        let (owner, killed) = kill_leftovers(self.shared, self.dir).await;
+        Leftovers {
+            owner_pid: owner.as_ref().map(|o| o.pid),
+            job_started: owner.as_ref().is_some_and(|o| o.job_pid.is_some()),
+            killed,
+        }
+    }
+
+    /// The owner is overdue (stopped or hung, so the job's own timeout never fires): end it
+    /// and every process of the job.
+    async fn kill_overdue(&mut self) -> usize {
+        kill_owner(self.dir);
+        kill_leftovers(self.shared, self.dir).await.1
+    }
+
+    async fn record_under_lock(&mut self, outcome: &Outcome) {
+        record_under_lock(self.shared, self.job, outcome).await
+    }
+
+    async fn requeue_for_rerun(&mut self) {
+        requeue_for_rerun(self.shared, self.source, self.dir).await
+    }
 }
 
 fn final_record(
