@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod ack;
+mod adopt;
 mod audit;
 pub mod control;
 mod delivery;
@@ -51,6 +52,7 @@ mod hand_off;
 mod heartbeat;
 mod live;
 mod owned;
+mod prepare;
 mod receive;
 mod standalone;
 mod validate;
@@ -141,7 +143,7 @@ struct Shared {
     /// Ships job logs to CloudWatch; `None` without `[logs.cloudwatch]`.
     shipper: Option<Shipper>,
     /// Where job owner processes keep their files, and how they are started.
-    owners: owned::Owners,
+    owners: prepare::Owners,
     /// This process's claim on `state_dir`, held for the daemon's life.
     _owner: StateDirOwner,
     /// Job-end and gauge metrics; set by [`Daemon::run`] when `[logs.cloudwatch]` is set
@@ -226,13 +228,12 @@ impl Daemon {
         let job_user = launcher
             .job_user(config.jobs.user.as_deref())
             .map_err(DaemonError::JobUser)?;
-        let owners =
-            owned::Owners::open(&config.agent.state_dir, launcher, job_user).map_err(|source| {
-                DaemonError::OwnersDir {
-                    path: config.agent.state_dir.clone(),
-                    source,
-                }
-            })?;
+        let owners = prepare::Owners::open(&config.agent.state_dir, launcher, job_user).map_err(
+            |source| DaemonError::OwnersDir {
+                path: config.agent.state_dir.clone(),
+                source,
+            },
+        )?;
         Ok(Daemon {
             shared: Arc::new(Shared {
                 owners,
