@@ -18,7 +18,7 @@ use crate::job::JobSpec;
 use crate::joblog::{self, JobLog, LogName};
 use crate::lock::{self, Acquire, Decision, JobLock, LockDir, LockState};
 use crate::outcome::Outcome;
-use crate::report::audit::{AuditError, JobAuditRecord, LocalAudit};
+use crate::report::audit::{AuditError, JobAuditRecord, JobNames, LocalAudit};
 use crate::supervisor::{self, Launch, StopReason, Supervisor};
 
 // Classifying and recording a finished run is the job owner's too; this path keeps working.
@@ -396,29 +396,14 @@ impl AttemptContext {
         attempt: u32,
         log_file: &Path,
     ) -> JobAuditRecord {
-        let spec = &request.spec;
-        JobAuditRecord {
-            job_name: spec.job_name.clone(),
-            workflow_execution_id: spec.workflow_execution_id.clone(),
-            workflow_id: spec.workflow_id.clone(),
-            execution_status: "running".to_string(),
-            execution_start_ts: humantime::format_rfc3339_millis(started_at).to_string(),
-            execution_end_ts: None,
-            instance_id: self.instance_id.clone(),
-            exit_code: None,
-            error_message: None,
-            sql_state: None,
-            log_group: None,
-            log_stream: None,
-            log_file: Some(log_file.display().to_string()),
+        JobAuditRecord::running(
+            JobNames::of(&request.spec),
+            &self.instance_id,
+            humantime::format_rfc3339_millis(started_at).to_string(),
             attempt,
-            duration_ms: None,
-            cpu_ms: None,
-            max_rss_mb: None,
-            log_complete: None,
-            ssm_command_id: spec.ssm_command_id.clone(),
-            stage: request.stage.clone(),
-        }
+        )
+        .with_log(None, None, Some(log_file.display().to_string()))
+        .with_stage(request.stage.clone())
     }
 
     /// Waits for the supervised run, touching the lock's lease every heartbeat and passing
@@ -524,18 +509,11 @@ fn finish_record(
     run: &supervisor::RunOutcome,
     outcome: &Outcome,
 ) {
-    record.execution_status = outcome.status().to_string();
-    record.execution_end_ts = Some(humantime::format_rfc3339_millis(run.ended_at).to_string());
-    record.exit_code = outcome.exit_code();
-    record.error_message = outcome.error_message();
-    record.sql_state = match outcome {
-        Outcome::Failed(f) => f.cause.sql_state.clone(),
-        _ => None,
-    };
+    record.finish(
+        outcome,
+        humantime::format_rfc3339_millis(run.ended_at).to_string(),
+        Some(run.duration.as_millis() as u64),
+    );
     record.log_group = request.log_group.clone();
     record.log_stream = request.log_stream.clone();
-    record.duration_ms = Some(run.duration.as_millis() as u64);
-    record.cpu_ms = outcome.cpu_ms();
-    record.max_rss_mb = outcome.max_rss_mb();
-    record.log_complete = outcome.log_complete();
 }

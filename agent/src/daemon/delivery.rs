@@ -509,4 +509,33 @@ mod tests {
             (step.clone(), vec![])
         );
     }
+
+    /// A redelivery of a finished job replays what the lock state file holds: the state is
+    /// written to the (EFS) file as JSON and read back by another agent.
+    #[test]
+    fn a_replayed_outcome_is_the_one_the_finished_job_recorded() {
+        let completed = Outcome::Completed(crate::outcome::SuccessOutput {
+            job_name: "load.sh".into(),
+            workflow_execution_id: "ex-1".into(),
+            status: "completed".into(),
+            exit_code: 0,
+            duration_ms: 1200,
+            instance_id: "i-1".into(),
+            log_group: Some("/rsql".into()),
+            log_stream: Some("ex-1/load.sh".into()),
+            log_file: Some("/var/log/rsql-agent/jobs/x.log".into()),
+            cpu_ms: Some(830),
+            max_rss_mb: None,
+            log_complete: None,
+        });
+        let failed = crate::daemon::failure(ErrorName::ScriptFailed, "exit 3".into());
+        for (outcome, run_state) in [(completed, RunState::Completed), (failed, RunState::Failed)] {
+            let mut state = LockState::new_running("k", "i-1", "h", 1);
+            state.state = run_state;
+            state.outcome = serde_json::to_value(&outcome).ok();
+            let on_disk = serde_json::to_string(&state).unwrap();
+            let read: LockState = serde_json::from_str(&on_disk).unwrap();
+            assert_eq!(recorded_outcome(&read), outcome, "{on_disk}");
+        }
+    }
 }

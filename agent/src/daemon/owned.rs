@@ -19,90 +19,51 @@
 //! hidden, the log shipped to CloudWatch, a stop asked of the owner when the task closes. A
 //! hand-off at shutdown ([`JobStop::HandOff`]) just stops watching; the next agent adopts.
 
-use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use super::{failure, finish_stored, Delivered, JobStop, Shared, Source};
+use super::ack::{finish, finish_stored};
+use super::prepare::{owner_env, prepare, running_record};
+
+use super::adopt::{self, AdoptEffects, Adoption};
+
+use super::audit::job_end_metrics;
+
+use super::ending::{self, Ending, Leftovers, OwnerEffects, WatchAction};
+
+use super::heartbeat::{heartbeat_loop, tick_for};
+
+use super::{failure, Delivered, JobStop, Shared, Source};
+
 use crate::intake::sqs::Delivery;
+
 use crate::job::JobSpec;
+
 use crate::job_owner::client::{self, OwnerConn};
-use crate::job_owner::{
-    ExitRecord, JobDir, JobFile, LaunchPlan, Request, SqsReceipt, StopWhy, OWNERS_DIR, PROTOCOL,
-};
+
+use crate::job_owner::{ExitRecord, JobDir, JobFile, Request, StopWhy, PROTOCOL};
+
 use crate::joblog::cloudwatch::Shipment;
-use crate::joblog::{self, JobLog, LogName};
+
+use crate::joblog::{self};
+
 use crate::lock::{Acquire, JobLock};
+
 use crate::outcome::{ErrorName, Outcome};
+
 use crate::report::audit::JobAuditRecord;
+
 use crate::report::outbox::OutboxEntry;
-use crate::supervisor::{self, INHERITED_ENV};
 
 /// How long a freshly launched owner may take to open its socket.
 const OWNER_START_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// After a dead owner's leftovers were killed, how long to wait for its lock to come free so
 /// that the interruption can be recorded in the lock state.
 const DEAD_OWNER_LOCK_WAIT: Duration = Duration::from_secs(5);
-
-/// The agent's handle on the owners' directory and how to start owners.
-#[derive(Debug)]
-pub(super) struct Owners {
-    pub(super) dir: std::path::PathBuf,
-    pub(super) launcher: crate::job_owner::launch::Launcher,
-    pub(super) program: std::path::PathBuf,
-    /// `[jobs] user`, resolved at start (`job_owner::launch::Launcher::job_user`).
-    pub(super) job_user: Option<crate::supervisor::JobUser>,
-}
-
-impl Owners {
-    pub(super) fn open(
-        state_dir: &Path,
-        launcher: crate::job_owner::launch::Launcher,
-        job_user: Option<crate::supervisor::JobUser>,
-    ) -> std::io::Result<Owners> {
-        use std::os::unix::fs::DirBuilderExt;
-        let dir = state_dir.join(OWNERS_DIR);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)?;
-        Ok(Owners {
-            dir,
-            launcher,
-            program: crate::job_owner::launch::owner_program(),
-            job_user,
-        })
-    }
-
-    /// The job directories left by earlier agents (and this one), oldest name first.
-    pub(super) fn scan(&self) -> Vec<JobDir> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut dirs: Vec<JobDir> = entries
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| JobDir::new(e.path()))
-            .collect();
-        dirs.sort_by_key(|d| d.job_id());
-        dirs
-    }
-}
-
-/// The environment an owner process starts with: the agent's inherited variables (the owner
-/// passes them on to the job) and its log filter.
-fn owner_env() -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = INHERITED_ENV
-        .iter()
-        .filter_map(|name| Some((name.to_string(), std::env::var(name).ok()?)))
-        .collect();
-    if let Ok(filter) = std::env::var("RSQL_AGENT_LOG") {
-        env.push(("RSQL_AGENT_LOG".into(), filter));
-    }
-    env
-}
 
 /// A delivery whose lock is held and whose decision is to run, as attempt `attempt`.
 #[derive(Debug)]
@@ -134,7 +95,7 @@ pub(super) async fn run(
         Err(e) => {
             let outcome = failure(ErrorName::ConnectionFailed, e.to_string());
             tracing::error!(error = %e, "cannot get the database credentials");
-            return super::finish(&shared, &source, Some(held), Some(&token), outcome, None).await;
+            return finish(&shared, &source, Some(held), Some(&token), outcome, None).await;
         }
     };
     let job = match prepare(&shared, &source, &spec, &token, &token_hash, attempt) {
@@ -153,7 +114,7 @@ pub(super) async fn run(
         dir.remove();
         return not_started(&shared, &source, held, &token, reason).await;
     }
-    let record = running_record(&shared, &job, &spec);
+    let record = running_record(&shared, &job);
     if let Err(e) = shared.attempts.audit.record_job(&record) {
         tracing::warn!(error = %e, "cannot write the local audit record");
     }
@@ -182,7 +143,7 @@ pub(super) async fn run(
             if let Err(e) = shared.attempts.audit.record_job(&record) {
                 tracing::warn!(error = %e, "cannot write the local audit record");
             }
-            return super::finish(
+            return finish(
                 &shared,
                 &source,
                 Some(held),
@@ -241,131 +202,7 @@ async fn not_started(
         ErrorName::Interrupted,
         format!("the job was not started: {reason}"),
     );
-    super::finish(shared, source, Some(held), Some(token), outcome, None).await
-}
-
-/// Builds `job.json` and creates the job's log file (so a full or unwritable log directory
-/// fails here, before anything runs).
-fn prepare(
-    shared: &Shared,
-    source: &Source,
-    spec: &JobSpec,
-    token: &str,
-    token_hash: &str,
-    attempt: u32,
-) -> Result<JobFile, String> {
-    let config = shared.attempts.live();
-    let started_at = SystemTime::now();
-    let attempt_id = format!("{}{attempt}", token_hash.get(..8).unwrap_or(token_hash));
-    let log = JobLog::create(
-        &config.jobs.log_dir,
-        &LogName {
-            workflow_execution_id: spec.workflow_execution_id.clone(),
-            job_name: spec.job_name.clone(),
-            started_at,
-            attempt_id: attempt_id.clone(),
-        },
-    )
-    .map_err(|e| crate::error_chain(&e))?;
-    let log_file = log.path().to_path_buf();
-    drop(log);
-    let (log_group, log_stream) = match &shared.shipper {
-        Some(shipper) => (
-            Some(shipper.log_group().to_string()),
-            Some(joblog::cloudwatch::stream_name(
-                &spec.workflow_execution_id,
-                &spec.job_name,
-                started_at,
-                &attempt_id,
-            )),
-        ),
-        None => (None, None),
-    };
-    let (program, mut args) =
-        supervisor::command_for_script(&spec.script, &config.jobs.interpreter);
-    args.extend(crate::job::script_args(spec, config.jobs.legacy.as_ref()));
-    let outbox_id = crate::report::outbox::new_entry_id();
-    Ok(JobFile {
-        protocol: PROTOCOL,
-        job_name: spec.job_name.clone(),
-        workflow_id: spec.workflow_id.clone(),
-        workflow_execution_id: spec.workflow_execution_id.clone(),
-        lock_key: spec.lock_key.clone(),
-        lock_dir: shared.attempts.locks.dir().to_path_buf(),
-        task_token: token.to_string(),
-        token_hash: token_hash.to_string(),
-        attempt,
-        instance_id: shared.attempts.instance_id.clone(),
-        heartbeat_ms: spec.heartbeat.map(|d| d.as_millis() as u64),
-        lease_interval_ms: config.jobs.heartbeat_interval.as_millis() as u64,
-        ssm_command_id: spec.ssm_command_id.clone(),
-        sqs: match (source, &shared.sqs) {
-            (Source::Sqs(d), Some(sqs)) => Some(SqsReceipt {
-                queue_url: sqs.queue_url().to_string(),
-                receipt_handle: d.receipt_handle.clone(),
-                message_id: d.message_id.clone(),
-                receive_count: d.receive_count,
-                sent_at_ms: d.sent_at_ms,
-            }),
-            _ => None,
-        },
-        log_file,
-        log_group,
-        log_stream,
-        outbox_id,
-        started_at: humantime::format_rfc3339_millis(started_at).to_string(),
-        launch: LaunchPlan {
-            program,
-            args,
-            cwd: config.jobs.script_dir.clone(),
-            env: vec![
-                ("RSQL_WORKFLOW_ID".into(), spec.workflow_id.clone()),
-                (
-                    "RSQL_WORKFLOW_EXECUTION_ID".into(),
-                    spec.workflow_execution_id.clone(),
-                ),
-                ("RSQL_JOB_NAME".into(), spec.job_name.clone()),
-            ],
-            inherited_env: owner_env()
-                .into_iter()
-                .filter(|(k, _)| INHERITED_ENV.contains(&k.as_str()))
-                .collect(),
-            timeout_ms: spec.timeout.as_millis() as u64,
-            kill_grace_ms: config.jobs.kill_grace.as_millis() as u64,
-            pipe_drain_ms: config.jobs.pipe_drain.as_millis() as u64,
-            job_id: crate::attempt::job_id(spec, &attempt_id),
-            cgroup: shared
-                .owners
-                .launcher
-                .cgroup_plan(&config.jobs, spec.memory_max),
-            user: shared.owners.job_user.clone(),
-        },
-    })
-}
-
-fn running_record(shared: &Shared, job: &JobFile, spec: &JobSpec) -> JobAuditRecord {
-    JobAuditRecord {
-        job_name: job.job_name.clone(),
-        workflow_execution_id: job.workflow_execution_id.clone(),
-        workflow_id: job.workflow_id.clone(),
-        execution_status: "running".to_string(),
-        execution_start_ts: job.started_at.clone(),
-        execution_end_ts: None,
-        instance_id: shared.attempts.instance_id.clone(),
-        exit_code: None,
-        error_message: None,
-        sql_state: None,
-        log_group: job.log_group.clone(),
-        log_stream: job.log_stream.clone(),
-        log_file: Some(job.log_file.display().to_string()),
-        attempt: job.attempt,
-        duration_ms: None,
-        cpu_ms: None,
-        max_rss_mb: None,
-        log_complete: None,
-        ssm_command_id: spec.ssm_command_id.clone(),
-        stage: None,
-    }
+    finish(shared, source, Some(held), Some(token), outcome, None).await
 }
 
 /// What an adopted job's directory says.
@@ -378,36 +215,46 @@ pub(super) enum Found {
     Unusable,
 }
 
-/// Looks at one directory left by an earlier agent.
+/// Looks at one directory left by an earlier agent (the rule is `adopt::adopt`).
 pub(super) async fn inspect(dir: &JobDir) -> Found {
-    let job = match dir.read_job() {
-        Ok(job) => job,
-        Err(e) => {
-            tracing::error!(path = %dir.path().display(), error = %crate::error_chain(&e), "cannot read a job owner directory; moving it aside");
-            let aside = dir.path().with_extension("unreadable");
-            let _ = std::fs::rename(dir.path(), aside);
-            return Found::Unusable;
-        }
-    };
-    if dir.exit_path().exists() {
-        return Found::Gone(dir.clone(), Box::new(job));
+    match adopt::adopt(&mut LiveDir(dir)).await {
+        Adoption::Watch(job, conn) => Found::Running(dir.clone(), job, conn),
+        Adoption::Report(job) => Found::Gone(dir.clone(), job),
+        Adoption::Unusable => Found::Unusable,
     }
-    // An owner launched just before the agent died may still be opening its socket.
-    for _ in 0..20 {
-        if let Ok(Some(conn)) = client::attach(dir).await {
-            return Found::Running(dir.clone(), Box::new(job), conn);
-        }
-        let starting = dir
+}
+
+/// The side effects of adoption ([`AdoptEffects`]), for real.
+struct LiveDir<'a>(&'a JobDir);
+
+impl AdoptEffects for LiveDir<'_> {
+    type Conn = OwnerConn;
+
+    fn read_job(&mut self) -> Result<JobFile, String> {
+        self.0.read_job().map_err(|e| crate::error_chain(&e))
+    }
+
+    fn move_aside(&mut self, why: &str) {
+        tracing::error!(path = %self.0.path().display(), error = %why, "cannot read a job owner directory; moving it aside");
+        let aside = self.0.path().with_extension("unreadable");
+        let _ = std::fs::rename(self.0.path(), aside);
+    }
+
+    fn exit_recorded(&mut self) -> bool {
+        self.0.exit_path().exists()
+    }
+
+    async fn attach(&mut self) -> Option<OwnerConn> {
+        client::attach(self.0).await.ok().flatten()
+    }
+
+    fn owner_starting(&mut self) -> bool {
+        self.0
             .read_owner()
             .ok()
             .flatten()
-            .is_some_and(|o| o.is_alive() && o.job_pid.is_none());
-        if !starting {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+            .is_some_and(|o| o.is_alive() && o.job_pid.is_none())
     }
-    Found::Gone(dir.clone(), Box::new(job))
 }
 
 /// The source of an adopted job, rebuilt from its job file.
@@ -440,7 +287,13 @@ pub(super) async fn watch_job(
     let pin = joblog::pin(&job.log_file).ok();
     let ending = match conn {
         Some(conn) => {
-            let overdue = overdue_in(&job, adopted);
+            let ran = adopted.then(|| {
+                humantime::parse_rfc3339(&job.started_at)
+                    .ok()
+                    .and_then(|started| started.elapsed().ok())
+                    .unwrap_or_default()
+            });
+            let overdue = ending::overdue_in(&job, ran, OWNER_START_TIMEOUT);
             match watch_owner(&shared, &source, &dir, &job, conn, shutdown, overdue).await {
                 Watched::HandedOff => return Delivered::HandedOff,
                 Watched::Ended(exit) => Ending::Ended(exit),
@@ -454,17 +307,6 @@ pub(super) async fn watch_job(
     delivered
 }
 
-/// How the agent's watch of an owner ended.
-enum Ending {
-    /// The owner exited; with the exit record it sent last, if any.
-    Ended(Option<ExitRecord>),
-    /// The owner outlived the job's time limit (stopped or hung): the agent ends the job.
-    Overdue,
-    /// The job could not be handed to its owner (it died or was too slow); the owner is
-    /// already killed.
-    StartFailed(String),
-}
-
 /// Reports a job whose watch has ended: settles its outcome, audits it, stores it, and
 /// removes its directory once stored.
 async fn report(
@@ -475,7 +317,13 @@ async fn report(
     shipment: Option<Shipment>,
     ending: Ending,
 ) -> Delivered {
-    let Some((outcome, exit)) = settle(&shared, &source, &dir, &job, ending).await else {
+    let mut live = LiveOwner {
+        shared: &shared,
+        source: &source,
+        dir: &dir,
+        job: &job,
+    };
+    let Some((outcome, exit)) = ending::settle(&mut live, ending).await else {
         return Delivered::Left;
     };
     if let Some(shipment) = shipment {
@@ -488,7 +336,7 @@ async fn report(
         error = outcome.error_message(),
         "job finished"
     );
-    super::job_end_metrics(
+    job_end_metrics(
         &shared,
         (&job.workflow_id, &job.workflow_execution_id, &job.job_name),
         &outcome,
@@ -513,6 +361,7 @@ async fn report(
 /// How long the agent holds a known outcome in memory, trying again, when it cannot store it
 /// (a full `state_dir`), before it leaves the message to come back.
 const HOLD_IN_MEMORY_FOR: Duration = Duration::from_secs(600);
+
 /// How often it tries again meanwhile (the message kept hidden, the task heartbeated).
 const HOLD_RETRY: Duration = Duration::from_secs(2);
 
@@ -563,52 +412,6 @@ async fn store_known(
     }
 }
 
-/// The job's outcome, from the best record there is: the exit record (the file, or the
-/// owner's last reply), the outcome in the lock state, the owner's "outcome lost" marker;
-/// only with none of them is the owner dead (or, overdue, the job timed out). `None`: the
-/// job is to run again (`on_interrupted = "rerun"`), nothing to report.
-async fn settle(
-    shared: &Shared,
-    source: &Source,
-    dir: &JobDir,
-    job: &JobFile,
-    ending: Ending,
-) -> Option<(Outcome, Option<ExitRecord>)> {
-    let (announced, start_error) = match ending {
-        Ending::Ended(exit) => (exit, None),
-        Ending::StartFailed(reason) => (None, Some(reason)),
-        Ending::Overdue => {
-            let outcome = overdue(shared, dir, job).await;
-            if let Some(exit) = read_exit(dir) {
-                // It ended on its own after all; that outcome is the one to report.
-                return Some((outcome_of(&exit), Some(exit)));
-            }
-            record_under_lock(shared, job, &outcome).await;
-            return Some((outcome, None));
-        }
-    };
-    if let Some(exit) = read_exit(dir).or(announced) {
-        return Some((outcome_of(&exit), Some(exit)));
-    }
-    if let Some(outcome) = recorded_in_lock(shared, job) {
-        tracing::warn!("the job's exit record is missing, but its outcome is in the lock state: reporting that");
-        return Some((outcome, None));
-    }
-    if dir.outcome_lost() {
-        // A redelivery replays this, rather than calling the job interrupted.
-        let outcome = lost_outcome();
-        record_under_lock(shared, job, &outcome).await;
-        return Some((outcome, None));
-    }
-    let rerun = shared.attempts.live().jobs.on_interrupted == crate::lock::OnInterrupted::Rerun
-        && matches!(source, Source::Sqs(_));
-    if rerun {
-        requeue_for_rerun(shared, source, dir).await;
-        return None;
-    }
-    Some((dead_owner(shared, dir, job, start_error).await, None))
-}
-
 fn read_exit(dir: &JobDir) -> Option<ExitRecord> {
     match dir.read_exit() {
         Ok(exit) => exit,
@@ -628,18 +431,6 @@ fn recorded_in_lock(shared: &Shared, job: &JobFile) -> Option<Outcome> {
         && state.attempt == job.attempt
         && state.outcome.is_some())
     .then(|| super::delivery::recorded_outcome(&state))
-}
-
-/// The job ended, and its owner could record the outcome nowhere: not run again (it did
-/// run), and said as it is.
-fn lost_outcome() -> Outcome {
-    failure(
-        ErrorName::ScriptFailed,
-        "the job ended, but its owner process could record its outcome nowhere (no exit \
-         record, no lock state: state_dir and the lock dir full or unwritable); it is not run \
-         again, since it did run: see its log"
-            .to_string(),
-    )
 }
 
 /// Starts shipping the job's log to CloudWatch (resuming where an earlier agent left off
@@ -702,27 +493,6 @@ enum Watched {
     Overdue,
 }
 
-/// Past the job's timeout, `kill_grace` and `pipe_drain`, how long an owner may still take
-/// to report before the agent ends the job itself.
-const OVERDUE_MARGIN: Duration = Duration::from_secs(10);
-
-/// When an owner that has not reported is overdue, from now: the job's timeout, its
-/// `kill_grace` and `pipe_drain`, and [`OVERDUE_MARGIN`], counted from now for a job just
-/// started, and from its start (plus the owner's start time limit) for an adopted one.
-fn overdue_in(job: &JobFile, adopted: bool) -> Duration {
-    let plan = &job.launch;
-    let budget = Duration::from_millis(plan.timeout_ms + plan.kill_grace_ms + plan.pipe_drain_ms)
-        + OVERDUE_MARGIN;
-    if !adopted {
-        return budget;
-    }
-    let ran = humantime::parse_rfc3339(&job.started_at)
-        .ok()
-        .and_then(|started| started.elapsed().ok())
-        .unwrap_or_default();
-    (budget + OWNER_START_TIMEOUT).saturating_sub(ran)
-}
-
 /// Watches a running owner: heartbeats and message visibility every tick, a stop asked of
 /// the owner when the task closes or the agent says so, until the owner exits, the agent
 /// hands the job off, or the owner is overdue (stopped or hung: time stands still for it).
@@ -735,7 +505,7 @@ async fn watch_owner(
     mut shutdown: watch::Receiver<JobStop>,
     overdue: Duration,
 ) -> Watched {
-    let tick = super::tick_for(
+    let tick = tick_for(
         job.heartbeat_ms.map(Duration::from_millis),
         shared.attempts.live().jobs.heartbeat_interval,
         match (source, &shared.sqs) {
@@ -744,7 +514,7 @@ async fn watch_owner(
         },
     );
     let (closed_tx, mut closed_rx) = mpsc::channel::<()>(1);
-    let heartbeats = super::heartbeat_loop(shared, &job.task_token, source, tick, closed_tx);
+    let heartbeats = heartbeat_loop(shared, &job.task_token, source, tick, closed_tx);
     tokio::pin!(heartbeats);
     let mut stops_sent = 0u32;
     let mut shutdown_open = true;
@@ -754,20 +524,14 @@ async fn watch_owner(
     let overdue = tokio::time::sleep(overdue);
     tokio::pin!(overdue);
     loop {
-        let wanted = match *shutdown.borrow_and_update() {
-            JobStop::Run => 0,
-            // At host shutdown systemd stops the job units first (they are ordered after the
-            // agent's) and this agent only then: an owner that has already recorded its exit
-            // is reported now, while the agent can still send it, not handed off.
-            JobStop::HandOff if matches!(dir.read_exit(), Ok(Some(_))) => {
-                return Watched::Ended(None)
-            }
-            JobStop::HandOff => {
+        let stop = *shutdown.borrow_and_update();
+        let wanted = match ending::on_stop(stop, || matches!(dir.read_exit(), Ok(Some(_)))) {
+            WatchAction::Watch { stops } => stops,
+            WatchAction::Report => return Watched::Ended(None),
+            WatchAction::HandOff => {
                 tracing::info!("handing the job off: it keeps running under its owner; the next agent adopts it");
                 return Watched::HandedOff;
             }
-            JobStop::Stop => 1,
-            JobStop::Kill => 2,
         };
         while stops_sent < wanted {
             ask_stop(dir, StopWhy::Interrupted).await;
@@ -803,64 +567,6 @@ async fn ask_stop(dir: &JobDir, reason: StopWhy) {
             "the job's owner does not answer a stop request"
         ),
     }
-}
-
-fn outcome_of(exit: &ExitRecord) -> Outcome {
-    serde_json::from_value(exit.outcome.clone()).unwrap_or_else(|e| {
-        failure(
-            ErrorName::Interrupted,
-            format!("the job ended but its recorded outcome cannot be read ({e})"),
-        )
-    })
-}
-
-/// The owner died without recording the job's exit: kill what is left of the job (its
-/// processes keep the lock until then), record the interruption under the lock, and return
-/// the outcome to report. `start_error`: the job was never confirmed started (why).
-async fn dead_owner(
-    shared: &Shared,
-    dir: &JobDir,
-    job: &JobFile,
-    start_error: Option<String>,
-) -> Outcome {
-    let (owner, killed) = kill_leftovers(shared, dir).await;
-    let owner_pid = owner
-        .as_ref()
-        .map_or("unknown".to_string(), |o| o.pid.to_string());
-    let started = killed > 0 || owner.as_ref().is_some_and(|o| o.job_pid.is_some());
-    let message = match start_error {
-        Some(reason) if !started => {
-            format!("the job was not started: cannot hand it to its owner process: {reason}")
-        }
-        Some(reason) => format!(
-            "the job's owner process (pid {owner_pid}) died or hung right after starting the job ({reason}); {killed} leftover process(es) killed"
-        ),
-        None => format!(
-            "the job's owner process (pid {owner_pid}) died while the job ran; {killed} leftover process(es) killed"
-        ),
-    };
-    let outcome = failure(ErrorName::Interrupted, message);
-    record_under_lock(shared, job, &outcome).await;
-    outcome
-}
-
-/// The owner is overdue (stopped or hung, so the job's own timeout never fires): end it and
-/// every process of the job, and report the job `Rsql.Timeout`.
-async fn overdue(shared: &Shared, dir: &JobDir, job: &JobFile) -> Outcome {
-    let timeout = Duration::from_millis(job.launch.timeout_ms);
-    tracing::error!(
-        timeout = ?timeout,
-        "the job's owner process has not reported long past the job's timeout (stopped or hung): ending the job"
-    );
-    kill_owner(dir);
-    let (_, killed) = kill_leftovers(shared, dir).await;
-    failure(
-        ErrorName::Timeout,
-        format!(
-            "killed after the {}s timeout by the agent: the job's owner process stopped answering, so the agent ended the job; {killed} process(es) killed",
-            timeout.as_secs()
-        ),
-    )
 }
 
 /// SIGKILLs the owner of `dir` if it still runs (same pid and start time): an owner that
@@ -944,40 +650,73 @@ async fn kill_leftovers(
     (owner, killed)
 }
 
+/// The side effects of ending a job ([`OwnerEffects`]), for real.
+struct LiveOwner<'a> {
+    shared: &'a Shared,
+    source: &'a Source,
+    dir: &'a JobDir,
+    job: &'a JobFile,
+}
+
+impl OwnerEffects for LiveOwner<'_> {
+    fn read_exit(&mut self) -> Option<ExitRecord> {
+        read_exit(self.dir)
+    }
+
+    fn recorded_in_lock(&mut self) -> Option<Outcome> {
+        recorded_in_lock(self.shared, self.job)
+    }
+
+    fn outcome_lost(&mut self) -> bool {
+        self.dir.outcome_lost()
+    }
+
+    fn rerun(&self) -> bool {
+        self.shared.attempts.live().jobs.on_interrupted == crate::lock::OnInterrupted::Rerun
+            && matches!(self.source, Source::Sqs(_))
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.job.launch.timeout_ms)
+    }
+
+    async fn kill_leftovers(&mut self) -> Leftovers {
+        let (owner, killed) = kill_leftovers(self.shared, self.dir).await;
+        Leftovers {
+            owner_pid: owner.as_ref().map(|o| o.pid),
+            job_started: owner.as_ref().is_some_and(|o| o.job_pid.is_some()),
+            killed,
+        }
+    }
+
+    /// The owner is overdue (stopped or hung, so the job's own timeout never fires): end it
+    /// and every process of the job.
+    async fn kill_overdue(&mut self) -> usize {
+        kill_owner(self.dir);
+        kill_leftovers(self.shared, self.dir).await.1
+    }
+
+    async fn record_under_lock(&mut self, outcome: &Outcome) {
+        record_under_lock(self.shared, self.job, outcome).await
+    }
+
+    async fn requeue_for_rerun(&mut self) {
+        requeue_for_rerun(self.shared, self.source, self.dir).await
+    }
+}
+
 fn final_record(
     shared: &Shared,
     job: &JobFile,
     outcome: &Outcome,
     exit: Option<&ExitRecord>,
 ) -> JobAuditRecord {
-    JobAuditRecord {
-        job_name: job.job_name.clone(),
-        workflow_execution_id: job.workflow_execution_id.clone(),
-        workflow_id: job.workflow_id.clone(),
-        execution_status: outcome.status().to_string(),
-        execution_start_ts: job.started_at.clone(),
-        execution_end_ts: Some(
-            exit.map(|e| e.ended_at.clone())
-                .unwrap_or_else(crate::workflow::now_ts),
-        ),
-        instance_id: shared.attempts.instance_id.clone(),
-        exit_code: outcome.exit_code(),
-        error_message: outcome.error_message(),
-        sql_state: match outcome {
-            Outcome::Failed(f) => f.cause.sql_state.clone(),
-            _ => None,
-        },
-        log_group: job.log_group.clone(),
-        log_stream: job.log_stream.clone(),
-        log_file: Some(job.log_file.display().to_string()),
-        attempt: job.attempt,
-        duration_ms: exit.map(|e| e.duration_ms),
-        cpu_ms: outcome.cpu_ms(),
-        max_rss_mb: outcome.max_rss_mb(),
-        log_complete: outcome.log_complete(),
-        ssm_command_id: job.ssm_command_id.clone(),
-        stage: None,
-    }
+    running_record(shared, job).finished(
+        outcome,
+        exit.map(|e| e.ended_at.clone())
+            .unwrap_or_else(crate::workflow::now_ts),
+        exit.map(|e| e.duration_ms),
+    )
 }
 
 /// The token hash of an adopted job, for its log span.

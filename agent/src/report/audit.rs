@@ -61,6 +61,114 @@ pub struct JobAuditRecord {
     pub stage: Option<String>,
 }
 
+/// The names of one job, as every audit record of it carries them.
+#[derive(Debug, Clone, Copy)]
+pub struct JobNames<'a> {
+    pub job_name: &'a str,
+    pub workflow_execution_id: &'a str,
+    pub workflow_id: &'a str,
+    pub ssm_command_id: Option<&'a str>,
+}
+
+impl<'a> JobNames<'a> {
+    pub fn of(spec: &'a crate::job::JobSpec) -> JobNames<'a> {
+        JobNames {
+            job_name: &spec.job_name,
+            workflow_execution_id: &spec.workflow_execution_id,
+            workflow_id: &spec.workflow_id,
+            ssm_command_id: spec.ssm_command_id.as_deref(),
+        }
+    }
+}
+
+/// The one way an audit record is built: [`JobAuditRecord::running`] for an attempt that
+/// started (with [`JobAuditRecord::with_log`] and [`JobAuditRecord::with_stage`]), then
+/// [`JobAuditRecord::finish`] with its outcome for the final record.
+impl JobAuditRecord {
+    /// The `running` record of attempt `attempt`, started at `start_ts` on `instance_id`.
+    pub fn running(
+        names: JobNames<'_>,
+        instance_id: &str,
+        start_ts: String,
+        attempt: u32,
+    ) -> JobAuditRecord {
+        JobAuditRecord {
+            job_name: names.job_name.to_string(),
+            workflow_execution_id: names.workflow_execution_id.to_string(),
+            workflow_id: names.workflow_id.to_string(),
+            execution_status: "running".to_string(),
+            execution_start_ts: start_ts,
+            execution_end_ts: None,
+            instance_id: instance_id.to_string(),
+            exit_code: None,
+            error_message: None,
+            sql_state: None,
+            log_group: None,
+            log_stream: None,
+            log_file: None,
+            attempt,
+            duration_ms: None,
+            cpu_ms: None,
+            max_rss_mb: None,
+            log_complete: None,
+            ssm_command_id: names.ssm_command_id.map(str::to_string),
+            stage: None,
+        }
+    }
+
+    /// Where the job's log is: the CloudWatch group and stream, and the local file.
+    pub fn with_log(
+        mut self,
+        log_group: Option<String>,
+        log_stream: Option<String>,
+        log_file: Option<String>,
+    ) -> JobAuditRecord {
+        self.log_group = log_group;
+        self.log_stream = log_stream;
+        self.log_file = log_file;
+        self
+    }
+
+    /// The stage description, for local workflow runs.
+    pub fn with_stage(mut self, stage: Option<String>) -> JobAuditRecord {
+        self.stage = stage;
+        self
+    }
+
+    /// Makes this the final record: `outcome`'s status and what it measured, ended at
+    /// `end_ts` after `duration_ms`.
+    pub fn finish(
+        &mut self,
+        outcome: &crate::outcome::Outcome,
+        end_ts: String,
+        duration_ms: Option<u64>,
+    ) {
+        self.execution_status = outcome.status().to_string();
+        self.execution_end_ts = Some(end_ts);
+        self.exit_code = outcome.exit_code();
+        self.error_message = outcome.error_message();
+        self.sql_state = match outcome {
+            crate::outcome::Outcome::Failed(f) => f.cause.sql_state.clone(),
+            _ => None,
+        };
+        self.duration_ms = duration_ms;
+        self.cpu_ms = outcome.cpu_ms();
+        self.max_rss_mb = outcome.max_rss_mb();
+        self.log_complete = outcome.log_complete();
+    }
+
+    /// [`JobAuditRecord::finish`], by value.
+    pub fn finished(
+        mut self,
+        outcome: &crate::outcome::Outcome,
+        end_ts: String,
+        duration_ms: Option<u64>,
+    ) -> JobAuditRecord {
+        self.finish(outcome, end_ts, duration_ms);
+        self
+    }
+}
+
 /// One workflow run, keyed by `workflow_execution_id` + `workflow_id`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkflowAuditRecord {
@@ -294,5 +402,45 @@ mod tests {
         assert_eq!(jobs["a"].execution_status, "completed");
         assert_eq!(jobs["b"].execution_status, "failed");
         assert!(!jobs.contains_key("c"));
+    }
+
+    #[test]
+    fn the_final_record_is_the_running_one_with_the_outcome() {
+        let names = JobNames {
+            job_name: "load.sh",
+            workflow_execution_id: "ex",
+            workflow_id: "wf",
+            ssm_command_id: Some("cmd"),
+        };
+        let running = JobAuditRecord::running(names, "i-1", "t0".into(), 2).with_log(
+            Some("/g".into()),
+            None,
+            Some("/f".into()),
+        );
+        assert_eq!(running.execution_status, "running");
+        assert_eq!(running.execution_end_ts, None);
+        let failed = crate::outcome::Outcome::Failed(crate::outcome::Failure {
+            error: crate::outcome::ErrorName::ScriptFailed,
+            cause: crate::outcome::FailureCause {
+                message: "exit 3".into(),
+                sql_state: Some("42P01".into()),
+                ..Default::default()
+            },
+        });
+        let done = running.clone().finished(&failed, "t1".into(), Some(5));
+        assert_eq!(done.execution_status, "failed");
+        assert_eq!(done.execution_end_ts.as_deref(), Some("t1"));
+        assert_eq!(done.sql_state.as_deref(), Some("42P01"));
+        assert_eq!(done.duration_ms, Some(5));
+        assert_eq!(
+            (
+                done.log_group,
+                done.log_file,
+                done.ssm_command_id,
+                done.attempt
+            ),
+            (running.log_group, running.log_file, Some("cmd".into()), 2),
+            "what the running record said stays"
+        );
     }
 }
