@@ -14,4 +14,5 @@ pub mod moto;
 pub mod pg;
 pub mod proxy;
 pub mod sandbox;
+pub mod supervised;
 pub mod world;

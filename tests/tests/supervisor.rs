@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use rsql_agent::joblog::{self, JobLog, LogName, Stream};
+use rsql_agent::joblog::{self, Stream};
 use rsql_agent::supervisor::{
     command_for_script, Ending, Launch, RunOutcome, StopReason, Supervisor, SupervisorError,
     JOB_ID_ENV,
@@ -69,31 +69,14 @@ impl Fixture {
     }
 
     fn launch(&self, name: &str, program: PathBuf, args: Vec<String>) -> Launch {
-        let job_id = unique_job_id(name);
-        let log = JobLog::create(
+        rsql_agent_tests::supervised::launch(
             &self.path("logs"),
-            &LogName {
-                workflow_execution_id: "supervisor-tests".into(),
-                job_name: name.into(),
-                started_at: SystemTime::now(),
-                attempt_id: job_id.clone(),
-            },
-        )
-        .expect("job log");
-        Launch {
+            name,
+            unique_job_id(name),
             program,
             args,
-            cwd: self.dir.path().to_path_buf(),
-            env: vec![],
-            timeout: Duration::from_secs(30),
-            kill_grace: Duration::from_secs(1),
-            pipe_drain: Duration::from_secs(2),
-            log,
-            job_id,
-            inherit_fd: None,
-            cgroup: None,
-            user: None,
-        }
+            self.dir.path().to_path_buf(),
+        )
     }
 
     /// Runs a job to its end; returns the outcome and the wall time `wait` took.

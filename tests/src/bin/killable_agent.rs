@@ -12,10 +12,9 @@ use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use rsql_agent::joblog::{JobLog, LogName};
-use rsql_agent::supervisor::{Launch, Supervisor};
+use rsql_agent::supervisor::Supervisor;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -39,32 +38,15 @@ async fn main() -> ExitCode {
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))
         .expect("chmod the job's script");
     let job_id = format!("killable-agent-{}", std::process::id());
-    let log = JobLog::create(
+    let launch = rsql_agent_tests::supervised::launch(
         &dir.join("logs"),
-        &LogName {
-            workflow_execution_id: "supervisor-tests".into(),
-            job_name: "doomed".into(),
-            started_at: SystemTime::now(),
-            attempt_id: job_id.clone(),
-        },
-    )
-    .expect("job log");
-    let handle = supervisor
-        .start(Launch {
-            program: script,
-            args: vec![child_file.display().to_string()],
-            cwd: dir.clone(),
-            env: vec![],
-            timeout: Duration::from_secs(30),
-            kill_grace: Duration::from_secs(1),
-            pipe_drain: Duration::from_secs(2),
-            log,
-            job_id,
-            inherit_fd: None,
-            cgroup: None,
-            user: None,
-        })
-        .expect("start the job");
+        "doomed",
+        job_id,
+        script,
+        vec![child_file.display().to_string()],
+        dir.clone(),
+    );
+    let handle = supervisor.start(launch).expect("start the job");
     // The child's pid first: the test takes the job's pid file as "ready".
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::fs::read_to_string(&child_file).map_or(true, |t| t.trim().is_empty()) {
