@@ -1,6 +1,6 @@
 //! What a launcher and a socket-activated owner agree on: the names of the owner units and
 //! the one JSON line each way on the owner socket (`rsql-job-owner.socket`). The agent's side
-//! of it is `job_owner/launch` in the agent; the owner's is [`super::shim`].
+//! of it is `job_owner/launch` in the agent; the owner's is `job_owner/shim`.
 
 use serde::{Deserialize, Serialize};
 
