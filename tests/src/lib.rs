@@ -14,5 +14,6 @@ pub mod moto;
 pub mod pg;
 pub mod proxy;
 pub mod sandbox;
+pub mod sources;
 pub mod supervised;
 pub mod world;

@@ -267,7 +267,7 @@ fn module_paths(text: &str, root: &Path) -> Vec<Vec<String>> {
 
 /// Where the agent's modules live: its own crate and the core crate, one module tree (the
 /// agent re-exports the core's modules at the same paths).
-const SOURCE_ROOTS: &[&str] = &["agent/src", "agent/core/src"];
+use rsql_agent_tests::sources::LIBRARY_ROOTS as SOURCE_ROOTS;
 
 /// A module's source in one crate: its file and, when it has one, its directory.
 type ModuleFiles = (PathBuf, Option<PathBuf>);
@@ -449,37 +449,11 @@ fn every_path_link_and_item_the_docs_name_exists() {
 /// Module paths of `agent/src` and `agent/core/src`, as `a` or `a/b`: every `.rs` file but
 /// the crate roots and the binaries.
 fn agent_modules(root: &Path) -> BTreeSet<String> {
-    let mut modules = BTreeSet::new();
-    for source_root in SOURCE_ROOTS {
-        let src = root.join(source_root);
-        let mut stack = vec![src.clone()];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir)
-                .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-            {
-                let path = entry.expect("directory entry").path();
-                let relative = path
-                    .strip_prefix(&src)
-                    .expect("under the source root")
-                    .to_path_buf();
-                if path.is_dir() {
-                    if relative != Path::new("bin") {
-                        stack.push(path);
-                    }
-                    continue;
-                }
-                if path.extension().is_none_or(|e| e != "rs") {
-                    continue;
-                }
-                let name = relative.with_extension("").to_string_lossy().into_owned();
-                let name = name.strip_suffix("/mod").unwrap_or(&name).to_string();
-                if name != "lib" && name != "main" {
-                    modules.insert(name);
-                }
-            }
-        }
-    }
-    modules
+    rsql_agent_tests::sources::library_files(root)
+        .into_iter()
+        .filter(|f| !f.module.is_empty())
+        .map(|f| f.module.join("/"))
+        .collect()
 }
 
 #[test]

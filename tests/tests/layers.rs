@@ -96,46 +96,12 @@ fn name(module: &[String]) -> String {
     }
 }
 
-/// Where the library modules live: the agent's crate and the core crate, one module tree.
-const SOURCE_ROOTS: &[&str] = &["agent/src", "agent/core/src"];
-
 /// Every library module with a file of its own, and its files (relative to the repository):
 /// one, or one in each crate.
 fn library_files(root: &Path) -> BTreeMap<ModPath, Vec<PathBuf>> {
     let mut files: BTreeMap<ModPath, Vec<PathBuf>> = BTreeMap::new();
-    for source_root in SOURCE_ROOTS {
-        let src = root.join(source_root);
-        let mut stack = vec![src.clone()];
-        while let Some(dir) = stack.pop() {
-            for entry in std::fs::read_dir(&dir)
-                .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-            {
-                let path = entry.expect("directory entry").path();
-                let relative = path.strip_prefix(&src).expect("under the source root");
-                if path.is_dir() {
-                    if relative != Path::new("bin") {
-                        stack.push(path);
-                    }
-                    continue;
-                }
-                if path.extension().is_none_or(|e| e != "rs") || relative == Path::new("main.rs") {
-                    continue;
-                }
-                let mut module: ModPath = relative
-                    .with_extension("")
-                    .iter()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .collect();
-                if matches!(module.last().map(String::as_str), Some("mod" | "lib")) {
-                    module.pop();
-                }
-                let file = path
-                    .strip_prefix(root)
-                    .expect("under the root")
-                    .to_path_buf();
-                files.entry(module).or_default().push(file);
-            }
-        }
+    for f in rsql_agent_tests::sources::library_files(root) {
+        files.entry(f.module).or_default().push(f.file);
     }
     files
 }

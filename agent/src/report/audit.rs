@@ -362,27 +362,15 @@ mod tests {
     use super::*;
 
     fn record(job: &str, status: &str) -> JobAuditRecord {
-        JobAuditRecord {
-            job_name: job.into(),
-            workflow_execution_id: "ex".into(),
-            workflow_id: "wf".into(),
-            execution_status: status.into(),
-            execution_start_ts: "2026-01-01T00:00:00.000Z".into(),
-            execution_end_ts: None,
-            instance_id: "i".into(),
-            exit_code: None,
-            error_message: None,
-            sql_state: None,
-            log_group: None,
-            log_stream: None,
-            log_file: None,
-            attempt: 1,
-            duration_ms: None,
-            cpu_ms: None,
-            max_rss_mb: None,
-            log_complete: None,
+        let names = JobNames {
+            job_name: job,
+            workflow_execution_id: "ex",
+            workflow_id: "wf",
             ssm_command_id: None,
-            stage: None,
+        };
+        JobAuditRecord {
+            execution_status: status.into(),
+            ..JobAuditRecord::running(names, "i", "2026-01-01T00:00:00.000Z".into(), 1)
         }
     }
 
