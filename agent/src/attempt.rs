@@ -11,15 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
-
 use crate::config::Config;
 use crate::job::JobSpec;
 use crate::joblog::{self, JobLog, LogName};
 use crate::lock::{self, Acquire, Decision, JobLock, LockDir, LockState};
 use crate::outcome::Outcome;
 use crate::report::audit::{AuditError, JobAuditRecord, JobNames, LocalAudit};
-use crate::supervisor::{self, Launch, StopReason, Supervisor};
+use crate::stop::StopReceiver;
+use crate::supervisor::{self, Launch, Supervisor};
 
 // Classifying and recording a finished run is the job owner's too; this path keeps working.
 pub use rsql_agent_core::run::{classify_run, record_outcome, RunFacts};
@@ -114,40 +113,6 @@ pub struct AttemptResult {
     pub attempt: u32,
     /// The final audit record, for the reporters.
     pub audit: JobAuditRecord,
-}
-
-/// Requests to stop a running attempt, counted; see [`StopSender::stop`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StopRequests {
-    pub count: u32,
-    /// The first reason given, which is the one reported.
-    pub reason: Option<StopReason>,
-}
-
-/// Asks a running attempt to stop (see [`AttemptContext::execute`]). Cheap to clone.
-///
-/// Requests are counted rather than sent as values, so two requests in quick succession
-/// are never merged into one by the channel.
-#[derive(Debug, Clone)]
-pub struct StopSender {
-    tx: Arc<watch::Sender<StopRequests>>,
-}
-
-impl StopSender {
-    /// The first request stops the job gracefully (SIGTERM to its group, `kill_grace`,
-    /// SIGKILL); any later one kills it at once. The first reason given is reported.
-    pub fn stop(&self, reason: StopReason) {
-        self.tx.send_modify(|r| {
-            r.count = r.count.saturating_add(1);
-            r.reason.get_or_insert(reason);
-        });
-    }
-}
-
-/// A stop channel for one attempt.
-pub fn stop_channel() -> (StopSender, watch::Receiver<StopRequests>) {
-    let (tx, rx) = watch::channel(StopRequests::default());
-    (StopSender { tx: Arc::new(tx) }, rx)
 }
 
 /// Everything an attempt needs that outlives it; built once per process.
@@ -266,12 +231,12 @@ impl AttemptContext {
 
     /// Runs a job with no task token (the local workflow runner). Each request on `stop` is
     /// passed on as in [`AttemptContext::execute`] (the first stops the job, a later one
-    /// kills it; reported `Rsql.Interrupted` for [`StopReason::Shutdown`]). `on_start` is told
+    /// kills it; reported `Rsql.Interrupted` for [`crate::stop::StopReason::Interrupted`]). `on_start` is told
     /// the log file once the job has started.
     pub async fn run_local(
         &self,
         request: AttemptRequest,
-        stop: watch::Receiver<StopRequests>,
+        stop: StopReceiver,
         on_start: impl FnOnce(&Path) + Send,
     ) -> Result<AttemptResult, AttemptError> {
         // Every local run is a new attempt: a rerun after a failure must run, never replay.
@@ -297,14 +262,14 @@ impl AttemptContext {
     /// run with lease touches, classification, final state with the outcome to replay, local
     /// audit. The lock is handed back so the caller releases it only once the outcome is
     /// durable wherever it must go. Each request on `stop` is passed on to the supervisor
-    /// (see [`StopSender::stop`]).
+    /// (see [`crate::stop::StopSender::stop`]).
     pub async fn execute(
         &self,
         mut held: JobLock,
         request: &AttemptRequest,
         token_hash: &str,
         attempt: u32,
-        mut stop: watch::Receiver<StopRequests>,
+        mut stop: StopReceiver,
         on_start: impl FnOnce(&JobAuditRecord) + Send,
     ) -> Result<(JobLock, AttemptResult), AttemptError> {
         let spec = &request.spec;
@@ -412,7 +377,7 @@ impl AttemptContext {
         &self,
         handle: supervisor::JobHandle,
         held: &mut JobLock,
-        stop: &mut watch::Receiver<StopRequests>,
+        stop: &mut StopReceiver,
         job_name: &str,
     ) -> Result<supervisor::RunOutcome, supervisor::SupervisorError> {
         let stopper = handle.stopper();
@@ -421,7 +386,6 @@ impl AttemptContext {
         let mut lease = tokio::time::interval(self.live().jobs.heartbeat_interval);
         lease.tick().await;
         let mut stop_open = true;
-        let mut stops_forwarded = 0u32;
         loop {
             tokio::select! {
                 run = &mut wait => return run,
@@ -436,10 +400,8 @@ impl AttemptContext {
                     match changed {
                         Ok(()) => {
                             let requests = *stop.borrow_and_update();
-                            let reason = requests.reason.unwrap_or(StopReason::Shutdown);
-                            while stops_forwarded < requests.count {
-                                stopper.stop(reason);
-                                stops_forwarded += 1;
+                            if let Some(level) = requests.level() {
+                                stopper.stop_at(requests.reason(), level);
                             }
                         }
                         Err(_) => stop_open = false,

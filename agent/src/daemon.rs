@@ -39,6 +39,7 @@ use crate::report::audit::dynamodb::JobAuditTable;
 use crate::report::outbox::{Outbox, OutboxError};
 use crate::report::stepfunctions::StepFunctions;
 use crate::secrets::DatabaseEnv;
+use crate::stop::StopLevel;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -268,8 +269,9 @@ impl Daemon {
     }
 }
 
-/// What the agent wants of its running jobs: the one stop type from the signal to the
-/// job's owner process.
+/// What the agent wants of its running jobs, from the signal (or a Spot deadline) to each
+/// job's owner process. A stop here is always [`crate::stop::StopReason::Interrupted`]: nothing the
+/// agent decides is the job's fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum JobStop {
     /// Let them run.
@@ -277,11 +279,9 @@ enum JobStop {
     /// The agent is stopping (SIGTERM): stop watching; the jobs keep running under their
     /// owners and the next agent adopts them.
     HandOff,
-    /// Stop the job (a standalone run's SIGTERM): SIGTERM, `kill_grace`, SIGKILL;
+    /// Stop the jobs at this level (a standalone run's SIGTERM, a Spot deadline):
     /// reported `Rsql.Interrupted`.
-    Stop,
-    /// Kill the job now (a second stop request).
-    Kill,
+    Stop(StopLevel),
 }
 
 /// Where a running job came from, and so how it is acknowledged: an SQS message is kept

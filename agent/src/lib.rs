@@ -35,7 +35,7 @@
 
 // The job's parts that know no AWS live in the core crate, which `rsql-job-owner` links
 // alone; re-exported at their old paths, so `crate::supervisor::Supervisor` still names them.
-pub use rsql_agent_core::{cgroup, error_chain, fsutil, lock, outcome, supervisor, trust};
+pub use rsql_agent_core::{cgroup, error_chain, fsutil, lock, outcome, stop, supervisor, trust};
 
 pub mod attempt;
 pub mod aws;

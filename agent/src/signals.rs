@@ -2,8 +2,8 @@
 //!
 //! | signal | meaning |
 //! |---|---|
-//! | first SIGTERM or SIGINT | [`Control::Stop`]: the daemon hands off (intake stops, running jobs keep running under their owners, the next agent adopts them); a foreground run (`workflow run`, one job without a daemon) stops its jobs and reports them |
-//! | any later SIGTERM or SIGINT | [`Control::StopNow`]: the daemon exits at once, without waiting for the outbox (its jobs still run on); a foreground run kills its jobs now and still reports them |
+//! | first SIGTERM or SIGINT | [`Control::Stop`] ([`StopLevel::Graceful`]): the daemon hands off (intake stops, running jobs keep running under their owners, the next agent adopts them); a foreground run (`workflow run`, one job without a daemon) stops its jobs and reports them |
+//! | any later SIGTERM or SIGINT | [`Control::Stop`] ([`StopLevel::Kill`]): the daemon exits at once, without waiting for the outbox (its jobs still run on); a foreground run kills its jobs now and still reports them |
 //! | SIGHUP | [`Control::Reload`]: reload the config where that is safe |
 //! | third SIGTERM or SIGINT | the process ends at once, by the signal's default action |
 //!
@@ -22,15 +22,20 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+pub use crate::stop::StopLevel;
+
 /// What the daemon is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// Stop taking jobs. The daemon hands the running ones off (they go on under their owner
-    /// processes); a foreground run stops its jobs gracefully.
-    Stop,
-    /// Stop at once. The daemon exits without waiting for the outbox (its jobs still go on
-    /// under their owners); a foreground run kills its jobs (SIGKILL), reports them and exits.
-    StopNow,
+    /// Stop, at this level (the stop vocabulary of [`crate::stop`]).
+    ///
+    /// [`StopLevel::Graceful`]: stop taking jobs; the daemon hands the running ones off
+    /// (they go on under their owner processes); a foreground run stops its jobs gracefully.
+    ///
+    /// [`StopLevel::Kill`]: the daemon exits without waiting for the outbox (its jobs still
+    /// go on under their owners); a foreground run kills its jobs (SIGKILL), reports them
+    /// and exits.
+    Stop(StopLevel),
     /// Reload the config file.
     Reload,
 }
@@ -47,8 +52,10 @@ pub enum Received {
 pub fn meaning(signal: Received, stops_before: u32) -> Control {
     match signal {
         Received::Hangup => Control::Reload,
-        Received::Terminate | Received::Interrupt if stops_before == 0 => Control::Stop,
-        Received::Terminate | Received::Interrupt => Control::StopNow,
+        Received::Terminate | Received::Interrupt if stops_before == 0 => {
+            Control::Stop(StopLevel::Graceful)
+        }
+        Received::Terminate | Received::Interrupt => Control::Stop(StopLevel::Kill),
     }
 }
 
@@ -141,12 +148,12 @@ impl Controls {
         (tx, Controls { rx })
     }
 
-    /// A stream that says [`Control::Stop`] once `stop` resolves, and nothing else.
+    /// A stream that says a graceful [`Control::Stop`] once `stop` resolves, and nothing else.
     pub fn stop_on(stop: impl Future<Output = ()> + Send + 'static) -> Controls {
         let (tx, controls) = Controls::channel();
         tokio::spawn(async move {
             stop.await;
-            let _ = tx.send(Control::Stop).await;
+            let _ = tx.send(Control::Stop(StopLevel::Graceful)).await;
             // Keep the stream open: a closed stream means "no more controls", not "stop".
             tx.closed().await;
         });
@@ -165,10 +172,14 @@ mod tests {
 
     #[test]
     fn first_stop_hands_off_later_ones_stop_now_and_hup_reloads() {
-        assert_eq!(meaning(Received::Terminate, 0), Control::Stop);
-        assert_eq!(meaning(Received::Interrupt, 0), Control::Stop);
-        assert_eq!(meaning(Received::Terminate, 1), Control::StopNow);
-        assert_eq!(meaning(Received::Interrupt, 3), Control::StopNow);
+        let (graceful, kill) = (
+            Control::Stop(StopLevel::Graceful),
+            Control::Stop(StopLevel::Kill),
+        );
+        assert_eq!(meaning(Received::Terminate, 0), graceful);
+        assert_eq!(meaning(Received::Interrupt, 0), graceful);
+        assert_eq!(meaning(Received::Terminate, 1), kill);
+        assert_eq!(meaning(Received::Interrupt, 3), kill);
         assert_eq!(meaning(Received::Hangup, 0), Control::Reload);
         assert_eq!(meaning(Received::Hangup, 2), Control::Reload);
     }
@@ -180,6 +191,9 @@ mod tests {
             let _ = rx.await;
         });
         let _ = tx.send(());
-        assert_eq!(controls.recv().await, Some(Control::Stop));
+        assert_eq!(
+            controls.recv().await,
+            Some(Control::Stop(StopLevel::Graceful))
+        );
     }
 }

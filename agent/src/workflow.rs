@@ -16,18 +16,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 
-use crate::attempt::{
-    stop_channel, AttemptContext, AttemptError, AttemptRequest, AttemptResult, StopRequests,
-    StopSender,
-};
+use crate::attempt::{AttemptContext, AttemptError, AttemptRequest, AttemptResult};
 use crate::config::Config;
 use crate::job::{JobRules, JobSpec};
 use crate::outcome::Outcome;
 use crate::report::audit::{AuditError, JobAuditRecord, LocalAudit, WorkflowAuditRecord};
 use crate::signals::{Control, Controls};
-use crate::supervisor::StopReason;
+use crate::stop::{self, StopLevel, StopReason, StopReceiver, StopSender};
 
 pub use stage::{ExecutionType, Stage};
 
@@ -302,7 +299,7 @@ impl Runner {
         options: &RunOptions,
         controls: Controls,
     ) -> Result<WorkflowReport, WorkflowError> {
-        let (stop_tx, stop) = stop_channel();
+        let (stop_tx, stop) = stop::channel();
         let forward = forward_stops(controls, stop_tx, self.progress.clone());
         tokio::select! {
             report = self.run_execution(workflow, options, stop) => report,
@@ -315,7 +312,7 @@ impl Runner {
         &self,
         workflow: &WorkflowConfig,
         options: &RunOptions,
-        stop: watch::Receiver<StopRequests>,
+        stop: StopReceiver,
     ) -> Result<WorkflowReport, WorkflowError> {
         let (execution_id, earlier) = self.execution(workflow, options)?;
         let specs = self.validate(workflow, &execution_id)?;
@@ -439,7 +436,7 @@ impl Runner {
         specs: Vec<Option<JobSpec>>,
         earlier: &HashMap<String, JobAuditRecord>,
         failed: &Arc<AtomicBool>,
-        stop: &watch::Receiver<StopRequests>,
+        stop: &StopReceiver,
         reports: &mut Vec<(usize, String, JobReport)>,
     ) -> Result<(), WorkflowError> {
         let stage = at.stage;
@@ -501,7 +498,7 @@ impl Runner {
         job: StageJob,
         permits: Arc<Semaphore>,
         failed: Arc<AtomicBool>,
-        mut stop: watch::Receiver<StopRequests>,
+        mut stop: StopReceiver,
     ) -> impl std::future::Future<Output = Result<JobReport, AttemptError>> + Send + 'static {
         let attempts = self.attempts.clone();
         let progress = self.progress.clone();
@@ -569,25 +566,20 @@ async fn forward_stops(
     stop: StopSender,
     progress: ProgressFn,
 ) -> std::convert::Infallible {
-    let mut requests = 0u32;
+    let mut stopping = false;
     while let Some(control) = controls.recv().await {
         match control {
             Control::Reload => {
                 tracing::warn!("a workflow run keeps the config it started with; reload ignored")
             }
-            Control::Stop | Control::StopNow => {
-                // The first request stops the jobs gracefully, any later one kills them:
-                // a StopNow as the first request is both.
-                let wanted = if control == Control::StopNow {
-                    requests.saturating_add(1).max(2)
-                } else {
-                    requests.saturating_add(1)
-                };
-                while requests < wanted {
-                    stop.stop(StopReason::Shutdown);
-                    requests += 1;
-                }
-                progress(Progress::Stopping { now: requests > 1 });
+            Control::Stop(level) => {
+                // The first request stops the jobs at its level, any later one kills them.
+                let level = if stopping { StopLevel::Kill } else { level };
+                stopping = true;
+                stop.stop_at(StopReason::Interrupted, level);
+                progress(Progress::Stopping {
+                    now: level == StopLevel::Kill,
+                });
             }
         }
     }
@@ -595,7 +587,7 @@ async fn forward_stops(
 }
 
 /// Whether a stop was requested.
-fn stopping(stop: &watch::Receiver<StopRequests>) -> bool {
+fn stopping(stop: &StopReceiver) -> bool {
     stop.borrow().count > 0
 }
 

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use rsql_agent::joblog::{self, Stream};
+use rsql_agent::stop::StopReason;
 use rsql_agent::supervisor::{
-    command_for_script, Ending, Launch, RunOutcome, StopReason, Supervisor, SupervisorError,
-    JOB_ID_ENV,
+    command_for_script, Ending, Launch, RunOutcome, Supervisor, SupervisorError, JOB_ID_ENV,
 };
 use rsql_agent_tests::bins;
 use sha2::{Digest, Sha256};
@@ -413,7 +413,7 @@ async fn a_second_stop_kills_at_once() {
     let handle = f.supervisor.start(launch).expect("start");
     wait_for_output(&log, "ready").await;
     let stopped = Instant::now();
-    handle.stop(StopReason::Shutdown);
+    handle.stop(StopReason::Interrupted);
     let stopper = handle.stopper();
     let waiter = tokio::spawn(handle.wait());
     // The first stop has been acted on (the job got its SIGTERM and lives); now insist.
@@ -423,7 +423,7 @@ async fn a_second_stop_kills_at_once() {
     assert_eq!(
         outcome.ending,
         Ending::Stopped {
-            reason: StopReason::Shutdown,
+            reason: StopReason::Interrupted,
             signal: Some(9)
         }
     );

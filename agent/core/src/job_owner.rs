@@ -44,6 +44,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil;
+use crate::stop::StopReason;
 
 /// The version of the files and the control protocol. An agent reads every version up to
 /// its own; an owner refuses a job file newer than itself.
@@ -235,19 +236,9 @@ pub enum Request {
     /// secret part of its environment.
     Start { v: u32, env: Vec<(String, String)> },
     /// Stop the job: SIGTERM to its group, `kill_grace`, SIGKILL. A second stop kills it.
-    Stop { v: u32, reason: StopWhy },
+    Stop { v: u32, reason: StopReason },
     /// Is it running? Answered with the job's pid.
     Status { v: u32 },
-}
-
-/// Why a job is stopped (see `supervisor::StopReason`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StopWhy {
-    /// The task was closed upstream: reported `Cancelled`, no callback.
-    Cancelled,
-    /// A stop that is not the job's fault (a standalone run's SIGTERM): `Rsql.Interrupted`.
-    Interrupted,
 }
 
 /// The owner's answer to a [`Request`].
@@ -467,7 +458,7 @@ mod tests {
             stop,
             Request::Stop {
                 v: 1,
-                reason: StopWhy::Cancelled
+                reason: StopReason::Cancelled
             }
         );
     }

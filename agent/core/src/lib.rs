@@ -23,6 +23,7 @@ pub mod lock;
 pub mod masking;
 pub mod outcome;
 pub mod run;
+pub mod stop;
 pub mod supervisor;
 pub mod trust;
 

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::Usage;
 use crate::joblog::SqlError;
-use crate::supervisor::{Ending, StopReason};
+use crate::stop::StopReason;
+use crate::supervisor::Ending;
 
 /// `SendTaskFailure.error` is at most this many characters.
 pub const MAX_ERROR_CHARS: usize = 256;
@@ -396,7 +397,7 @@ pub fn classify(done: Finished<'_>) -> Outcome {
             ),
         }),
         Ending::Stopped {
-            reason: StopReason::Shutdown,
+            reason: StopReason::Interrupted,
             signal,
         } => Outcome::Failed(Failure {
             error: ErrorName::Interrupted,
@@ -720,7 +721,7 @@ mod tests {
         assert_eq!(
             err(finished(
                 &Ending::Stopped {
-                    reason: StopReason::Shutdown,
+                    reason: StopReason::Interrupted,
                     signal: Some(15)
                 },
                 None

@@ -40,7 +40,7 @@
 //!   the two markers. Values are never logged.
 //!
 //! Dropping the [`JobHandle`] (or its `wait` future) before the outcome is delivered stops
-//! the job as [`StopReason::Shutdown`]: a job nobody is waiting for must not run on.
+//! the job as [`StopReason::Interrupted`]: a job nobody is waiting for must not run on.
 
 mod procs;
 mod spawner;
@@ -62,11 +62,12 @@ use nix::errno::Errno;
 use nix::sys::signal::{killpg, SigHandler, Signal};
 use nix::unistd::{AccessFlags, Pid};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::cgroup::{Payload, Usage};
 use crate::joblog::{JobLog, JobLogError, Stream};
+use crate::stop::{self, StopLevel, StopReason, StopReceiver, StopRequests, StopSender};
 
 /// The environment variable that marks every process of a job.
 pub const JOB_ID_ENV: &str = "RSQL_AGENT_JOB_ID";
@@ -143,15 +144,6 @@ pub enum SupervisorError {
     },
     #[error("the task supervising job {job_id} ended without a result")]
     SupervisionLost { job_id: String },
-}
-
-/// Why the agent stopped a job on request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum StopReason {
-    /// The task was closed upstream (heartbeat says so, or an operator cancelled it).
-    Cancelled,
-    /// The agent is shutting down.
-    Shutdown,
 }
 
 /// How a job ended.
@@ -398,7 +390,7 @@ impl Supervisor {
             timeout = ?launch.timeout,
             "job started"
         );
-        let (stop_tx, stop_rx) = watch::channel(StopState::default());
+        let (stopper, stop_rx) = stop::channel();
         let (result_tx, result_rx) = oneshot::channel();
         let job = Job {
             job_id: launch.job_id,
@@ -417,9 +409,7 @@ impl Supervisor {
             pid,
             job_id,
             log_path,
-            stopper: Stopper {
-                tx: Arc::new(stop_tx),
-            },
+            stopper,
             outcome: result_rx,
         })
     }
@@ -631,37 +621,13 @@ fn drop_to_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
     Ok(())
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct StopState {
-    requests: u32,
-    reason: Option<StopReason>,
-}
-
-/// Stops a job while another task awaits [`JobHandle::wait`]. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Stopper {
-    tx: Arc<watch::Sender<StopState>>,
-}
-
-impl Stopper {
-    /// First call: SIGTERM to the job's process group, then SIGKILL after `kill_grace`.
-    /// Any later call: SIGKILL now. Does nothing once the job has ended. The first reason
-    /// given is the one reported.
-    pub fn stop(&self, reason: StopReason) {
-        self.tx.send_modify(|state| {
-            state.requests = state.requests.saturating_add(1);
-            state.reason.get_or_insert(reason);
-        });
-    }
-}
-
 /// A running job.
 #[derive(Debug)]
 pub struct JobHandle {
     pid: u32,
     job_id: String,
     log_path: PathBuf,
-    stopper: Stopper,
+    stopper: StopSender,
     outcome: oneshot::Receiver<Result<RunOutcome, SupervisorError>>,
 }
 
@@ -675,13 +641,14 @@ impl JobHandle {
         &self.log_path
     }
 
-    /// See [`Stopper::stop`].
+    /// See [`StopSender::stop`]: the first request stops the job gracefully (SIGTERM to its
+    /// process group, `kill_grace`, SIGKILL), any later one kills it.
     pub fn stop(&self, reason: StopReason) {
         self.stopper.stop(reason);
     }
 
     /// A handle that can stop the job while `wait` is being awaited.
-    pub fn stopper(&self) -> Stopper {
+    pub fn stopper(&self) -> StopSender {
         self.stopper.clone()
     }
 
@@ -956,7 +923,7 @@ async fn supervise(
     job: Job,
     mut child: tokio::process::Child,
     log: JobLog,
-    mut stop_rx: watch::Receiver<StopState>,
+    mut stop_rx: StopReceiver,
     mut result_tx: oneshot::Sender<Result<RunOutcome, SupervisorError>>,
 ) {
     let pgid = job.pid as i32;
@@ -1087,7 +1054,7 @@ async fn until_leader_exits(
     job: &Job,
     child: &mut tokio::process::Child,
     output: &mut Output,
-    stop_rx: &mut watch::Receiver<StopState>,
+    stop_rx: &mut StopReceiver,
     result_tx: &mut oneshot::Sender<Result<RunOutcome, SupervisorError>>,
     marker: &[u8],
 ) -> LeaderExit {
@@ -1115,7 +1082,7 @@ async fn until_leader_exits(
             sleep.as_mut().reset(deadline.unwrap_or(never).into());
             armed_for = deadline;
         }
-        let mut stop_request: Option<StopState> = None;
+        let mut stop_request: Option<StopRequests> = None;
         tokio::select! {
             biased;
             status = child.wait() => break status,
@@ -1126,7 +1093,7 @@ async fn until_leader_exits(
             _ = result_tx.closed(), if !abandoned => {
                 abandoned = true;
                 tracing::warn!(job_id, pid = job.pid, "nobody waits for this job any more; stopping it");
-                stop_request = Some(StopState { requests: 1, reason: Some(StopReason::Shutdown) });
+                stop_request = Some(StopRequests { count: 1, reason: Some(StopReason::Interrupted) });
             }
             _ = &mut sleep, if deadline.is_some() => on_deadline(job, &mut termination),
             permit = output.log_tx.reserve(), if output.queued() => {
@@ -1178,10 +1145,13 @@ fn on_deadline(job: &Job, termination: &mut Option<Termination>) {
 
 /// A stop request: the first sends SIGTERM (SIGKILL follows after the grace), the second
 /// SIGKILL at once.
-fn on_stop_request(job: &Job, state: StopState, termination: &mut Option<Termination>) {
+fn on_stop_request(job: &Job, state: StopRequests, termination: &mut Option<Termination>) {
     let (job_id, pgid) = (job.job_id.as_str(), job.pid as i32);
-    let reason = state.reason.unwrap_or(StopReason::Shutdown);
-    if termination.is_none() && state.requests >= 1 {
+    let reason = state.reason();
+    let Some(level) = state.level() else {
+        return;
+    };
+    if termination.is_none() {
         tracing::info!(
             job_id,
             pid = job.pid,
@@ -1196,14 +1166,14 @@ fn on_stop_request(job: &Job, state: StopState, termination: &mut Option<Termina
             kill_at: Instant::now().checked_add(job.kill_grace),
         });
     }
-    if state.requests >= 2 {
+    if level == StopLevel::Kill {
         if let Some(t) = termination.as_mut() {
             if t.last_signal != Signal::SIGKILL {
                 tracing::info!(
                     job_id,
                     pid = job.pid,
                     pgid,
-                    "second stop request; sending SIGKILL"
+                    "stop request to kill; sending SIGKILL"
                 );
                 job.kill_all(pgid);
                 t.last_signal = Signal::SIGKILL;
@@ -1436,16 +1406,5 @@ mod tests {
         let shown = format!("{launch:?}");
         assert!(shown.contains("RSPASSWORD"));
         assert!(!shown.contains("hunter2"), "{shown}");
-    }
-
-    #[test]
-    fn stop_requests_accumulate() {
-        let (tx, rx) = watch::channel(StopState::default());
-        let stopper = Stopper { tx: Arc::new(tx) };
-        stopper.stop(StopReason::Cancelled);
-        stopper.clone().stop(StopReason::Shutdown);
-        let state = *rx.borrow();
-        assert_eq!(state.requests, 2);
-        assert_eq!(state.reason, Some(StopReason::Cancelled));
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 use super::{failure, JobStop};
 use crate::job_owner::{ExitRecord, JobFile};
 use crate::outcome::{ErrorName, Outcome};
+use crate::stop::StopLevel;
 
 /// How the agent's watch of an owner ended.
 #[derive(Debug)]
@@ -52,8 +53,9 @@ pub(super) fn on_stop(stop: JobStop, exit_recorded: impl FnOnce() -> bool) -> Wa
         JobStop::Run => WatchAction::Watch { stops: 0 },
         JobStop::HandOff if exit_recorded() => WatchAction::Report,
         JobStop::HandOff => WatchAction::HandOff,
-        JobStop::Stop => WatchAction::Watch { stops: 1 },
-        JobStop::Kill => WatchAction::Watch { stops: 2 },
+        // The owner protocol counts stop requests: the second one kills.
+        JobStop::Stop(StopLevel::Graceful) => WatchAction::Watch { stops: 1 },
+        JobStop::Stop(StopLevel::Kill) => WatchAction::Watch { stops: 2 },
     }
 }
 
@@ -501,11 +503,11 @@ mod tests {
     #[test]
     fn a_stop_asks_the_owner_once_and_a_second_stop_kills() {
         assert_eq!(
-            on_stop(JobStop::Stop, || false),
+            on_stop(JobStop::Stop(StopLevel::Graceful), || false),
             WatchAction::Watch { stops: 1 }
         );
         assert_eq!(
-            on_stop(JobStop::Kill, || false),
+            on_stop(JobStop::Stop(StopLevel::Kill), || false),
             WatchAction::Watch { stops: 2 }
         );
     }

@@ -58,7 +58,7 @@ impl Loop {
                 _ = self.jobs.join_next() => {}
                 _ = tokio::time::sleep_until(watchers_done) => break,
                 control = controls.recv(), if controls_open => match control {
-                    Some(Control::Stop | Control::StopNow) => now = true,
+                    Some(Control::Stop(_)) => now = true,
                     Some(Control::Reload) => {
                         tracing::info!("not reloading the config: the agent is shutting down")
                     }
@@ -75,7 +75,7 @@ impl Loop {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 control = controls.recv(), if controls_open => match control {
-                    Some(Control::Stop | Control::StopNow) => now = true,
+                    Some(Control::Stop(_)) => now = true,
                     Some(Control::Reload) => {}
                     None => controls_open = false,
                 },

@@ -44,7 +44,8 @@ use crate::job::JobSpec;
 
 use crate::job_owner::client::{self, OwnerConn};
 
-use crate::job_owner::{ExitRecord, JobDir, JobFile, Request, StopWhy, PROTOCOL};
+use crate::job_owner::{ExitRecord, JobDir, JobFile, Request, PROTOCOL};
+use crate::stop::StopReason;
 
 use crate::joblog::cloudwatch::Shipment;
 
@@ -534,14 +535,14 @@ async fn watch_owner(
             }
         };
         while stops_sent < wanted {
-            ask_stop(dir, StopWhy::Interrupted).await;
+            ask_stop(dir, StopReason::Interrupted).await;
             stops_sent += 1;
         }
         tokio::select! {
             exit = &mut closed => return Watched::Ended(exit),
             () = &mut overdue => return Watched::Overdue,
             _ = &mut heartbeats => {}
-            Some(()) = closed_rx.recv() => ask_stop(dir, StopWhy::Cancelled).await,
+            Some(()) = closed_rx.recv() => ask_stop(dir, StopReason::Cancelled).await,
             // Nobody can stop this watch any more once the sender is gone; keep watching.
             changed = shutdown.changed(), if shutdown_open => shutdown_open = changed.is_ok(),
         }
@@ -552,7 +553,7 @@ async fn watch_owner(
 /// and the watch must go on (its overdue backstop ends the job).
 const ASK_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn ask_stop(dir: &JobDir, reason: StopWhy) {
+async fn ask_stop(dir: &JobDir, reason: StopReason) {
     let stop = Request::Stop {
         v: PROTOCOL,
         reason,

@@ -22,6 +22,7 @@ use super::control;
 use super::owned;
 use super::validate::{handle, handle_submission, socket_validator};
 use super::{Daemon, DaemonError, JobStop, Shared};
+use crate::stop::StopLevel;
 
 /// How often old job logs and finished lock entries are cleaned up.
 pub(super) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
@@ -67,7 +68,7 @@ impl Daemon {
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.tick().await;
         let mut controls_open = true;
-        let mut stop = JobStop::Run;
+        let mut stop = StopLevel::Graceful;
         // `rsql-agent drain`: requests from the control socket, answered by this loop.
         let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<control::Asked>(8);
         let control_task = match control::serve(&shared.config.agent.state_dir, ctl_tx) {
@@ -91,9 +92,8 @@ impl Daemon {
             }
             tokio::select! {
                 control = controls.recv(), if controls_open => match control {
-                    Some(Control::Stop) => break,
-                    Some(Control::StopNow) => {
-                        stop = JobStop::Kill;
+                    Some(Control::Stop(level)) => {
+                        stop = level;
                         break;
                     }
                     Some(Control::Reload) => {
@@ -134,7 +134,7 @@ impl Daemon {
             notifier: &self.notifier,
             controls: &mut controls,
             controls_open,
-            now: stop == JobStop::Kill,
+            now: stop == StopLevel::Kill,
         })
         .await;
         self.notifier.status("stopped");
@@ -392,7 +392,7 @@ impl Loop {
                 "the Spot interruption is near: stopping the running jobs; they are reported Rsql.Interrupted"
             );
         }
-        let _ = self.jobs_stop_tx.send(JobStop::Stop);
+        let _ = self.jobs_stop_tx.send(JobStop::Stop(StopLevel::Graceful));
     }
 
     fn load(&self) -> Load {

@@ -10,6 +10,7 @@ use tracing::Instrument;
 use super::live::run_delivery;
 use super::validate::fail_invalid;
 use super::{job_span, Daemon, DaemonError, Delivered, JobStop, OneJob, Source};
+use crate::stop::StopLevel;
 
 impl Daemon {
     /// Runs one job the way the daemon runs a socket job (lock, supervision, heartbeats,
@@ -68,8 +69,7 @@ impl Daemon {
         let forward_stops = async move {
             while let Some(control) = controls.recv().await {
                 let level = match control {
-                    Control::Stop => JobStop::Stop,
-                    Control::StopNow => JobStop::Kill,
+                    Control::Stop(level) => level,
                     Control::Reload => {
                         tracing::info!("a standalone run does not reload its config");
                         continue;
@@ -79,9 +79,9 @@ impl Daemon {
                 // the next one kills it.
                 let next = match *stop_tx.borrow() {
                     JobStop::Run => level,
-                    _ => JobStop::Kill,
+                    _ => StopLevel::Kill,
                 };
-                let _ = stop_tx.send(next);
+                let _ = stop_tx.send(JobStop::Stop(next));
             }
             std::future::pending::<()>().await
         };

@@ -36,19 +36,19 @@ use std::time::{Duration, SystemTime};
 
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::activation::{valid_job_id, ActivationAnswer, ActivationRequest};
 use super::{
-    boot_id, ExitRecord, JobDir, JobDirError, JobFile, OwnerRecord, Reply, Request, StopWhy,
-    PROTOCOL,
+    boot_id, ExitRecord, JobDir, JobDirError, JobFile, OwnerRecord, Reply, Request, PROTOCOL,
 };
 use crate::cgroup::JobCgroup;
 use crate::joblog::{JobLog, JobLogError};
 use crate::lock::{JobLock, LockError, LockState};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
 use crate::run::{classify_run, record_outcome, RunFacts};
-use crate::supervisor::{self, Launch, StopReason, Supervisor, SupervisorError};
+use crate::stop::{StopReason, StopSender};
+use crate::supervisor::{self, Launch, Supervisor, SupervisorError};
 
 /// How long the owner waits for the agent's start request before it gives up, runs nothing
 /// and exits.
@@ -447,11 +447,6 @@ struct StartRequest {
     lock: OwnedFd,
 }
 
-/// A control request that needs the job: passed from the connection tasks to the loop.
-enum Control {
-    Stop(StopReason),
-}
-
 /// Sets up the job's own cgroup where `job.json` asks for one; without it (none asked
 /// for, or it cannot be made) the job runs with the process group and marker sweep only,
 /// and the log says so.
@@ -599,7 +594,7 @@ async fn supervise(
     if let Err(e) = dir.write_owner(owner) {
         tracing::warn!(error = %crate::error_chain(&e), "cannot record the job's pid");
     }
-    let (control_tx, control_rx) = mpsc::channel::<Control>(16);
+    let stopper = handle.stopper();
     let job_pid = handle.pid();
     let first = tokio::net::UnixStream::from_std({
         let _ = first.set_nonblocking(true);
@@ -619,20 +614,12 @@ async fn supervise(
         let _ = first.write_all(&line).await;
         tokio::spawn(serve_connection(
             first,
-            control_tx.clone(),
+            stopper.clone(),
             job_pid,
             ended.clone(),
         ));
     }
-    let run = watch_job(
-        handle,
-        held,
-        listener,
-        (control_tx, control_rx),
-        ended,
-        job.lease_interval_ms,
-    )
-    .await;
+    let run = watch_job(handle, held, listener, ended, job.lease_interval_ms).await;
     let run = match run {
         Ok(run) => run,
         Err(e) => {
@@ -689,7 +676,6 @@ async fn watch_job(
     handle: supervisor::JobHandle,
     held: &mut JobLock,
     listener: UnixListener,
-    (control_tx, mut control_rx): (mpsc::Sender<Control>, mpsc::Receiver<Control>),
     ended: watch::Receiver<Option<ExitRecord>>,
     lease_interval_ms: u64,
 ) -> Result<supervisor::RunOutcome, SupervisorError> {
@@ -709,12 +695,9 @@ async fn watch_job(
             run = &mut wait => break run,
             accepted = accept(listener.as_ref()) => {
                 if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_connection(stream, control_tx.clone(), job_pid, ended.clone()));
+                    tokio::spawn(serve_connection(stream, stopper.clone(), job_pid, ended.clone()));
                 }
             }
-            Some(control) = control_rx.recv() => match control {
-                Control::Stop(reason) => stopper.stop(reason),
-            },
             _ = lease.tick() => {
                 if let Err(e) = held.touch() {
                     tracing::warn!(error = %crate::error_chain(&e), "cannot renew the lock's lease");
@@ -722,9 +705,9 @@ async fn watch_job(
             }
             Some(()) = recv_signal(term.as_mut()) => {
                 tracing::warn!("SIGTERM: stopping the job (reported Rsql.Interrupted)");
-                stopper.stop(StopReason::Shutdown);
+                stopper.stop(StopReason::Interrupted);
             }
-            Some(()) = recv_signal(int.as_mut()) => stopper.stop(StopReason::Shutdown),
+            Some(()) = recv_signal(int.as_mut()) => stopper.stop(StopReason::Interrupted),
         }
     }
 }
@@ -782,7 +765,7 @@ fn reply(stream: UnixStream, reply: &Reply) {
 /// which is how a watching agent learns that the job is over.
 async fn serve_connection(
     stream: tokio::net::UnixStream,
-    control: mpsc::Sender<Control>,
+    stopper: StopSender,
     job_pid: u32,
     mut ended: watch::Receiver<Option<ExitRecord>>,
 ) {
@@ -791,7 +774,7 @@ async fn serve_connection(
     loop {
         let answer = tokio::select! {
             line = lines.next_line() => match line {
-                Ok(Some(line)) => answer_to(&line, &control, job_pid).await,
+                Ok(Some(line)) => answer_to(&line, &stopper, job_pid),
                 _ => break,
             },
             _ = ended.changed() => {
@@ -816,14 +799,10 @@ async fn serve_connection(
 }
 
 /// The answer to one request line.
-async fn answer_to(line: &str, control: &mpsc::Sender<Control>, job_pid: u32) -> Reply {
+fn answer_to(line: &str, stopper: &StopSender, job_pid: u32) -> Reply {
     let (ok, error) = match serde_json::from_str::<Request>(line) {
         Ok(Request::Stop { reason, .. }) => {
-            let reason = match reason {
-                StopWhy::Cancelled => StopReason::Cancelled,
-                StopWhy::Interrupted => StopReason::Shutdown,
-            };
-            let _ = control.send(Control::Stop(reason)).await;
+            stopper.stop(reason);
             (true, None)
         }
         Ok(Request::Status { .. }) => (true, None),
