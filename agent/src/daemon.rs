@@ -48,6 +48,7 @@ mod adopt;
 mod audit;
 pub mod control;
 mod delivery;
+mod drain;
 mod ending;
 mod hand_off;
 mod heartbeat;

@@ -21,8 +21,7 @@ use tracing::Instrument;
 use super::control;
 use super::owned;
 use super::validate::{handle, handle_submission, socket_validator};
-use super::{Daemon, DaemonError, JobStop, Shared};
-use crate::stop::StopLevel;
+use super::{drain, Daemon, DaemonError, JobStop, Shared};
 
 /// How often old job logs and finished lock entries are cleaned up.
 pub(super) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(3600);
@@ -68,7 +67,6 @@ impl Daemon {
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.tick().await;
         let mut controls_open = true;
-        let mut stop = StopLevel::Graceful;
         // `rsql-agent drain`: requests from the control socket, answered by this loop.
         let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel::<control::Asked>(8);
         let control_task = match control::serve(&shared.config.agent.state_dir, ctl_tx) {
@@ -93,7 +91,7 @@ impl Daemon {
             tokio::select! {
                 control = controls.recv(), if controls_open => match control {
                     Some(Control::Stop(level)) => {
-                        stop = level;
+                        lp.apply(drain::Event::Stop(level), &self.notifier);
                         break;
                     }
                     Some(Control::Reload) => {
@@ -108,12 +106,12 @@ impl Daemon {
                 _ = metrics_tick.tick(), if shared.metrics.get().is_some() => lp.write_gauges(),
                 Some(_) = lp.jobs.join_next(), if !lp.jobs.is_empty() => {}
                 Some(asked) = ctl_rx.recv() => lp.on_control(asked, &self.notifier),
-                notice = next_notice(&mut fleet), if fleet.is_some() => lp.on_notice(notice, &self.notifier),
-                _ = sleep_until_some(lp.stop_jobs_at), if lp.stop_jobs_at.is_some() => lp.stop_for_spot(),
+                notice = next_notice(&mut fleet), if fleet.is_some() => lp.apply(drain::Event::Notice(notice), &self.notifier),
+                _ = sleep_until_some(lp.intake.stop_jobs_at()), if lp.intake.stop_jobs_at().is_some() => lp.apply(drain::Event::SpotStopTime, &self.notifier),
                 _ = sleep_until_some(lp.retry_at), if lp.retry_at.is_some() => lp.retry_at = None,
                 // Wait for a free slot first: never take a message there is no room to run.
                 Some(submission) = submit_rx.recv(), if has_socket => lp.on_submission(submission),
-                permit = lp.slots.acquire(), if has_sqs && !lp.draining && lp.receiving.is_none() && lp.retry_at.is_none() => {
+                permit = lp.slots.acquire(), if has_sqs && lp.intake.is_open() && lp.receiving.is_none() && lp.retry_at.is_none() => {
                     let Some(permit) = permit else { break };
                     lp.start_receive(permit);
                 }
@@ -126,6 +124,7 @@ impl Daemon {
         if let Some(fleet) = fleet {
             fleet.stop();
         }
+        let now = matches!(lp.intake, drain::Intake::Stopping { now: true });
         lp.hand_off(HandOff {
             socket_task,
             submit_rx,
@@ -134,7 +133,7 @@ impl Daemon {
             notifier: &self.notifier,
             controls: &mut controls,
             controls_open,
-            now: stop == StopLevel::Kill,
+            now,
         })
         .await;
         self.notifier.status("stopped");
@@ -253,9 +252,8 @@ pub(super) struct Loop {
     pub(super) first: Option<OwnedSemaphorePermit>,
     pub(super) retry_at: Option<tokio::time::Instant>,
     pub(super) receive_failures: u32,
-    pub(super) draining: bool,
-    /// A Spot interruption's deadline less `spot_stop_margin`: running jobs are stopped then.
-    pub(super) stop_jobs_at: Option<tokio::time::Instant>,
+    /// Whether new jobs are taken (see `drain`).
+    pub(super) intake: drain::Intake,
 }
 
 /// What the hand-off at shutdown takes over from the loop.
@@ -284,8 +282,7 @@ impl Loop {
             first: None,
             retry_at: None,
             receive_failures: 0,
-            draining: false,
-            stop_jobs_at: None,
+            intake: drain::Intake::Open,
         }
     }
 
@@ -338,23 +335,32 @@ impl Loop {
     /// `rsql-agent drain` and its status queries.
     fn on_control(&mut self, asked: control::Asked, notifier: &Notifier) {
         if asked.request == control::ControlRequest::Drain {
-            self.drain(notifier);
+            self.apply(drain::Event::DrainAsked, notifier);
         }
         let _ = asked.reply.send(control::ControlReply {
             ok: true,
-            draining: self.draining,
+            draining: !self.intake.is_open(),
             running: self.jobs.len(),
             outbox: self.shared.outbox.len().unwrap_or(0),
         });
     }
 
+    /// Takes `event` through the intake rules (`drain::on`) and carries out what they say.
+    pub(super) fn apply(&mut self, event: drain::Event, notifier: &Notifier) {
+        let margin = self.shared.config.fleet.spot_stop_margin;
+        let (intake, effects) = drain::on(self.intake, event, drain::Clock::now(), margin);
+        self.intake = intake;
+        for effect in effects {
+            match effect {
+                drain::Effect::StopIntake => self.stop_intake(notifier),
+                drain::Effect::TellJobs(stop) => self.tell_jobs(stop),
+            }
+        }
+    }
+
     /// Stops intake for good: nothing new is received or accepted, a receive in flight hands
     /// its messages back to the queue, and running jobs are watched and reported.
-    fn drain(&mut self, notifier: &Notifier) {
-        if self.draining {
-            return;
-        }
-        self.draining = true;
+    fn stop_intake(&mut self, notifier: &Notifier) {
         tracing::warn!(running = self.jobs.len(), "draining: intake stopped; running jobs are watched and reported until the agent is stopped");
         self.first = None;
         if let Some(task) = self.receiving.take() {
@@ -367,43 +373,28 @@ impl Loop {
         notifier.status("draining");
     }
 
-    /// A scale-in, Spot interruption or rebalance notice (see `fleet`): drain; for a Spot
-    /// interruption, stop what still runs `spot_stop_margin` before the deadline.
-    fn on_notice(&mut self, notice: Notice, notifier: &Notifier) {
-        self.drain(notifier);
-        if let Notice::Spot { deadline, .. } = notice {
-            let margin = self.shared.config.fleet.spot_stop_margin;
-            let left = deadline
-                .duration_since(std::time::SystemTime::now())
-                .unwrap_or_default()
-                .saturating_sub(margin);
-            self.stop_jobs_at = Some(tokio::time::Instant::now() + left);
-        }
-    }
-
-    /// The Spot deadline less the margin has come: every running job is stopped (SIGTERM,
-    /// `kill_grace`, SIGKILL) and reported `Rsql.Interrupted`, so its Retry can start
-    /// elsewhere at once, with its lock released.
-    fn stop_for_spot(&mut self) {
-        self.stop_jobs_at = None;
-        if !self.jobs.is_empty() {
+    /// Tells every running job's watch what the agent wants of it. A stop here comes from a
+    /// Spot deadline: each job is stopped (SIGTERM, `kill_grace`, SIGKILL) and reported
+    /// `Rsql.Interrupted`, so its Retry can start elsewhere at once, with its lock released.
+    fn tell_jobs(&mut self, stop: JobStop) {
+        if !self.jobs.is_empty() && matches!(stop, JobStop::Stop(_)) {
             tracing::warn!(
                 running = self.jobs.len(),
                 "the Spot interruption is near: stopping the running jobs; they are reported Rsql.Interrupted"
             );
         }
-        let _ = self.jobs_stop_tx.send(JobStop::Stop(StopLevel::Graceful));
+        let _ = self.jobs_stop_tx.send(stop);
     }
 
     fn load(&self) -> Load {
         Load {
             running: self.jobs.len(),
-            draining: self.draining,
+            draining: !self.intake.is_open(),
         }
     }
 
     fn on_submission(&mut self, submission: Submission) {
-        let free = if self.draining {
+        let free = if !self.intake.is_open() {
             None
         } else {
             self.slots.try_acquire()
@@ -426,7 +417,7 @@ impl Loop {
                 });
                 reply
             }
-            None if self.draining => SubmitReply::ShuttingDown,
+            None if !self.intake.is_open() => SubmitReply::ShuttingDown,
             None => SubmitReply::Busy,
         };
         let _ = submission.reply.send(reply);
