@@ -116,21 +116,6 @@ pub enum OneJob {
     NotStored,
 }
 
-/// What became of one delivery, for [`Daemon::run_one`]; the loop does not need it.
-// As for `OneJob`: one per job.
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug)]
-enum Delivered {
-    /// The outcome is durable: in the outbox when there was anything to send.
-    Stored(Outcome),
-    /// Another runner holds the job's lock.
-    Elsewhere(String),
-    /// Nothing was stored: an SQS message is left to come back; the log says why.
-    Left,
-    /// The job keeps running under its owner process; the next agent adopts it.
-    HandedOff,
-}
-
 /// Everything one delivery needs; shared by all job tasks.
 #[derive(Debug)]
 struct Shared {
@@ -296,6 +281,14 @@ enum Source {
 }
 
 impl Source {
+    /// Which kind of source this is, for the delivery rules (`delivery::on`).
+    fn origin(&self) -> delivery::Origin {
+        match self {
+            Source::Sqs(_) => delivery::Origin::Sqs,
+            Source::Local => delivery::Origin::Local,
+        }
+    }
+
     fn receive_count(&self) -> u32 {
         match self {
             Source::Sqs(delivery) => delivery.receive_count,

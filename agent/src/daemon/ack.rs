@@ -2,7 +2,8 @@
 //! message deleted and the lock released. A crash anywhere in between leaves a redelivery
 //! that replays, never a lost report.
 
-use super::{Delivered, Shared, Source};
+use super::delivery::Step;
+use super::{Shared, Source};
 use crate::aws::retry::RetryPolicy;
 use crate::intake::sqs::Delivery;
 use crate::lock::JobLock;
@@ -19,7 +20,7 @@ pub(super) async fn finish(
     token: Option<&str>,
     outcome: Outcome,
     audit: Option<JobAuditRecord>,
-) -> Delivered {
+) -> Step {
     let stored = finish_stored(shared, delivery, token, outcome, audit, None).await;
     if let Some(held) = held {
         if let Err(e) = held.release() {
@@ -38,12 +39,12 @@ pub(super) async fn finish_stored(
     outcome: Outcome,
     audit: Option<JobAuditRecord>,
     outbox_id: Option<String>,
-) -> Delivered {
+) -> Step {
     if !store(shared, token, &outcome, audit, outbox_id) {
-        return Delivered::Left;
+        return Step::Left;
     }
     delete(shared, delivery).await;
-    Delivered::Stored(outcome)
+    Step::Acknowledged(Some(outcome))
 }
 
 /// Puts the callback (when there is a token) and the audit record in the outbox, durably.

@@ -1,21 +1,33 @@
-//! One delivery as a state machine: what happens next is a pure function of where the
-//! delivery stands and what just happened ([`on`]); doing it (locks, Step Functions, SQS, the
-//! outbox, the job's owner) is behind the small [`Effects`] trait, so the rules are tested
-//! without any AWS at all.
+//! One delivery as a state machine, start to end: what happens next is a pure function of
+//! where the delivery stands and what just happened; doing it (locks, Step Functions, SQS,
+//! the outbox, the job's owner) is behind small effect traits, so every rule is a unit test
+//! without any AWS at all, under tokio's paused clock where time matters.
 //!
 //! ```text
-//!  parsed ──lock──▶ to run ──unlock, check the task──open──▶ relock ──run──▶ handed over
-//!    │  busy: elsewhere │                      └──closed──▶ acknowledged     (owner watched;
-//!    │                  │ replay / interrupted              (never run)        see `owned`)
-//!    ▼                  ▼
+//!  parsed ──lock──▶ to run ──unlock, check the task──open──▶ relock ──run──▶ handing over
+//!    │  busy: elsewhere │                      └──closed──▶ acknowledged          │
+//!    │                  │ replay / interrupted              (never run)            │
+//!    ▼                  ▼                                                          ▼
 //!  left          finished(outcome) ──store──▶ stored ──unlock, delete──▶ acknowledged
+//!                       ▲                                                  watching the owner
+//!                       │         found at start (adopt::adopt) ──────────────▶ │
+//!                       │                                                        │ stop wish
+//!                       └──── the watch ended (ending::settle) ◀──────────── ending::on_stop
+//!                                                                  └──hand-off──▶ handed off
 //! ```
+//!
+//! The rules, each with its effects behind a trait and its own unit tests:
+//! - this module's [`on`] ([`Effects`]): from a parsed message to its hand-over or its end;
+//! - `adopt::adopt` (`AdoptEffects`): a job an earlier agent left, found at start;
+//! - `ending::on_stop` and `ending::settle` (`OwnerEffects`): what a watch does with the
+//!   agent's wish (watch on, stop, hand off, report), and which outcome an ended watch gets
+//!   (exit record, lock state, lost-outcome marker, a dead or overdue owner);
+//! - `drain::on`: whether new deliveries start at all (drain, fleet notices, Spot, stop).
 //!
 //! No lock is held across a network call: the task check runs unlocked (a copy that only
 //! learns its task is closed must not make another copy of the job find the lock busy), and
-//! the decision is taken again under the lock afterwards.
-//!
-//! Adopted jobs (`owned::watch_job`) come in at "handed over".
+//! the decision is taken again under the lock afterwards. A delivery's last state is what
+//! the daemon gets back: acknowledged, elsewhere, left, or handed off.
 
 use crate::lock::{Decision, LockState, RunState};
 use crate::outcome::{ErrorName, Outcome};
@@ -46,6 +58,9 @@ pub(crate) enum Step {
     Elsewhere(String),
     /// Done: nothing stored; the message comes back.
     Left,
+    /// Done for this agent: it stopped watching (a hand-off at shutdown); the job keeps
+    /// running under its owner, and the next agent adopts it and ends the delivery.
+    HandedOff,
 }
 
 /// What just happened.

@@ -10,9 +10,10 @@ use tokio::sync::watch;
 
 use super::ack::{delete, store};
 use super::audit::{job_end_metrics, run_record};
+use super::delivery::Step;
 use super::heartbeat::{keep_alive_for_owner, task_closed};
 use super::{delivery, owned};
-use super::{Delivered, JobStop, Shared, Source};
+use super::{JobStop, Shared, Source};
 
 pub(super) async fn run_delivery(
     shared: Arc<Shared>,
@@ -21,11 +22,8 @@ pub(super) async fn run_delivery(
     token: String,
     token_hash: String,
     shutdown: watch::Receiver<JobStop>,
-) -> Delivered {
-    let origin = match delivery {
-        Source::Sqs(_) => delivery::Origin::Sqs,
-        Source::Local => delivery::Origin::Local,
-    };
+) -> Step {
+    let origin = delivery.origin();
     let mut effects = LiveEffects {
         shared: &shared,
         delivery: &delivery,
@@ -48,11 +46,9 @@ pub(super) async fn run_delivery(
                     "Step Functions says the task is closed (its execution stopped, or it timed out and was retried; InvalidToken also comes from a token of another region or account): deleted this message without running the job"
                 );
             }
-            return Delivered::Stored(outcome.unwrap_or(Outcome::Cancelled {
-                message: "nothing to report".into(),
-            }));
+            return Step::Acknowledged(outcome);
         }
-        Err(delivery::Step::Elsewhere(holder)) => return Delivered::Elsewhere(holder),
+        Err(delivery::Step::Elsewhere(holder)) => return Step::Elsewhere(holder),
         Err(step) => {
             if !matches!(step, delivery::Step::Left) {
                 tracing::error!(
@@ -60,12 +56,12 @@ pub(super) async fn run_delivery(
                     "a delivery stopped in the middle; leaving it for a retry"
                 );
             }
-            return Delivered::Left;
+            return Step::Left;
         }
     };
     let Some(held) = effects.held.take() else {
         tracing::error!("a delivery was to run without its lock; leaving it for a retry");
-        return Delivered::Left;
+        return Step::Left;
     };
     let locked = owned::Locked {
         spec: spec.clone(),

@@ -36,7 +36,8 @@ use super::ending::{self, Ending, Leftovers, OwnerEffects, WatchAction};
 
 use super::heartbeat::{heartbeat_loop, tick_for};
 
-use super::{failure, Delivered, JobStop, Shared, Source};
+use super::delivery::Step;
+use super::{failure, JobStop, Shared, Source};
 
 use crate::intake::sqs::Delivery;
 
@@ -83,7 +84,7 @@ pub(super) async fn run(
     source: Source,
     locked: Locked,
     shutdown: watch::Receiver<JobStop>,
-) -> Delivered {
+) -> Step {
     let Locked {
         spec,
         token,
@@ -197,7 +198,7 @@ async fn not_started(
     held: JobLock,
     token: &str,
     reason: String,
-) -> Delivered {
+) -> Step {
     tracing::error!(reason = %reason, "the job could not be started");
     let outcome = failure(
         ErrorName::Interrupted,
@@ -282,7 +283,7 @@ pub(super) async fn watch_job(
     conn: Option<OwnerConn>,
     shutdown: watch::Receiver<JobStop>,
     adopted: bool,
-) -> Delivered {
+) -> Step {
     let shipment = start_shipment(&shared, &job, adopted);
     // The owner writes the log in another process; keep housekeeping away from it here.
     let pin = joblog::pin(&job.log_file).ok();
@@ -296,7 +297,7 @@ pub(super) async fn watch_job(
             });
             let overdue = ending::overdue_in(&job, ran, OWNER_START_TIMEOUT);
             match watch_owner(&shared, &source, &dir, &job, conn, shutdown, overdue).await {
-                Watched::HandedOff => return Delivered::HandedOff,
+                Watched::HandedOff => return Step::HandedOff,
                 Watched::Ended(exit) => Ending::Ended(exit),
                 Watched::Overdue => Ending::Overdue,
             }
@@ -317,7 +318,7 @@ async fn report(
     job: JobFile,
     shipment: Option<Shipment>,
     ending: Ending,
-) -> Delivered {
+) -> Step {
     let mut live = LiveOwner {
         shared: &shared,
         source: &source,
@@ -325,7 +326,7 @@ async fn report(
         job: &job,
     };
     let Some((outcome, exit)) = ending::settle(&mut live, ending).await else {
-        return Delivered::Left;
+        return Step::Left;
     };
     if let Some(shipment) = shipment {
         final_flush(&shared, shipment).await;
@@ -353,7 +354,7 @@ async fn report(
         tracing::warn!(error = %e, "cannot write the local audit record");
     }
     let delivered = store_known(&shared, &source, &job, outcome, record).await;
-    if matches!(delivered, Delivered::Stored(_)) {
+    if matches!(delivered, Step::Acknowledged(_)) {
         dir.remove();
     }
     delivered
@@ -377,7 +378,7 @@ async fn store_known(
     job: &JobFile,
     outcome: Outcome,
     record: JobAuditRecord,
-) -> Delivered {
+) -> Step {
     let token = match outcome {
         Outcome::Cancelled { .. } => None,
         _ => Some(job.task_token.as_str()),
@@ -393,7 +394,7 @@ async fn store_known(
             Some(job.outbox_id.clone()),
         )
         .await;
-        if !matches!(delivered, Delivered::Left) || tokio::time::Instant::now() >= until {
+        if !matches!(delivered, Step::Left) || tokio::time::Instant::now() >= until {
             return delivered;
         }
         tracing::warn!(

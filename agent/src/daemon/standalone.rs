@@ -7,9 +7,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::delivery::Step;
 use super::live::run_delivery;
 use super::validate::fail_invalid;
-use super::{job_span, Daemon, DaemonError, Delivered, JobStop, OneJob, Source};
+use super::{job_span, Daemon, DaemonError, JobStop, OneJob, Source};
+use crate::outcome::Outcome;
 use crate::stop::StopLevel;
 
 impl Daemon {
@@ -92,13 +94,17 @@ impl Daemon {
             _ = forward_stops => unreachable!("the stop forwarder never ends"),
         };
         Ok(match delivered {
-            Delivered::Stored(outcome) => OneJob::Finished {
-                outcome,
+            // A closed task is acknowledged with nothing to report.
+            Step::Acknowledged(outcome) => OneJob::Finished {
+                outcome: outcome.unwrap_or(Outcome::Cancelled {
+                    message: "nothing to report".into(),
+                }),
                 stopped: *stop_probe.borrow() != JobStop::Run,
                 delivered: self.deliver(report_timeout).await,
             },
-            Delivered::Elsewhere(holder) => OneJob::RunningElsewhere { holder },
-            Delivered::Left | Delivered::HandedOff => OneJob::NotStored,
+            Step::Elsewhere(holder) => OneJob::RunningElsewhere { holder },
+            // A delivery ends in one of the states above; anything else stored nothing.
+            _ => OneJob::NotStored,
         })
     }
 
