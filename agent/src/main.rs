@@ -3,6 +3,10 @@
 //! Exit codes: the table in [`rsql_agent::exit`], shared with `rsql-wrapper`. This file
 //! and the wrapper's `main` are the only places that turn an error into an exit code, each
 //! through that table's `From` impls.
+//!
+//! Why one file of about 900 lines: it is the command table, clap's definitions followed by
+//! one short function per command, each ending in an exit code. Every command's work lives
+//! in the library; split up, this table would only be harder to read against `--help`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -42,32 +42,37 @@
 //! Dropping the [`JobHandle`] (or its `wait` future) before the outcome is delivered stops
 //! the job as [`StopReason::Interrupted`]: a job nobody is waiting for must not run on.
 
+mod launch;
+mod output;
 mod procs;
 mod spawner;
+mod termination;
 pub mod user;
 
+pub use launch::{command_for_script, spawn_detail, Launch};
+
+use launch::build_command;
+use output::{finish_log, hand_over, write_log, Chunk, Output, Pipe};
 pub use spawner::SpawnerError;
+use termination::{classify, on_deadline, on_stop_request, signal_group, Termination};
 pub use user::{JobUser, JobUserError};
 
 use std::collections::HashMap;
-use std::io::{self, Read as _};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::errno::Errno;
-use nix::sys::signal::{killpg, SigHandler, Signal};
-use nix::unistd::{AccessFlags, Pid};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::cgroup::{Payload, Usage};
-use crate::joblog::{JobLog, JobLogError, Stream};
-use crate::stop::{self, StopLevel, StopReason, StopReceiver, StopRequests, StopSender};
+use crate::joblog::{JobLog, Stream};
+use crate::stop::{self, StopReason, StopReceiver, StopRequests, StopSender};
 
 /// The environment variable that marks every process of a job.
 pub const JOB_ID_ENV: &str = "RSQL_AGENT_JOB_ID";
@@ -206,96 +211,6 @@ pub struct RunOutcome {
     /// Every byte the job printed reached its log file (false: a write failed, a full disk
     /// most often, or the writer did not finish in time).
     pub log_complete: bool,
-}
-
-/// Everything needed to start one job.
-///
-/// Its `Debug` output names the environment variables but never shows their values (the
-/// database password is one of them).
-pub struct Launch {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-    pub cwd: PathBuf,
-    /// Added after [`INHERITED_ENV`]; later entries win. Values are never logged.
-    pub env: Vec<(String, String)>,
-    pub timeout: Duration,
-    pub kill_grace: Duration,
-    /// How long to keep reading the pipes after the leader exits ([`DEFAULT_PIPE_DRAIN`]).
-    pub pipe_drain: Duration,
-    pub log: JobLog,
-    /// Unique per attempt; becomes the [`JOB_ID_ENV`] marker.
-    pub job_id: String,
-    /// A descriptor every process of the job inherits (its lock, from the job's owner
-    /// process), so the lock lives exactly as long as any process of the job; see
-    /// `job_owner`. `None`: nothing is inherited.
-    pub inherit_fd: Option<std::os::fd::RawFd>,
-    /// The job's own cgroup (see `cgroup`), set up by the job's owner process: the job
-    /// starts in it, ends when it is empty, and is killed through it. `None`: the process
-    /// group and marker sweep only.
-    pub cgroup: Option<Payload>,
-    /// The unprivileged user the job runs as (see [`user`]); `None`: this process's own.
-    pub user: Option<JobUser>,
-}
-
-impl std::fmt::Debug for Launch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let env_names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
-        f.debug_struct("Launch")
-            .field("program", &self.program)
-            .field("args", &self.args)
-            .field("cwd", &self.cwd)
-            .field("env_names", &env_names)
-            .field("timeout", &self.timeout)
-            .field("kill_grace", &self.kill_grace)
-            .field("pipe_drain", &self.pipe_drain)
-            .field("log", &self.log)
-            .field("job_id", &self.job_id)
-            .field("inherit_fd", &self.inherit_fd)
-            .field("cgroup", &self.cgroup.as_ref().map(Payload::path))
-            .finish()
-    }
-}
-
-/// The program and leading arguments that run `script`: the script itself when it is an
-/// executable file that the kernel can run (a `#!` line or an ELF binary), so its shebang
-/// picks the interpreter; otherwise `interpreter script`. Job arguments go after these.
-pub fn command_for_script(script: &Path, interpreter: &Path) -> (PathBuf, Vec<String>) {
-    if runs_directly(script) {
-        (script.to_path_buf(), Vec::new())
-    } else {
-        (
-            interpreter.to_path_buf(),
-            vec![script.to_string_lossy().into_owned()],
-        )
-    }
-}
-
-fn runs_directly(script: &Path) -> bool {
-    let Ok(meta) = std::fs::metadata(script) else {
-        return false;
-    };
-    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
-        return false;
-    }
-    if nix::unistd::access(script, AccessFlags::X_OK).is_err() {
-        return false;
-    }
-    // An executable text file without `#!` makes execve fail with ENOEXEC (only shells
-    // fall back to running it themselves), so such a file goes through the interpreter.
-    let mut head = [0u8; 4];
-    let Ok(mut file) = std::fs::File::open(script) else {
-        return false;
-    };
-    let mut filled = 0;
-    while filled < head.len() {
-        match file.read(&mut head[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
-        }
-    }
-    head[..filled].starts_with(b"#!") || head[..filled].starts_with(b"\x7fELF")
 }
 
 /// Runs jobs. One per process: it makes the process a child subreaper.
@@ -457,170 +372,6 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
         .map(|s| s.start_time)
 }
 
-fn build_command(launch: &Launch) -> std::process::Command {
-    let mut command = std::process::Command::new(&launch.program);
-    command
-        .args(&launch.args)
-        .current_dir(&launch.cwd)
-        .env_clear()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    for name in INHERITED_ENV {
-        if let Some(value) = std::env::var_os(name) {
-            command.env(name, value);
-        }
-    }
-    if std::env::var_os("PATH").is_none() {
-        command.env("PATH", DEFAULT_PATH);
-    }
-    if let Some(user) = &launch.user {
-        command
-            .env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("LOGNAME", &user.name);
-    }
-    for (name, value) in &launch.env {
-        command.env(name, value);
-    }
-    // Last, so a job's own env cannot override the markers the sweeps rely on.
-    command.env(JOB_ID_ENV, &launch.job_id);
-    command.env(SUPERVISOR_ENV, procs::supervisor_identity());
-
-    let agent_pid = std::process::id() as i32;
-    let inherit_fd = launch.inherit_fd;
-    let cgroup_procs = launch.cgroup.as_ref().map(Payload::procs_fd);
-    // Allocated here, before the fork: the child only reads it.
-    let run_as = launch
-        .user
-        .as_ref()
-        .map(|u| (u.uid, u.gid, u.groups.clone()));
-    let child_setup = move || -> io::Result<()> {
-        // Runs in the forked child before exec: only async-signal-safe calls (prctl,
-        // getppid, sigaction, the set*id calls) and no allocation.
-        if let Some(fd) = cgroup_procs {
-            // Into the job's cgroup before exec, so not one instruction of the job runs
-            // outside it (what CLONE_INTO_CGROUP does at the clone, which std's Command
-            // cannot ask for). `0` means the writing process. Before the drop to the job's
-            // user: the cgroup belongs to the owner, and the job may not move itself.
-            // SAFETY: write(2) of a static one-byte buffer to a descriptor the parent keeps
-            // open until the spawn returns; async-signal-safe, no allocation.
-            if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        if let Some((uid, gid, groups)) = &run_as {
-            drop_to_user(*uid, *gid, groups)?;
-        }
-        // After the drop: a change of credentials clears the parent-death signal.
-        nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
-        // If the agent died between fork and prctl the signal will never come; give up.
-        if nix::unistd::getppid().as_raw() != agent_pid {
-            return Err(io::Error::from(Errno::ESRCH));
-        }
-        // Ignored signals survive exec. An agent started under nohup (as the legacy trigger
-        // was) or by a shell that ignored SIGINT must not hand that on to its jobs, or
-        // SIGTERM would not work as the first stop step.
-        for signal in [
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-            Signal::SIGQUIT,
-        ] {
-            // SAFETY: setting the default disposition installs no handler, and sigaction is
-            // async-signal-safe, so this is sound between fork and exec.
-            unsafe { nix::sys::signal::signal(signal, SigHandler::SigDfl) }
-                .map_err(io::Error::from)?;
-        }
-        if let Some(fd) = inherit_fd {
-            // Clears close-on-exec in this child's descriptor table only (fcntl is
-            // async-signal-safe); the owner's own descriptor is untouched.
-            // SAFETY: fcntl on an integer descriptor touches no Rust-owned memory.
-            if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: the closure only calls async-signal-safe functions (prctl, getppid,
-    // sigaction, fcntl, write, setgroups/setgid/setuid) and does not allocate or take locks,
-    // which is what pre_exec requires of code running between fork and exec in a
-    // multi-threaded process.
-    unsafe {
-        command.pre_exec(child_setup);
-    }
-    command
-}
-
-/// `_LINUX_CAPABILITY_VERSION_3` of `<linux/capability.h>`: two 32-bit words per set.
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-/// `struct __user_cap_header_struct`.
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-/// `struct __user_cap_data_struct`.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// In the forked child: supplementary groups, gid, then uid of the job's user, then no
-/// capabilities at all (ambient, effective, permitted, inheritable). From a non-root owner
-/// the kernel keeps all of them across a setuid to another non-root uid, so they are
-/// cleared here; with none left and `no_new_privs` (the owner unit's `NoNewPrivileges=yes`),
-/// no program the job runs gets any back.
-fn drop_to_user(uid: u32, gid: u32, groups: &[u32]) -> io::Result<()> {
-    // SAFETY: setgroups/setgid/setuid/prctl are plain system calls here (a forked child has
-    // one thread, so glibc's all-threads set*id broadcast has nobody else to reach); the
-    // group list was allocated before the fork and is only read.
-    unsafe {
-        if libc::setgroups(groups.len(), groups.as_ptr()) == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::setgid(gid) == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::setuid(uid) == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        // EINVAL on kernels before 4.3, which have no ambient set to clear.
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-            0 as libc::c_ulong,
-        );
-        // A setuid between two non-root uids keeps the permitted, effective and inheritable
-        // sets: empty them, or a file-capability program could get them back at exec.
-        let mut header = CapHeader {
-            version: LINUX_CAPABILITY_VERSION_3,
-            pid: 0,
-        };
-        let data = [CapData::default(); 2];
-        if libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut CapHeader,
-            data.as_ptr(),
-        ) == -1
-        {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    if nix::unistd::getuid().as_raw() != uid || nix::unistd::geteuid().as_raw() != uid {
-        return Err(io::Error::from(Errno::EPERM));
-    }
-    Ok(())
-}
-
 /// A running job.
 #[derive(Debug)]
 pub struct JobHandle {
@@ -723,21 +474,6 @@ impl Job {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cause {
-    TimedOut,
-    Stopped(StopReason),
-}
-
-/// The agent has begun ending the job.
-#[derive(Debug, Clone, Copy)]
-struct Termination {
-    cause: Cause,
-    last_signal: Signal,
-    /// When SIGKILL follows, unless it has been sent.
-    kill_at: Option<Instant>,
-}
-
 /// Kills the job's process group (and cgroup) if the supervising task is dropped before it
 /// finished (runtime shutdown, panic): nothing of a job may outlive its supervision.
 struct GroupGuard {
@@ -755,158 +491,6 @@ impl Drop for GroupGuard {
             }
         }
     }
-}
-
-struct Chunk {
-    stream: Stream,
-    at: SystemTime,
-    data: Vec<u8>,
-}
-
-/// One of the child's output pipes and the chunk read from it that still waits for room in
-/// the log queue.
-struct Pipe<R> {
-    reader: Option<R>,
-    stream: Stream,
-    buf: Vec<u8>,
-    pending: Option<Chunk>,
-}
-
-impl<R: AsyncRead + Unpin> Pipe<R> {
-    fn new(reader: Option<R>, stream: Stream) -> Pipe<R> {
-        Pipe {
-            reader,
-            stream,
-            buf: vec![0; READ_CHUNK],
-            pending: None,
-        }
-    }
-
-    fn can_read(&self) -> bool {
-        self.reader.is_some() && self.pending.is_none()
-    }
-
-    fn is_open(&self) -> bool {
-        self.reader.is_some()
-    }
-
-    /// Cancel-safe: a read that loses the race in `select!` has consumed nothing.
-    async fn read(&mut self) -> io::Result<usize> {
-        match self.reader.as_mut() {
-            Some(reader) => reader.read(&mut self.buf).await,
-            None => std::future::pending().await,
-        }
-    }
-
-    fn took(&mut self, result: io::Result<usize>, job_id: &str) {
-        match result {
-            Ok(0) => self.reader = None,
-            Ok(n) => {
-                self.pending = Some(Chunk {
-                    stream: self.stream,
-                    at: SystemTime::now(),
-                    data: self.buf[..n].to_vec(),
-                });
-            }
-            Err(e) => {
-                tracing::warn!(job_id, stream = ?self.stream, error = %e, "reading the job's output failed; closing the pipe");
-                self.reader = None;
-            }
-        }
-    }
-}
-
-/// Moves one waiting chunk into the log queue; alternates between streams so neither starves.
-fn hand_over<A, B>(
-    permit: Result<mpsc::Permit<'_, Chunk>, mpsc::error::SendError<()>>,
-    out: &mut Pipe<A>,
-    err: &mut Pipe<B>,
-    prefer_err: &mut bool,
-) {
-    let chunk = if *prefer_err {
-        err.pending.take().or_else(|| out.pending.take())
-    } else {
-        out.pending.take().or_else(|| err.pending.take())
-    };
-    *prefer_err = !*prefer_err;
-    if let (Ok(permit), Some(chunk)) = (permit, chunk) {
-        permit.send(chunk);
-    }
-    // Without a writer the chunk is dropped: the pipes must keep draining regardless.
-}
-
-fn signal_group(job_id: &str, pgid: i32, signal: Signal) {
-    match killpg(Pid::from_raw(pgid), signal) {
-        Ok(()) => {
-            tracing::debug!(job_id, pgid, signal = %signal, "signalled the job's process group")
-        }
-        Err(Errno::ESRCH) => {}
-        Err(e) => {
-            tracing::warn!(job_id, pgid, signal = %signal, error = %e, "cannot signal the job's process group")
-        }
-    }
-}
-
-/// Says which file an exec error is about when the program itself exists: ENOENT or EACCES
-/// for an existing script means the interpreter its `#!` line names is missing or not
-/// executable, which the bare OS error ("No such file or directory") hides.
-pub fn spawn_detail(program: &Path, error: &io::Error) -> String {
-    let errno = error.raw_os_error();
-    if !matches!(
-        errno,
-        Some(libc::ENOENT) | Some(libc::EACCES) | Some(libc::ENOEXEC)
-    ) {
-        return String::new();
-    }
-    if !program.exists() {
-        return format!(": {} does not exist", program.display());
-    }
-    let Some(interpreter) = shebang_interpreter(program) else {
-        return String::new();
-    };
-    let problem = match std::fs::metadata(&interpreter) {
-        Err(e) => format!("cannot be used: {e}"),
-        Ok(meta) if !meta.is_file() => "is not a file".to_string(),
-        Ok(_) => "is not executable".to_string(),
-    };
-    format!(
-        ": its interpreter {} (named on its #! line) {problem}",
-        interpreter.display()
-    )
-}
-
-/// The interpreter a script's `#!` line names, if it has one.
-fn shebang_interpreter(script: &Path) -> Option<PathBuf> {
-    let mut head = [0u8; 256];
-    let n = std::fs::File::open(script).ok()?.read(&mut head).ok()?;
-    let line = head[..n].strip_prefix(b"#!")?;
-    let line = line.split(|b| *b == b'\n').next()?;
-    let text = String::from_utf8_lossy(line);
-    text.split_whitespace().next().map(PathBuf::from)
-}
-
-/// Appends everything from the queue to the log; flushes whenever the queue runs dry so a
-/// tailing reader sees output as soon as the child goes quiet; fsyncs at the end.
-fn write_log(mut log: JobLog, mut queue: mpsc::Receiver<Chunk>) -> Result<(), JobLogError> {
-    let mut failed: Option<JobLogError> = None;
-    while let Some(chunk) = queue.blocking_recv() {
-        if failed.is_some() {
-            // Keep consuming so the supervisor never blocks on a dead writer.
-            continue;
-        }
-        let mut step = log.append(chunk.stream, chunk.at, &chunk.data);
-        if step.is_ok() && queue.is_empty() {
-            step = log.flush();
-        }
-        if let Err(e) = step {
-            failed = Some(e);
-        }
-    }
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    log.finish()?;
-    log.sync()
 }
 
 /// Awaits a background task if there is one; never completes otherwise.
@@ -1018,26 +602,6 @@ fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
-/// The job's output on its way to the log: both pipes, which one goes first next, and the
-/// writer's queue. Dropping it closes the queue, which ends the writer.
-struct Output {
-    out: Pipe<tokio::process::ChildStdout>,
-    err: Pipe<tokio::process::ChildStderr>,
-    prefer_err: bool,
-    log_tx: mpsc::Sender<Chunk>,
-}
-
-impl Output {
-    /// A chunk read from a pipe waits for room in the log queue.
-    fn queued(&self) -> bool {
-        self.out.pending.is_some() || self.err.pending.is_some()
-    }
-
-    fn reading(&self) -> bool {
-        self.out.is_open() || self.err.is_open()
-    }
-}
-
 /// How phase 1 ended.
 struct LeaderExit {
     waited: io::Result<ExitStatus>,
@@ -1121,68 +685,6 @@ async fn until_leader_exits(
     }
 }
 
-/// The timeout has come (SIGTERM) or the kill grace after it has run out (SIGKILL).
-fn on_deadline(job: &Job, termination: &mut Option<Termination>) {
-    let (job_id, pgid) = (job.job_id.as_str(), job.pid as i32);
-    match termination.as_mut() {
-        None => {
-            tracing::info!(job_id, pid = job.pid, pgid, timeout = ?job.timeout, "job timed out; sending SIGTERM");
-            signal_group(job_id, pgid, Signal::SIGTERM);
-            *termination = Some(Termination {
-                cause: Cause::TimedOut,
-                last_signal: Signal::SIGTERM,
-                kill_at: Instant::now().checked_add(job.kill_grace),
-            });
-        }
-        Some(t) => {
-            tracing::info!(job_id, pid = job.pid, pgid, grace = ?job.kill_grace, "job outlived its kill grace; sending SIGKILL");
-            job.kill_all(pgid);
-            t.last_signal = Signal::SIGKILL;
-            t.kill_at = None;
-        }
-    }
-}
-
-/// A stop request: the first sends SIGTERM (SIGKILL follows after the grace), the second
-/// SIGKILL at once.
-fn on_stop_request(job: &Job, state: StopRequests, termination: &mut Option<Termination>) {
-    let (job_id, pgid) = (job.job_id.as_str(), job.pid as i32);
-    let reason = state.reason();
-    let Some(level) = state.level() else {
-        return;
-    };
-    if termination.is_none() {
-        tracing::info!(
-            job_id,
-            pid = job.pid,
-            pgid,
-            ?reason,
-            "stopping the job; sending SIGTERM"
-        );
-        signal_group(job_id, pgid, Signal::SIGTERM);
-        *termination = Some(Termination {
-            cause: Cause::Stopped(reason),
-            last_signal: Signal::SIGTERM,
-            kill_at: Instant::now().checked_add(job.kill_grace),
-        });
-    }
-    if level == StopLevel::Kill {
-        if let Some(t) = termination.as_mut() {
-            if t.last_signal != Signal::SIGKILL {
-                tracing::info!(
-                    job_id,
-                    pid = job.pid,
-                    pgid,
-                    "stop request to kill; sending SIGKILL"
-                );
-                job.kill_all(pgid);
-                t.last_signal = Signal::SIGKILL;
-                t.kill_at = None;
-            }
-        }
-    }
-}
-
 /// Phase 2, the leader is gone and nothing of the job may survive it: kills and reaps what
 /// is left, and drains the pipes until they close or `drain_until` (then they are closed by
 /// force, the `bool`). At `give_up_at` a wedged log queue or sweep is abandoned.
@@ -1252,159 +754,5 @@ async fn sweep_and_drain(
     (swept, forced)
 }
 
-/// Waits (until `give_up_at`) for the log writer to write, flush and fsync everything;
-/// `true` when the log is complete.
-async fn finish_log(
-    job: &Job,
-    writer: &mut JoinHandle<Result<(), JobLogError>>,
-    give_up_at: Instant,
-) -> bool {
-    let job_id = job.job_id.as_str();
-    match tokio::time::timeout_at(give_up_at.into(), writer).await {
-        Ok(Ok(Ok(()))) => true,
-        Ok(Ok(Err(e))) => {
-            tracing::error!(job_id, path = %job.log_path.display(), error = %crate::error_chain(&e), "the job log is incomplete");
-            false
-        }
-        Ok(Err(e)) => {
-            tracing::error!(job_id, error = %e, "the job log writer failed");
-            false
-        }
-        Err(_) => {
-            tracing::error!(job_id, "the job log writer did not finish in time");
-            false
-        }
-    }
-}
-
-fn classify(status: ExitStatus, termination: Option<Termination>) -> Ending {
-    match termination {
-        None => match (status.code(), status.signal()) {
-            (Some(code), _) => Ending::Exited { code },
-            (None, Some(signal)) => Ending::Signaled { signal },
-            // wait() reports only exits and deaths, so this is unreachable in practice.
-            (None, None) => Ending::Exited { code: -1 },
-        },
-        Some(t) => {
-            let signal = status.signal().unwrap_or(t.last_signal as i32);
-            match t.cause {
-                Cause::TimedOut => Ending::TimedOut { signal },
-                Cause::Stopped(reason) => Ending::Stopped {
-                    reason,
-                    signal: Some(signal),
-                },
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn status_code(code: i32) -> ExitStatus {
-        ExitStatus::from_raw(code << 8)
-    }
-
-    fn status_signal(signal: i32) -> ExitStatus {
-        ExitStatus::from_raw(signal)
-    }
-
-    #[test]
-    fn classification() {
-        assert_eq!(classify(status_code(3), None), Ending::Exited { code: 3 });
-        assert_eq!(
-            classify(status_signal(11), None),
-            Ending::Signaled { signal: 11 }
-        );
-        let timed_out = Termination {
-            cause: Cause::TimedOut,
-            last_signal: Signal::SIGTERM,
-            kill_at: None,
-        };
-        assert_eq!(
-            classify(status_signal(9), Some(timed_out)),
-            Ending::TimedOut { signal: 9 }
-        );
-        // It trapped SIGTERM and exited: still our timeout, reported with our signal.
-        assert_eq!(
-            classify(status_code(0), Some(timed_out)),
-            Ending::TimedOut { signal: 15 }
-        );
-        let stopped = Termination {
-            cause: Cause::Stopped(StopReason::Cancelled),
-            ..timed_out
-        };
-        assert_eq!(
-            classify(status_signal(15), Some(stopped)),
-            Ending::Stopped {
-                reason: StopReason::Cancelled,
-                signal: Some(15)
-            }
-        );
-    }
-
-    #[test]
-    fn scripts_run_directly_only_when_the_kernel_can_run_them() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let bash = Path::new("/bin/bash");
-        let write = |name: &str, body: &[u8], mode: u32| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, body).expect("write");
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-            path
-        };
-        let shebang = write("a.sh", b"#!/bin/sh\necho hi\n", 0o755);
-        let plain = write("b.sh", b"#!/bin/sh\necho hi\n", 0o644);
-        let no_shebang = write("c.sh", b"echo hi\n", 0o755);
-        assert_eq!(
-            command_for_script(&shebang, bash),
-            (shebang.clone(), vec![])
-        );
-        assert_eq!(
-            command_for_script(&plain, bash),
-            (bash.to_path_buf(), vec![plain.display().to_string()])
-        );
-        assert_eq!(
-            command_for_script(&no_shebang, bash),
-            (bash.to_path_buf(), vec![no_shebang.display().to_string()])
-        );
-        let missing = dir.path().join("missing.sh");
-        assert_eq!(
-            command_for_script(&missing, bash),
-            (bash.to_path_buf(), vec![missing.display().to_string()])
-        );
-    }
-
-    #[test]
-    fn debug_output_hides_env_values() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log = JobLog::create(
-            dir.path(),
-            &crate::joblog::LogName {
-                workflow_execution_id: "w".into(),
-                job_name: "j".into(),
-                started_at: SystemTime::now(),
-                attempt_id: "1".into(),
-            },
-        )
-        .expect("log");
-        let launch = Launch {
-            program: "/bin/true".into(),
-            args: vec![],
-            cwd: "/".into(),
-            env: vec![("RSPASSWORD".into(), "hunter2-secret".into())],
-            timeout: Duration::from_secs(1),
-            kill_grace: Duration::from_secs(1),
-            pipe_drain: DEFAULT_PIPE_DRAIN,
-            log,
-            job_id: "x".into(),
-            inherit_fd: None,
-            cgroup: None,
-            user: None,
-        };
-        let shown = format!("{launch:?}");
-        assert!(shown.contains("RSPASSWORD"));
-        assert!(!shown.contains("hunter2"), "{shown}");
-    }
-}
+mod tests;

@@ -26,6 +26,9 @@
 //! binary. If this process is SIGKILLed, `PR_SET_PDEATHSIG` takes the job's leader, the rest
 //! of the job keeps the lock (the inherited descriptor) until the agent, seeing the owner
 //! gone, kills them; under systemd the unit's cgroup is killed too.
+//!
+//! Why one file of about 800 lines: it is one process's life, read in the order above; the
+//! protocol, the job directory and the launch are in `job_owner` and `activation`.
 
 use std::io::{BufRead, BufReader, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
