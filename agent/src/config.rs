@@ -59,9 +59,7 @@ use duration::{duration_or, positive_or};
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/rsql-agent/agent.toml";
 
-/// The longest `default_timeout` / job timeout we accept. Step Functions itself closes a task
-/// after at most a year; a week of RSQL is already a runaway job.
-pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+pub use crate::job::MAX_JOB_TIMEOUT;
 
 /// Why a config could not be loaded or validated. Every variant names the file and, where
 /// there is one, the key.

@@ -35,7 +35,9 @@
 
 // The job's parts that know no AWS live in the core crate, which `rsql-job-owner` links
 // alone; re-exported at their old paths, so `crate::supervisor::Supervisor` still names them.
-pub use rsql_agent_core::{cgroup, error_chain, fsutil, lock, outcome, stop, supervisor, trust};
+pub use rsql_agent_core::{
+    cgroup, error_chain, fsutil, job, legacy, lock, outcome, stop, supervisor, trust,
+};
 
 pub mod attempt;
 pub mod aws;
@@ -46,10 +48,8 @@ pub mod fleet;
 pub mod identity;
 pub mod imds;
 pub mod intake;
-pub mod job;
 pub mod job_owner;
 pub mod joblog;
-pub mod legacy;
 pub mod logging;
 pub mod metrics;
 pub mod notify;

@@ -15,7 +15,8 @@ pub struct LibraryFile {
     pub module: Vec<String>,
 }
 
-/// Every `.rs` file under [`LIBRARY_ROOTS`] but the binaries (`bin/`, `main.rs`), with its
+/// Every `.rs` file under [`LIBRARY_ROOTS`] but the binaries (`bin/`, `main.rs`) and unit-test
+/// files (`tests.rs`), with its
 /// module path (`x/mod.rs` is `x`).
 pub fn library_files(root: &Path) -> Vec<LibraryFile> {
     let mut files = Vec::new();
@@ -35,6 +36,10 @@ pub fn library_files(root: &Path) -> Vec<LibraryFile> {
                     continue;
                 }
                 if path.extension().is_none_or(|e| e != "rs") || relative == Path::new("main.rs") {
+                    continue;
+                }
+                // A module's unit tests (`#[cfg(test)] mod tests;`) are no part of the library.
+                if path.file_name().is_some_and(|n| n == "tests.rs") {
                     continue;
                 }
                 let mut module: Vec<String> = relative

@@ -39,8 +39,8 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "plumbing that knows no job",
         &[
-            "fsutil", "trust", "masking", "secrets", "signals", "notify", "identity", "imds",
-            "slots", "logging", "aws",
+            "fsutil", "trust", "masking", "stop", "secrets", "signals", "notify", "identity",
+            "imds", "slots", "logging", "aws",
         ],
     ),
     (

@@ -17,8 +17,10 @@
 
 pub mod cgroup;
 pub mod fsutil;
+pub mod job;
 pub mod job_owner;
 pub mod joblog;
+pub mod legacy;
 pub mod lock;
 pub mod masking;
 pub mod outcome;

@@ -31,8 +31,7 @@ pub(super) fn positive_or(
     }
 }
 
-/// The smallest `memory_max` accepted: below this not even bash and rsql start.
-pub const MIN_MEMORY_MAX: u64 = 16 * 1024 * 1024;
+pub use crate::job::MIN_MEMORY_MAX;
 
 /// Parses a memory size as systemd writes one: bytes, or a whole number with `K`, `M`, `G`
 /// or `T` (powers of 1024), at least [`MIN_MEMORY_MAX`].

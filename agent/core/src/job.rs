@@ -13,8 +13,15 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::config::MAX_JOB_TIMEOUT;
 use crate::legacy::LegacySettings;
+
+/// The longest `default_timeout` / job timeout accepted. Step Functions itself closes a task
+/// after at most a year; a week of RSQL is already a runaway job.
+pub const MAX_JOB_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The smallest `memory_max` accepted (in the config or a job): below this not even bash
+/// and rsql start.
+pub const MIN_MEMORY_MAX: u64 = 16 * 1024 * 1024;
 
 /// Largest message body accepted (the SQS maximum).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
@@ -449,10 +456,10 @@ fn check_line_endings(script: &Path, job_name: &str) -> Result<(), JobError> {
     }
 }
 
-/// A whole number of MiB, at least `config::MIN_MEMORY_MAX`, as bytes.
+/// A whole number of MiB, at least [`MIN_MEMORY_MAX`], as bytes.
 fn memory_mb(map: &Map<String, Value>, field: &'static str) -> Result<Option<u64>, JobError> {
     const MIB: u64 = 1024 * 1024;
-    let min_mb = crate::config::MIN_MEMORY_MAX / MIB;
+    let min_mb = MIN_MEMORY_MAX / MIB;
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => match n.as_u64() {
