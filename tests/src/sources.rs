@@ -16,8 +16,7 @@ pub struct LibraryFile {
 }
 
 /// Every `.rs` file under [`LIBRARY_ROOTS`] but the binaries (`bin/`, `main.rs`) and unit-test
-/// files (`tests.rs`), with its
-/// module path (`x/mod.rs` is `x`).
+/// files (`tests.rs`), with its module path (`x/mod.rs` is `x`).
 pub fn library_files(root: &Path) -> Vec<LibraryFile> {
     let mut files = Vec::new();
     for source_root in LIBRARY_ROOTS {
