@@ -34,11 +34,11 @@ use crate::job::{InvalidJob, JobRules, JobSpec};
 use crate::joblog::cloudwatch::{Shipper, ShipperError};
 use crate::notify::Notifier;
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
-use crate::owner::{OwnerError, StateDirOwner};
 use crate::report::audit::dynamodb::JobAuditTable;
 use crate::report::outbox::{Outbox, OutboxError};
 use crate::report::stepfunctions::StepFunctions;
 use crate::secrets::DatabaseEnv;
+use crate::state_dir_lock::{StateDirLock, StateDirLockError};
 use crate::stop::StopLevel;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +78,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Shipper(#[from] ShipperError),
     #[error(transparent)]
-    Owner(#[from] OwnerError),
+    Owner(#[from] StateDirLockError),
     #[error("jobs cannot run as [jobs] user")]
     JobUser(#[source] crate::supervisor::JobUserError),
     #[error("cannot create the job owners' directory under {path}")]
@@ -132,7 +132,7 @@ struct Shared {
     /// Where job owner processes keep their files, and how they are started.
     owners: prepare::Owners,
     /// This process's claim on `state_dir`, held for the daemon's life.
-    _owner: StateDirOwner,
+    _owner: StateDirLock,
     /// Job-end and gauge metrics; set by [`Daemon::run`] when `[logs.cloudwatch]` is set
     /// and `[metrics] enabled` (a standalone run writes none).
     metrics: std::sync::OnceLock<crate::metrics::Metrics>,
@@ -189,7 +189,7 @@ impl Daemon {
         role: &str,
     ) -> Result<Daemon, DaemonError> {
         // First: a second process on the same state directory must change nothing in it.
-        let owner = StateDirOwner::claim(&config.agent.state_dir, role)?;
+        let owner = StateDirLock::claim(&config.agent.state_dir, role)?;
         let sqs = config.sqs.clone();
         let outbox = Outbox::open(&config.agent.state_dir)?;
         let audit_table = config.audit.job_table.as_ref().map(|t| {

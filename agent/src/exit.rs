@@ -25,11 +25,11 @@ use crate::config::ConfigError;
 use crate::daemon::control::DrainError;
 use crate::daemon::DaemonError;
 use crate::orchestrate::OrchestrateError;
-use crate::owner::OwnerError;
 use crate::scripts_check::CheckError;
 use crate::secrets::SecretError;
 use crate::signals::SignalError;
 use crate::startup::StartError;
+use crate::state_dir_lock::StateDirLockError;
 use crate::supervisor::SupervisorError;
 use crate::timeline::local::LocalReportError;
 use crate::workflow::WorkflowError;
@@ -131,7 +131,7 @@ impl From<&DaemonError> for Exit {
     fn from(e: &DaemonError) -> Exit {
         match e {
             DaemonError::NoIntake | DaemonError::JobUser(_) => Exit::Config,
-            DaemonError::Owner(OwnerError::InUse { .. }) => Exit::Busy,
+            DaemonError::Owner(StateDirLockError::InUse { .. }) => Exit::Busy,
             DaemonError::Attempt(e) => e.into(),
             DaemonError::Socket(_)
             | DaemonError::Outbox(_)

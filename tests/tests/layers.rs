@@ -47,7 +47,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "a job's parts: lock, cgroup, log file, child process, outcome",
         &[
             "lock",
-            "owner",
+            "state_dir_lock",
             "cgroup",
             "joblog",
             "legacy",

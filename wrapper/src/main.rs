@@ -53,7 +53,7 @@ use rsql_agent::daemon::{Daemon, DaemonError, OneJob};
 use rsql_agent::error_chain;
 use rsql_agent::exit::Exit;
 use rsql_agent::outcome::{ErrorName, Outcome};
-use rsql_agent::owner::OwnerError;
+use rsql_agent::state_dir_lock::StateDirLockError;
 use serde_json::{json, Value};
 
 mod legacy;
@@ -412,7 +412,7 @@ fn run_job(run: Run) -> RunEnd {
             "rsql-wrapper run",
         ) {
             Ok(d) => d,
-            Err(e @ DaemonError::Owner(OwnerError::InUse { .. })) => {
+            Err(e @ DaemonError::Owner(StateDirLockError::InUse { .. })) => {
                 tracing::error!(error = %error_chain(&e), "cannot run the job here; with an agent running, use `rsql-wrapper submit`");
                 return RunEnd::NotSettled(Exit::from(&e), error_chain(&e));
             }

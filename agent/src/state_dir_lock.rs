@@ -23,7 +23,7 @@ use crate::lock::ofd::{self, TryLock};
 const FILE_NAME: &str = "owner.lock";
 
 #[derive(Debug, thiserror::Error)]
-pub enum OwnerError {
+pub enum StateDirLockError {
     #[error(
         "the state directory {dir} is in use by another process ({holder}); a state directory \
          has one owner: stop that process, or give this one another [agent] state_dir"
@@ -44,17 +44,17 @@ pub enum OwnerError {
 
 /// Ownership of a state directory, held until dropped (or the process ends).
 #[derive(Debug)]
-pub struct StateDirOwner {
+pub struct StateDirLock {
     _file: File,
     path: PathBuf,
 }
 
-impl StateDirOwner {
+impl StateDirLock {
     /// Takes the state directory for this process, which `role` names in the lock file (for
     /// the message a refused process prints). Never waits.
-    pub fn claim(state_dir: &Path, role: &str) -> Result<StateDirOwner, OwnerError> {
+    pub fn claim(state_dir: &Path, role: &str) -> Result<StateDirLock, StateDirLockError> {
         let path = state_dir.join(FILE_NAME);
-        let io = |source: std::io::Error| OwnerError::Io {
+        let io = |source: std::io::Error| StateDirLockError::Io {
             path: path.clone(),
             source,
         };
@@ -69,7 +69,7 @@ impl StateDirOwner {
         let mut file = match opened {
             Ok(file) => file,
             Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-                return Err(OwnerError::NotOwnFile {
+                return Err(StateDirLockError::NotOwnFile {
                     path,
                     what: "a symlink".into(),
                 })
@@ -83,7 +83,7 @@ impl StateDirOwner {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
-                return Err(OwnerError::InUse {
+                return Err(StateDirLockError::InUse {
                     dir: state_dir.to_path_buf(),
                     holder: if holder.is_empty() {
                         "pid unknown".to_string()
@@ -96,7 +96,7 @@ impl StateDirOwner {
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;
         writeln!(file, "pid {} ({role})", std::process::id()).map_err(io)?;
-        Ok(StateDirOwner { _file: file, path })
+        Ok(StateDirLock { _file: file, path })
     }
 
     /// The lock file.
@@ -107,9 +107,9 @@ impl StateDirOwner {
 
 /// The opened lock file is a regular file owned by this process's user (or root), with one
 /// name: never a device, a FIFO, or a hard link to a file elsewhere.
-fn check_own_file(file: &File, path: &Path) -> Result<(), OwnerError> {
+fn check_own_file(file: &File, path: &Path) -> Result<(), StateDirLockError> {
     use std::os::unix::fs::MetadataExt;
-    let meta = file.metadata().map_err(|source| OwnerError::Io {
+    let meta = file.metadata().map_err(|source| StateDirLockError::Io {
         path: path.to_path_buf(),
         source,
     })?;
@@ -124,7 +124,7 @@ fn check_own_file(file: &File, path: &Path) -> Result<(), OwnerError> {
         None
     };
     match what {
-        Some(what) => Err(OwnerError::NotOwnFile {
+        Some(what) => Err(StateDirLockError::NotOwnFile {
             path: path.to_path_buf(),
             what,
         }),
@@ -139,8 +139,8 @@ mod tests {
     #[test]
     fn a_second_owner_is_refused_with_the_first_ones_pid_until_it_lets_go() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let first = StateDirOwner::claim(dir.path(), "rsql-agent run").expect("first claim");
-        let refused = StateDirOwner::claim(dir.path(), "rsql-wrapper run")
+        let first = StateDirLock::claim(dir.path(), "rsql-agent run").expect("first claim");
+        let refused = StateDirLock::claim(dir.path(), "rsql-wrapper run")
             .expect_err("a second claim must be refused");
         let text = refused.to_string();
         assert!(
@@ -149,7 +149,7 @@ mod tests {
         );
         assert!(text.contains(&dir.path().display().to_string()), "{text}");
         drop(first);
-        let again = StateDirOwner::claim(dir.path(), "rsql-wrapper run")
+        let again = StateDirLock::claim(dir.path(), "rsql-wrapper run")
             .expect("free again once the first owner is gone");
         assert_eq!(again.path(), dir.path().join(FILE_NAME));
     }
@@ -160,11 +160,11 @@ mod tests {
         let victim = dir.path().join("victim");
         std::fs::write(&victim, "precious\n").expect("write");
         std::os::unix::fs::symlink(&victim, dir.path().join(FILE_NAME)).expect("symlink");
-        let err = StateDirOwner::claim(dir.path(), "test").expect_err("a symlink");
+        let err = StateDirLock::claim(dir.path(), "test").expect_err("a symlink");
         assert!(err.to_string().contains("symlink"), "{err}");
         std::fs::remove_file(dir.path().join(FILE_NAME)).expect("rm");
         std::fs::hard_link(&victim, dir.path().join(FILE_NAME)).expect("link");
-        let err = StateDirOwner::claim(dir.path(), "test").expect_err("a hard link");
+        let err = StateDirLock::claim(dir.path(), "test").expect_err("a hard link");
         assert!(err.to_string().contains("hard links"), "{err}");
         assert_eq!(
             std::fs::read_to_string(&victim).expect("read"),
