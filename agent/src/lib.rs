@@ -33,6 +33,9 @@
 //! (a local workflow runs each job in its own process, without an owner). The README has the
 //! same picture and what every module owns; docs/contract.md has what goes in and out.
 
+// No function over 120 lines of code (threshold in clippy.toml); the test code is exempt.
+#![warn(clippy::too_many_lines)]
+
 // The job's parts that know no AWS live in the core crate, which `rsql-job-owner` links
 // alone; re-exported at their old paths, so `crate::supervisor::Supervisor` still names them.
 pub use rsql_agent_core::{

@@ -30,6 +30,10 @@
 //!
 //! The helpers at the bottom are thin, generic wrappers over the SDK that panic with the
 //! service error, for test code's own calls; the agent under test makes its own calls.
+//!
+//! Why one file of about 950 lines: it is one handle, [`Moto`], with one helper for each
+//! resource the tests make (queues, tables, state machines, log groups, the Auto Scaling
+//! group); split by service, each test would import from five places to set up one world.
 
 use std::fs::File;
 use std::io::{Read, Write};

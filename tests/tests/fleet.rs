@@ -11,6 +11,9 @@
 //! - start-up after a crash: a `running` state file whose owner is dead is reported
 //!   `Rsql.Interrupted`, or rerun with `on_interrupted = "rerun"`;
 //! - systemd: READY, STATUS, WATCHDOG, (a SIGHUP reload,) STOPPING, in that order.
+//!
+//! Why one file of about 900 lines: each scenario above is one test on the shared fixture at
+//! the top (agents, queue, lock directory, PostgreSQL); the fixture is what they have in common.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::unix::net::UnixDatagram;

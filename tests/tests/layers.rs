@@ -29,6 +29,9 @@
 //!   agent, in any dependency table: `rsql-job-owner` is built from that crate alone.
 //!
 //! The binaries (`main.rs`, `bin/`) are the top and are not checked.
+//!
+//! Why one file of about 900 lines: the check is a small parser of Rust imports with its own
+//! tests of that parser; one file keeps what is checked and how beside each other.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};

@@ -3,6 +3,9 @@
 //! workflow loaded with `rsql-agent workflow put-config`, started with `workflow start`,
 //! two real `rsql-agent run` daemons sharing one lock directory, real PostgreSQL with the
 //! `rsql` stand-in, and `workflow status` for what an operator sees.
+//!
+//! Why one file of about 850 lines: every test drives the same world (the state machine, two
+//! daemons, PostgreSQL), built once at the top; the scenarios read best next to it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};

@@ -15,6 +15,9 @@
 //!                                                 ─▶ job_owner::ExitRecord
 //! ```
 
+// No function over 120 lines of code (threshold in clippy.toml); the test code is exempt.
+#![warn(clippy::too_many_lines)]
+
 pub mod cgroup;
 pub mod fsutil;
 pub mod job;
