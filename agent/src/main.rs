@@ -617,7 +617,7 @@ fn workflow_report(
     format: &str,
     output: Option<&Path>,
 ) -> Exit {
-    use rsql_agent::timeline;
+    use rsql_agent::workflow::report;
     let timeline = match source {
         ReportSource::Aws {
             state_machine,
@@ -641,15 +641,15 @@ fn workflow_report(
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            match timeline::local::load(&config.agent.state_dir, execution_id) {
+            match report::local::load(&config.agent.state_dir, execution_id) {
                 Ok(t) => t,
                 Err(e) => return fail(&e),
             }
         }
     };
     let rendered = match format {
-        "text" => timeline::text::render(&timeline),
-        _ => timeline::html::render(&timeline),
+        "text" => report::text::render(&timeline),
+        _ => report::html::render(&timeline),
     };
     match output {
         None => {
@@ -790,7 +790,7 @@ mod orchestrate {
     use std::path::Path;
 
     use rsql_agent::exit::Exit;
-    use rsql_agent::orchestrate::{OrchestrateError, Orchestrator};
+    use rsql_agent::workflow::aws::{OrchestrateError, Orchestrator};
     use rsql_agent::workflow::{self, WorkflowConfig};
 
     use super::{fail, runtime};
@@ -856,7 +856,7 @@ mod orchestrate {
         state_machine: &str,
         job_table: &str,
         workflow_table: Option<&str>,
-    ) -> Result<rsql_agent::timeline::Timeline, Exit> {
+    ) -> Result<rsql_agent::workflow::report::Timeline, Exit> {
         run(async {
             Orchestrator::from_env()
                 .await

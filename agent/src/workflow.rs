@@ -6,7 +6,14 @@
 //!
 //! Must not touch: AWS. It runs every job through the same [`crate::attempt`] path as the
 //! daemon (lock, supervisor, job log, outcome, audit), with no task token.
+//!
+//! The workflow commands live here, one folder: `workflow run` is this module; the AWS
+//! workflow's `put-config`, `start` and `status` are [`aws`] (the operator's side of the
+//! generic state machine); `workflow report`, the timeline of either kind of run, is
+//! [`report`].
 
+pub mod aws;
+pub mod report;
 pub mod stage;
 
 use std::collections::HashMap;

@@ -74,8 +74,8 @@ const LAYERS: &[(&str, &[&str])] = &[
         &["job_owner", "workflow", "startup"],
     ),
     (
-        "the commands: the daemon, the AWS workflow and its report, the linter",
-        &["daemon", "orchestrate", "timeline", "scripts_check"],
+        "the commands: the daemon, the AWS workflow and the workflow report, the linter",
+        &["daemon", "workflow::aws", "workflow::report", "scripts_check"],
     ),
     ("the exit code of every typed error", &["exit"]),
 ];

@@ -214,7 +214,7 @@ impl Local {
 }
 
 fn ts(v: &Value) -> i64 {
-    rsql_agent::timeline::parse_ts(v.as_str().unwrap()).unwrap()
+    rsql_agent::workflow::report::parse_ts(v.as_str().unwrap()).unwrap()
 }
 
 /// Of two jobs of a one-slot parallel stage, the one that ran second waited at least the
@@ -524,7 +524,7 @@ async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
             );
         }
         // The queue wait is the task's scheduling to the job's start on the instance.
-        let start = rsql_agent::timeline::parse_ts(&s(&item, "execution_start_ts")).unwrap();
+        let start = rsql_agent::workflow::report::parse_ts(&s(&item, "execution_start_ts")).unwrap();
         assert_eq!(
             r.wait_ms(job),
             (start - scheduled[job]).max(0),

@@ -23,7 +23,7 @@ use aws_sdk_sfn::types::{HistoryEvent, HistoryEventType};
 use serde_json::Value;
 
 use super::{parse_ts, Attempt, JobRow, Ms, Outcome, Source, StageBlock, Timeline};
-use crate::orchestrate::{execution_arn, OrchestrateError, Orchestrator};
+use crate::workflow::aws::{execution_arn, OrchestrateError, Orchestrator};
 use crate::workflow::{ExecutionType, Stage};
 
 /// One history event, reduced to what the timeline needs.
@@ -406,7 +406,7 @@ impl Orchestrator {
             execution_arn(state_machine_arn, execution)?
         };
         let described = self.describe_execution(&arn).await?;
-        let input = crate::orchestrate::execution_input(&described);
+        let input = crate::workflow::aws::execution_input(&described);
         let workflow_id = input["workflow_id"]
             .as_str()
             .unwrap_or_default()

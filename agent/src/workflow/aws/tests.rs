@@ -44,10 +44,10 @@ fn execution_arn_from_state_machine_arn() {
 #[test]
 fn tables_come_from_the_substituted_definition() {
     let raw: Value =
-        serde_json::from_str(include_str!("../../../packaging/aws/workflow.asl.json")).unwrap();
+        serde_json::from_str(include_str!("../../../../packaging/aws/workflow.asl.json")).unwrap();
     // Unsubstituted: no table to take.
     assert_eq!(table_in_definition(&raw, CONFIG_STATE), None);
-    let text = include_str!("../../../packaging/aws/workflow.asl.json")
+    let text = include_str!("../../../../packaging/aws/workflow.asl.json")
         .replace("${ConfigTable}", "cfg")
         .replace("${WorkflowAuditTable}", "wfa");
     let def: Value = serde_json::from_str(&text).unwrap();
