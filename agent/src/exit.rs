@@ -24,13 +24,13 @@ use crate::attempt::AttemptError;
 use crate::config::ConfigError;
 use crate::daemon::control::DrainError;
 use crate::daemon::DaemonError;
-use crate::workflow::aws::OrchestrateError;
 use crate::scripts_check::CheckError;
 use crate::secrets::SecretError;
 use crate::signals::SignalError;
 use crate::startup::StartError;
 use crate::state_dir_lock::StateDirLockError;
 use crate::supervisor::SupervisorError;
+use crate::workflow::aws::OrchestrateError;
 use crate::workflow::report::local::LocalReportError;
 use crate::workflow::WorkflowError;
 

@@ -75,7 +75,12 @@ const LAYERS: &[(&str, &[&str])] = &[
     ),
     (
         "the commands: the daemon, the AWS workflow and the workflow report, the linter",
-        &["daemon", "workflow::aws", "workflow::report", "scripts_check"],
+        &[
+            "daemon",
+            "workflow::aws",
+            "workflow::report",
+            "scripts_check",
+        ],
     ),
     ("the exit code of every typed error", &["exit"]),
 ];

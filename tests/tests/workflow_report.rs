@@ -524,7 +524,8 @@ async fn blog_workflow_on_the_state_machine_report_joins_history_and_audit() {
             );
         }
         // The queue wait is the task's scheduling to the job's start on the instance.
-        let start = rsql_agent::workflow::report::parse_ts(&s(&item, "execution_start_ts")).unwrap();
+        let start =
+            rsql_agent::workflow::report::parse_ts(&s(&item, "execution_start_ts")).unwrap();
         assert_eq!(
             r.wait_ms(job),
             (start - scheduled[job]).max(0),
