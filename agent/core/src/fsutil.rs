@@ -22,6 +22,28 @@ pub const TEMP_SUFFIX: &str = ".tmp";
 /// hosts share the directory (the lock on EFS). If anything fails before the rename, the temp
 /// file is deleted.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    write_replacing(path, bytes, mode, Durability::Durable)
+}
+
+/// Whether a replaced file must survive a crash of the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync of the file, rename, fsync of the directory: the record outlives a power loss.
+    Durable,
+    /// Rename only: readers on this boot see the old contents or the new, never a mix, but
+    /// a crash may leave either (or no file). For records that die with the process that
+    /// writes them, or that a durable record elsewhere already holds.
+    ThisBoot,
+}
+
+/// Replaces `path` with `bytes` atomically, and durably where `durability` says so; see
+/// [`write_atomic`].
+pub fn write_replacing(
+    path: &Path,
+    bytes: &[u8],
+    mode: u32,
+    durability: Durability,
+) -> io::Result<()> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no directory"))?;
@@ -40,6 +62,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         .permissions(Permissions::from_mode(mode))
         .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
+    if durability == Durability::ThisBoot {
+        return tmp.persist(path).map(drop).map_err(|e| e.error);
+    }
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     File::open(dir)?.sync_all()

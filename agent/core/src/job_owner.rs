@@ -43,7 +43,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil;
+use crate::fsutil::{self, Durability};
 use crate::stop::StopReason;
 
 /// The version of the files and the control protocol. An agent reads every version up to
@@ -306,24 +306,32 @@ impl JobDir {
         Ok(job)
     }
 
+    /// Durable: after a crash of the host it is the one record of the job's token and
+    /// message, from which the next agent reports the job (`Rsql.Interrupted`).
     pub fn write_job(&self, job: &JobFile) -> Result<(), JobDirError> {
-        write_json(&self.path.join(JOB_FILE), job)
+        write_json(&self.path.join(JOB_FILE), job, Durability::Durable)
     }
 
     pub fn read_owner(&self) -> Result<Option<OwnerRecord>, JobDirError> {
         read_json(&self.path.join(OWNER_FILE))
     }
 
+    /// Not fsynced: the record names a process of this boot (pid, start time, boot id).
+    /// After a crash the owner is gone whatever the file says, and a missing `owner.json`
+    /// reads as an owner that is not running, which is then the truth.
     pub fn write_owner(&self, owner: &OwnerRecord) -> Result<(), JobDirError> {
-        write_json(&self.path.join(OWNER_FILE), owner)
+        write_json(&self.path.join(OWNER_FILE), owner, Durability::ThisBoot)
     }
 
     pub fn read_exit(&self) -> Result<Option<ExitRecord>, JobDirError> {
         read_json(&self.path.join(EXIT_FILE))
     }
 
-    pub fn write_exit(&self, exit: &ExitRecord) -> Result<(), JobDirError> {
-        write_json(&self.path.join(EXIT_FILE), exit)
+    /// `durability`: [`Durability::ThisBoot`] once the lock state holds the same outcome
+    /// durably (the next agent falls back to it after a crash), [`Durability::Durable`]
+    /// where the exit record is the only record.
+    pub fn write_exit(&self, exit: &ExitRecord, durability: Durability) -> Result<(), JobDirError> {
+        write_json(&self.path.join(EXIT_FILE), exit, durability)
     }
 
     /// Marks the job as ended with its outcome recorded nowhere (see [`JobDir::outcome_lost`]).
@@ -387,12 +395,16 @@ fn read_bounded(path: &Path) -> io::Result<Vec<u8>> {
     fsutil::read_bounded(path, MAX_RECORD_BYTES)
 }
 
-fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), JobDirError> {
+fn write_json<T: Serialize>(
+    path: &Path,
+    value: &T,
+    durability: Durability,
+) -> Result<(), JobDirError> {
     let bytes = serde_json::to_vec(value).map_err(|source| JobDirError::Parse {
         path: path.to_path_buf(),
         source,
     })?;
-    fsutil::write_atomic(path, &bytes, 0o600).map_err(|source| JobDirError::Write {
+    fsutil::write_replacing(path, &bytes, 0o600, durability).map_err(|source| JobDirError::Write {
         path: path.to_path_buf(),
         source,
     })

@@ -42,6 +42,7 @@
 //! Dropping the [`JobHandle`] (or its `wait` future) before the outcome is delivered stops
 //! the job as [`StopReason::Interrupted`]: a job nobody is waiting for must not run on.
 
+mod blocking;
 mod launch;
 mod output;
 mod procs;
@@ -49,6 +50,7 @@ mod spawner;
 mod termination;
 pub mod user;
 
+pub use blocking::{child_signals, millis_until, BlockingJob};
 pub use launch::{command_for_script, spawn_detail, Launch};
 
 use launch::build_command;
@@ -263,14 +265,7 @@ impl Supervisor {
     /// On error the job never started; the log file exists but holds nothing.
     pub fn start(self: &Arc<Self>, launch: Launch) -> Result<JobHandle, SupervisorError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(SupervisorError::NoRuntime)?;
-        if launch.job_id.is_empty() || launch.job_id.contains('\0') {
-            return Err(SupervisorError::InvalidJobId);
-        }
-        for (name, _) in &launch.env {
-            if name.is_empty() || name.contains(['=', '\0']) {
-                return Err(SupervisorError::InvalidEnvName { name: name.clone() });
-            }
-        }
+        validate(&launch)?;
         let command = build_command(&launch);
         let log_path = launch.log.path().to_path_buf();
         // Taken before the fork: on a busy host the spawner's reply can come after a quick
@@ -335,6 +330,19 @@ impl Supervisor {
     pub fn reap_orphans(&self) -> usize {
         procs::reap_pending()
     }
+}
+
+/// A job id and environment names the child can be given.
+fn validate(launch: &Launch) -> Result<(), SupervisorError> {
+    if launch.job_id.is_empty() || launch.job_id.contains('\0') {
+        return Err(SupervisorError::InvalidJobId);
+    }
+    for (name, _) in &launch.env {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(SupervisorError::InvalidEnvName { name: name.clone() });
+        }
+    }
+    Ok(())
 }
 
 /// Kills processes of jobs whose supervising process is gone (see

@@ -21,9 +21,11 @@
 //!    marker), sends the exit record to every agent connected, releases the lock, removes
 //!    the cgroup, exits.
 //!
-//! It runs on a current-thread tokio runtime: the same supervisor code as every other job
-//! (one implementation of pipes, timeouts and sweeps) on one thread, with no AWS SDK in the
-//! binary. If this process is SIGKILLed, `PR_SET_PDEATHSIG` takes the job's leader, the rest
+//! It is a small synchronous program, as conmon and containerd-shim are: one thread, no
+//! async runtime, one `poll(2)` loop over the job's pipes, a signalfd (the job's exit,
+//! SIGTERM) and its socket and connections ([`watch_job`]), driving a
+//! [`BlockingJob`] (the supervisor's rules, on this thread). No AWS SDK is in the binary. If
+//! this process is SIGKILLed, `PR_SET_PDEATHSIG` takes the job's leader, the rest
 //! of the job keeps the lock (the inherited descriptor) until the agent, seeing the owner
 //! gone, kills them; under systemd the unit's cgroup is killed too.
 //!
@@ -35,23 +37,24 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use nix::sys::signal::Signal;
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::sync::watch;
 
 use super::activation::{valid_job_id, ActivationAnswer, ActivationRequest};
 use super::{
     boot_id, ExitRecord, JobDir, JobDirError, JobFile, OwnerRecord, Reply, Request, PROTOCOL,
 };
 use crate::cgroup::JobCgroup;
+use crate::fsutil::Durability;
 use crate::joblog::{JobLog, JobLogError};
 use crate::lock::{JobLock, LockError, LockState};
 use crate::outcome::{ErrorName, Failure, FailureCause, Outcome};
 use crate::run::{classify_run, record_outcome, RunFacts};
-use crate::stop::{StopReason, StopSender};
-use crate::supervisor::{self, Launch, Supervisor, SupervisorError};
+use crate::stop::StopReason;
+use crate::supervisor::{self, child_signals, millis_until, BlockingJob, Launch, SupervisorError};
 
 /// How long the owner waits for the agent's start request before it gives up, runs nothing
 /// and exits.
@@ -82,8 +85,8 @@ pub enum ShimError {
     Receive(#[source] std::io::Error),
     #[error("the job's lock")]
     Lock(#[source] LockError),
-    #[error("cannot build the runtime")]
-    Runtime(#[source] std::io::Error),
+    #[error("cannot read signals from a signalfd")]
+    Signals(#[source] nix::errno::Errno),
     #[error("cannot start the supervisor")]
     Supervisor(#[source] SupervisorError),
     #[error("cannot open the job log")]
@@ -294,16 +297,11 @@ pub fn run(
     let cgroup = set_up_cgroup(&job);
     owner.cgroup = cgroup.as_ref().map(|c| c.payload().path().to_path_buf());
     let launch = build_launch(&job, &held, env, cgroup.as_ref(), job_user)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(ShimError::Runtime)?;
-    let (outcome, exit, watchers) = runtime.block_on(supervise(
-        dir, &job, &mut owner, &mut held, first, listener, launch,
-    ))?;
+    let (outcome, exit, watchers) =
+        supervise(dir, &job, &mut owner, &mut held, first, listener, launch)?;
 
     record_end(dir, &mut held, &mut state, &outcome, &exit);
-    runtime.block_on(tell_watchers(watchers, &exit));
+    tell_watchers(watchers, &exit, owner.job_pid);
     if let Err(e) = held.release() {
         tracing::warn!(error = %crate::error_chain(&e), "cannot release the job's lock cleanly");
     }
@@ -320,11 +318,16 @@ pub fn run(
     Ok(())
 }
 
-/// Records how the job ended wherever it can: the exit record (for this host's agents), the
-/// lock state (for any agent of the fleet). A full `state_dir` must not turn a known outcome
-/// into a dead owner, so each is tried whatever became of the other; where neither holds it,
-/// an empty marker says the outcome was lost (an agent watching now still gets it from
-/// [`tell_watchers`]).
+/// Records how the job ended wherever it can: the lock state (for any agent of the fleet)
+/// and the exit record (for this host's agents). A full `state_dir` must not turn a known
+/// outcome into a dead owner, so each is tried whatever became of the other; where neither
+/// holds it, an empty marker says the outcome was lost (an agent watching now still gets it
+/// from [`tell_watchers`]).
+///
+/// One durable write guards this transition, not two: the lock state first, fsynced (a
+/// crash after it loses nothing: the next agent reads the outcome there); the exit record
+/// then only replaces its file, unless the lock state could not be written, when it is the
+/// only record and is fsynced too.
 fn record_end(
     dir: &JobDir,
     held: &mut JobLock,
@@ -332,18 +335,23 @@ fn record_end(
     outcome: &Outcome,
     exit: &ExitRecord,
 ) {
-    let exit_written = match dir.write_exit(exit) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::error!(error = %crate::error_chain(&e), "cannot write the job's exit record; recording its outcome in the lock state and telling the watching agent");
-            false
-        }
-    };
     record_outcome(state, outcome);
     let state_written = match held.write_state(state) {
         Ok(()) => true,
         Err(e) => {
-            tracing::error!(error = %crate::error_chain(&e), "cannot record the outcome in the lock state");
+            tracing::error!(error = %crate::error_chain(&e), "cannot record the outcome in the lock state; writing the exit record durably and telling the watching agent");
+            false
+        }
+    };
+    let durability = if state_written {
+        Durability::ThisBoot
+    } else {
+        Durability::Durable
+    };
+    let exit_written = match dir.write_exit(exit, durability) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "cannot write the job's exit record");
             false
         }
     };
@@ -352,19 +360,6 @@ fn record_end(
             Ok(()) => tracing::error!("the job's outcome could be recorded nowhere; marked it lost, so it is reported as such and not run again"),
             Err(e) => tracing::error!(error = %crate::error_chain(&e), "the job's outcome could be recorded nowhere, not even as lost; only an agent watching now learns it"),
         }
-    }
-}
-
-/// How long the owner waits for its last reply to reach the agents connected at the end.
-const TELL_WATCHERS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Sends the exit record to every agent connected now (the last line on each connection),
-/// and waits, at most [`TELL_WATCHERS_TIMEOUT`], until every connection has taken it.
-async fn tell_watchers(watchers: watch::Sender<Option<ExitRecord>>, exit: &ExitRecord) {
-    watchers.send_replace(Some(exit.clone()));
-    let deadline = tokio::time::Instant::now() + TELL_WATCHERS_TIMEOUT;
-    while watchers.receiver_count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -543,109 +538,6 @@ fn reaped_cpu_ms() -> Option<u64> {
     Some(ms(usage.user_time()) + ms(usage.system_time()))
 }
 
-async fn supervise(
-    dir: &JobDir,
-    job: &JobFile,
-    owner: &mut OwnerRecord,
-    held: &mut JobLock,
-    first: UnixStream,
-    listener: UnixListener,
-    launch: Launch,
-) -> Result<(Outcome, ExitRecord, Watchers), ShimError> {
-    // Every connection holds a receiver: the job's exit record is its last line.
-    let (watchers, ended) = watch::channel(None);
-    let supervisor = Supervisor::for_one_job().map_err(ShimError::Supervisor)?;
-    let plan = &job.launch;
-    // The supervisor reads these from this process's environment; the owner may have been
-    // started with systemd's, so the agent sent its own.
-    for (name, value) in &plan.inherited_env {
-        // SAFETY: set before any other thread of this process reads the environment: the
-        // runtime is current-thread and the supervisor's spawner has not forked yet.
-        unsafe { std::env::set_var(name, value) };
-    }
-    // The password this job gets is masked in everything this process writes about it.
-    crate::masking::remember_env(&launch.env);
-    let started_at = SystemTime::now();
-    let handle = match supervisor.start(launch) {
-        Ok(handle) => handle,
-        Err(e) => {
-            tracing::error!(error = %crate::error_chain(&e), "the job could not be started");
-            let early = ended_early(
-                ErrorName::ScriptFailed,
-                format!("the job could not be started: {}", crate::error_chain(&e)),
-                started_at,
-            );
-            // Durable before the reply: the agent reads the exit record as soon as this
-            // connection closes, and without it would report a dead owner instead of why.
-            if let Err(e) = dir.write_exit(&early.1) {
-                tracing::error!(error = %crate::error_chain(&e), "cannot record the job's exit");
-            }
-            reply(
-                first,
-                &Reply {
-                    v: PROTOCOL,
-                    ok: true,
-                    job_pid: None,
-                    error: Some(e.to_string()),
-                    exit: Some(early.1.clone()),
-                },
-            );
-            return Ok((early.0, early.1, watchers));
-        }
-    };
-    owner.job_pid = Some(handle.pid());
-    if let Err(e) = dir.write_owner(owner) {
-        tracing::warn!(error = %crate::error_chain(&e), "cannot record the job's pid");
-    }
-    let stopper = handle.stopper();
-    let job_pid = handle.pid();
-    let first = tokio::net::UnixStream::from_std({
-        let _ = first.set_nonblocking(true);
-        first
-    });
-    if let Ok(first) = first {
-        let mut first = first;
-        let started = Reply {
-            v: PROTOCOL,
-            ok: true,
-            job_pid: Some(job_pid),
-            error: None,
-            exit: None,
-        };
-        let mut line = serde_json::to_vec(&started).unwrap_or_default();
-        line.push(b'\n');
-        let _ = first.write_all(&line).await;
-        tokio::spawn(serve_connection(
-            first,
-            stopper.clone(),
-            job_pid,
-            ended.clone(),
-        ));
-    }
-    let run = watch_job(handle, held, listener, ended, job.lease_interval_ms).await;
-    let run = match run {
-        Ok(run) => run,
-        Err(e) => {
-            tracing::error!(error = %crate::error_chain(&e), "lost the job's supervision");
-            let (outcome, exit) = ended_early(
-                ErrorName::Interrupted,
-                format!("the job's owner lost its supervision: {e}"),
-                started_at,
-            );
-            return Ok((outcome, exit, watchers));
-        }
-    };
-    let mut run = run;
-    if run.usage.cpu_ms.is_none() {
-        run.usage.cpu_ms = reaped_cpu_ms();
-    }
-    let (outcome, exit) = exit_of(job, &run);
-    Ok((outcome, exit, watchers))
-}
-
-/// The connections open when the job ends: each takes the exit record as its last line.
-type Watchers = watch::Sender<Option<ExitRecord>>;
-
 /// The classified outcome of a finished run and its exit record.
 fn exit_of(job: &JobFile, run: &supervisor::RunOutcome) -> (Outcome, ExitRecord) {
     let outcome = classify_run(
@@ -673,48 +565,6 @@ fn exit_of(job: &JobFile, run: &supervisor::RunOutcome) -> (Outcome, ExitRecord)
     (outcome, exit)
 }
 
-/// Until the job has ended: answers agents on the socket, passes their stops on, renews
-/// the lease, and treats SIGTERM/SIGINT (a systemd stop) as a stop.
-async fn watch_job(
-    handle: supervisor::JobHandle,
-    held: &mut JobLock,
-    listener: UnixListener,
-    ended: watch::Receiver<Option<ExitRecord>>,
-    lease_interval_ms: u64,
-) -> Result<supervisor::RunOutcome, SupervisorError> {
-    let job_pid = handle.pid();
-    let _ = listener.set_nonblocking(true);
-    let listener = tokio::net::UnixListener::from_std(listener).ok();
-    let stopper = handle.stopper();
-    let wait = handle.wait();
-    tokio::pin!(wait);
-    let mut lease = tokio::time::interval(Duration::from_millis(lease_interval_ms.max(100)));
-    lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    lease.tick().await;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
-    loop {
-        tokio::select! {
-            run = &mut wait => break run,
-            accepted = accept(listener.as_ref()) => {
-                if let Ok((stream, _)) = accepted {
-                    tokio::spawn(serve_connection(stream, stopper.clone(), job_pid, ended.clone()));
-                }
-            }
-            _ = lease.tick() => {
-                if let Err(e) = held.touch() {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot renew the lock's lease");
-                }
-            }
-            Some(()) = recv_signal(term.as_mut()) => {
-                tracing::warn!("SIGTERM: stopping the job (reported Rsql.Interrupted)");
-                stopper.stop(StopReason::Interrupted);
-            }
-            Some(()) = recv_signal(int.as_mut()) => stopper.stop(StopReason::Interrupted),
-        }
-    }
-}
-
 /// The outcome and exit record of a job that ended without a run to classify (it could not
 /// be started, or its supervision was lost).
 fn ended_early(error: ErrorName, message: String, started_at: SystemTime) -> (Outcome, ExitRecord) {
@@ -739,19 +589,236 @@ fn ended_early(error: ErrorName, message: String, started_at: SystemTime) -> (Ou
     (outcome, exit)
 }
 
-async fn accept(
-    listener: Option<&tokio::net::UnixListener>,
-) -> std::io::Result<(tokio::net::UnixStream, tokio::net::unix::SocketAddr)> {
-    match listener {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
+/// Runs the job to its end under this process's one loop; see [`watch_job`]. Returns the
+/// outcome, the exit record and the agents' connections still open, which take the exit
+/// record as their last line.
+fn supervise(
+    dir: &JobDir,
+    job: &JobFile,
+    owner: &mut OwnerRecord,
+    held: &mut JobLock,
+    first: UnixStream,
+    listener: UnixListener,
+    launch: Launch,
+) -> Result<(Outcome, ExitRecord, Vec<Conn>), ShimError> {
+    // The supervisor reads these from this process's environment; the owner may have been
+    // started with systemd's, so the agent sent its own.
+    for (name, value) in &job.launch.inherited_env {
+        // SAFETY: this process has one thread, so nothing reads the environment meanwhile.
+        unsafe { std::env::set_var(name, value) };
+    }
+    // The password this job gets is masked in everything this process writes about it.
+    crate::masking::remember_env(&launch.env);
+    // Blocked before the fork, so the leader's exit cannot come before anything listens;
+    // the spawn gives the job an empty mask of its own.
+    let signals = child_signals();
+    signals.thread_block().map_err(ShimError::Signals)?;
+    let mut signal_fd =
+        SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+            .map_err(ShimError::Signals)?;
+    let started_at = SystemTime::now();
+    let mut running = match BlockingJob::start(launch) {
+        Ok(running) => running,
+        Err(e) => {
+            tracing::error!(error = %crate::error_chain(&e), "the job could not be started");
+            let (outcome, exit) = ended_early(
+                ErrorName::ScriptFailed,
+                format!("the job could not be started: {}", crate::error_chain(&e)),
+                started_at,
+            );
+            // Durable before the reply: the agent reads the exit record as soon as this
+            // connection closes, and without it would report a dead owner instead of why.
+            if let Err(e) = dir.write_exit(&exit, Durability::Durable) {
+                tracing::error!(error = %crate::error_chain(&e), "cannot record the job's exit");
+            }
+            reply(
+                first,
+                &Reply {
+                    v: PROTOCOL,
+                    ok: true,
+                    job_pid: None,
+                    error: Some(e.to_string()),
+                    exit: Some(exit.clone()),
+                },
+            );
+            return Ok((outcome, exit, Vec::new()));
+        }
+    };
+    let job_pid = running.pid();
+    owner.job_pid = Some(job_pid);
+    if let Err(e) = dir.write_owner(owner) {
+        tracing::warn!(error = %crate::error_chain(&e), "cannot record the job's pid");
+    }
+    let mut conns = Vec::new();
+    let started = Reply {
+        v: PROTOCOL,
+        ok: true,
+        job_pid: Some(job_pid),
+        error: None,
+        exit: None,
+    };
+    if send_line(&first, &started) && first.set_nonblocking(true).is_ok() {
+        conns.push(Conn::new(first));
+    }
+    let _ = listener.set_nonblocking(true);
+    let lease_every = Duration::from_millis(job.lease_interval_ms.max(100));
+    watch_job(
+        &mut running,
+        held,
+        &listener,
+        &mut signal_fd,
+        &mut conns,
+        lease_every,
+    );
+    let mut run = running.finish();
+    if run.usage.cpu_ms.is_none() {
+        run.usage.cpu_ms = reaped_cpu_ms();
+    }
+    let (outcome, exit) = exit_of(job, &run);
+    Ok((outcome, exit, conns))
+}
+
+/// Until the job's leader has exited, one `poll(2)` over: the signalfd (the leader's exit,
+/// SIGTERM/SIGINT from systemd or an operator, a stop that reports `Rsql.Interrupted`), the
+/// socket (agents connecting, from any agent, so a restarted one can adopt the job), each
+/// agent's connection (`stop`, `status`), and the job's pipes; it wakes no later than the
+/// job's next deadline (timeout, kill grace) and the lease's next renewal.
+fn watch_job(
+    job: &mut BlockingJob,
+    held: &mut JobLock,
+    listener: &UnixListener,
+    signals: &mut SignalFd,
+    conns: &mut Vec<Conn>,
+    lease_every: Duration,
+) {
+    let job_pid = job.pid();
+    let mut lease_at = Instant::now() + lease_every;
+    let poll_in = |fd: RawFd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !job.leader_exited() {
+        let wake_at = job.deadline().map_or(lease_at, |d| d.min(lease_at));
+        let mut fds = vec![poll_in(signals.as_raw_fd()), poll_in(listener.as_raw_fd())];
+        fds.extend(conns.iter().map(|c| poll_in(c.stream.as_raw_fd())));
+        fds.extend(job.pipes().map(|p| poll_in(p.as_raw_fd())));
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structs for the call.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                millis_until(Instant::now(), wake_at),
+            )
+        };
+        if fds[0].revents != 0 {
+            while let Ok(Some(info)) = signals.read_signal() {
+                if info.ssi_signo == Signal::SIGTERM as u32 {
+                    tracing::warn!("SIGTERM: stopping the job (reported Rsql.Interrupted)");
+                    job.stop(StopReason::Interrupted);
+                } else if info.ssi_signo == Signal::SIGINT as u32 {
+                    job.stop(StopReason::Interrupted);
+                }
+            }
+        }
+        let mut i = 2;
+        conns.retain_mut(|conn| {
+            let ready = fds[i].revents != 0;
+            i += 1;
+            !ready || conn.serve(|line| answer_to(line, job, job_pid))
+        });
+        if fds[1].revents != 0 {
+            while let Ok((stream, _)) = listener.accept() {
+                if stream.set_nonblocking(true).is_ok() {
+                    conns.push(Conn::new(stream));
+                }
+            }
+        }
+        if Instant::now() >= lease_at {
+            if let Err(e) = held.touch() {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot renew the lock's lease");
+            }
+            lease_at = Instant::now() + lease_every;
+        }
+        job.advance();
     }
 }
 
-async fn recv_signal(signal: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
-    match signal {
-        Some(s) => s.recv().await,
-        None => std::future::pending().await,
+/// The longest request line an agent sends on an open connection (`stop`, `status`: tens of
+/// bytes); a connection that sends more without a newline is dropped.
+const MAX_LINE: usize = 16 * 1024;
+
+/// One agent's connection: answered a line at a time; the exit record is its last line.
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn new(stream: UnixStream) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads what has come and answers each complete line; `false` once the connection is
+    /// closed, broken or abusive.
+    fn serve(&mut self, mut answer: impl FnMut(&str) -> Reply) -> bool {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match std::io::Read::read(&mut &self.stream, &mut chunk) {
+                Ok(0) => return false,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+        while let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=end).collect();
+            let reply = answer(&String::from_utf8_lossy(&line[..end]));
+            if !send_line(&self.stream, &reply) {
+                return false;
+            }
+        }
+        self.buf.len() <= MAX_LINE
+    }
+}
+
+/// One reply line; `false` when it could not be written whole.
+fn send_line(stream: &UnixStream, reply: &Reply) -> bool {
+    let mut line = serde_json::to_vec(reply).unwrap_or_default();
+    line.push(b'\n');
+    (&*stream).write_all(&line).is_ok()
+}
+
+/// How long the owner waits for its last reply to reach the agents connected at the end.
+const TELL_WATCHERS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends the exit record to every agent connected now, as the last line on each
+/// connection, within [`TELL_WATCHERS_TIMEOUT`] in all; then the connections close (EOF),
+/// which is how a watching agent learns that the job is over.
+fn tell_watchers(watchers: Vec<Conn>, exit: &ExitRecord, job_pid: Option<u32>) {
+    let deadline = Instant::now() + TELL_WATCHERS_TIMEOUT;
+    for conn in watchers {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero()
+            || conn.stream.set_nonblocking(false).is_err()
+            || conn.stream.set_write_timeout(Some(left)).is_err()
+        {
+            continue;
+        }
+        send_line(
+            &conn.stream,
+            &Reply {
+                v: PROTOCOL,
+                ok: true,
+                job_pid,
+                error: None,
+                exit: Some(exit.clone()),
+            },
+        );
     }
 }
 
@@ -762,50 +829,11 @@ fn reply(stream: UnixStream, reply: &Reply) {
     let _ = stream.write_all(&line);
 }
 
-/// Answers one agent connection: `stop` and `status`, one line each, until it closes. The
-/// connection stays open for as long as the agent wants. When the job has ended, its exit
-/// record goes out as the last line (see [`tell_watchers`]); then the connection ends (EOF),
-/// which is how a watching agent learns that the job is over.
-async fn serve_connection(
-    stream: tokio::net::UnixStream,
-    stopper: StopSender,
-    job_pid: u32,
-    mut ended: watch::Receiver<Option<ExitRecord>>,
-) {
-    let (read, mut write) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(read).lines();
-    loop {
-        let answer = tokio::select! {
-            line = lines.next_line() => match line {
-                Ok(Some(line)) => answer_to(&line, &stopper, job_pid),
-                _ => break,
-            },
-            _ = ended.changed() => {
-                // Set once, when the job has ended; a sender gone without it: the owner exits.
-                let exit = ended.borrow_and_update().clone();
-                if exit.is_none() {
-                    break;
-                }
-                let last = Reply { v: PROTOCOL, ok: true, job_pid: Some(job_pid), error: None, exit };
-                let mut out = serde_json::to_vec(&last).unwrap_or_default();
-                out.push(b'\n');
-                let _ = write.write_all(&out).await;
-                break;
-            }
-        };
-        let mut out = serde_json::to_vec(&answer).unwrap_or_default();
-        out.push(b'\n');
-        if write.write_all(&out).await.is_err() {
-            break;
-        }
-    }
-}
-
 /// The answer to one request line.
-fn answer_to(line: &str, stopper: &StopSender, job_pid: u32) -> Reply {
+fn answer_to(line: &str, job: &mut BlockingJob, job_pid: u32) -> Reply {
     let (ok, error) = match serde_json::from_str::<Request>(line) {
         Ok(Request::Stop { reason, .. }) => {
-            stopper.stop(reason);
+            job.stop(reason);
             (true, None)
         }
         Ok(Request::Status { .. }) => (true, None),
