@@ -5,7 +5,7 @@
 //!
 //! ```text
 //!  parsed ──lock──▶ to run ──unlock, check the task──open──▶ relock ──run──▶ handing over
-//!    │  busy: elsewhere │                      └──closed──▶ acknowledged          │
+//!    │  busy: elsewhere │  (and start the owner)└─closed──▶ acknowledged          │
 //!    │                  │ replay / interrupted              (never run)            │
 //!    ▼                  ▼                                                          ▼
 //!  left          finished(outcome) ──store──▶ stored ──unlock, delete──▶ acknowledged
@@ -23,6 +23,12 @@
 //!   agent's wish (watch on, stop, hand off, report), and which outcome an ended watch gets
 //!   (exit record, lock state, lost-outcome marker, a dead or overdue owner);
 //! - `drain::on`: whether new deliveries start at all (drain, fleet notices, Spot, stop).
+//!
+//! The owner's start overlaps the task check ([`Effect::StartOwner`], issued with
+//! [`Effect::CheckTask`]): launched and connected to, it is asked to start the job only
+//! once the task is open and the decision to run is taken again under the lock; otherwise
+//! it is withdrawn and exits having run nothing. A job's dispatch then costs the longer of
+//! the two, not their sum.
 //!
 //! No lock is held across a network call: the task check runs unlocked (a copy that only
 //! learns its task is closed must not make another copy of the job find the lock busy), and
@@ -87,6 +93,8 @@ pub(crate) enum Event {
 pub(crate) enum Effect {
     /// Heartbeat the task on the lock holder's behalf if its lease is fresh.
     KeepAliveForOwner,
+    /// Start an owner for `attempt` while the task is checked; it is asked nothing yet.
+    StartOwner { attempt: u32 },
     /// Ask Step Functions whether the task is closed.
     CheckTask,
     /// Hand the job to a new owner process (it takes the lock), as `attempt`.
@@ -143,7 +151,10 @@ pub(crate) fn on(step: &Step, event: Event, origin: Origin) -> (Step, Vec<Effect
             // Every run, first or retry, is preceded by one look at its task: the cost is a
             // SendTaskHeartbeat per job, the gain that a closed task never runs its SQL.
             // The attempt is decided again under the lock, after the check.
-            Decision::Run { .. } => (Step::CheckingTask, vec![E::Release, E::CheckTask]),
+            Decision::Run { attempt } => (
+                Step::CheckingTask,
+                vec![E::Release, E::StartOwner { attempt }, E::CheckTask],
+            ),
             Decision::Replay(state) => {
                 let outcome = recorded_outcome(&state);
                 (
@@ -236,6 +247,8 @@ pub(crate) fn interrupted_state(previous: &LockState, outcome: &Outcome) -> Lock
 pub(crate) trait Effects {
     fn keep_alive_for_owner(&mut self) -> impl std::future::Future<Output = ()> + Send;
     fn task_closed(&mut self) -> impl std::future::Future<Output = bool> + Send;
+    /// Starts an owner for `attempt` in the background (see [`Effect::StartOwner`]).
+    fn start_owner(&mut self, attempt: u32);
     /// Takes the job's lock again (after the task check) and says what it found.
     fn relock(&mut self) -> Event;
     fn record_interrupted(&mut self, state: &LockState);
@@ -265,6 +278,7 @@ pub(crate) async fn drive(
         for effect in todo {
             match effect {
                 Effect::KeepAliveForOwner => effects.keep_alive_for_owner().await,
+                Effect::StartOwner { attempt } => effects.start_owner(attempt),
                 Effect::CheckTask => event = Some(Event::TaskClosed(effects.task_closed().await)),
                 Effect::HandOver { attempt } => return Ok(attempt),
                 Effect::Relock => event = Some(effects.relock()),
@@ -309,6 +323,8 @@ mod tests {
         recorded: Vec<RunState>,
         /// What the lock says when taken again; `None`: run as attempt 1.
         relocked: Option<Event>,
+        /// The attempts an owner was started for while the task was checked.
+        owners_started: Vec<u32>,
     }
 
     impl Effects for Fake {
@@ -318,6 +334,10 @@ mod tests {
         async fn task_closed(&mut self) -> bool {
             self.done.push("check_task");
             self.closed
+        }
+        fn start_owner(&mut self, attempt: u32) {
+            self.done.push("start_owner");
+            self.owners_started.push(attempt);
         }
         fn relock(&mut self) -> Event {
             self.done.push("relock");
@@ -348,14 +368,19 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_first_run_looks_at_its_task_once_then_is_handed_over() {
+    async fn a_first_run_starts_its_owner_while_it_looks_at_its_task_then_is_handed_over() {
         for origin in [Origin::Sqs, Origin::Local] {
             let mut fake = Fake::default();
             let got = drive(&mut fake, locked(Decision::Run { attempt: 1 }), origin).await;
             assert_eq!(got, Ok(1));
             assert_eq!(
+                fake.owners_started,
+                [1],
+                "{origin:?}: the owner starts during the check, never after it"
+            );
+            assert_eq!(
                 fake.done,
-                ["release", "check_task", "relock"],
+                ["release", "start_owner", "check_task", "relock"],
                 "{origin:?}: no lock is held across the check"
             );
         }
@@ -372,7 +397,10 @@ mod tests {
             got,
             Err(Step::Acknowledged(Some(Outcome::Cancelled { .. })))
         ));
-        assert_eq!(fake.done, ["release", "check_task", "delete"]);
+        assert_eq!(
+            fake.done,
+            ["release", "start_owner", "check_task", "delete"]
+        );
         assert!(fake.stored.is_empty(), "nothing is audited as run");
     }
 
@@ -387,7 +415,10 @@ mod tests {
             got,
             Err(Step::Acknowledged(Some(Outcome::Cancelled { .. })))
         ));
-        assert_eq!(fake.done, ["release", "check_task", "delete"]);
+        assert_eq!(
+            fake.done,
+            ["release", "start_owner", "check_task", "delete"]
+        );
     }
 
     #[tokio::test]
@@ -398,7 +429,10 @@ mod tests {
         };
         let got = drive(&mut fake, locked(Decision::Run { attempt: 2 }), Origin::Sqs).await;
         assert_eq!(got, Ok(2));
-        assert_eq!(fake.done, ["release", "check_task", "relock"]);
+        assert_eq!(
+            fake.done,
+            ["release", "start_owner", "check_task", "relock"]
+        );
     }
 
     #[tokio::test]

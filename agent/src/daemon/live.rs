@@ -12,6 +12,7 @@ use super::ack::{delete, store};
 use super::audit::{job_end_metrics, run_record};
 use super::delivery::Step;
 use super::heartbeat::{keep_alive_for_owner, task_closed};
+use super::prepare::prepare;
 use super::{delivery, owned};
 use super::{JobStop, Shared, Source};
 
@@ -26,6 +27,7 @@ pub(super) async fn run_delivery(
     let origin = delivery.origin();
     let mut effects = LiveEffects {
         shared: &shared,
+        warm: None,
         delivery: &delivery,
         spec: &spec,
         token: &token,
@@ -34,8 +36,39 @@ pub(super) async fn run_delivery(
         holder: None,
     };
     let first = effects.take_lock();
-    let attempt = match delivery::drive(&mut effects, first, origin).await {
-        Ok(attempt) => attempt,
+    let driven = delivery::drive(&mut effects, first, origin).await;
+    let warm = effects.warm.take();
+    if driven.is_err() {
+        // Not run here (closed, elsewhere, replayed, left): the owner started meanwhile
+        // goes, having run nothing.
+        if let Some(warming) = warm {
+            owned::withdraw(warming);
+        }
+        return ended(driven, &delivery);
+    }
+    let attempt = driven.unwrap_or_default();
+    let Some(held) = effects.held.take() else {
+        tracing::error!("a delivery was to run without its lock; leaving it for a retry");
+        if let Some(warming) = warm {
+            owned::withdraw(warming);
+        }
+        return Step::Left;
+    };
+    let locked = owned::Locked {
+        spec: spec.clone(),
+        token: token.clone(),
+        token_hash: token_hash.clone(),
+        held,
+        attempt,
+        warm,
+    };
+    owned::run(shared.clone(), delivery, locked, shutdown).await
+}
+
+/// The step a delivery that did not run here ended at, said once.
+fn ended(driven: Result<u32, Step>, delivery: &Source) -> Step {
+    match driven {
+        Ok(_) => Step::Left,
         Err(delivery::Step::Acknowledged(outcome)) => {
             if matches!(outcome, Some(Outcome::Cancelled { .. })) {
                 // Warn: a whole fleet answered "closed" for every task when its region or
@@ -46,9 +79,9 @@ pub(super) async fn run_delivery(
                     "Step Functions says the task is closed (its execution stopped, or it timed out and was retried; InvalidToken also comes from a token of another region or account): deleted this message without running the job"
                 );
             }
-            return Step::Acknowledged(outcome);
+            Step::Acknowledged(outcome)
         }
-        Err(delivery::Step::Elsewhere(holder)) => return Step::Elsewhere(holder),
+        Err(delivery::Step::Elsewhere(holder)) => Step::Elsewhere(holder),
         Err(step) => {
             if !matches!(step, delivery::Step::Left) {
                 tracing::error!(
@@ -56,26 +89,16 @@ pub(super) async fn run_delivery(
                     "a delivery stopped in the middle; leaving it for a retry"
                 );
             }
-            return Step::Left;
+            Step::Left
         }
-    };
-    let Some(held) = effects.held.take() else {
-        tracing::error!("a delivery was to run without its lock; leaving it for a retry");
-        return Step::Left;
-    };
-    let locked = owned::Locked {
-        spec: spec.clone(),
-        token: token.clone(),
-        token_hash: token_hash.clone(),
-        held,
-        attempt,
-    };
-    owned::run(shared.clone(), delivery, locked, shutdown).await
+    }
 }
 
 /// The side effects of one delivery's state machine ([`delivery::Effects`]), for real.
 pub(super) struct LiveEffects<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
+    /// The owner started while the task is checked (`Effect::StartOwner`).
+    warm: Option<owned::Warming>,
     delivery: &'a Source,
     spec: &'a JobSpec,
     token: &'a str,
@@ -136,6 +159,28 @@ impl delivery::Effects for LiveEffects<'_> {
 
     async fn task_closed(&mut self) -> bool {
         task_closed(self.shared, self.token).await
+    }
+
+    fn start_owner(&mut self, attempt: u32) {
+        use tracing::Instrument;
+        // Prepared here (the job file and its log file), launched in the background.
+        match prepare(
+            self.shared,
+            self.delivery,
+            self.spec,
+            self.token,
+            self.token_hash,
+            attempt,
+        ) {
+            Ok(job) => {
+                let warm_up = owned::warm_up(self.shared.clone(), job);
+                self.warm = Some(tokio::spawn(warm_up.in_current_span()));
+            }
+            // Said again, and reported, if the job is to run: see `owned::run`.
+            Err(reason) => {
+                tracing::debug!(reason = %reason, "cannot prepare the job's owner while its task is checked")
+            }
+        }
     }
 
     fn record_interrupted(&mut self, state: &LockState) {

@@ -75,6 +75,111 @@ pub(super) struct Locked {
     pub(super) token_hash: String,
     pub(super) held: JobLock,
     pub(super) attempt: u32,
+    /// The owner started while the task was checked ([`warm_up`]), if one was.
+    pub(super) warm: Option<Warming>,
+}
+
+/// An owner being started for a job that is not decided yet (its task is being checked):
+/// launched and connected to, but asked nothing. Whoever ends up not using it withdraws
+/// it ([`Warm::withdraw`]): the owner then exits and runs nothing.
+pub(super) type Warming = tokio::task::JoinHandle<Result<Warm, WarmError>>;
+
+/// An owner up and listening for a job, not yet asked to start it.
+#[derive(Debug)]
+pub(super) struct Warm {
+    job: JobFile,
+    dir: JobDir,
+    unit: Option<String>,
+    stream: std::os::unix::net::UnixStream,
+}
+
+/// Why an owner could not be started, at the step it failed.
+#[derive(Debug)]
+pub(super) enum WarmError {
+    /// Nothing was launched (the job's directory or file could not be written).
+    NotStarted(String),
+    /// The owner program could not be launched; the directory is removed.
+    Launch(Box<JobFile>, String),
+    /// The owner was launched but never opened its socket; it is being ended.
+    Connect(Box<JobFile>, JobDir, String),
+}
+
+impl Warm {
+    /// The owner goes unused: closing its connection makes it exit without running
+    /// anything; its directory and the log file made for it go too.
+    pub(super) fn withdraw(self) {
+        drop(self.stream);
+        let _ = std::fs::remove_file(&self.job.log_file);
+        self.dir.remove();
+    }
+}
+
+/// Withdraws a warming owner whenever it is up (see [`Warm::withdraw`]), in the background.
+pub(super) fn withdraw(warming: Warming) {
+    tokio::spawn(async move {
+        match warming.await {
+            Ok(Ok(warm)) => warm.withdraw(),
+            Ok(Err(WarmError::Connect(job, dir, _))) => {
+                kill_owner(&dir);
+                let _ = std::fs::remove_file(&job.log_file);
+                dir.remove();
+            }
+            Ok(Err(WarmError::Launch(job, _))) => {
+                let _ = std::fs::remove_file(&job.log_file);
+            }
+            _ => {}
+        }
+    });
+}
+
+/// Starts the owner of `job` (already prepared, see [`prepare`]): its directory and job
+/// file, the launch, the connection to its socket; asks it nothing. Runs while the task
+/// is checked, with the lock released: nothing here may be reported before the decision
+/// to run is taken again under the lock (a copy that finds the job elsewhere withdraws).
+pub(super) async fn warm_up(shared: Arc<Shared>, job: JobFile) -> Result<Warm, WarmError> {
+    let dir = JobDir::new(shared.owners.dir.join(&job.launch.job_id));
+    if let Err(e) = std::fs::create_dir(dir.path()).and_then(|()| {
+        dir.write_job(&job)
+            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))
+    }) {
+        let reason = format!(
+            "cannot write the job's owner directory {}: {e}",
+            dir.path().display()
+        );
+        dir.remove();
+        let _ = std::fs::remove_file(&job.log_file);
+        return Err(WarmError::NotStarted(reason));
+    }
+    let launched = {
+        let launcher = shared.owners.launcher.clone();
+        let program = shared.owners.program.clone();
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || launcher.launch(&program, &dir, &owner_env())).await
+    };
+    let launched = match launched {
+        Ok(result) => result.map_err(|e| crate::error_chain(&e)),
+        Err(e) => Err(e.to_string()),
+    };
+    let unit = match launched {
+        Ok(unit) => unit,
+        Err(reason) => {
+            dir.remove();
+            return Err(WarmError::Launch(Box::new(job), reason));
+        }
+    };
+    match client::connect(&dir, OWNER_START_TIMEOUT).await {
+        Ok(stream) => Ok(Warm {
+            job,
+            dir,
+            unit,
+            stream,
+        }),
+        Err(e) => Err(WarmError::Connect(
+            Box::new(job),
+            dir,
+            crate::error_chain(&e),
+        )),
+    }
 }
 
 /// Runs a job under a new owner, with its lock `held` and the decision to run taken, and
@@ -91,72 +196,69 @@ pub(super) async fn run(
         token_hash,
         held,
         attempt,
+        warm,
     } = locked;
     let env = match shared.database.job_env().await {
         Ok(env) => env,
         Err(e) => {
+            if let Some(warm) = warm {
+                withdraw(warm);
+            }
             let outcome = failure(ErrorName::ConnectionFailed, e.to_string());
             tracing::error!(error = %e, "cannot get the database credentials");
             return finish(&shared, &source, Some(held), Some(&token), outcome, None).await;
         }
     };
-    let job = match prepare(&shared, &source, &spec, &token, &token_hash, attempt) {
-        Ok(job) => job,
-        Err(reason) => return not_started(&shared, &source, held, &token, reason).await,
+    // The owner started while the task was checked, if it is for this attempt; otherwise
+    // (none, another attempt, or it failed: a failure is only reported from a start made
+    // under the lock) one is started now.
+    let warm = match warm {
+        Some(warming) => match warming.await {
+            Ok(Ok(warm)) if warm.job.attempt == attempt => Some(warm),
+            Ok(Ok(warm)) => {
+                warm.withdraw();
+                None
+            }
+            Ok(Err(WarmError::Connect(_, dir, _))) => {
+                kill_owner(&dir);
+                dir.remove();
+                None
+            }
+            _ => None,
+        },
+        None => None,
     };
-    let dir = JobDir::new(shared.owners.dir.join(&job.launch.job_id));
-    if let Err(e) = std::fs::create_dir(dir.path()).and_then(|()| {
-        dir.write_job(&job)
-            .map_err(|e| std::io::Error::other(crate::error_chain(&e)))
-    }) {
-        let reason = format!(
-            "cannot write the job's owner directory {}: {e}",
-            dir.path().display()
-        );
-        dir.remove();
-        return not_started(&shared, &source, held, &token, reason).await;
-    }
+    let warm = match warm {
+        Some(warm) => Ok(warm),
+        None => match prepare(&shared, &source, &spec, &token, &token_hash, attempt) {
+            Ok(job) => warm_up(shared.clone(), job).await,
+            Err(reason) => Err(WarmError::NotStarted(reason)),
+        },
+    };
+    let Warm {
+        job,
+        dir,
+        unit,
+        stream,
+    } = match warm {
+        Ok(warm) => warm,
+        Err(WarmError::NotStarted(reason)) => {
+            return not_started(&shared, &source, held, &token, reason).await
+        }
+        Err(WarmError::Launch(job, reason)) => {
+            return launch_failed(&shared, &source, held, &token, &job, reason).await
+        }
+        Err(WarmError::Connect(job, dir, reason)) => {
+            tracing::error!(error = %reason, "cannot hand the job to its owner process; ending the owner and whatever it started");
+            kill_owner(&dir);
+            return report(shared, source, dir, *job, None, Ending::StartFailed(reason)).await;
+        }
+    };
     let record = running_record(&shared, &job);
     if let Err(e) = shared.attempts.audit.record_job(&record) {
         tracing::warn!(error = %e, "cannot write the local audit record");
     }
-    let launched = {
-        let launcher = shared.owners.launcher.clone();
-        let program = shared.owners.program.clone();
-        let dir = dir.clone();
-        tokio::task::spawn_blocking(move || launcher.launch(&program, &dir, &owner_env())).await
-    };
-    let launched = match launched {
-        Ok(result) => result.map_err(|e| crate::error_chain(&e)),
-        Err(e) => Err(e.to_string()),
-    };
-    let unit = match launched {
-        Ok(unit) => unit,
-        Err(reason) => {
-            dir.remove();
-            let reason = format!("cannot start the job's owner process: {reason}");
-            let outcome = failure(
-                ErrorName::Interrupted,
-                format!("the job was not started: {reason}"),
-            );
-            tracing::error!(reason = %reason, "the job could not be started");
-            // Its audit said `running` (locally): end it.
-            let record = final_record(&shared, &job, &outcome, None);
-            if let Err(e) = shared.attempts.audit.record_job(&record) {
-                tracing::warn!(error = %e, "cannot write the local audit record");
-            }
-            return finish(
-                &shared,
-                &source,
-                Some(held),
-                Some(&token),
-                outcome,
-                Some(record),
-            )
-            .await;
-        }
-    };
-    let conn = match client::start(&dir, held, env, OWNER_START_TIMEOUT).await {
+    let conn = match client::hand_over(stream, held, env, OWNER_START_TIMEOUT).await {
         Ok(conn) => conn,
         Err(e) => {
             // The lock went with the request, or is released with our copy. The owner may
@@ -188,6 +290,37 @@ pub(super) async fn run(
         });
     }
     watch_job(shared, source, dir, job, Some(conn), shutdown, false).await
+}
+
+/// The owner program could not be launched: reported `Rsql.Interrupted` (nothing ran), its
+/// audit begun and ended.
+async fn launch_failed(
+    shared: &Shared,
+    source: &Source,
+    held: JobLock,
+    token: &str,
+    job: &JobFile,
+    reason: String,
+) -> Step {
+    let reason = format!("cannot start the job's owner process: {reason}");
+    let outcome = failure(
+        ErrorName::Interrupted,
+        format!("the job was not started: {reason}"),
+    );
+    tracing::error!(reason = %reason, "the job could not be started");
+    let record = final_record(shared, job, &outcome, None);
+    if let Err(e) = shared.attempts.audit.record_job(&record) {
+        tracing::warn!(error = %e, "cannot write the local audit record");
+    }
+    finish(
+        shared,
+        source,
+        Some(held),
+        Some(token),
+        outcome,
+        Some(record),
+    )
+    .await
 }
 
 /// A failure before the job started (a full disk, no owner program): reported as

@@ -96,44 +96,74 @@ pub async fn start(
     env: Vec<(String, String)>,
     timeout: Duration,
 ) -> Result<OwnerConn, ClientError> {
-    let dir = dir.clone();
-    let joined =
-        tokio::task::spawn_blocking(move || start_blocking(&dir, lock, env, timeout)).await;
-    let (stream, reply) = match joined {
-        Ok(result) => result?,
-        Err(e) => {
-            return Err(ClientError::Io {
-                path: Default::default(),
-                source: std::io::Error::other(e.to_string()),
-            })
+    let stream = connect(dir, timeout).await?;
+    hand_over(stream, lock, env, timeout).await
+}
+
+/// Connects to the owner just launched for `dir`, waiting (at most `timeout`) for it to
+/// open its socket. Nothing is asked of it yet: an owner whose connection closes before
+/// [`hand_over`] exits and runs nothing, so a connection taken while the task is still being
+/// checked can be dropped for free.
+pub async fn connect(dir: &JobDir, timeout: Duration) -> Result<UnixStream, ClientError> {
+    let path = dir.socket();
+    blocking(move || {
+        let began = Instant::now();
+        loop {
+            match UnixStream::connect(&path) {
+                Ok(stream) => return Ok(stream),
+                Err(_) if began.elapsed() < timeout => std::thread::sleep(CONNECT_RETRY),
+                Err(_) => {
+                    return Err(ClientError::NoOwner {
+                        path,
+                        waited: timeout,
+                    })
+                }
+            }
         }
-    };
+    })
+    .await
+}
+
+/// Sends the start request on `stream` (from [`connect`]) with the locked file and the
+/// secret environment, and reads the owner's answer (at most `timeout`). From the moment the
+/// request is sent the lock is the owner's.
+pub async fn hand_over(
+    stream: UnixStream,
+    lock: JobLock,
+    env: Vec<(String, String)>,
+    timeout: Duration,
+) -> Result<OwnerConn, ClientError> {
+    let (stream, reply) = blocking(move || start_blocking(stream, lock, env, timeout)).await?;
     into_conn(stream, reply)
 }
 
+/// Runs blocking socket work off the runtime's threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ClientError> + Send + 'static,
+) -> Result<T, ClientError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => Err(ClientError::Io {
+            path: Default::default(),
+            source: std::io::Error::other(e.to_string()),
+        }),
+    }
+}
+
 fn start_blocking(
-    dir: &JobDir,
+    stream: UnixStream,
     lock: JobLock,
     env: Vec<(String, String)>,
     timeout: Duration,
 ) -> Result<(UnixStream, Reply), ClientError> {
-    let path = dir.socket();
+    let path = stream
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.to_path_buf()))
+        .unwrap_or_default();
     let io = |source| ClientError::Io {
         path: path.clone(),
         source,
-    };
-    let began = Instant::now();
-    let stream = loop {
-        match UnixStream::connect(&path) {
-            Ok(stream) => break stream,
-            Err(_) if began.elapsed() < timeout => std::thread::sleep(CONNECT_RETRY),
-            Err(_) => {
-                return Err(ClientError::NoOwner {
-                    path,
-                    waited: timeout,
-                })
-            }
-        }
     };
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     let fd: OwnedFd = lock.hand_over().map_err(ClientError::HandOver)?;

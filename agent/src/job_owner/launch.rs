@@ -13,9 +13,9 @@
 //!     alone); the unit is ordered after the agent, so at shutdown job units stop first,
 //!     while the agent can still report them; systemd is the owner's parent, so there is no
 //!     pid race.
-//! - [`Launcher::Direct`]: a double fork into a new session, for hosts without systemd and
-//!   for tests. The owner's parent becomes init (or the nearest subreaper above the agent),
-//!   never the agent.
+//! - [`Launcher::Direct`]: `posix_spawn` of the owner, which detaches itself (fork, new
+//!   session) at once, for hosts without systemd and for tests. The owner's parent becomes
+//!   init (or the nearest subreaper above the agent), never the agent.
 //!
 //! Either way the owner runs the job as [`JobUser`] (`[jobs] user`): under systemd that is
 //! `rsql-job` unless configured, never root and never the agent's user.
@@ -28,7 +28,6 @@
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -278,41 +277,29 @@ fn launch_direct(
         .append(true)
         .open(dir.log())
         .map_err(spawn_error)?;
+    // No `pre_exec`, no working directory, no credentials: std then spawns with
+    // `posix_spawn` (a `vfork`: nothing of the agent's address space is copied, where a
+    // `fork` copies the page tables of a multi-threaded agent of tens of MB). The owner
+    // detaches itself (`--detach`: fork, setsid, chdir /, in the small fresh process), and
+    // the half spawned here exits at once; an exec failure still comes back as an error.
     let mut command = Command::new(program);
     command
         .arg("--job-dir")
         .arg(dir.path())
+        .arg("--detach")
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(log.try_clone().map_err(spawn_error)?)
         .stderr(log);
-    let detach = || -> io::Result<()> {
-        // In the forked child, before exec: a session of its own (no terminal, no process
-        // group shared with the agent), then fork again so the owner is nobody's child that
-        // the agent would have to reap. The middle process exits at once; std's exec-error
-        // pipe is close-on-exec, so an exec failure of the grandchild still reaches the
-        // caller.
-        nix::unistd::setsid().map_err(io::Error::from)?;
-        // SAFETY: fork in a single-threaded child between fork and exec; the parent branch
-        // only calls _exit, which is async-signal-safe.
-        match unsafe { nix::unistd::fork() }.map_err(io::Error::from)? {
-            nix::unistd::ForkResult::Parent { .. } => {
-                // SAFETY: _exit ends the middle process without running any Rust code.
-                unsafe { libc::_exit(0) }
-            }
-            nix::unistd::ForkResult::Child => Ok(()),
-        }
-    };
-    // SAFETY: the closure calls only setsid, fork and _exit, all async-signal-safe, and
-    // allocates nothing, as code between fork and exec in a multi-threaded process must.
-    unsafe {
-        command.pre_exec(detach);
+    let mut first_half = command.spawn().map_err(spawn_error)?;
+    let status = first_half.wait().map_err(spawn_error)?;
+    if !status.success() {
+        return Err(spawn_error(io::Error::other(format!(
+            "the owner could not detach from the agent ({status}; its log {} says why)",
+            dir.log().display()
+        ))));
     }
-    let mut middle = command.spawn().map_err(spawn_error)?;
-    // The middle process exits as soon as it has forked.
-    middle.wait().map_err(spawn_error)?;
     Ok(())
 }
 

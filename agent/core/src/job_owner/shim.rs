@@ -79,6 +79,8 @@ pub enum ShimError {
     },
     #[error("no start request arrived within {0:?}; nothing was run")]
     NoStart(Duration),
+    #[error("the agent closed the connection before asking for a start; nothing was run")]
+    Withdrawn,
     #[error("the start request is not valid: {0}")]
     BadStart(String),
     #[error("cannot receive the start request")]
@@ -105,9 +107,17 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
         println!("rsql-job-owner {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
+    if let [flag, _, detach] = args.as_slice() {
+        if flag == "--job-dir" && detach == "--detach" && !detach_from_launcher() {
+            return ExitCode::FAILURE;
+        }
+    }
     init_logging();
     let (dir, activation, job_user) = match args.as_slice() {
         [flag, dir] if flag == "--job-dir" => (JobDir::new(dir), None, None),
+        [flag, dir, detach] if flag == "--job-dir" && detach == "--detach" => {
+            (JobDir::new(dir), None, None)
+        }
         [flag, owners_flag, owners, user_flag, user]
             if flag == "--socket-activated"
                 && owners_flag == "--owners-dir"
@@ -128,9 +138,37 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     };
     match run(&dir, activation, job_user.as_deref()) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(ShimError::Withdrawn) => {
+            tracing::info!(job_dir = %dir.path().display(), "the agent withdrew the job before starting it (its task was closed, or another copy runs it); nothing was run");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             tracing::error!(job_dir = %dir.path().display(), error = %crate::error_chain(&e), "the job owner failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--detach` (the agent's direct launcher): leaves the process that spawned this one at
+/// once, as the first thing it does. The agent spawns the owner with `posix_spawn` (a
+/// `vfork`, which copies nothing of a large agent) and reaps this first half at once; the
+/// second half, forked from this small fresh process, is nobody's child the agent must
+/// reap, in a session of its own (no terminal, no process group shared with the agent).
+/// `false` if that failed (the first half exits non-zero, which the agent reports).
+fn detach_from_launcher() -> bool {
+    // SAFETY: this process has one thread here (nothing has started another), so fork is
+    // sound; the parent half only calls _exit.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            // SAFETY: _exit ends the first half without running any Rust code.
+            unsafe { libc::_exit(0) }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            nix::unistd::setsid().is_ok() && std::env::set_current_dir("/").is_ok()
+        }
+        Err(e) => {
+            eprintln!("rsql-job-owner: cannot detach from the agent: {e}");
+            false
         }
     }
 }
@@ -410,6 +448,9 @@ fn receive_start(listener: &UnixListener, timeout: Duration) -> Result<StartRequ
         }
         msg.bytes
     };
+    if received == 0 {
+        return Err(ShimError::Withdrawn);
+    }
     let mut line = buf[..received].to_vec();
     let mut reader = BufReader::new(&stream);
     while !line.contains(&b'\n') {
