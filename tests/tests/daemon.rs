@@ -636,4 +636,61 @@ async fn a_task_that_timed_out_while_its_message_waited_for_a_slot_never_runs_it
         "{}",
         agent.log()
     );
+    // Its owner was started while the task was checked (dispatch overlaps the two), and
+    // withdrawn: it exited having run nothing, and its directory and log file are gone.
+    agent.wait_for_log(
+        "withdrew the owner started while the task was checked",
+        WAIT,
+    );
+    let owners = agent.state_dir.join("owners");
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = owner_processes_under(&owners);
+        if left.is_empty() && std::fs::read_dir(&owners).map_or(0, |d| d.count()) == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(left.is_empty(), "owner processes left: {left:?}");
+    assert_eq!(
+        std::fs::read_dir(&owners).map_or(0, |d| d.count()),
+        0,
+        "an owner directory is left in {}",
+        owners.display()
+    );
+    let logs = files_under(&agent.state_dir.join("jobs"));
+    assert!(
+        !logs.iter().any(|p| p.to_string_lossy().contains("late.sh")),
+        "the withdrawn job left a log file: {logs:?}"
+    );
+}
+
+/// The live `rsql-job-owner` processes whose command line names a directory under `dir`.
+fn owner_processes_under(dir: &std::path::Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
+        .filter(|cmd| cmd.contains("rsql-job-owner") && cmd.contains(&needle))
+        .collect()
+}
+
+/// Every file below `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(next) = todo.pop() {
+        for entry in std::fs::read_dir(&next).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
 }

@@ -318,6 +318,12 @@ async fn sigterm_hands_the_job_off_within_5_s_and_the_next_agent_completes_it() 
         process_alive(owner) && process_alive(job),
         "the job died with the agent"
     );
+    // A job's owner is a small synchronous program: one thread, no runtime's workers.
+    let status = std::fs::read_to_string(format!("/proc/{owner}/status")).expect("status");
+    assert!(
+        status.lines().any(|l| l == "Threads:\t1"),
+        "the owner runs more than one thread:\n{status}"
+    );
     agent.restart();
     let out = moto::wait_execution(&world.sdk, &exec, WAIT).await;
     assert_eq!(*out.status(), ExecutionStatus::Succeeded, "{}", agent.log());

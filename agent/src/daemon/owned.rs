@@ -108,6 +108,7 @@ impl Warm {
     /// The owner goes unused: closing its connection makes it exit without running
     /// anything; its directory and the log file made for it go too.
     pub(super) fn withdraw(self) {
+        tracing::info!(job_dir = %self.dir.path().display(), "withdrew the owner started while the task was checked; it runs nothing");
         drop(self.stream);
         let _ = std::fs::remove_file(&self.job.log_file);
         self.dir.remove();
