@@ -237,12 +237,16 @@ impl LocalAudit {
         self.dir.join(WORKFLOWS_FILE)
     }
 
+    /// Appends a job's record. A job's end is fsynced: it is this host's record of how the
+    /// job ended. Its `running` line is not: a crash ends that state anyway, and the agent
+    /// that finds the job afterwards appends how it ended.
     pub fn record_job(&self, record: &JobAuditRecord) -> Result<(), AuditError> {
-        append(&self.jobs_path(), record)
+        let sync = record.execution_status != "running";
+        append(&self.jobs_path(), record, sync)
     }
 
     pub fn record_workflow(&self, record: &WorkflowAuditRecord) -> Result<(), AuditError> {
-        append(&self.workflows_path(), record)
+        append(&self.workflows_path(), record, true)
     }
 
     /// The latest record of every job of one workflow execution, by job name.
@@ -294,7 +298,7 @@ impl LocalAudit {
     }
 }
 
-fn append<T: Serialize>(path: &Path, record: &T) -> Result<(), AuditError> {
+fn append<T: Serialize>(path: &Path, record: &T, sync: bool) -> Result<(), AuditError> {
     let err = |source| AuditError::Write {
         path: path.to_path_buf(),
         source,
@@ -315,7 +319,10 @@ fn append<T: Serialize>(path: &Path, record: &T) -> Result<(), AuditError> {
         .map_err(err)?;
     // One write of a whole line on an O_APPEND file: concurrent jobs never interleave.
     file.write_all(&line).map_err(err)?;
-    file.sync_data().map_err(err)
+    if sync {
+        file.sync_data().map_err(err)?;
+    }
+    Ok(())
 }
 
 fn read_all<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, AuditError> {
