@@ -254,14 +254,31 @@ fn own_unit() -> Option<String> {
     last.ends_with(".service").then(|| last.to_string())
 }
 
+/// Logs to stderr (the owner's log file, or the journal under systemd) at the most verbose
+/// level `RSQL_AGENT_LOG` names (`info` without one). A level, not the agent's per-module
+/// filter: that filter's parser and its regular expressions are a third of the owner's
+/// binary, for a process that logs a handful of lines.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RSQL_AGENT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let level = std::env::var("RSQL_AGENT_LOG")
+        .ok()
+        .and_then(|filter| most_verbose_level(&filter))
+        .unwrap_or(tracing::level_filters::LevelFilter::INFO);
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .try_init();
+}
+
+/// The most verbose level in an `RSQL_AGENT_LOG` filter (`warn,rsql_agent=debug` → debug).
+fn most_verbose_level(filter: &str) -> Option<tracing::level_filters::LevelFilter> {
+    filter
+        .split(',')
+        .filter_map(|directive| {
+            let level = directive.rsplit('=').next().unwrap_or(directive).trim();
+            level.parse::<tracing::level_filters::LevelFilter>().ok()
+        })
+        .max()
 }
 
 /// Runs the job of `dir`; see the module doc. `activation`: the connection of a
@@ -887,5 +904,25 @@ fn answer_to(line: &str, job: &mut BlockingJob, job_pid: u32) -> Reply {
         job_pid: Some(job_pid),
         error,
         exit: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::level_filters::LevelFilter;
+
+    #[test]
+    fn the_owner_logs_at_the_most_verbose_level_the_agents_filter_names() {
+        assert_eq!(most_verbose_level("debug"), Some(LevelFilter::DEBUG));
+        assert_eq!(
+            most_verbose_level("warn,rsql_agent=trace"),
+            Some(LevelFilter::TRACE)
+        );
+        assert_eq!(
+            most_verbose_level("rsql_agent::daemon=info, error"),
+            Some(LevelFilter::INFO)
+        );
+        assert_eq!(most_verbose_level("not a level"), None);
     }
 }
