@@ -392,8 +392,9 @@ fn enable_controllers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Whether `name` has the shape of a job id (`<lock key hash>-<attempt id>`, lowercase hex
-/// around one dash; see `attempt::job_id`).
+/// Whether `name` has the shape of a job id (`<lock key hash>-<attempt id>`, the daemon's
+/// with a per-delivery nonce before the attempt id: lowercase hex around one dash; see
+/// `attempt::job_id`).
 fn is_job_id(name: &str) -> bool {
     let hex = |part: &str| {
         !part.is_empty() && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

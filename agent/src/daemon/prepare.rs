@@ -159,7 +159,8 @@ pub(super) fn prepare(
             timeout_ms: spec.timeout.as_millis() as u64,
             kill_grace_ms: config.jobs.kill_grace.as_millis() as u64,
             pipe_drain_ms: config.jobs.pipe_drain.as_millis() as u64,
-            job_id: crate::attempt::job_id(spec, &attempt_id),
+            // `<lock key hash>-<nonce><attempt id>`: it still ends in the attempt number.
+            job_id: crate::attempt::job_id(spec, &format!("{}{attempt_id}", delivery_nonce())),
             cgroup: shared
                 .owners
                 .launcher
@@ -167,6 +168,26 @@ pub(super) fn prepare(
             user: shared.owners.job_user.clone(),
         },
     })
+}
+
+/// Eight hex digits that set apart the owners of two copies of one message handled at once
+/// by this agent: each copy starts its owner while its task is checked, before the lock
+/// says which copy runs, so their job ids (the owner's directory, its cgroup, the marker)
+/// must differ. Distinct within this process; started from the clock, so a restarted
+/// agent does not begin where the last one did.
+fn delivery_nonce() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+    });
+    format!(
+        "{:08x}",
+        start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
+    )
 }
 
 pub(super) fn running_record(shared: &Shared, job: &JobFile) -> JobAuditRecord {
