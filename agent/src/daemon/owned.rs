@@ -105,6 +105,19 @@ pub(super) enum WarmError {
 }
 
 impl Warm {
+    /// Whether the owner still waits on its connection: it sends nothing before the start
+    /// request, so a readable connection means it closed (it gave up waiting, or died).
+    fn still_waiting(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let mut fd = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd for the call; a zero timeout never blocks.
+        unsafe { libc::poll(&mut fd, 1, 0) == 0 }
+    }
+
     /// The owner goes unused: closing its connection makes it exit without running
     /// anything; its directory and the log file made for it go too.
     pub(super) fn withdraw(self) {
@@ -215,7 +228,7 @@ pub(super) async fn run(
     // under the lock) one is started now.
     let warm = match warm {
         Some(warming) => match warming.await {
-            Ok(Ok(warm)) if warm.job.attempt == attempt => Some(warm),
+            Ok(Ok(warm)) if warm.job.attempt == attempt && warm.still_waiting() => Some(warm),
             Ok(Ok(warm)) => {
                 warm.withdraw();
                 None

@@ -57,8 +57,11 @@ use crate::stop::StopReason;
 use crate::supervisor::{self, child_signals, millis_until, BlockingJob, Launch, SupervisorError};
 
 /// How long the owner waits for the agent's start request before it gives up, runs nothing
-/// and exits.
-pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// and exits. The agent connects as soon as the owner listens, then asks Step Functions
+/// whether the task is open before it sends the request; that check may retry through a
+/// network outage. An agent that dies meanwhile closes the connection, which ends the wait
+/// at once, so this bounds only a hung agent.
+pub const START_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Largest start request (the environment is small; this bounds a confused peer).
 const MAX_REQUEST: usize = 256 * 1024;
