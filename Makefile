@@ -36,7 +36,7 @@ BENCH_BASELINE ?= b843910
 # Its worktree (src/) and its release binaries (bin/), built with this tree's target dir.
 BENCH_BASELINE_DIR := $(abspath $(TARGET_DIR))/bench-baseline
 # Measured jobs per launcher x build in the launchers' part (after 3 warm-up jobs each).
-BENCH_LAUNCHER_JOBS ?= 60
+BENCH_LAUNCHER_JOBS ?= 100
 BENCH_DEB = RSQL_AGENT_DEB=$$(ls $(abspath $(TARGET_DIR))/debian/rsql-agent_*.deb | tail -n 1)
 
 .PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-baseline bench-root bench-launchers bench-smoke tools package release-aarch64 check-package clean

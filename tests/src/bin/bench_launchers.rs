@@ -56,7 +56,7 @@ const WARMUP: usize = 3;
 const IDLE: Duration = Duration::from_secs(5);
 
 const USAGE: &str = "usage: rsql-bench-launchers [--jobs N | N] [--baseline-bin-dir DIR] [--bin-dir DIR] [--launchers systemd,direct] [--out PATH]
-  N / --jobs N             measured jobs per cell (default 50), after 3 warm-up jobs
+  N / --jobs N             measured jobs per cell (default 100), after 3 warm-up jobs
   --baseline-bin-dir DIR   also the previous main's rsql-agent, rsql-job-owner and rsql-wrapper
                            in DIR (`make bench-baseline`), side by side
   --bin-dir DIR            the current build's binaries (default: next to this program)
@@ -121,6 +121,8 @@ struct Cell {
     build: Build,
     sandbox: Sandbox,
     proxy: TimingProxy,
+    /// `--version` of each of [`BINARIES`] as installed in the sandbox.
+    versions: Vec<String>,
     dispatch: Vec<f64>,
     callback: Vec<f64>,
 }
@@ -158,6 +160,11 @@ fn boot(world: &World, deb: &Path, launcher: &'static str, build: &Build) -> Cel
     for (name, path) in BINARIES {
         sandbox.bind_file(&build.dir.join(name), path);
     }
+    // What the units will run: the build's own binaries, as they say themselves.
+    let versions: Vec<String> = BINARIES
+        .iter()
+        .map(|(_, path)| sandbox.ok(&[path, "--version"]).trim().to_string())
+        .collect();
     let proxy = TimingProxy::start(world.moto.addr());
     let launcher_line = match launcher {
         "direct" => "launcher = \"direct\"\n",
@@ -175,16 +182,18 @@ fn boot(world: &World, deb: &Path, launcher: &'static str, build: &Build) -> Cel
     sandbox.ok(&["systemctl", "enable", "--now", "rsql-agent"]);
     sandbox.wait_active("rsql-agent", Duration::from_secs(60));
     println!(
-        "{launcher:8} {:14} sandbox up in {:.1} s ({})",
+        "{launcher:8} {:14} sandbox up in {:.1} s ({}: {})",
         build.label,
         t0.elapsed().as_secs_f64(),
-        build.dir.display()
+        build.dir.display(),
+        versions.join(", ")
     );
     Cell {
         launcher,
         build: build.clone(),
         sandbox,
         proxy,
+        versions,
         dispatch: Vec::new(),
         callback: Vec::new(),
     }
@@ -237,7 +246,7 @@ struct Options {
 
 fn parse_args() -> Result<Options, String> {
     let mut o = Options {
-        jobs: 50,
+        jobs: 100,
         baseline: None,
         bin_dir: bins::target_dir(),
         launchers: vec!["systemd", "direct"],
@@ -396,6 +405,7 @@ async fn measure(o: &Options, builds: &[Build]) -> Value {
         json_cells.push(json!({
             "launcher": cell.launcher,
             "build": cell.build.key,
+            "versions_inside": cell.versions,
             "jobs": cell.dispatch.len(),
             "dispatch_ms": Pcts::of(&cell.dispatch).json(),
             "completion_to_callback_ms": Pcts::of(&cell.callback).json(),
