@@ -123,7 +123,8 @@ const USAGE: &str =
                            rsql-job-owner, from `make bench-baseline`), side by side with this
                            tree's, interleaved, for figures 1-3
   --only cpu               figure 3 alone (agent and agent + owner CPU per job), N jobs
-                           (default 500) per build, for profiling under RSQL_BENCH_WRAP
+                           (default 500, --smoke 10) per build, for profiling under
+                           RSQL_BENCH_WRAP
   --out PATH               default: bench/results.json (--smoke: bench/results-smoke.json,
                            --only cpu: bench/results-cpu.json)
 environment: RSQL_BENCH_WRAP=\"CMD ARGS\" runs every agent as `CMD ARGS rsql-agent run ...`
@@ -219,7 +220,7 @@ fn main() -> ExitCode {
     let mut builds: Vec<Build> = baseline.into_iter().collect();
     builds.push(current);
     let results = if o.only_cpu {
-        sizes.cpu_jobs = o.jobs.unwrap_or(FULL.cpu_jobs);
+        sizes.cpu_jobs = o.jobs.unwrap_or(sizes.cpu_jobs);
         runtime.block_on(run_cpu_only(sizes, &builds))
     } else {
         runtime.block_on(run(sizes, o.smoke, &builds))
