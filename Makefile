@@ -29,8 +29,8 @@ PACKAGED_BIN_NAMES := $(foreach b,$(PACKAGED_BINS),$(firstword $(subst :, ,$(b))
 export PACKAGED_BINS GLIBC_CEILING
 
 # The previous main that `make bench` measures the current tree against, side by side:
-# b843910 is main as it stood when the job owner rewrite began (the tree whose figures
-# docs/performance.md gives), so the table shows what the rewrite changed. Any commit works:
+# b843910 is main as it stood when the job owner rewrite began (its last commit before the
+# rewrite's), so the table shows what the rewrite changed. Any commit works:
 # `make bench BENCH_BASELINE=<rev>`.
 BENCH_BASELINE ?= b843910
 # Its worktree (src/) and its release binaries (bin/), built with this tree's target dir.
@@ -92,7 +92,7 @@ nextest: deps venv build package
 test: fmt-check clippy lint-cfn check-systemd nextest bench-smoke check-package
 
 ## bench: the previous main ($(BENCH_BASELINE)) and the current tree, side by side in one
-## sitting, release builds (about 15 minutes after the builds; root; not part of `make test`):
+## sitting, release builds (about 7 minutes after the builds; root; not part of `make test`):
 ## rsql-bench (figures 1-3 of both builds interleaved, then the rest for the current one;
 ## bench/results.json), then the launchers in a real systemd (bench/launchers.json)
 # The order of the builds matters: the baseline's build leaves its binaries in
