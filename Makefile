@@ -28,7 +28,18 @@ PACKAGED_BINS := rsql-agent:/usr/bin rsql-wrapper:/usr/bin rsql-job-owner:/usr/l
 PACKAGED_BIN_NAMES := $(foreach b,$(PACKAGED_BINS),$(firstword $(subst :, ,$(b))))
 export PACKAGED_BINS GLIBC_CEILING
 
-.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-launchers bench-smoke tools package release-aarch64 check-package clean
+# The previous main that `make bench` measures the current tree against, side by side:
+# b843910 is main as it stood when the job owner rewrite began (its last commit before the
+# rewrite's), so the table shows what the rewrite changed. Any commit works:
+# `make bench BENCH_BASELINE=<rev>`.
+BENCH_BASELINE ?= b843910
+# Its worktree (src/) and its release binaries (bin/), built with this tree's target dir.
+BENCH_BASELINE_DIR := $(abspath $(TARGET_DIR))/bench-baseline
+# Measured jobs per launcher x build in the launchers' part (after 3 warm-up jobs each).
+BENCH_LAUNCHER_JOBS ?= 100
+BENCH_DEB = RSQL_AGENT_DEB=$$(ls $(abspath $(TARGET_DIR))/debian/rsql-agent_*.deb | tail -n 1)
+
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-baseline bench-root bench-launchers bench-smoke tools package release-aarch64 check-package clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 # `build` compiled rsql-demo with every other binary of the workspace, in one feature
@@ -80,17 +91,41 @@ nextest: deps venv build package
 ## and the packages (built, inspected, installed and removed again)
 test: fmt-check clippy lint-cfn check-systemd nextest bench-smoke check-package
 
-## bench: the agent measured against the per-job-process baseline, on a release build
-## (minutes; not part of `make test`). Prints a table and writes bench/results.json.
-bench: venv release
-	$(TARGET_DIR)/release/rsql-bench
+## bench: the previous main ($(BENCH_BASELINE)) and the current tree, side by side in one
+## sitting, release builds (about 7 minutes after the builds; root; not part of `make test`):
+## rsql-bench (figures 1-3 of both builds interleaved, then the rest for the current one;
+## bench/results.json), then the launchers in a real systemd (bench/launchers.json)
+# The order of the builds matters: the baseline's build leaves its binaries in
+# $(TARGET_DIR)/release (the shared target directory), so the current tree's release build
+# runs after it, right before the measurements; rsql-bench refuses to compare a build with
+# itself.
+bench: bench-root venv package
+	$(MAKE) --no-print-directory bench-baseline
+	$(MAKE) --no-print-directory release
+	$(TARGET_DIR)/release/rsql-bench --baseline-bin-dir $(BENCH_BASELINE_DIR)/bin
+	$(BENCH_DEB) $(TARGET_DIR)/release/rsql-bench-launchers \
+	  --baseline-bin-dir $(BENCH_BASELINE_DIR)/bin --jobs $(BENCH_LAUNCHER_JOBS)
 
-## bench-launchers: job start cost (dispatch, CPU per job with PID 1's share) under the systemd
-## launcher (the packaged owner units) and the direct one, on the installed .deb in a real
-## systemd (root; not part of `make test`). Prints a table and writes bench/launchers.json.
-bench-launchers: venv build package
-	RSQL_AGENT_DEB=$$(ls $(abspath $(TARGET_DIR))/debian/rsql-agent_*.deb | tail -n 1) \
-	  $(TARGET_DIR)/debug/rsql-bench-launchers
+## bench-baseline: the previous main's rsql-agent, rsql-job-owner and rsql-wrapper (release) in
+## $(BENCH_BASELINE_DIR)/bin, from a git worktree of $(BENCH_BASELINE) beside them (reused)
+bench-baseline:
+	CARGO=$(CARGO) bash tests/bench/baseline.sh $(BENCH_BASELINE) $(BENCH_BASELINE_DIR) $(abspath $(TARGET_DIR))
+
+bench-root:
+	@if [ "$$(id -u)" != 0 ]; then \
+	  echo "make: the bench boots systemd in its own namespaces for the launchers' figures and needs root: run it as root (nothing was measured)" >&2; \
+	  exit 1; \
+	fi
+
+## bench-launchers: the launchers' part of `make bench` alone: job start cost (dispatch,
+## completion to callback, CPU per job with PID 1's, journald's and dbus-daemon's shares) under
+## the systemd launcher (the packaged owner units) and the direct one, for the previous main
+## and the current tree, on the installed .deb in a real systemd (root). bench/launchers.json
+bench-launchers: bench-root venv package
+	$(MAKE) --no-print-directory bench-baseline
+	$(MAKE) --no-print-directory release
+	$(BENCH_DEB) $(TARGET_DIR)/release/rsql-bench-launchers \
+	  --baseline-bin-dir $(BENCH_BASELINE_DIR)/bin --jobs $(BENCH_LAUNCHER_JOBS)
 
 ## bench-smoke: the same program with a few jobs per figure (debug build; checks sanity, not targets)
 bench-smoke: venv build

@@ -166,6 +166,28 @@ impl Sandbox {
         self.ok(&["dpkg", "-i", "/share/rsql-agent.deb"]);
     }
 
+    /// Puts the host's file `host` at `path` inside, in place of what is there (a bind mount
+    /// in the sandbox's mount namespace, so every unit started afterwards sees it). The file
+    /// goes through the share, hard-linked when it can be (release binaries are large),
+    /// copied otherwise.
+    pub fn bind_file(&self, host: &Path, path: &str) {
+        let name = format!("bind-{}", fastrand_name());
+        let staged = self.share().join(&name);
+        if std::fs::hard_link(host, &staged).is_err() {
+            std::fs::copy(host, &staged)
+                .unwrap_or_else(|e| panic!("copy {} into the sandbox share: {e}", host.display()));
+        }
+        self.ok(&["mount", "--bind", &format!("/share/{name}"), path]);
+    }
+
+    /// The sandbox's cgroup as the host sees it (its PID 1's `init.scope`, its slices and
+    /// services are under it).
+    pub fn cgroup(&self) -> PathBuf {
+        let path = std::fs::read_to_string(self.dir.join("cgroup"))
+            .expect("sandbox.sh boot wrote the sandbox's cgroup");
+        PathBuf::from(path.trim())
+    }
+
     /// Points the agent's AWS SDK at `endpoint` (`/etc/rsql-agent/environment`, which the
     /// agent's and the owners' units read) and installs `config` as
     /// `/etc/rsql-agent/agent.toml`, `root:rsql` 0640 as the package ships it.

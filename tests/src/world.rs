@@ -521,7 +521,8 @@ impl World {
 
     /// Starts an execution of the [`StateMachine::Capture`] state machine with
     /// `{"execution_id": execution_id}` and returns it with the real task token its task
-    /// sent to the capture queue.
+    /// sent to the capture queue. The message is deleted once read: a run longer than the
+    /// queue's visibility timeout (30 s) would otherwise get it again for a later execution.
     pub async fn execution(&self, execution_id: &str) -> (String, String) {
         let capture = part(&self.capture, ".state_machine(StateMachine::Capture ..)");
         let exec = self
@@ -531,6 +532,13 @@ impl World {
             )
             .await;
         let message = moto::receive_one(&self.sdk, capture, WAIT).await;
+        aws_sdk_sqs::Client::new(&self.sdk)
+            .delete_message()
+            .queue_url(capture)
+            .receipt_handle(message.receipt_handle().unwrap_or_default())
+            .send()
+            .await
+            .expect("DeleteMessage (capture queue)");
         let sent: Value =
             serde_json::from_str(message.body().expect("a message body")).expect("JSON body");
         assert_eq!(sent["workflow_execution_id"], execution_id, "{sent}");

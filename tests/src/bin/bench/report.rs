@@ -14,6 +14,7 @@ pub(super) fn method_notes() -> Value {
         "capture": "script's own start->end wall time writing 100-byte lines to stdout: under the agent (local log file only, no shipping) vs redirected to /dev/null (median); peak RSS = VmHWM of a fresh agent and max VmRSS sampled every 20 ms",
         "log_shipping": "event bytes in acknowledged PutLogEvents / (job start -> last PutLogEvents acknowledged); moto limit = the bench's own PutLogEvents loop, 1,000 x 1,022-byte events per batch, through the same proxy",
         "baseline_dispatch": "not measured: the old Lambda -> SSM SendCommand -> nohup path has no local equivalent",
+        "side_by_side": "with --baseline-bin-dir, figures 1-3 also for the previous main's build, both agents running at once against the same moto, each with its own queue and proxy, taking turns (see side_by_side.interleaving); the figures above are the new build's",
     })
 }
 
@@ -268,6 +269,16 @@ pub(super) fn sanity(r: &Value) -> Vec<String> {
         problems
             .borrow_mut()
             .push("capture overhead is not finite".into());
+    }
+    for row in r["side_by_side"]["rows"].as_array().into_iter().flatten() {
+        let name = row["figure"].as_str().unwrap_or_default();
+        for build in ["previous", "new"] {
+            check(
+                &format!("side by side: {name}, {build}"),
+                &row[build],
+                name.contains("CPU"),
+            );
+        }
     }
     let s = &f["log_shipping"];
     check("moto limit MB/s", &s["moto_limit"]["mb_per_s"], false);

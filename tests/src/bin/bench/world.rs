@@ -87,7 +87,12 @@ impl World {
     /// A new job queue for a new agent: a killed agent's long poll lives on inside moto and
     /// would take the next message into its visibility timeout.
     pub(super) async fn fresh_queue(&mut self) {
-        self.agent_queue = moto::create_queue(&self.sdk, &moto::unique_name("bench-jobs")).await;
+        self.agent_queue = self.new_queue().await;
+    }
+
+    /// A job queue of its own, for one more agent.
+    pub(super) async fn new_queue(&self) -> String {
+        moto::create_queue(&self.sdk, &moto::unique_name("bench-jobs")).await
     }
 
     pub(super) fn marker(&mut self) -> PathBuf {
@@ -155,13 +160,19 @@ impl World {
         .to_string()
     }
 
-    /// Sends one job message; returns the time just before the call.
-    pub(super) async fn send_job(&mut self, token: &str, job: &str, args: &[String]) -> SystemTime {
+    /// Sends one job message to `queue`; returns the time just before the call.
+    pub(super) async fn send_job(
+        &mut self,
+        queue: &str,
+        token: &str,
+        job: &str,
+        args: &[String],
+    ) -> SystemTime {
         let body = self.job_body(token, job, args);
         let sqs = aws_sdk_sqs::Client::new(&self.sdk);
         let before = SystemTime::now();
         sqs.send_message()
-            .queue_url(&self.agent_queue)
+            .queue_url(queue)
             .message_body(body)
             .send()
             .await
@@ -169,10 +180,10 @@ impl World {
         before
     }
 
-    pub(super) async fn send_jobs(&mut self, tokens: &[String], job: &str) {
+    pub(super) async fn send_jobs(&mut self, queue: &str, tokens: &[String], job: &str) {
         let sqs = aws_sdk_sqs::Client::new(&self.sdk);
         for chunk in tokens.chunks(10) {
-            let mut batch = sqs.send_message_batch().queue_url(&self.agent_queue);
+            let mut batch = sqs.send_message_batch().queue_url(queue);
             for (i, token) in chunk.iter().enumerate() {
                 let body = self.job_body(token, job, &[]);
                 batch = batch.entries(
@@ -253,8 +264,8 @@ impl World {
         (Stamps::read(&marker), ack, reported)
     }
 
-    /// Figure 5.
-    pub(super) async fn capture(&mut self, sizes: Sizes) -> Value {
+    /// Figure 5, for `build`.
+    pub(super) async fn capture(&mut self, sizes: Sizes, build: &Build) -> Value {
         let bytes = sizes.capture_bytes.to_string();
         let script = self.scripts.join("bench_write.sh");
         let direct = |world: &mut World, sink: Stdio| -> f64 {
@@ -284,7 +295,8 @@ impl World {
 
         let proxy = TimingProxy::start(self.moto.addr());
         self.fresh_queue().await;
-        let mut agent = BenchAgent::start(self, &proxy, false);
+        let queue = self.agent_queue.clone();
+        let mut agent = BenchAgent::start(self, build, &queue, &proxy, false);
         let tokens = self.tokens(sizes.capture_reps).await;
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = {
@@ -304,13 +316,14 @@ impl World {
             let marker = self.marker();
             let deletes = proxy.count_ok("DeleteMessage");
             self.send_job(
+                &queue,
                 token,
                 "bench_write.sh",
                 &[marker.display().to_string(), bytes.clone()],
             )
             .await;
-            proxy.wait_ack("SendTaskSuccess", token, JOB_WAIT * 5, &agent);
-            proxy.wait_count("DeleteMessage", deletes + 1, JOB_WAIT, &agent);
+            proxy.wait_ack("SendTaskSuccess", token, JOB_WAIT * 5, || agent.log());
+            proxy.wait_count("DeleteMessage", deletes + 1, JOB_WAIT, || agent.log());
             let s = Stamps::read(&marker);
             under_agent.push(ms_between(s.start, s.end));
         }
@@ -338,23 +351,25 @@ impl World {
         })
     }
 
-    /// Figure 6.
-    pub(super) async fn shipping(&mut self, sizes: Sizes) -> Value {
+    /// Figure 6, for `build`.
+    pub(super) async fn shipping(&mut self, sizes: Sizes, build: &Build) -> Value {
         let moto_limit = self.moto_limit(sizes.moto_limit_bytes).await;
         let proxy = TimingProxy::start(self.moto.addr());
         self.fresh_queue().await;
-        let mut agent = BenchAgent::start(self, &proxy, true);
+        let queue = self.agent_queue.clone();
+        let mut agent = BenchAgent::start(self, build, &queue, &proxy, true);
         let token = self.tokens(1).await.remove(0);
         let marker = self.marker();
         let lines = sizes.ship_bytes / 100;
         let expected = lines * 99;
         self.send_job(
+            &queue,
             &token,
             "bench_write.sh",
             &[marker.display().to_string(), (lines * 100).to_string()],
         )
         .await;
-        proxy.wait_ack("SendTaskSuccess", &token, JOB_WAIT * 5, &agent);
+        proxy.wait_ack("SendTaskSuccess", &token, JOB_WAIT * 5, || agent.log());
         let stamps = Stamps::read(&marker);
         // Lines still unsent after the final flush keep shipping: wait for all of them, or
         // for the shipping to stall.

@@ -1,51 +1,63 @@
-//! The timing proxy: a loopback HTTP/1.1 relay that records each AWS call and when its
-//! response was handed back.
+//! What the benches time with (`rsql-bench`, `rsql-bench-launchers`): a timing proxy (a
+//! loopback HTTP/1.1 relay that records each AWS call and when its response was handed back:
+//! "acknowledged"), the job scripts' own `$EPOCHREALTIME` stamps, and percentiles.
+//!
+//! The proxy runs on plain threads of its own, so it works the same from sync code and from
+//! any tokio runtime; bytes are forwarded unchanged.
 
-use super::*;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
 
 /// One request through the proxy, and when its response was handed back.
 #[derive(Debug, Clone)]
-pub(super) struct Rec {
-    pub(super) op: String,
-    pub(super) token: Option<String>,
+pub struct Rec {
+    pub op: String,
+    pub token: Option<String>,
     /// Event message bytes, for PutLogEvents.
-    pub(super) event_bytes: u64,
-    pub(super) status: u16,
+    pub event_bytes: u64,
+    pub status: u16,
     /// When the request had reached the proxy.
-    pub(super) sent: SystemTime,
-    pub(super) acked: Option<SystemTime>,
+    pub sent: SystemTime,
+    pub acked: Option<SystemTime>,
 }
 
 #[derive(Debug)]
-pub(super) struct ProxyShared {
-    pub(super) target: SocketAddr,
-    pub(super) recs: Mutex<Vec<Rec>>,
-    pub(super) changed: Condvar,
-    pub(super) stopping: AtomicBool,
+struct ProxyShared {
+    target: SocketAddr,
+    recs: Mutex<Vec<Rec>>,
+    changed: Condvar,
+    stopping: AtomicBool,
 }
 
 impl ProxyShared {
-    pub(super) fn lock(&self) -> MutexGuard<'_, Vec<Rec>> {
+    fn lock(&self) -> MutexGuard<'_, Vec<Rec>> {
         self.recs.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Shipped {
-    pub(super) requests: usize,
-    pub(super) bytes: u64,
-    pub(super) last_ack: Option<SystemTime>,
+pub struct Shipped {
+    pub requests: usize,
+    pub bytes: u64,
+    pub last_ack: Option<SystemTime>,
 }
 
 /// A loopback HTTP/1.1 relay that timestamps each response's last byte.
 #[derive(Debug)]
-pub(super) struct TimingProxy {
-    pub(super) addr: SocketAddr,
-    pub(super) shared: Arc<ProxyShared>,
+pub struct TimingProxy {
+    addr: SocketAddr,
+    shared: Arc<ProxyShared>,
 }
 
 impl TimingProxy {
-    pub(super) fn start(target: SocketAddr) -> TimingProxy {
+    pub fn start(target: SocketAddr) -> TimingProxy {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind proxy");
         let addr = listener.local_addr().expect("proxy addr");
         let shared = Arc::new(ProxyShared {
@@ -68,16 +80,16 @@ impl TimingProxy {
         TimingProxy { addr, shared }
     }
 
-    pub(super) fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub(super) fn count_requests(&self, op: &str) -> usize {
+    pub fn count_requests(&self, op: &str) -> usize {
         self.shared.lock().iter().filter(|r| r.op == op).count()
     }
 
     /// The round trip of the first `op` request that carried `token`.
-    pub(super) fn first_round_trip_ms(&self, op: &str, token: &str) -> Option<f64> {
+    pub fn first_round_trip_ms(&self, op: &str, token: &str) -> Option<f64> {
         self.shared
             .lock()
             .iter()
@@ -85,7 +97,7 @@ impl TimingProxy {
             .and_then(|r| Some(ms_between(r.sent, r.acked?)))
     }
 
-    pub(super) fn count_ok(&self, op: &str) -> usize {
+    pub fn count_ok(&self, op: &str) -> usize {
         self.shared
             .lock()
             .iter()
@@ -93,7 +105,7 @@ impl TimingProxy {
             .count()
     }
 
-    pub(super) fn shipped(&self) -> Shipped {
+    pub fn shipped(&self) -> Shipped {
         let recs = self.shared.lock();
         let mut s = Shipped {
             requests: 0,
@@ -112,11 +124,7 @@ impl TimingProxy {
         s
     }
 
-    pub(super) fn wait<T>(
-        &self,
-        timeout: Duration,
-        mut f: impl FnMut(&[Rec]) -> Option<T>,
-    ) -> Option<T> {
+    pub fn wait<T>(&self, timeout: Duration, mut f: impl FnMut(&[Rec]) -> Option<T>) -> Option<T> {
         let deadline = Instant::now() + timeout;
         let mut recs = self.shared.lock();
         loop {
@@ -136,34 +144,38 @@ impl TimingProxy {
         }
     }
 
-    pub(super) fn find_ack(recs: &[Rec], op: &str, token: &str) -> Option<SystemTime> {
+    pub fn find_ack(recs: &[Rec], op: &str, token: &str) -> Option<SystemTime> {
         recs.iter()
             .find(|r| r.op == op && r.status == 200 && r.token.as_deref() == Some(token))
             .and_then(|r| r.acked)
     }
 
-    pub(super) fn wait_ack_plain(&self, op: &str, token: &str, timeout: Duration) -> SystemTime {
+    pub fn wait_ack_plain(&self, op: &str, token: &str, timeout: Duration) -> SystemTime {
         self.wait(timeout, |recs| Self::find_ack(recs, op, token))
             .unwrap_or_else(|| panic!("no acknowledged {op} for a job within {timeout:?}"))
     }
 
-    pub(super) fn wait_ack(
+    /// When the first successful `op` carrying `token` was acknowledged; waits up to
+    /// `timeout`, then panics showing `context()` (the agent's log, say).
+    pub fn wait_ack(
         &self,
         op: &str,
         token: &str,
         timeout: Duration,
-        agent: &BenchAgent,
+        context: impl Fn() -> String,
     ) -> SystemTime {
         self.wait(timeout, |recs| Self::find_ack(recs, op, token))
             .unwrap_or_else(|| {
                 panic!(
                     "no acknowledged {op} for a job within {timeout:?}; agent log:\n{}",
-                    agent.log()
+                    context()
                 )
             })
     }
 
-    pub(super) fn wait_count(&self, op: &str, n: usize, timeout: Duration, agent: &BenchAgent) {
+    /// Waits up to `timeout` until `n` successful `op` were acknowledged, then panics showing
+    /// `context()`.
+    pub fn wait_count(&self, op: &str, n: usize, timeout: Duration, context: impl Fn() -> String) {
         let ok = self.wait(timeout, |recs| {
             let c = recs
                 .iter()
@@ -175,7 +187,7 @@ impl TimingProxy {
             panic!(
                 "only {} of {n} {op} acknowledged within {timeout:?}; agent log:\n{}",
                 self.count_ok(op),
-                agent.log()
+                context()
             );
         }
     }
@@ -191,15 +203,15 @@ impl Drop for TimingProxy {
 /// One HTTP message as read off the wire: its raw bytes (forwarded unchanged), first line,
 /// headers and (de-chunked) body.
 #[derive(Debug)]
-pub(super) struct HttpMessage {
-    pub(super) raw: Vec<u8>,
-    pub(super) first_line: String,
-    pub(super) headers: Vec<(String, String)>,
-    pub(super) body: Vec<u8>,
+struct HttpMessage {
+    raw: Vec<u8>,
+    first_line: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
 }
 
 impl HttpMessage {
-    pub(super) fn header(&self, name: &str) -> Option<&str> {
+    fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
@@ -207,10 +219,7 @@ impl HttpMessage {
     }
 }
 
-pub(super) fn read_line(
-    r: &mut impl BufRead,
-    raw: &mut Vec<u8>,
-) -> std::io::Result<Option<String>> {
+fn read_line(r: &mut impl BufRead, raw: &mut Vec<u8>) -> std::io::Result<Option<String>> {
     let start = raw.len();
     if r.read_until(b'\n', raw)? == 0 {
         return Ok(None);
@@ -224,7 +233,7 @@ pub(super) fn read_line(
 
 /// Reads one message. `None` at a clean end of stream. `until_eof` bodies (a response with
 /// neither length nor chunking) are read to the end of the stream.
-pub(super) fn read_message(
+fn read_message(
     r: &mut impl BufRead,
     response: bool,
     request_method: Option<&str>,
@@ -299,7 +308,7 @@ pub(super) fn read_message(
     Ok(Some(msg))
 }
 
-pub(super) fn relay(client: TcpStream, shared: Arc<ProxyShared>) {
+fn relay(client: TcpStream, shared: Arc<ProxyShared>) {
     let Ok(server) = TcpStream::connect_timeout(&shared.target, Duration::from_secs(5)) else {
         let _ = client.shutdown(Shutdown::Both);
         return;
@@ -419,4 +428,111 @@ pub(super) fn relay(client: TcpStream, shared: Arc<ProxyShared>) {
     }
     let _ = to.shutdown(Shutdown::Write);
     let _ = up.join();
+}
+
+/// A job script's own start and end stamps: `start` and `end` lines with `$EPOCHREALTIME`.
+#[derive(Debug, Clone, Copy)]
+pub struct Stamps {
+    pub start: SystemTime,
+    pub end: SystemTime,
+}
+
+impl Stamps {
+    /// The stamps in the file `marker` (the script appended them); panics without both.
+    pub fn read(marker: &Path) -> Stamps {
+        let text = std::fs::read_to_string(marker)
+            .unwrap_or_else(|e| panic!("job marker {}: {e}", marker.display()));
+        Stamps::parse(&text)
+            .unwrap_or_else(|| panic!("no start and end stamps in {}: {text:?}", marker.display()))
+    }
+
+    /// The first `start STAMP` and `end STAMP` lines of `text` (a marker file, a job log
+    /// whose lines may carry a prefix), if both are there.
+    pub fn parse(text: &str) -> Option<Stamps> {
+        let get = |key: &str| {
+            text.lines().find_map(|l| {
+                let mut words = l.split_whitespace().skip_while(|w| *w != key);
+                words.next()?;
+                parse_epoch(words.next()?)
+            })
+        };
+        Some(Stamps {
+            start: get("start")?,
+            end: get("end")?,
+        })
+    }
+}
+
+/// `$EPOCHREALTIME`: seconds, a locale's decimal point, microseconds.
+pub fn parse_epoch(s: &str) -> Option<SystemTime> {
+    let (secs, frac) = s.split_once(['.', ','])?;
+    let secs: u64 = secs.parse().ok()?;
+    let mut micros = frac.to_string();
+    micros.truncate(6);
+    while micros.len() < 6 {
+        micros.push('0');
+    }
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.parse().ok()?))
+}
+
+/// Milliseconds from `a` to `b` (negative when `b` is earlier).
+pub fn ms_between(a: SystemTime, b: SystemTime) -> f64 {
+    match b.duration_since(a) {
+        Ok(d) => d.as_secs_f64() * 1000.0,
+        Err(e) => -e.duration().as_secs_f64() * 1000.0,
+    }
+}
+
+/// Nearest-rank percentiles of real samples.
+#[derive(Debug, Clone, Copy)]
+pub struct Pcts {
+    pub n: usize,
+    pub p50: f64,
+    pub p95: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Pcts {
+    /// Panics on no samples: a figure without samples is a broken run, not a number.
+    pub fn of(samples: &[f64]) -> Pcts {
+        assert!(!samples.is_empty(), "no samples");
+        let mut s = samples.to_vec();
+        s.sort_by(f64::total_cmp);
+        let rank = |p: f64| s[((p / 100.0 * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1];
+        Pcts {
+            n: s.len(),
+            p50: rank(50.0),
+            p95: rank(95.0),
+            min: s[0],
+            max: s[s.len() - 1],
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        json!({"n": self.n, "p50": self.p50, "p95": self.p95, "min": self.min, "max": self.max})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_parse_marker_files_and_prefixed_log_lines() {
+        let s = Stamps::parse("start 1700000000.123456\nend 1700000000,5\n").unwrap();
+        assert_eq!(ms_between(s.start, s.end).round(), 377.0);
+        let log =
+            "2026-01-01T00:00:00Z out start 1700000001.000001\nx\nout end 1700000001.000002\n";
+        let s = Stamps::parse(log).unwrap();
+        assert!((ms_between(s.start, s.end) - 0.001).abs() < 1e-9);
+        assert!(Stamps::parse("start 1.0\n").is_none());
+    }
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let p = Pcts::of(&(1..=100).map(f64::from).collect::<Vec<_>>());
+        assert_eq!((p.p50, p.p95, p.min, p.max), (50.0, 95.0, 1.0, 100.0));
+        assert_eq!(Pcts::of(&[7.0]).p95, 7.0);
+    }
 }
