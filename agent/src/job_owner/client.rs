@@ -202,12 +202,14 @@ fn read_reply(stream: &UnixStream, path: &std::path::Path) -> Result<Reply, Clie
     let mut text = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        let n = (&*stream)
-            .read(&mut byte)
-            .map_err(|source| ClientError::Io {
+        let n = match (&*stream).read(&mut byte) {
+            // A signal (a debugger's, a profiler's) interrupted the read; nothing was lost.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            read => read.map_err(|source| ClientError::Io {
                 path: path.to_path_buf(),
                 source,
-            })?;
+            })?,
+        };
         if n == 0 || byte[0] == b'\n' {
             break;
         }
