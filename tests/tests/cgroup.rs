@@ -270,11 +270,13 @@ async fn without_a_cgroup_the_group_and_marker_sweep_runs_and_says_so() {
     let world = world().await;
     // Not a cgroup: what a host without a delegated hierarchy looks like to the agent.
     let plain = tempfile::tempdir().expect("a plain directory");
-    let (escapee, child) = (
+    let (escapee, child, hidden) = (
         world.scripts.join("escapee.txt"),
         world.scripts.join("child.pid"),
+        world.scripts.join("hidden.txt"),
     );
-    // Both leftovers keep the marker, which is how the fallback finds them.
+    // Two leftovers keep the marker; the third hides from it too. The owner, the job's
+    // subreaper, finds all three among its own descendants.
     write_script(
         &world.scripts,
         "fallback.sh",
@@ -285,9 +287,13 @@ echo $! > {child}
 setsid sleep 300 &
              wait_session_leader $!
 describe $! > {escapee}
+env -u RSQL_AGENT_JOB_ID -u RSQL_AGENT_SUPERVISOR setsid sleep 300 &
+             wait_session_leader $!
+describe $! > {hidden}
 echo started",
             child = child.display(),
-            escapee = escapee.display()
+            escapee = escapee.display(),
+            hidden = hidden.display()
         ),
     );
     let agent = cgroup_agent(&world, plain.path());
@@ -302,10 +308,16 @@ echo started",
     );
     let (status, output, _) = run(&world, "fallback.sh").await;
     let (pid, _, session, markers) = described(&escapee);
+    let (hidden_pid, _, hidden_session, hidden_markers) = described(&hidden);
     let in_group = read_pid(&child);
-    let alive = (process_alive(pid), process_alive(in_group));
+    let alive = (
+        process_alive(pid),
+        process_alive(in_group),
+        process_alive(hidden_pid),
+    );
     kill_quietly(pid);
     kill_quietly(in_group);
+    kill_quietly(hidden_pid);
     assert_eq!(
         status,
         ExecutionStatus::Succeeded,
@@ -313,7 +325,8 @@ echo started",
         agent.log()
     );
     assert_eq!((session, markers), (pid, 1));
-    assert_eq!(alive, (false, false), "{}", agent.log());
+    assert_eq!((hidden_session, hidden_markers), (hidden_pid, 0));
+    assert_eq!(alive, (false, false, false), "{}", agent.log());
     // CPU from the processes the owner reaped; no memory figure without a cgroup.
     assert!(output["cpu_ms"].is_u64(), "{output}");
     assert!(output.get("max_rss_mb").is_none(), "{output}");

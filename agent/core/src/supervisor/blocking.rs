@@ -13,7 +13,9 @@
 //! what differs is what one job in a process of its own allows:
 //! - every child of the owner belongs to the job, so each wake-up reaps all of them
 //!   (`waitpid(-1)`), and the periodic /proc census the agent's supervisor needs to tell
-//!   its jobs' orphans apart is not done;
+//!   its jobs' orphans apart is not done; without a cgroup, the end-of-job sweep reads the
+//!   owner's descendants (`/proc/PID/task/TID/children`), not all of /proc, and so finds an
+//!   escaped process that cleared the marker too;
 //! - the fork copies a process of a few MB, so the job is spawned from this thread, without
 //!   the agent's spawner thread;
 //! - the log is written on this thread: a slow disk slows the job's output and this loop,
@@ -210,10 +212,13 @@ impl BlockingJob {
                 REAP_WAIT,
                 CGROUP_EMPTY_WAIT,
             ),
-            None => {
-                let marker = format!("{JOB_ID_ENV}={job_id}").into_bytes();
-                procs::sweep(&marker, pgid, pgid, Default::default(), REAP_WAIT)
-            }
+            // Every descendant of this process is the job's: found through the children
+            // lists, where the kernel has them, instead of a walk of all of /proc.
+            None => procs::sweep_descendants(std::process::id() as i32, pgid, pgid, REAP_WAIT)
+                .unwrap_or_else(|| {
+                    let marker = format!("{JOB_ID_ENV}={job_id}").into_bytes();
+                    procs::sweep(&marker, pgid, pgid, Default::default(), REAP_WAIT)
+                }),
         };
         if swept.left_dying > 0 {
             tracing::warn!(

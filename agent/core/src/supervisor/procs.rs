@@ -314,6 +314,93 @@ pub(super) fn sweep(
     report
 }
 
+/// The live descendants of `root`, read from the `children` files of every thread
+/// (`/proc/PID/task/TID/children`), depth first; `None` when this kernel has no such files
+/// (built without `CONFIG_PROC_CHILDREN`). Far cheaper than a walk of all of /proc: it reads
+/// only the job's own processes.
+pub(super) fn descendants(root: i32) -> Option<Vec<i32>> {
+    let children_of = |pid: i32| -> Option<Vec<i32>> {
+        let mut found = Vec::new();
+        let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+        for task in tasks.flatten() {
+            let path = task.path().join("children");
+            match fs::read_to_string(&path) {
+                Ok(text) => found.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok()),
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && pid == root => return None,
+                // A task that ended meanwhile.
+                Err(_) => {}
+            }
+        }
+        Some(found)
+    };
+    let mut all = Vec::new();
+    let mut todo = children_of(root)?;
+    while let Some(pid) = todo.pop() {
+        if all.len() >= MAX_DESCENDANTS || all.contains(&pid) {
+            continue;
+        }
+        all.push(pid);
+        todo.extend(children_of(pid).unwrap_or_default());
+    }
+    Some(all)
+}
+
+/// A bound on the processes [`descendants`] collects (a fork bomb must not make the sweep
+/// allocate without end; what it misses, the next round or the group kill takes).
+const MAX_DESCENDANTS: usize = 65_536;
+
+/// Kills everything left of a job whose leader has exited, for a process that is the job's
+/// child subreaper and runs nothing else (the job's owner): every descendant of `root` is
+/// the job's, marker or not, because an orphan comes to the nearest subreaper. Those outside
+/// the leader's group are counted as strays. `None` when the kernel cannot list children;
+/// the caller then sweeps by marker ([`sweep`]).
+pub(super) fn sweep_descendants(
+    root: i32,
+    pgid: i32,
+    leader: i32,
+    reap_wait: Duration,
+) -> Option<Sweep> {
+    let mut report = Sweep::default();
+    let mut known: HashMap<i32, u64> = HashMap::new();
+    let mut strays: HashMap<i32, u64> = HashMap::new();
+    for _ in 0..MAX_SWEEP_ROUNDS {
+        let mut found_new = false;
+        for pid in descendants(root)? {
+            if pid == leader {
+                continue;
+            }
+            let Some(stat) = read_stat(pid) else {
+                continue;
+            };
+            known.insert(pid, stat.start_time);
+            if stat.pgrp == pgid || stat.state == b'Z' {
+                continue;
+            }
+            if strays.insert(pid, stat.start_time).is_none() {
+                found_new = true;
+                tracing::warn!(
+                    pid,
+                    pgid = stat.pgrp,
+                    sid = stat.session,
+                    job_pgid = pgid,
+                    "killing a job process that escaped its process group"
+                );
+            }
+            signal_quietly(kill(Pid::from_raw(pid), Signal::SIGKILL));
+        }
+        if !found_new {
+            break;
+        }
+        signal_quietly(killpg(Pid::from_raw(pgid), Signal::SIGKILL));
+    }
+    report.strays_killed = strays.len();
+    report.left_dying = reap(known, reap_wait);
+    Some(report)
+}
+
 /// Reaps the job processes in `known` as they die, for at most `wait`; remembers the rest
 /// for a later attempt and returns how many that is.
 fn reap(mut known: HashMap<i32, u64>, wait: Duration) -> usize {
