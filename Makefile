@@ -39,7 +39,7 @@ BENCH_BASELINE_DIR := $(abspath $(TARGET_DIR))/bench-baseline
 BENCH_LAUNCHER_JOBS ?= 100
 BENCH_DEB = RSQL_AGENT_DEB=$$(ls $(abspath $(TARGET_DIR))/debian/rsql-agent_*.deb | tail -n 1)
 
-.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-baseline bench-root bench-launchers bench-smoke tools package release-aarch64 check-package clean
+.PHONY: demo test deps build release venv fmt-check clippy lint-cfn check-systemd nextest bench bench-baseline bench-profile bench-root bench-launchers bench-smoke tools package release-aarch64 check-package clean
 
 ## demo: run the blog workflow on a throwaway PostgreSQL with `rsql-agent workflow run`
 # `build` compiled rsql-demo with every other binary of the workspace, in one feature
@@ -126,6 +126,14 @@ bench-launchers: bench-root venv package
 	$(MAKE) --no-print-directory release
 	$(BENCH_DEB) $(TARGET_DIR)/release/rsql-bench-launchers \
 	  --baseline-bin-dir $(BENCH_BASELINE_DIR)/bin --jobs $(BENCH_LAUNCHER_JOBS)
+
+## bench-profile: where a job's overhead goes, previous main and current tree, in one sitting:
+## `perf record -g` over 300 trivial jobs each (rsql-bench --only cpu), broken down by system
+## call and user-space work (tests/bench/profile.sh; needs perf; root). Written to bench/profile/
+bench-profile: bench-root venv
+	$(MAKE) --no-print-directory bench-baseline
+	$(MAKE) --no-print-directory release
+	bash tests/bench/profile.sh $(TARGET_DIR)/release/rsql-bench $(BENCH_BASELINE_DIR)/bin bench/profile
 
 ## bench-smoke: the same program with a few jobs per figure (debug build; checks sanity, not targets)
 bench-smoke: venv build
