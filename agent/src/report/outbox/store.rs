@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::{Inner, Outbox, OutboxEntry, OutboxError};
-use crate::fsutil;
+use crate::fsutil::{self, Durability};
 
 /// The largest outbox entry: a success output (at most 262,144 bytes), a cause (32,768) and
 /// an audit record, with room to spare.
@@ -73,18 +73,21 @@ impl Outbox {
     /// Writes `entry` durably, then wakes the worker. When this returns `Ok`, the entry
     /// survives a crash.
     pub fn put(&self, entry: &OutboxEntry) -> Result<(), OutboxError> {
-        self.write(entry)?;
+        self.write(entry, Durability::Durable)?;
         self.notify();
         Ok(())
     }
 
-    /// Replaces `entry`'s file with its new state, durably (same as [`Self::put`] without
-    /// the wake-up).
+    /// Replaces `entry`'s file with its progress (the callback delivered), atomically but
+    /// without an fsync: after a crash the entry may come back as it was [`Self::put`], and
+    /// its steps are repeated harmlessly (Step Functions refuses a second callback on a
+    /// closed token, which counts as done, and the audit write is conditional). The durable
+    /// promise is the `put`; progress only spares a restart the repetition.
     pub fn update(&self, entry: &OutboxEntry) -> Result<(), OutboxError> {
-        self.write(entry)
+        self.write(entry, Durability::ThisBoot)
     }
 
-    fn write(&self, entry: &OutboxEntry) -> Result<(), OutboxError> {
+    fn write(&self, entry: &OutboxEntry, durability: Durability) -> Result<(), OutboxError> {
         let path = self.path_of(&entry.id)?;
         let json = serde_json::to_vec_pretty(entry).map_err(|source| OutboxError::Encode {
             id: entry.id.clone(),
@@ -92,7 +95,7 @@ impl Outbox {
         })?;
         // The temp file is dot-prefixed, so a listing never mistakes a half-written file for
         // an entry.
-        fsutil::write_atomic(&path, &json, FILE_MODE)
+        fsutil::write_replacing(&path, &json, FILE_MODE, durability)
             .map_err(|source| OutboxError::Write { path, source })
     }
 
