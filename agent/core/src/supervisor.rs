@@ -291,15 +291,7 @@ impl Supervisor {
                 source: io::Error::other("the child has no pid"),
             });
         };
-        tracing::info!(
-            job_id = %launch.job_id,
-            pid,
-            pgid = pid,
-            program = %launch.program.display(),
-            args = launch.args.len(),
-            timeout = ?launch.timeout,
-            "job started"
-        );
+        log_started(&launch, pid);
         let (stopper, stop_rx) = stop::channel();
         let (result_tx, result_rx) = oneshot::channel();
         let job = Job {
@@ -330,6 +322,19 @@ impl Supervisor {
     pub fn reap_orphans(&self) -> usize {
         procs::reap_pending()
     }
+}
+
+/// The log line of a job just started, the same from both supervisors.
+fn log_started(launch: &Launch, pid: u32) {
+    tracing::info!(
+        job_id = %launch.job_id,
+        pid,
+        pgid = pid,
+        program = %launch.program.display(),
+        args = launch.args.len(),
+        timeout = ?launch.timeout,
+        "job started"
+    );
 }
 
 /// A job id and environment names the child can be given.

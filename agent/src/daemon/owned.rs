@@ -128,22 +128,28 @@ impl Warm {
     }
 }
 
-/// Withdraws a warming owner whenever it is up (see [`Warm::withdraw`]), in the background.
+/// Withdraws a warming owner whenever it is up (see [`discard`]), in the background.
 pub(super) fn withdraw(warming: Warming) {
-    tokio::spawn(async move {
-        match warming.await {
-            Ok(Ok(warm)) => warm.withdraw(),
-            Ok(Err(WarmError::Connect(job, dir, _))) => {
-                kill_owner(&dir);
-                let _ = std::fs::remove_file(&job.log_file);
-                dir.remove();
-            }
-            Ok(Err(WarmError::Launch(job, _))) => {
-                let _ = std::fs::remove_file(&job.log_file);
-            }
-            _ => {}
+    tokio::spawn(async move { discard(warming.await) });
+}
+
+/// Leaves nothing of an owner started early that goes unused: a waiting owner is withdrawn
+/// ([`Warm::withdraw`]), one that never opened its socket is killed, and the directory and
+/// log file made for it go.
+fn discard(warmed: Result<Result<Warm, WarmError>, tokio::task::JoinError>) {
+    match warmed {
+        Ok(Ok(warm)) => warm.withdraw(),
+        Ok(Err(WarmError::Connect(job, dir, _))) => {
+            kill_owner(&dir);
+            let _ = std::fs::remove_file(&job.log_file);
+            dir.remove();
         }
-    });
+        Ok(Err(WarmError::Launch(job, _))) => {
+            let _ = std::fs::remove_file(&job.log_file);
+        }
+        // Nothing was made (`warm_up` cleaned up), or the task panicked.
+        Ok(Err(WarmError::NotStarted(_))) | Err(_) => {}
+    }
 }
 
 /// Starts the owner of `job` (already prepared, see [`prepare`]): its directory and job
@@ -229,16 +235,10 @@ pub(super) async fn run(
     let warm = match warm {
         Some(warming) => match warming.await {
             Ok(Ok(warm)) if warm.job.attempt == attempt && warm.still_waiting() => Some(warm),
-            Ok(Ok(warm)) => {
-                warm.withdraw();
+            unusable => {
+                discard(unusable);
                 None
             }
-            Ok(Err(WarmError::Connect(_, dir, _))) => {
-                kill_owner(&dir);
-                dir.remove();
-                None
-            }
-            _ => None,
         },
         None => None,
     };

@@ -36,8 +36,8 @@ use nix::sys::signal::{SigSet, Signal};
 use super::launch::{build_command, spawn_detail, Launch};
 use super::termination::{classify, on_deadline, on_stop_request, signal_group, Termination};
 use super::{
-    procs, validate, Job, RunOutcome, SupervisorError, CGROUP_EMPTY_WAIT, JOB_ID_ENV, READ_CHUNK,
-    REAP_WAIT,
+    log_started, procs, validate, Job, RunOutcome, SupervisorError, CGROUP_EMPTY_WAIT, JOB_ID_ENV,
+    READ_CHUNK, REAP_WAIT,
 };
 use crate::joblog::{JobLog, JobLogError, Stream};
 use crate::stop::{StopReason, StopRequests};
@@ -100,15 +100,7 @@ impl BlockingJob {
         }
         // `child` only holds the pid now: it is reaped by `advance`, never waited through it.
         drop(child);
-        tracing::info!(
-            job_id = %launch.job_id,
-            pid,
-            pgid = pid,
-            program = %launch.program.display(),
-            args = launch.args.len(),
-            timeout = ?launch.timeout,
-            "job started"
-        );
+        log_started(&launch, pid);
         Ok(BlockingJob {
             timeout_at: started.checked_add(launch.timeout),
             job: Job {

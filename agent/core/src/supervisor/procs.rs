@@ -274,17 +274,7 @@ pub(super) fn sweep(
                 continue;
             }
             known.insert(pid, stat.start_time);
-            if strays.insert(pid, stat.start_time).is_none() {
-                found_new = true;
-                tracing::warn!(
-                    pid,
-                    pgid = stat.pgrp,
-                    sid = stat.session,
-                    job_pgid = pgid,
-                    "killing a job process that escaped its process group"
-                );
-            }
-            signal_quietly(kill(Pid::from_raw(pid), Signal::SIGKILL));
+            found_new |= kill_stray(pid, &stat, pgid, &mut strays);
             // A process that made itself a group leader (setsid, setpgid) took its own
             // children into that group; they may have cleared the marker, so take the group.
             if stat.pgrp == pid {
@@ -379,17 +369,7 @@ pub(super) fn sweep_descendants(
             if stat.pgrp == pgid || stat.state == b'Z' {
                 continue;
             }
-            if strays.insert(pid, stat.start_time).is_none() {
-                found_new = true;
-                tracing::warn!(
-                    pid,
-                    pgid = stat.pgrp,
-                    sid = stat.session,
-                    job_pgid = pgid,
-                    "killing a job process that escaped its process group"
-                );
-            }
-            signal_quietly(kill(Pid::from_raw(pid), Signal::SIGKILL));
+            found_new |= kill_stray(pid, &stat, pgid, &mut strays);
         }
         if !found_new {
             break;
@@ -399,6 +379,23 @@ pub(super) fn sweep_descendants(
     report.strays_killed = strays.len();
     report.left_dying = reap(known, reap_wait);
     Some(report)
+}
+
+/// SIGKILLs `pid`, a job process outside the job's group `pgid`, and remembers it in
+/// `strays`; `true` (and one warning) the first time it is seen.
+fn kill_stray(pid: i32, stat: &ProcStat, pgid: i32, strays: &mut HashMap<i32, u64>) -> bool {
+    let new = strays.insert(pid, stat.start_time).is_none();
+    if new {
+        tracing::warn!(
+            pid,
+            pgid = stat.pgrp,
+            sid = stat.session,
+            job_pgid = pgid,
+            "killing a job process that escaped its process group"
+        );
+    }
+    signal_quietly(kill(Pid::from_raw(pid), Signal::SIGKILL));
+    new
 }
 
 /// Reaps the job processes in `known` as they die, for at most `wait`; remembers the rest
