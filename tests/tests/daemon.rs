@@ -658,7 +658,7 @@ async fn a_task_that_timed_out_while_its_message_waited_for_a_slot_never_runs_it
         "an owner directory is left in {}",
         owners.display()
     );
-    let logs = files_under(&agent.state_dir.join("jobs"));
+    let logs = rsql_agent_tests::agent::files_under(&agent.state_dir.join("jobs"));
     assert!(
         !logs.iter().any(|p| p.to_string_lossy().contains("late.sh")),
         "the withdrawn job left a log file: {logs:?}"
@@ -676,21 +676,4 @@ fn owner_processes_under(dir: &std::path::Path) -> Vec<String> {
         .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " "))
         .filter(|cmd| cmd.contains("rsql-job-owner") && cmd.contains(&needle))
         .collect()
-}
-
-/// Every file below `dir`, recursively.
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(next) = todo.pop() {
-        for entry in std::fs::read_dir(&next).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                todo.push(path);
-            } else {
-                found.push(path);
-            }
-        }
-    }
-    found
 }

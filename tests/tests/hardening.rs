@@ -589,7 +589,7 @@ async fn secrets_are_masked_everywhere_but_the_jobs_own_log() {
     let local = agent.local_audit();
     assert!(!local.is_empty());
     assert!(!format!("{local:?}").contains(PASSWORD), "{local:?}");
-    for entry in walk(&agent.lock_dir) {
+    for entry in rsql_agent_tests::agent::files_under(&agent.lock_dir) {
         let content = std::fs::read(&entry).unwrap_or_default();
         assert!(
             !text(&content).contains(PASSWORD),
@@ -608,7 +608,7 @@ async fn secrets_are_masked_everywhere_but_the_jobs_own_log() {
         );
     }
     // The job's own log is the script's output, kept as it printed it.
-    let job_log = walk(&agent.state_dir.join("jobs"))
+    let job_log = rsql_agent_tests::agent::files_under(&agent.state_dir.join("jobs"))
         .into_iter()
         .find(|p| p.extension().is_some_and(|e| e == "log"))
         .expect("the job log");
@@ -626,22 +626,6 @@ fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
         found.is_some()
     });
     found.unwrap()
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(d) = pending.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -685,7 +669,7 @@ async fn a_job_whose_log_hit_a_full_disk_says_its_log_is_incomplete() {
         "{local:?}"
     );
     // Free the disk for the second job's log file to open, then fill it again.
-    for f in walk(&disk.path()) {
+    for f in rsql_agent_tests::agent::files_under(&disk.path()) {
         let _ = std::fs::remove_file(f);
     }
     let out = run_job(&world, "full_2", "bigfail.sh").await;

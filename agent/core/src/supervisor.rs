@@ -294,17 +294,7 @@ impl Supervisor {
         log_started(&launch, pid);
         let (stopper, stop_rx) = stop::channel();
         let (result_tx, result_rx) = oneshot::channel();
-        let job = Job {
-            job_id: launch.job_id,
-            pid,
-            started,
-            started_at,
-            timeout: launch.timeout,
-            kill_grace: launch.kill_grace,
-            pipe_drain: launch.pipe_drain,
-            log_path: log_path.clone(),
-            cgroup: launch.cgroup,
-        };
+        let job = Job::of(&launch, pid, started, started_at);
         let job_id = job.job_id.clone();
         runtime.spawn(supervise(job, child, launch.log, stop_rx, result_tx));
         Ok(JobHandle {
@@ -443,6 +433,21 @@ struct Job {
 }
 
 impl Job {
+    /// What supervision needs of `launch`, for its leader `pid` started at `started`.
+    fn of(launch: &Launch, pid: u32, started: Instant, started_at: SystemTime) -> Job {
+        Job {
+            job_id: launch.job_id.clone(),
+            pid,
+            started,
+            started_at,
+            timeout: launch.timeout,
+            kill_grace: launch.kill_grace,
+            pipe_drain: launch.pipe_drain,
+            log_path: launch.log.path().to_path_buf(),
+            cgroup: launch.cgroup.clone(),
+        }
+    }
+
     /// SIGKILL to the job's process group and, with a cgroup, to every process in it.
     fn kill_all(&self, pgid: i32) {
         signal_group(&self.job_id, pgid, Signal::SIGKILL);

@@ -103,17 +103,7 @@ impl BlockingJob {
         log_started(&launch, pid);
         Ok(BlockingJob {
             timeout_at: started.checked_add(launch.timeout),
-            job: Job {
-                job_id: launch.job_id,
-                pid,
-                started,
-                started_at,
-                timeout: launch.timeout,
-                kill_grace: launch.kill_grace,
-                pipe_drain: launch.pipe_drain,
-                log_path,
-                cgroup: launch.cgroup,
-            },
+            job: Job::of(&launch, pid, started, started_at),
             out,
             err,
             log: launch.log,
